@@ -1,0 +1,12 @@
+"""colaft: fine-tune frozen models with ColA's Gradient Learning (Diao et al., 2024)."""
+from colaft.adapters import ADAPTERS, SiteSpec, register_adapter
+from colaft.config import ColaConfig
+from colaft.fit import fit
+from colaft.model import ColaModel
+from colaft.packets import Packet
+from colaft.server import server_step
+from colaft.trainer import Trainer
+
+__all__ = ["ADAPTERS", "ColaConfig", "ColaModel", "Packet", "SiteSpec", "Trainer", "fit", "register_adapter",
+           "server_step"]
+__version__ = "0.1.0"

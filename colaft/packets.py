@@ -1,0 +1,54 @@
+"""Wire types between the server and the adapter owners, and their safetensors form.
+
+A packet is what the server emits per (site, call): the adapter's input rows x and the
+gradient dL/dh at the site's output, padding positions already dropped. An update is what
+comes back: an adapter's new state and its version.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+
+@dataclass
+class Packet:
+    site: str
+    x: torch.Tensor  # (N, d_in) | (N,) token ids | (B, C, H, W)
+    grad: torch.Tensor  # (N, d_out) | (B, C', H', W')
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.numel() * self.x.element_size() + self.grad.numel() * self.grad.element_size()
+
+    def is_finite(self) -> bool:
+        ok = bool(torch.isfinite(self.grad).all())
+        return ok and (not self.x.is_floating_point() or bool(torch.isfinite(self.x).all()))
+
+
+@dataclass
+class Update:
+    user: str
+    version: int
+    state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # site -> adapter state_dict
+
+
+def packets_to_bytes(packets: list[Packet]) -> bytes:
+    """Serialise packets with safetensors (order kept in the metadata)."""
+    tensors, order = {}, []
+    for i, p in enumerate(packets):
+        tensors[f"{i}.x"] = p.x.contiguous()
+        tensors[f"{i}.grad"] = p.grad.contiguous()
+        order.append(p.site)
+    return st_save(tensors, metadata={"sites": json.dumps(order)})
+
+
+def packets_from_bytes(data: bytes) -> list[Packet]:
+    tensors = st_load(data)
+    # the metadata sits in the JSON header: 8 bytes of little-endian length, then the JSON
+    header_len = int.from_bytes(data[:8], "little")
+    sites = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["sites"])
+    return [Packet(s, tensors[f"{i}.x"], tensors[f"{i}.grad"]) for i, s in enumerate(sites)]

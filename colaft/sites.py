@@ -1,0 +1,173 @@
+"""Sites: the modules that get an adapter, and the thin wrapper that runs it there.
+
+A site replaces its module's `forward` (an instance attribute, removed on detach) with
+    h = f(x) + g(dropout(x))      unmerged: the adapter runs, parameters frozen, input not detached
+    h = f(x; W + delta_W)         merged: the base weight is never written, the sum is a temporary
+While the server records, each call appends (site, x, h) so that the server can take
+dL/dh and emit the packet (x, dL/dh). The base weights are never modified by a site.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from colaft.adapters import SiteSpec
+
+SUPPORTED = (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
+LINEAR_KINDS = (nn.Linear, Conv1D)
+
+
+def _pair(v) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def site_spec(module: nn.Module) -> SiteSpec:
+    """Describe a supported module for the adapter factories."""
+    if isinstance(module, nn.Linear):
+        return SiteSpec("linear", module.in_features, module.out_features)
+    if isinstance(module, Conv1D):  # GPT-2: weight stored (in, out)
+        return SiteSpec("linear", module.weight.shape[0], module.nf)
+    if isinstance(module, nn.Conv2d):
+        return SiteSpec("conv2d", module.in_channels, module.out_channels, _pair(module.kernel_size),
+                        _pair(module.stride), module.padding if isinstance(module.padding, str) else _pair(module.padding),
+                        _pair(module.dilation), module.groups)
+    if isinstance(module, nn.Embedding):
+        return SiteSpec("embedding", module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+    raise ValueError(f"{type(module).__name__} is not a supported site kind "
+                     f"({', '.join(k.__name__ for k in SUPPORTED)})")
+
+
+# ---------------------------------------------------------------- selection (PEFT conventions)
+
+def _matches(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def select_sites(model: nn.Module, target_modules: list[str] | str, heads: list[str]) -> tuple[list[str], list[str]]:
+    """Names of the target sites and of the task-head sites of `model`.
+
+    A list matches a module name exactly or as a dotted suffix (every key must match
+    something); a string is a regex full-match; "all-linear" takes every linear layer
+    except the output head. Heads are taken when present. Raises ValueError listing the
+    candidates when nothing matches.
+    """
+    candidates = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
+    modules = dict(model.named_modules())
+    # a head is a linear module named like a head, or inside a container so named
+    head_names = [n for n in candidates if isinstance(modules[n], LINEAR_KINDS)
+                  and any(f".{h}." in f".{n}." for h in heads)]
+    if target_modules == "all-linear":
+        out_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        targets = [n for n in candidates if isinstance(modules[n], LINEAR_KINDS) and modules[n] is not out_head]
+    elif isinstance(target_modules, str):
+        targets = [n for n in candidates if re.fullmatch(target_modules, n)]
+    else:
+        targets = []
+        for key in target_modules:
+            found = [n for n in candidates if _matches(n, key)]
+            if not found:
+                raise ValueError(_no_match(f"target {key!r} matches no module", candidates, modules, key))
+            targets += [n for n in found if n not in targets]
+    targets = [n for n in targets if n not in head_names]
+    if not targets:
+        raise ValueError(_no_match(f"target_modules {target_modules!r} match no module", candidates, modules, None))
+    return targets, head_names
+
+
+def _no_match(what: str, candidates: list[str], modules: dict, key: str | None) -> str:
+    other = [f"{n} ({type(m).__name__})" for n, m in modules.items() if key and n and _matches(n, key)]
+    hint = f"; it names unsupported modules: {', '.join(other[:5])}" if other else ""
+    shown = ", ".join(candidates[:40]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 40 else "")
+    return f"{what}{hint}. Candidate modules: {shown or 'none'}"
+
+
+# ---------------------------------------------------------------- the wrapper at a site
+
+@dataclass
+class Call:
+    """One call of a site during a recorded forward."""
+    site: "Site"
+    x: torch.Tensor  # the adapter's input (after dropout), detached
+    h: torch.Tensor  # the site's output, in the graph
+
+
+class Site(nn.Module):
+    """An adapted module: holds the server's frozen copy of the adapter."""
+
+    def __init__(self, name: str, module: nn.Module, adapter: nn.Module, dropout: float, merged: bool):
+        super().__init__()
+        self.name = name
+        self.__dict__["target"] = module  # not a submodule: it already belongs to the model
+        self.spec = site_spec(module)
+        self.adapter = adapter.requires_grad_(False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and self.spec.kind != "embedding" else nn.Identity()
+        self.merged = merged
+        self.recorder: list[Call] | None = None
+        self._base_forward = module.forward
+        self._had_own_forward = "forward" in module.__dict__
+        module.forward = self.run
+
+    # Dispatch of the few kind-specific operations.
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.target
+        dw, db = self.adapter.delta_weight()
+        bias = m.bias if db is None else (db if m.bias is None else m.bias + db)
+        if isinstance(m, Conv1D):  # y = x @ W + b with W (in, out)
+            return torch.addmm(bias, x.reshape(-1, x.shape[-1]), m.weight + dw.T).view(*x.shape[:-1], -1)
+        if isinstance(m, nn.Linear):
+            return F.linear(x, m.weight + dw, bias)
+        if isinstance(m, nn.Conv2d):
+            return m._conv_forward(x, m.weight + dw, bias)
+        return F.embedding(x, m.weight + dw, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            x_in, h = x, self._merged_forward(x)
+        else:
+            x_in = self.dropout(x)
+            h = self._base_forward(x) + self.adapter(x_in)
+        if self.recorder is not None:
+            if not h.requires_grad:  # first site in the graph: nothing upstream needs a gradient
+                h = h.detach().requires_grad_()
+            self.recorder.append(Call(self, x_in.detach(), h))
+        return h
+
+    def rows(self, x: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None):
+        """The packet rows of one call: flatten tokens, dropping padding positions.
+
+        Padding positions carry dL/dh = 0 (attention masks them, the loss ignores them),
+        so dropping them leaves the fit unchanged and saves bytes.
+        """
+        if self.spec.kind == "conv2d":
+            return x, grad  # (B, C, H, W), (B, C', H', W')
+        lead = x.shape if self.spec.kind == "embedding" else x.shape[:-1]
+        if mask is not None and tuple(mask.shape) == tuple(lead):
+            keep = mask.bool()
+            return x[keep], grad[keep]  # (N, d_in) or (N,), (N, d_out)
+        if self.spec.kind == "embedding":
+            return x.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        return x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+
+    def detach_from_model(self) -> None:
+        """Give the module its own forward back."""
+        if self._had_own_forward:
+            self.target.forward = self._base_forward
+        else:
+            del self.target.forward
+
+    def merge_into_base(self) -> None:
+        """Fold delta_W into the base weight in place (merge_and_unload)."""
+        m = self.target
+        dw, db = self.adapter.delta_weight()
+        with torch.no_grad():
+            m.weight += dw.T if isinstance(m, Conv1D) else dw
+            if db is not None:
+                if m.bias is None:
+                    m.bias = nn.Parameter(db.detach().clone(), requires_grad=False)
+                else:
+                    m.bias += db
