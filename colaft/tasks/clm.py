@@ -1,0 +1,104 @@
+"""Causal language modelling: question -> answer, the loss on the answer tokens only."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from rouge_score import rouge_scorer
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+from colaft.assets import resolve_model
+from colaft.tasks.base import Recipe, eval_outputs, register_task
+
+IGNORE = -100  # label of tokens outside the loss (transformers' convention)
+
+
+@register_task("clm")
+class CausalLM:
+    """Examples are chat turns: the tokenizer's chat template when it has one, else a plain
+    "Question: ... Answer: ..." prompt, so any causal LM folder works."""
+
+    fields = ("question", "answer")
+    recipe = Recipe(model="smollm2-135m", data="chatterbot", targets=["q_proj", "v_proj"],
+                    lr=5e-4, batch_size=16, max_length=128, max_steps=100)
+    rouge_examples = 8
+    """Held-out examples whose greedy answer is scored with ROUGE-L."""
+    max_new_tokens = 32
+
+    def load(self, model: str, records: list[dict], seed: int) -> nn.Module:
+        folder = resolve_model(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_pretrained(folder)
+
+    # ------------------------------------------------------------- data
+    def prompt_and_answer(self, question: str, answer: str) -> tuple[str, str]:
+        """The two texts whose concatenation is one training example."""
+        tok = self.tokenizer
+        if not tok.chat_template:
+            return f"Question: {question}\nAnswer:", f" {answer}{tok.eos_token or ''}"
+        user = [{"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the tokenizer's chat template does not extend the prompt with the answer")
+        return prompt, full[len(prompt):]
+
+    def encode(self, records: list[dict], max_length: int) -> list[dict]:
+        features = []
+        for r in records:
+            prompt, answer = self.prompt_and_answer(str(r["question"]), str(r["answer"]))
+            # Tokenised apart so the prompt/answer boundary is exact; the template's special
+            # tokens separate them, so this equals tokenising the whole text.
+            p = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            ids = (p + a)[:max_length]
+            if len(ids) <= len(p):  # no answer token left: nothing to learn from
+                continue
+            features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                             "labels": ([IGNORE] * len(p) + a)[:max_length]})
+        if not features:
+            raise ValueError(f"max_length {max_length} leaves no answer token in any example")
+        return features
+
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        # Pads input_ids with the pad token and labels with IGNORE, so padding has no loss.
+        return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")(features)
+
+    # ------------------------------------------------------------- metrics
+    def evaluate(self, cola_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+        batches = list(batches)
+        loss_sum, tokens = 0.0, 0
+        for batch, out in eval_outputs(cola_model, batches):
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())  # tokens the shifted loss averages over
+            loss_sum, tokens = loss_sum + out.loss.item() * n, tokens + n
+        loss = loss_sum / tokens
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rougeL": self.rouge(cola_model, batches)}
+
+    def rouge(self, cola_model: nn.Module, batches: list[dict]) -> float:
+        """Mean ROUGE-L F1 of greedy answers against the references, on the first examples."""
+        prompts, references = [], []
+        for ids, labels in ((i, l) for b in batches for i, l in zip(b["input_ids"], b["labels"])):
+            answer_at = int((labels != IGNORE).nonzero()[0])  # the prompt is everything before
+            prompts.append(ids[:answer_at].tolist())
+            references.append(self.tokenizer.decode(labels[answer_at:][labels[answer_at:] != IGNORE],
+                                                    skip_special_tokens=True))
+            if len(prompts) == self.rouge_examples:
+                break
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        answers = self.generate(cola_model, prompts)
+        return sum(scorer.score(r, a)["rougeL"].fmeasure for r, a in zip(references, answers)) / len(answers)
+
+    @torch.no_grad()
+    def generate(self, cola_model: nn.Module, prompts: list[list[int]]) -> list[str]:
+        """Greedy answers to token-id prompts, in one batch, through the adapters."""
+        cola_model.eval()
+        # Left padding keeps every prompt's last token at the end, where generation continues.
+        batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        out = cola_model.model.generate(**batch, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                        pad_token_id=self.tokenizer.pad_token_id)  # (B, T + new)
+        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
