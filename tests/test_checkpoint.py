@@ -1,0 +1,317 @@
+"""colaft.checkpoint: adapter save/load, atomic writes, bit-exact resume, PEFT LoRA export/import."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
+
+from colaft import ColaConfig, ColaModel, Trainer, checkpoint
+
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds spin-waits, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name: str) -> nn.Module:
+    """A tiny random model, the same for the same name (fixed seed), in eval mode."""
+    torch.manual_seed(0)
+    if name == "gpt2":  # Conv1D sites
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0))
+    elif name == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                             max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                                             pad_token_id=0))
+    elif name == "bert":  # sequence classification: the `classifier` head is a site
+        model = BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                                         intermediate_size=64, vocab_size=VOCAB, num_labels=3,
+                                                         max_position_embeddings=32))
+    else:  # a CNN: conv2d sites
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.Flatten(),
+                              nn.Linear(4 * 3 * 3, 5))
+    return model.eval()
+
+
+TARGETS = {"gpt2": ["c_attn", "c_fc", "wte"], "llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
+           "bert": ["query", "value", "word_embeddings"], "cnn": ["0", "2", "4"]}
+
+
+def batch(name: str, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if name == "cnn":
+        return {"input": torch.randn(2, 3, 8, 8, generator=g)}
+    ids = torch.randint(1, VOCAB, (2, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding, dropped from the packets
+    labels = torch.randint(0, 3, (2,), generator=g) if name == "bert" else ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def cnn_loss(out, b):
+    return out.pow(2).mean()
+
+
+def trained(name: str, adapter: str = "lowrank", steps: int = 3, **config) -> ColaModel:
+    """A ColaModel whose adapters (heads included) took `steps` large steps: every delta is non-zero."""
+    cola = ColaModel(tiny(name), ColaConfig(target_modules=TARGETS[name], adapter=adapter, rank=4, alpha=8,
+                                            **config))
+    trainer = Trainer(cola, lr=5e-2, loss_fn=cnn_loss if name == "cnn" else None)
+    for i in range(steps):
+        trainer.step(batch(name, i))
+    for site, a in cola.adapters().items():
+        for k, v in a.state_dict().items():
+            assert v.abs().sum() > 0, f"{site}.{k} is still zero"
+    return cola.eval()
+
+
+def outputs(model: nn.Module, name: str) -> torch.Tensor:
+    b = {k: v for k, v in batch(name, 99).items() if k != "labels"}
+    with torch.no_grad():
+        out = model(**b)
+    return out if name == "cnn" else out.logits
+
+
+def assert_states_equal(a: dict[str, nn.Module], b: dict[str, nn.Module]) -> None:
+    assert sorted(a) == sorted(b)
+    for site in a:
+        sa, sb = a[site].state_dict(), b[site].state_dict()
+        assert list(sa) == list(sb)
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{site}.{k}"
+
+
+def no_sites_left(model: nn.Module) -> bool:
+    return not any("forward" in m.__dict__ for m in model.modules())
+
+
+# ---------------------------------------------------------------- save / load adapters
+
+@pytest.mark.parametrize("name,adapter", [("gpt2", "lowrank"), ("llama", "mlp"), ("bert", "linear")])
+def test_save_load_round_trip_is_exact(tmp_path, name, adapter):
+    cola = trained(name, adapter)
+    cola.save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / checkpoint.CONFIG).read_text())
+    assert meta["config"] == cola.config.to_dict()
+    assert meta["sites"] == list(cola.adapters())
+    loaded = ColaModel.from_pretrained(tiny(name), tmp_path / "ckpt").eval()
+    assert loaded.config == cola.config
+    assert_states_equal(cola.adapters(), loaded.adapters())
+    assert torch.equal(outputs(loaded, name), outputs(cola, name))
+    assert not torch.allclose(outputs(loaded, name), outputs(tiny(name), name), atol=1e-3)
+
+
+def test_load_errors_are_clear_and_leave_the_model_clean(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        checkpoint.load_adapters(tiny("gpt2"), tmp_path / "nowhere")
+    cola = trained("gpt2", steps=1)
+    cola.save_pretrained(tmp_path / "ckpt")
+
+    other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32))
+    with pytest.raises(ValueError, match=r"only in the checkpoint: \['transformer.h.1.attn.c_attn'"):
+        checkpoint.load_adapters(other, tmp_path / "ckpt")
+    assert no_sites_left(other)
+
+    wider = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=2, vocab_size=VOCAB, n_positions=32))
+    with pytest.raises(ValueError, match=r"lora_A.weight is \(4, 32\) in the checkpoint, \(4, 48\) in the model"):
+        checkpoint.load_adapters(wider, tmp_path / "ckpt")
+    assert no_sites_left(wider)
+
+    with pytest.raises(ValueError, match="does not fit this model: target 'c_attn' matches no module"):
+        checkpoint.load_adapters(tiny("llama"), tmp_path / "ckpt")
+
+    (tmp_path / "ckpt" / checkpoint.ADAPTERS).unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing {checkpoint.ADAPTERS}"):
+        checkpoint.load_adapters(tiny("gpt2"), tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def crash_on_call(monkeypatch, n: int) -> None:
+    """Make the n-th safetensors write die half way, as a full disk or a kill would."""
+    calls = []
+
+    def writer(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == n:
+            with open(path, "wb") as f:
+                f.write(b"\x00" * 10)
+            raise OSError("disk full")
+        save_file(tensors, path, metadata)
+
+    save_file = checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", writer)
+
+
+@pytest.mark.parametrize("writer,n_files,load", [
+    ("adapters", 1, lambda d: checkpoint.load_adapters(tiny("gpt2"), d).adapters()),
+    ("trainer", 2, lambda d: checkpoint.load_adapters(tiny("gpt2"), d).adapters()),
+    ("peft", 1, lambda d: checkpoint.from_peft(tiny("gpt2"), d).adapters()),
+])
+def test_a_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, writer, n_files, load):
+    cola = trained("gpt2", steps=1)
+    trainer = Trainer(cola, lr=5e-2)
+    save = {"adapters": lambda d: checkpoint.save_adapters(cola, d), "trainer": lambda d: trainer.save_checkpoint(d),
+            "peft": lambda d: checkpoint.export_peft(cola, d)}[writer]
+    save(tmp_path / "ckpt")
+    old = copy.deepcopy(load(tmp_path / "ckpt"))
+    trainer.step(batch("gpt2", 7))  # new adapter values
+    assert not torch.equal(cola.adapters()["transformer.h.0.attn.c_attn"].lora_B.weight,
+                           old["transformer.h.0.attn.c_attn"].lora_B.weight)
+
+    with monkeypatch.context() as m:
+        crash_on_call(m, n_files)  # the last file: all others are complete by then
+        with pytest.raises(OSError, match="disk full"):
+            save(tmp_path / "ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left
+    assert_states_equal(load(tmp_path / "ckpt"), old)
+
+    save(tmp_path / "ckpt")  # a successful save replaces it
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert_states_equal(load(tmp_path / "ckpt"), cola.adapters())
+
+
+def test_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a checkpoint"):
+        checkpoint.save_adapters(trained("gpt2", steps=1), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+# ---------------------------------------------------------------- resume bit for bit
+
+def make_trainer() -> tuple[ColaModel, dict]:
+    # lowrank dropout: the site dropout draws from torch's RNG, so resuming must restore it
+    cola = ColaModel(tiny("llama"), ColaConfig(target_modules=["q_proj", "v_proj", "gate_proj"], rank=4, alpha=8,
+                                               dropout=0.2))
+    return cola, dict(optimizer="adamw", lr=2e-2, weight_decay=0.01, scheduler="linear", warmup_ratio=0.2,
+                      total_steps=10)
+
+
+def run(trainer: Trainer, steps: range) -> list[float]:
+    return [trainer.step(batch("llama", i)) for i in steps]
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+def test_resume_is_bit_exact(tmp_path, interval):
+    cola, kw = make_trainer()
+    reference = Trainer(cola, interval=interval, **kw)
+    torch.manual_seed(1)
+    ref_losses = run(reference, range(10))
+
+    cola, kw = make_trainer()
+    first = Trainer(cola, interval=interval, **kw)
+    torch.manual_seed(1)
+    losses = run(first, range(5))
+    assert len(first._pending) == (0 if interval == 1 else len(cola.sites))  # one buffered step
+    first.save_checkpoint(tmp_path / "ckpt")
+
+    cola, kw = make_trainer()  # fresh: new random adapters, RNG moved on
+    resumed = Trainer(cola, interval=interval, **kw)
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    losses += run(resumed, range(5, 10))
+
+    assert losses == ref_losses
+    assert_states_equal(resumed.owner_adapters, reference.owner_adapters)
+    assert_states_equal(resumed.model.adapters(), reference.model.adapters())
+    assert resumed.stats == reference.stats
+    assert resumed.scheduler.get_last_lr() == reference.scheduler.get_last_lr()
+    for p, q in zip(resumed.adapters.parameters(), reference.adapters.parameters()):
+        for k, v in reference.optimizer.state[q].items():
+            assert torch.equal(resumed.optimizer.state[p][k], v), k
+
+    # the RNG is what made the dropout masks agree: without it the run differs
+    cola, kw = make_trainer()
+    unseeded = Trainer(cola, interval=interval, **kw)
+    unseeded.load_checkpoint(tmp_path / "ckpt")
+    torch.manual_seed(2)
+    assert run(unseeded, range(5, 10)) != ref_losses[5:]
+
+
+def test_load_checkpoint_refuses_another_config(tmp_path):
+    cola, kw = make_trainer()
+    trainer = Trainer(cola, interval=2, **kw)
+    run(trainer, range(1))
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    cola = ColaModel(tiny("llama"), ColaConfig(target_modules=["q_proj", "v_proj", "gate_proj"], rank=4, alpha=16,
+                                               dropout=0.2))
+    with pytest.raises(ValueError, match=r"another ColaConfig .*'alpha': \(8.0, 16.0\)"):
+        Trainer(cola, **kw).load_checkpoint(tmp_path / "ckpt")
+    cola, kw = make_trainer()
+    with pytest.raises(ValueError, match="holds 1 pending server steps, but this trainer fits every 1"):
+        Trainer(cola, interval=1, **kw).load_checkpoint(tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------- PEFT
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "cnn"])
+def test_export_peft_loads_in_peft_with_the_same_outputs(tmp_path, name):
+    cola = trained(name)
+    cola.export_peft(tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(tiny(name), tmp_path / "peft").eval()
+    expected = outputs(cola, name)
+    assert not torch.allclose(expected, outputs(tiny(name), name), atol=1e-3)
+    assert (outputs(peft_model, name) - expected).abs().max() <= 1e-5
+    back = checkpoint.from_peft(tiny(name), tmp_path / "peft").eval()  # and back again
+    assert (outputs(back, name) - expected).abs().max() <= 1e-5
+
+
+def test_export_peft_rejects_adapters_that_are_not_lowrank(tmp_path):
+    cola = ColaModel(tiny("gpt2"), ColaConfig(target_modules=["c_attn"], adapter="mlp"))
+    with pytest.raises(ValueError, match="Sequential adapter has no PEFT LoRA form"):
+        checkpoint.export_peft(cola, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+def peft_dir(tmp_path, name: str, **lora) -> tuple[nn.Module, str]:
+    """A PEFT LoRA adapter with random non-zero weights, saved by PEFT itself."""
+    heads = {"modules_to_save": ["classifier"]} if name == "bert" else {}
+    model = get_peft_model(tiny(name), LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS[name],
+                                                    **heads, **lora}))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "peft")
+    return model.eval(), str(tmp_path / "peft")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_load_peft_starts_from_peft_weights(tmp_path, name):
+    peft_model, directory = peft_dir(tmp_path, name)
+    expected = outputs(peft_model, name)
+    assert not torch.allclose(expected, outputs(tiny(name), name), atol=1e-3)
+    cola = checkpoint.from_peft(tiny(name), directory).eval()
+    assert (outputs(cola, name) - expected).abs().max() <= 1e-5
+    cola = ColaModel(tiny(name), ColaConfig(target_modules=TARGETS[name], rank=4, alpha=8))
+    cola.load_peft(directory)
+    assert (outputs(cola.eval(), name) - expected).abs().max() <= 1e-5
+
+
+def test_load_peft_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+        checkpoint.from_peft(tiny("gpt2"), tmp_path)
+    _, directory = peft_dir(tmp_path / "a", "gpt2")
+    for config, error in [(dict(rank=8, alpha=8), "r=4, lora_alpha=8 does not fit adapter='lowrank', rank=8"),
+                          (dict(rank=4, alpha=16), "alpha=16"),
+                          (dict(rank=4, alpha=8, target_modules=["c_attn"]), r"only in the checkpoint: \['transfo")]:
+        cola = ColaModel(tiny("gpt2"), ColaConfig(**{"target_modules": TARGETS["gpt2"], **config}))
+        with pytest.raises(ValueError, match=error):
+            cola.load_peft(directory)
+    _, directory = peft_dir(tmp_path / "b", "gpt2", use_rslora=True)
+    with pytest.raises(ValueError, match="lacks: use_rslora"):
+        checkpoint.from_peft(tiny("gpt2"), directory)
