@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,11 +54,11 @@ def _atomic_dir(directory: str | Path, marker: str) -> Iterator[Path]:
     An existing `directory` is replaced only if it is empty or holds `marker` (one of our
     checkpoints), so a mistyped path never wipes unrelated files.
     """
-    target = Path(directory)
+    target = Path(directory).resolve()  # a name to put the sibling next to, also for "."
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / marker).is_file())):
         raise FileExistsError(f"{target} exists and is not a checkpoint (no {marker}): refusing to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")  # not mkdtemp: keep the umask's mode
+    tmp.mkdir(parents=True)
     try:
         yield tmp
         for f in tmp.iterdir():
@@ -338,10 +338,10 @@ def export_peft(cola_model: ColaModel, directory: str | Path) -> None:
             tensors.update(_lora_tensors(site))
             targets.append(site.name)
     config = cola_model.config
-    conv1d = [isinstance(cola_model.site(n).target, Conv1D) for n in targets]
+    linear = [cola_model.site(n).target for n in targets if cola_model.site(n).spec.kind == "linear"]
     peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                              target_modules=targets, modules_to_save=sorted(heads) or None,
-                             fan_in_fan_out=all(conv1d),  # GPT-2's Conv1D stores W as (in, out)
+                             fan_in_fan_out=bool(linear) and all(isinstance(m, Conv1D) for m in linear),  # W (in, out)
                              base_model_name_or_path=getattr(cola_model.model, "name_or_path", None) or None)
     with _atomic_dir(directory, PEFT_CONFIG) as tmp:
         peft_config.save_pretrained(str(tmp))
@@ -399,6 +399,13 @@ def _head_delta(site: Site, saved: Mapping[str, torch.Tensor]) -> dict[str, torc
     return state
 
 
+def _check_base_layer(site: Site, saved: torch.Tensor, source) -> None:
+    weight = site.target.weight
+    if not torch.equal(saved.to(weight), weight):
+        raise ValueError(f"{source}: {site.name} carries base weights of its own (a resized embedding?); "
+                         f"colaft keeps the base model as it is")
+
+
 def _load_peft(cola_model: ColaModel, peft_config: LoraConfig, weights: Mapping[str, torch.Tensor], source) -> None:
     config = cola_model.config
     if (peft_config.r, peft_config.lora_alpha) != (config.rank, config.alpha) or config.adapter != "lowrank":
@@ -408,10 +415,8 @@ def _load_peft(cola_model: ColaModel, peft_config: LoraConfig, weights: Mapping[
     lora, other = _split_peft(weights)
     for name, state in lora.items():
         saved_base = state.pop(BASE_LAYER, None)
-        if saved_base is not None and name in sites and \
-                not torch.equal(saved_base.to(cola_model.site(name).target.weight), cola_model.site(name).target.weight):
-            raise ValueError(f"{source}: {name} carries base weights of its own (a resized embedding?); "
-                             f"colaft keeps the base model as it is")
+        if saved_base is not None and name in sites:
+            _check_base_layer(cola_model.site(name), saved_base, source)
     extra = sorted(set(other) - heads)
     if extra:
         raise ValueError(f"{source}: {extra} are not LoRA weights nor task heads of this model")
@@ -426,6 +431,7 @@ def load_peft(cola_model: ColaModel, directory: str | Path) -> None:
 
     The adapter must target exactly the low-rank sites, with the same rank and alpha. Its
     modules_to_save must be task heads of `cola_model`; a head it lacks keeps its delta.
+    Call it before building a Trainer, which copies the adapters it starts from.
     """
     peft_config, weights = _read_peft(directory)
     _load_peft(cola_model, peft_config, weights, directory)

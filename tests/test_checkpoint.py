@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+                          LlamaForCausalLM, LlamaForSequenceClassification)
 
 from colaft import ColaConfig, ColaModel, Trainer, checkpoint
 
@@ -48,6 +48,7 @@ def tiny(name: str) -> nn.Module:
 
 TARGETS = {"gpt2": ["c_attn", "c_fc", "wte"], "llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
            "bert": ["query", "value", "word_embeddings"], "cnn": ["0", "2", "4"]}
+HEADS = {"gpt2": ["mlp.c_proj"], "bert": ["classifier"]}  # GPT-2: Conv1D modules as heads (PEFT modules_to_save)
 
 
 def batch(name: str, seed: int) -> dict:
@@ -259,7 +260,7 @@ def test_load_checkpoint_refuses_another_config(tmp_path):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "cnn"])
 def test_export_peft_loads_in_peft_with_the_same_outputs(tmp_path, name):
-    cola = trained(name)
+    cola = trained(name, heads=HEADS.get(name, []))
     cola.export_peft(tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(tiny(name), tmp_path / "peft").eval()
     expected = outputs(cola, name)
@@ -276,11 +277,25 @@ def test_export_peft_rejects_adapters_that_are_not_lowrank(tmp_path):
     assert not (tmp_path / "peft").exists()
 
 
+def test_export_peft_refuses_a_head_bias_that_peft_cannot_hold(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                       num_attention_heads=4, num_key_value_heads=2,
+                                                       vocab_size=VOCAB, num_labels=3, pad_token_id=0))
+    cola = ColaModel(model, ColaConfig(target_modules=["q_proj"]))
+    assert cola.site("score").target.bias is None
+    checkpoint.export_peft(cola, tmp_path / "untrained")  # a zero bias delta is no bias at all
+    with torch.no_grad():
+        cola.site("score").adapter.bias.fill_(0.5)
+    with pytest.raises(ValueError, match="head score has no bias but its adapter learned one"):
+        checkpoint.export_peft(cola, tmp_path / "trained")
+
+
 def peft_dir(tmp_path, name: str, **lora) -> tuple[nn.Module, str]:
     """A PEFT LoRA adapter with random non-zero weights, saved by PEFT itself."""
-    heads = {"modules_to_save": ["classifier"]} if name == "bert" else {}
     model = get_peft_model(tiny(name), LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS[name],
-                                                    **heads, **lora}))
+                                                    "modules_to_save": HEADS.get(name), "fan_in_fan_out": name == "gpt2",
+                                                    **lora}))
     torch.manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():
@@ -297,7 +312,7 @@ def test_load_peft_starts_from_peft_weights(tmp_path, name):
     assert not torch.allclose(expected, outputs(tiny(name), name), atol=1e-3)
     cola = checkpoint.from_peft(tiny(name), directory).eval()
     assert (outputs(cola, name) - expected).abs().max() <= 1e-5
-    cola = ColaModel(tiny(name), ColaConfig(target_modules=TARGETS[name], rank=4, alpha=8))
+    cola = ColaModel(tiny(name), ColaConfig(target_modules=TARGETS[name], rank=4, alpha=8, heads=HEADS.get(name, [])))
     cola.load_peft(directory)
     assert (outputs(cola.eval(), name) - expected).abs().max() <= 1e-5
 
@@ -309,7 +324,7 @@ def test_load_peft_errors(tmp_path):
     for config, error in [(dict(rank=8, alpha=8), "r=4, lora_alpha=8 does not fit adapter='lowrank', rank=8"),
                           (dict(rank=4, alpha=16), "alpha=16"),
                           (dict(rank=4, alpha=8, target_modules=["c_attn"]), r"only in the checkpoint: \['transfo")]:
-        cola = ColaModel(tiny("gpt2"), ColaConfig(**{"target_modules": TARGETS["gpt2"], **config}))
+        cola = ColaModel(tiny("gpt2"), ColaConfig(**{"target_modules": TARGETS["gpt2"], "heads": HEADS["gpt2"], **config}))
         with pytest.raises(ValueError, match=error):
             cola.load_peft(directory)
     _, directory = peft_dir(tmp_path / "b", "gpt2", use_rslora=True)
