@@ -14,6 +14,8 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 from colaft import ColaConfig, ColaModel, Trainer, checkpoint
 
 VOCAB = 64
+# CUDA, where there is one: its RNG (dropout) and device moves must round-trip too
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,7 +27,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny(name: str) -> nn.Module:
+def tiny(name: str, device: str = "cpu") -> nn.Module:
     """A tiny random model, the same for the same name (fixed seed), in eval mode."""
     torch.manual_seed(0)
     if name == "gpt2":  # Conv1D sites
@@ -35,7 +37,7 @@ def tiny(name: str) -> nn.Module:
         model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                              max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
-                                             pad_token_id=0))
+                                             pad_token_id=0, attn_implementation="eager"))
     elif name == "bert":  # sequence classification: the `classifier` head is a site
         model = BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
                                                          intermediate_size=64, vocab_size=VOCAB, num_labels=3,
@@ -43,7 +45,7 @@ def tiny(name: str) -> nn.Module:
     else:  # a CNN: conv2d sites
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.Flatten(),
                               nn.Linear(4 * 3 * 3, 5))
-    return model.eval()
+    return model.to(device).eval()
 
 
 TARGETS = {"gpt2": ["c_attn", "c_fc", "wte"], "llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
@@ -51,28 +53,28 @@ TARGETS = {"gpt2": ["c_attn", "c_fc", "wte"], "llama": ["q_proj", "v_proj", "dow
 HEADS = {"gpt2": ["mlp.c_proj"], "bert": ["classifier"]}  # GPT-2: Conv1D modules as heads (PEFT modules_to_save)
 
 
-def batch(name: str, seed: int) -> dict:
+def batch(name: str, seed: int, device: str | torch.device = "cpu") -> dict:
     g = torch.Generator().manual_seed(seed)
     if name == "cnn":
-        return {"input": torch.randn(2, 3, 8, 8, generator=g)}
+        return {"input": torch.randn(2, 3, 8, 8, generator=g).to(device)}
     ids = torch.randint(1, VOCAB, (2, 8), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # padding, dropped from the packets
     labels = torch.randint(0, 3, (2,), generator=g) if name == "bert" else ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
 
 
 def cnn_loss(out, b):
     return out.pow(2).mean()
 
 
-def trained(name: str, adapter: str = "lowrank", steps: int = 3, **config) -> ColaModel:
+def trained(name: str, adapter: str = "lowrank", steps: int = 3, device: str = "cpu", **config) -> ColaModel:
     """A ColaModel whose adapters (heads included) took `steps` large steps: every delta is non-zero."""
-    cola = ColaModel(tiny(name), ColaConfig(target_modules=TARGETS[name], adapter=adapter, rank=4, alpha=8,
+    cola = ColaModel(tiny(name, device), ColaConfig(target_modules=TARGETS[name], adapter=adapter, rank=4, alpha=8,
                                             **config))
     trainer = Trainer(cola, lr=5e-2, loss_fn=cnn_loss if name == "cnn" else None)
     for i in range(steps):
-        trainer.step(batch(name, i))
+        trainer.step(batch(name, i, device))
     for site, a in cola.adapters().items():
         for k, v in a.state_dict().items():
             assert v.abs().sum() > 0, f"{site}.{k} is still zero"
@@ -80,7 +82,7 @@ def trained(name: str, adapter: str = "lowrank", steps: int = 3, **config) -> Co
 
 
 def outputs(model: nn.Module, name: str) -> torch.Tensor:
-    b = {k: v for k, v in batch(name, 99).items() if k != "labels"}
+    b = {k: v for k, v in batch(name, 99, next(model.parameters()).device).items() if k != "labels"}
     with torch.no_grad():
         out = model(**b)
     return out if name == "cnn" else out.logits
@@ -194,33 +196,35 @@ def test_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- resume bit for bit
 
-def make_trainer() -> tuple[ColaModel, dict]:
+def make_trainer(device: str = "cpu") -> tuple[ColaModel, dict]:
     # lowrank dropout: the site dropout draws from torch's RNG, so resuming must restore it
-    cola = ColaModel(tiny("llama"), ColaConfig(target_modules=["q_proj", "v_proj", "gate_proj"], rank=4, alpha=8,
+    cola = ColaModel(tiny("llama", device), ColaConfig(target_modules=["q_proj", "v_proj", "gate_proj"], rank=4, alpha=8,
                                                dropout=0.2))
     return cola, dict(optimizer="adamw", lr=2e-2, weight_decay=0.01, scheduler="linear", warmup_ratio=0.2,
                       total_steps=10)
 
 
 def run(trainer: Trainer, steps: range) -> list[float]:
-    return [trainer.step(batch("llama", i)) for i in steps]
+    device = next(trainer.model.parameters()).device
+    return [trainer.step(batch("llama", i, device)) for i in steps]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("interval", [1, 2])
-def test_resume_is_bit_exact(tmp_path, interval):
-    cola, kw = make_trainer()
+def test_resume_is_bit_exact(tmp_path, interval, device):
+    cola, kw = make_trainer(device)
     reference = Trainer(cola, interval=interval, **kw)
     torch.manual_seed(1)
     ref_losses = run(reference, range(10))
 
-    cola, kw = make_trainer()
+    cola, kw = make_trainer(device)
     first = Trainer(cola, interval=interval, **kw)
     torch.manual_seed(1)
     losses = run(first, range(5))
     assert len(first._pending) == (0 if interval == 1 else len(cola.sites))  # one buffered step
     first.save_checkpoint(tmp_path / "ckpt")
 
-    cola, kw = make_trainer()  # fresh: new random adapters, RNG moved on
+    cola, kw = make_trainer(device)  # fresh: new random adapters, RNG moved on
     resumed = Trainer(cola, interval=interval, **kw)
     resumed.load_checkpoint(tmp_path / "ckpt")
     losses += run(resumed, range(5, 10))
@@ -235,7 +239,7 @@ def test_resume_is_bit_exact(tmp_path, interval):
             assert torch.equal(resumed.optimizer.state[p][k], v), k
 
     # the RNG is what made the dropout masks agree: without it the run differs
-    cola, kw = make_trainer()
+    cola, kw = make_trainer(device)
     unseeded = Trainer(cola, interval=interval, **kw)
     unseeded.load_checkpoint(tmp_path / "ckpt")
     torch.manual_seed(2)
@@ -258,15 +262,16 @@ def test_load_checkpoint_refuses_another_config(tmp_path):
 
 # ---------------------------------------------------------------- PEFT
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "cnn"])
-def test_export_peft_loads_in_peft_with_the_same_outputs(tmp_path, name):
-    cola = trained(name, heads=HEADS.get(name, []))
+def test_export_peft_loads_in_peft_with_the_same_outputs(tmp_path, name, device):
+    cola = trained(name, device=device, heads=HEADS.get(name, []))
     cola.export_peft(tmp_path / "peft")
-    peft_model = PeftModel.from_pretrained(tiny(name), tmp_path / "peft").eval()
+    peft_model = PeftModel.from_pretrained(tiny(name, device), tmp_path / "peft").eval()
     expected = outputs(cola, name)
-    assert not torch.allclose(expected, outputs(tiny(name), name), atol=1e-3)
+    assert not torch.allclose(expected, outputs(tiny(name, device), name), atol=1e-3)
     assert (outputs(peft_model, name) - expected).abs().max() <= 1e-5
-    back = checkpoint.from_peft(tiny(name), tmp_path / "peft").eval()  # and back again
+    back = checkpoint.from_peft(tiny(name, device), tmp_path / "peft").eval()  # and back again
     assert (outputs(back, name) - expected).abs().max() <= 1e-5
 
 
@@ -291,9 +296,9 @@ def test_export_peft_refuses_a_head_bias_that_peft_cannot_hold(tmp_path):
         checkpoint.export_peft(cola, tmp_path / "trained")
 
 
-def peft_dir(tmp_path, name: str, **lora) -> tuple[nn.Module, str]:
+def peft_dir(tmp_path, name: str, device: str = "cpu", **lora) -> tuple[nn.Module, str]:
     """A PEFT LoRA adapter with random non-zero weights, saved by PEFT itself."""
-    model = get_peft_model(tiny(name), LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS[name],
+    model = get_peft_model(tiny(name, device), LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS[name],
                                                     "modules_to_save": HEADS.get(name), "fan_in_fan_out": name == "gpt2",
                                                     **lora}))
     torch.manual_seed(3)
@@ -305,14 +310,15 @@ def peft_dir(tmp_path, name: str, **lora) -> tuple[nn.Module, str]:
     return model.eval(), str(tmp_path / "peft")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
-def test_load_peft_starts_from_peft_weights(tmp_path, name):
-    peft_model, directory = peft_dir(tmp_path, name)
+def test_load_peft_starts_from_peft_weights(tmp_path, name, device):
+    peft_model, directory = peft_dir(tmp_path, name, device)
     expected = outputs(peft_model, name)
-    assert not torch.allclose(expected, outputs(tiny(name), name), atol=1e-3)
-    cola = checkpoint.from_peft(tiny(name), directory).eval()
+    assert not torch.allclose(expected, outputs(tiny(name, device), name), atol=1e-3)
+    cola = checkpoint.from_peft(tiny(name, device), directory).eval()
     assert (outputs(cola, name) - expected).abs().max() <= 1e-5
-    cola = ColaModel(tiny(name), ColaConfig(target_modules=TARGETS[name], rank=4, alpha=8, heads=HEADS.get(name, [])))
+    cola = ColaModel(tiny(name, device), ColaConfig(target_modules=TARGETS[name], rank=4, alpha=8, heads=HEADS.get(name, [])))
     cola.load_peft(directory)
     assert (outputs(cola.eval(), name) - expected).abs().max() <= 1e-5
 
