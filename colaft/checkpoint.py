@@ -361,7 +361,8 @@ def _read_peft(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tenso
         raise ValueError(f"{path}: a {config.peft_type} adapter; only LoRA imports")
     unsupported = {"use_dora": config.use_dora, "use_rslora": config.use_rslora, "lora_bias": config.lora_bias,
                    "bias": config.bias != "none", "rank_pattern": bool(config.rank_pattern),
-                   "alpha_pattern": bool(config.alpha_pattern)}
+                   "alpha_pattern": bool(config.alpha_pattern), "target_parameters": bool(config.target_parameters),
+                   "layer_replication": bool(config.layer_replication)}
     if any(unsupported.values()):
         raise ValueError(f"{path}: LoRA options that colaft's lowrank adapter lacks: "
                          f"{', '.join(k for k, v in unsupported.items() if v)}")
