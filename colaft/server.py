@@ -42,7 +42,8 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None)
         raise ValueError("the model returned no loss: pass labels in the batch or give a loss_fn")
     if not calls or not loss.requires_grad:
         raise RuntimeError("the loss depends on no adapted site")
-    grads = torch.autograd.grad(loss, [c.h for c in calls], allow_unused=True)
+    # by graph edge, not by tensor: a tensor modified in place afterwards would give dL/d(modified)
+    grads = torch.autograd.grad(loss, [c.edge for c in calls], allow_unused=True)
     mask = batch.get("attention_mask")
     packets = [Packet(c.site.name, *c.site.rows(c.x, g, mask)) for c, g in zip(calls, grads) if g is not None]
     return loss.detach(), packets

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from transformers.pytorch_utils import Conv1D
 
 from colaft.adapters import SiteSpec
@@ -94,6 +95,25 @@ class Call:
     site: "Site"
     x: torch.Tensor  # the adapter's input (after dropout), detached
     h: torch.Tensor  # the site's output, in the graph
+    edge: GradientEdge | None  # where h entered the graph: dL/dh even if the model later modifies h in place
+
+
+class _Root(torch.autograd.Function):
+    """Make a site output that nothing upstream needs a gradient for a node of the graph.
+
+    A leaf would do for autograd.grad, but the model may modify the output in place (an
+    in-place ReLU after a convolution), which autograd forbids on a leaf; marking the tensor
+    dirty gives it a grad_fn without copying it.
+    """
+
+    @staticmethod
+    def forward(ctx, h, anchor):
+        ctx.mark_dirty(h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class Site(nn.Module):
@@ -132,9 +152,10 @@ class Site(nn.Module):
             x_in = self.dropout(x)
             h = self._base_forward(x) + self.adapter(x_in)
         if self.recorder is not None:
-            if not h.requires_grad:  # first site in the graph: nothing upstream needs a gradient
-                h = h.detach().requires_grad_()
-            self.recorder.append(Call(self, x_in.detach(), h))
+            if not h.requires_grad and torch.is_grad_enabled():  # first site: nothing upstream needs a gradient
+                h = _Root.apply(h.detach(), torch.ones((), requires_grad=True))
+            edge = get_gradient_edge(h) if h.requires_grad else None  # None: recorded without grad
+            self.recorder.append(Call(self, x_in.detach(), h, edge))
         return h
 
     def rows(self, x: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None):
