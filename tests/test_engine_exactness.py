@@ -1,0 +1,143 @@
+"""The exactness contract (DESIGN.md §1): with I = 1, one fit step and synchronous updates,
+ColA's adapter parameters follow ordinary backprop training of the same adapted model.
+
+`lowrank` is compared with the real PEFT LoRA (same initial weights copied from PEFT into
+colaft, B non-zero so both factors train); `linear` and `mlp` with the plain-autograd
+reference of conftest. Every text batch is right-padded, so the server drops padding rows.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers.pytorch_utils import Conv1D
+
+from colaft import ColaConfig, ColaModel, Trainer
+from conftest import (ARCHS, Backprop, flat_state, make_batch, make_opt, max_rel_err, max_update_rel_err,
+                            randomize_)
+
+STEPS = 20
+LR = {"sgd": 0.5, "adamw": 1e-2}
+TOL = 1e-5  # float32
+
+
+class PeftTwin:
+    """The same adapted model trained by PEFT LoRA with ordinary backprop.
+
+    Heads are PEFT `modules_to_save` (a trainable copy of the head): with weight decay 0,
+    W_peft - W_0 is what colaft's head delta must equal.
+    """
+
+    def __init__(self, base, targets: list[str], heads: list[str], rank: int, alpha: float, make_optimizer):
+        modules = dict(base.named_modules())
+        self.heads = {h: {k: v.detach().clone() for k, v in modules[h].state_dict().items()} for h in heads}
+        fan_in_fan_out = any(isinstance(m, Conv1D) for m in base.modules())
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                         modules_to_save=heads or None, fan_in_fan_out=fan_in_fan_out)
+        self.model = get_peft_model(base, cfg)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():  # PEFT's init leaves one factor zero; make it non-zero so both train
+            for layer in self._layers().values():
+                if "default" in layer.lora_B:
+                    w = layer.lora_B["default"].weight
+                else:
+                    w = layer.lora_embedding_A["default"]
+                w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+
+    def _layers(self) -> dict[str, LoraLayer]:
+        return {n.removeprefix("base_model.model."): m for n, m in self.model.named_modules()
+                if isinstance(m, LoraLayer)}
+
+    def site_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """PEFT's adapters in colaft's layout: site name -> adapter state_dict."""
+        out = {}
+        for site, layer in self._layers().items():
+            if "default" in layer.lora_A:
+                out[site] = {"lora_A.weight": layer.lora_A["default"].weight,
+                             "lora_B.weight": layer.lora_B["default"].weight}
+            else:
+                out[site] = {"lora_embedding_A": layer.lora_embedding_A["default"],
+                             "lora_embedding_B": layer.lora_embedding_B["default"]}
+        modules = dict(self.model.base_model.model.named_modules())
+        for h, w0 in self.heads.items():
+            trained = modules[h].modules_to_save["default"].state_dict()
+            out[h] = {k: trained[k] - w0[k] for k in w0}
+        return {s: {k: v.detach().float().clone() for k, v in st.items()} for s, st in out.items()}
+
+    def step(self, batch) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model(**batch).loss
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def _flat(site_states):
+    return {f"{s}.{k}": v for s, st in site_states.items() for k, v in st.items()}
+
+
+def _split_key_bias(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Take GPT-2's key bias out of `state` (in place) and return it.
+
+    The bias an adapter adds to the key third of `c_attn`'s output has an exactly-zero
+    gradient: softmax is invariant to adding the same score q.b to every key of a row. Its
+    "gradient" is round-off in both runs, which Adam normalises to steps of ~lr, so the two
+    runs move it by different noise. It is checked apart: it must stay at noise level.
+    """
+    out = {}
+    for k in [k for k in state if k.endswith("attn.c_attn.2.bias")]:  # mlp's output layer
+        d = state[k].numel() // 3
+        out[k] = state[k][d:2 * d].clone()
+        state[k] = torch.cat([state[k][:d], state[k][2 * d:]])
+    return out
+
+
+@pytest.mark.parametrize("adapter", ["lowrank", "linear", "mlp"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cola_follows_backprop(arch, optimizer, adapter, report_error):
+    factory, targets, kind = ARCHS[arch]
+    base = factory()
+    twin = copy.deepcopy(base)
+    cm = ColaModel(base, ColaConfig(target_modules=targets, adapter=adapter, rank=4, alpha=8.0, hidden=8))
+    heads = [s.name for s in cm.sites.values() if s.name.split(".")[-1] in cm.config.heads]
+    assert len(cm.sites) >= 2 and (heads == ["classifier"]) == (arch == "bert")
+    # PEFT's modules_to_save copy decays towards 0 rather than towards W_0: no decay with heads
+    weight_decay = 0.0 if heads else 0.01
+    make_optimizer = make_opt(optimizer, LR[optimizer], weight_decay)
+    if adapter == "lowrank":
+        ref = PeftTwin(twin, targets, heads, rank=4, alpha=8.0, make_optimizer=make_optimizer)
+        cm.load_adapter_state(ref.site_states())  # both start from PEFT's weights
+        want = lambda: _flat(ref.site_states())  # noqa: E731
+    else:
+        for i, a in enumerate(cm.adapters().values()):
+            randomize_(a, std=0.05, seed=i)  # non-zero start: the adapters' input Jacobians matter
+        ref = Backprop(twin, cm.adapters(), make_optimizer)
+        want = lambda: flat_state(ref.adapters)  # noqa: E731
+    trainer = Trainer(cm, optimizer, lr=LR[optimizer], weight_decay=weight_decay)
+    init = flat_state(trainer.owner_adapters)
+    assert max_rel_err(init, want()) == 0.0
+
+    batches = [make_batch(kind, seed) for seed in range(4)]
+    for step in range(STEPS):
+        batch = batches[step % len(batches)]
+        loss, ref_loss = trainer.step(batch), ref.step(batch)
+        assert loss == pytest.approx(ref_loss, rel=TOL)
+
+    got, expected = flat_state(trainer.owner_adapters), want()
+    server = flat_state(cm.adapters())
+    noise = [_split_key_bias(s) for s in (got, expected, init)]
+    err, update_err = max_rel_err(got, expected), max_update_rel_err(got, expected, init)
+    report_error(arch, optimizer, adapter, err, update_err)
+    assert err <= TOL
+    assert update_err <= 1e-3  # also small relative to how far the adapters moved
+    assert all((got[k] - init[k]).abs().max() > 0 for k in got)  # every tensor trained
+    for k in noise[0]:  # a real gradient would move it by up to lr * STEPS = 0.2 (AdamW)
+        assert (noise[0][k] - noise[1][k]).abs().max() <= 1e-4
+    assert trainer.stats["version"] == STEPS and trainer.stats["skipped_fits"] == 0
+    # the server runs the owner's latest weights
+    assert max_rel_err(server, flat_state(trainer.owner_adapters)) == 0.0
