@@ -1,0 +1,68 @@
+"""`colaft bench`: the one place where speed and memory are measured.
+
+Each section is a command of `bench_app` (a typer app, mounted by the CLI as `colaft bench`);
+they share the harness: interleaved timing, fresh-process memory, report writing.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+bench_app = typer.Typer(help="Measure speed and memory (writes markdown, JSON and PNG reports).",
+                        no_args_is_help=True, add_completion=False)
+
+
+@bench_app.callback()
+def _sections() -> None:
+    """Benchmarks of colaft; each section writes its report under --out."""
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@bench_app.command("server")
+def server_command(
+    model: Annotated[list[str] | None, typer.Option(
+        help="Benchmark model (repeatable): tiny, smollm2-135m, minilm-l6, llama-large, "
+             "optionally with config overrides, e.g. llama-large:num_hidden_layers=8.")] = None,
+    quick: Annotated[bool, typer.Option(help="The tiny model, few rounds, one memory run: a smoke test.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    dtype: Annotated[list[str] | None, typer.Option(help="float32 | bfloat16 | float16 (repeatable).")] = None,
+    targets: Annotated[str | None, typer.Option(
+        help="Comma-separated target modules or all-linear (default: the model's task recipe).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default: per model and device).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per row (default: per model and device).")] = None,
+    rank: Annotated[int, typer.Option(help="Rank of LoRA and of ColA's lowrank adapters (alpha = 2 rank).")] = 8,
+    rounds: Annotated[int, typer.Option(help="Timed rounds (one step of every configuration each).")] = 7,
+    warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = 1,
+    memory_runs: Annotated[int, typer.Option(help="Fresh processes per configuration on CPU (0: no memory).")] = 3,
+    memory_steps: Annotated[int, typer.Option(help="Steps per memory measurement.")] = 2,
+    jobs: Annotated[int, typer.Option(help="Memory processes at once.")] = 1,
+    fit_repeats: Annotated[int, typer.Option(help="Timed repeats of the fit on the CPU.")] = 3,
+    max_seconds: Annotated[float | None, typer.Option(
+        help="Stop timing a run after this many seconds (at least 3 rounds).")] = None,
+    budget: Annotated[float | None, typer.Option(help="Skip the runs that would start after this many seconds.")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
+) -> None:
+    """Server time and memory per step: ColA (unmerged, merged, + fit) vs PEFT LoRA, full fine-tuning and the floor."""
+    from colaft.bench.server import run_server, summary
+
+    if quick:
+        model, rounds, memory_runs, jobs, fit_repeats = model or ["tiny"], min(rounds, 3), 1, 2, 1
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
+
+    data = run_server(model or ["smollm2-135m", "minilm-l6"], device or _default_device(), dtype or ["float32"],
+                      out, targets, batch_size, seq_len, rank, rounds, warmup, memory_runs, memory_steps, jobs,
+                      fit_repeats, max_seconds, budget, command=shlex.join(["colaft", "bench", *sys.argv[1:]]), log=log)
+    typer.echo(summary(data))
+    typer.echo(f"report: {out / 'server.md'}")

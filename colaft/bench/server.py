@@ -1,0 +1,404 @@
+"""`colaft bench server`: the server's time and memory per training step, ColA against PEFT.
+
+Same model, batch and target modules for every configuration:
+
+    floor                the frozen base: forward, loss, dL/dh at the sites; no adapter at all
+    peft-lora            real PEFT LoRA: forward, backward, AdamW step
+    full-ft              full fine-tuning of the target layers (plain torch, AdamW)
+    cola-<adapter>       ColA's server step alone (server_step), adapters unmerged
+    cola-<adapter>-merged                          ...run on W + delta_W
+  timed only:
+    cola-...+fit         the server step plus the fit and the update, in this process
+
+The floor is the least any adapter method can cost: ColA's server step computes the same
+dL/dh and additionally runs the adapters (or W + delta_W) and emits the packets.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from colaft.bench import harness
+from colaft.bench.models import Preset, build_model, make_batch, parse_spec, share_weights
+from colaft.config import ColaConfig
+from colaft.fit import fit
+from colaft.model import ColaModel
+from colaft.packets import Packet
+from colaft.server import server_step
+from colaft.sites import select_sites
+from colaft.trainer import Trainer
+
+COLA = [("lowrank", False), ("lowrank", True), ("linear", False), ("linear", True), ("mlp", False)]
+CONFIGS = ["floor", "peft-lora", "full-ft"] + [f"cola-{a}{'-merged' if m else ''}" for a, m in COLA]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_CASE = "colaft.bench.server:memory_case"
+LR = 1e-4
+
+
+@dataclass
+class Options:
+    """What every configuration of one run shares."""
+
+    targets: list[str] | str
+    rank: int = 8
+    alpha: float = 16.0
+
+
+@dataclass
+class Setup:
+    """One configuration, ready to step."""
+
+    step: Callable[[], object]
+    trainable: int
+    """Parameters with requires_grad on the server."""
+    cola: ColaModel | None = None
+    trainer: Trainer | None = None
+
+
+def sites_of(model: nn.Module, targets) -> tuple[list[str], list[str]]:
+    """ColA's target and head sites: every configuration adapts exactly these modules."""
+    return select_sites(model, targets, ColaConfig(target_modules=targets).heads)
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _optimizer_step(model: nn.Module, batch: dict) -> Callable[[], None]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    def step():
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def floor_setup(model: nn.Module, batch: dict, names: list[str]) -> Setup:
+    """The frozen base with dL/dh taken at the sites' outputs (captured by forward hooks)."""
+    model.requires_grad_(False)
+    outputs: list[torch.Tensor] = []
+
+    def capture(module, args, out):
+        if not out.requires_grad:  # the first site: nothing upstream needs a gradient
+            out = out.detach().requires_grad_()
+        outputs.append(out)
+        return out
+
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].register_forward_hook(capture)
+
+    def step():
+        loss = model(**batch).loss
+        torch.autograd.grad(loss, outputs, allow_unused=True)
+        outputs.clear()
+    return Setup(step, 0)
+
+
+def lora_setup(model: nn.Module, batch: dict, targets: list[str], heads: list[str], opts: Options) -> Setup:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=0.0, target_modules=targets,
+                     modules_to_save=heads or None)
+    peft_model = get_peft_model(model, cfg)
+    return Setup(_optimizer_step(peft_model, batch), _trainable(peft_model))
+
+
+def full_setup(model: nn.Module, batch: dict, names: list[str]) -> Setup:
+    model.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].requires_grad_(True)
+    return Setup(_optimizer_step(model, batch), _trainable(model))
+
+
+def cola_setup(model: nn.Module, batch: dict, adapter: str, merged: bool, opts: Options, with_fit: bool) -> Setup:
+    cola = ColaModel(model, ColaConfig(target_modules=opts.targets, adapter=adapter, merge=merged,
+                                       rank=opts.rank, alpha=opts.alpha))
+    if not with_fit:
+        return Setup(lambda: server_step(cola, batch), cola.trainable_parameters(), cola)
+    trainer = Trainer(cola, "adamw", lr=LR)
+    return Setup(lambda: trainer.step(batch), cola.trainable_parameters(), cola, trainer)
+
+
+def make_setup(config: str, model: nn.Module, batch: dict, opts: Options) -> Setup:
+    """Configuration name (CONFIGS, or "cola-...+fit") -> its Setup on `model` (which it takes over)."""
+    targets, heads = sites_of(model, opts.targets)
+    if config == "floor":
+        return floor_setup(model, batch, targets + heads)
+    if config == "peft-lora":
+        return lora_setup(model, batch, targets, heads, opts)
+    if config == "full-ft":
+        return full_setup(model, batch, targets + heads)
+    name, with_fit = config.removesuffix("+fit"), config.endswith("+fit")
+    adapter, merged = name.removeprefix("cola-").removesuffix("-merged"), name.endswith("-merged")
+    return cola_setup(model, batch, adapter, merged, opts, with_fit)
+
+
+def own_trainable_weights(model: nn.Module, opts: Options) -> None:
+    """Give full-ft's trainable layers their own storage, so its updates leave the shared weights alone."""
+    targets, heads = sites_of(model, opts.targets)
+    modules = dict(model.named_modules())
+    for name in targets + heads:
+        for p in modules[name].parameters():
+            p.data = p.data.clone()
+
+
+# ---------------------------------------------------------------- memory (one configuration per process)
+
+def memory_case(spec: dict, loaded: Callable[[], None], base: nn.Module | None = None) -> dict:
+    """Load the model, mark it loaded, build one configuration and run `spec["steps"]` steps."""
+    _, preset = parse_spec(spec["model"])
+    device, dtype = spec["device"], DTYPES[spec["dtype"]]
+    opts = Options(spec["targets"], spec["rank"], spec["alpha"])
+    model = build_model(preset, device, dtype) if base is None else share_weights(base)
+    if base is not None and spec["config"] == "full-ft":
+        own_trainable_weights(model, opts)
+    batch = make_batch(preset, spec["batch_size"], spec["seq_len"], device)
+    loaded()
+    setup = make_setup(spec["config"], model, batch, opts)
+    for _ in range(spec["steps"]):
+        setup.step()
+    return {}
+
+
+# ---------------------------------------------------------------- one run: a model, a device, a dtype
+
+@dataclass
+class Run:
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    seq_len: int
+    targets: list[str] | str
+    sites: int = 0
+    rows: dict[str, dict] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def _packet_cost(setup: Setup, batch: dict) -> tuple[list[Packet], int, int]:
+    _, packets = server_step(setup.cola, batch)
+    update = setup.cola.adapter_parameters() * 4  # the owner sends its float32 adapter states back
+    return packets, sum(p.nbytes for p in packets), update
+
+
+def _fit_on_cpu(setup: Setup, packets: list[Packet], repeats: int) -> float:
+    """Seconds of one fit of this configuration's adapters on the CPU (packets moved there first)."""
+    cpu = [Packet(p.site, p.x.cpu().float() if p.x.is_floating_point() else p.x.cpu(), p.grad.cpu().float())
+           for p in packets]
+    owner = {name: copy.deepcopy(a).cpu().float().requires_grad_(True) for name, a in setup.cola.adapters().items()}
+    opt = torch.optim.AdamW([p for a in owner.values() for p in a.parameters()], lr=LR)
+    return harness.time_call(lambda: fit(owner, opt, cpu), repeats)
+
+
+def measure_run(run: Run, preset: Preset, opts: Options, rounds: int, warmup: int, memory_runs: int,
+                memory_steps: int, jobs: int, fit_repeats: int, max_seconds: float | None,
+                log: Callable[[str], None]) -> Run:
+    """Time every configuration interleaved, then measure each one's memory; fills run.rows."""
+    dtype = DTYPES[run.dtype]
+    base = build_model(preset, run.device, dtype)
+    batch = make_batch(preset, run.batch_size, run.seq_len, run.device)
+    run.sites = sum(map(len, sites_of(base, opts.targets)))
+    names = CONFIGS + [f"{c}+fit" for c in CONFIGS if c.startswith("cola-")]
+    setups: dict[str, Setup] = {}
+    for name in names:
+        try:
+            model = share_weights(base)
+            if name == "full-ft":
+                own_trainable_weights(model, opts)
+            setups[name] = make_setup(name, model, batch, opts)
+        except Exception as e:  # e.g. out of memory: report it, measure the rest
+            run.errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"  {name}: setup failed: {run.errors[name]}")
+    log(f"  timing {len(setups)} configurations, {rounds} rounds")
+    timings = harness.interleaved({n: s.step for n, s in setups.items()}, rounds, warmup, run.device,
+                                  max_seconds=max_seconds, log=log)
+    run.errors.update(timings.errors)
+    for name in CONFIGS:
+        row = {"time_s": timings.median(name), "time_samples": timings.samples.get(name, []),
+               "x_floor": timings.ratio(name, "floor"), "x_lora": timings.ratio(name, "peft-lora"),
+               "trainable_server": setups[name].trainable if name in setups else None}
+        if name.startswith("cola-") and name in setups and name not in run.errors:
+            row["fit_time_s"] = timings.median(name + "+fit")
+            row["fit_x_lora"] = timings.ratio(name + "+fit", "peft-lora")
+            row["adapter_params"] = setups[name].cola.adapter_parameters()
+            try:
+                packets, row["packet_bytes"], row["update_bytes"] = _packet_cost(setups[name], batch)
+                row["fit_cpu_s"] = _fit_on_cpu(setups[name], packets, fit_repeats)
+                del packets
+            except Exception as e:
+                run.errors[name + " (fit)"] = f"{type(e).__name__}: {str(e)[:300]}"
+        run.rows[name] = row
+    del setups, timings
+    gc.collect()
+    if run.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    specs = {c: {"config": c, "model": run.model, "device": run.device, "dtype": run.dtype,
+                 "batch_size": run.batch_size, "seq_len": run.seq_len, "targets": opts.targets, "rank": opts.rank,
+                 "alpha": opts.alpha, "steps": memory_steps} for c in CONFIGS}
+    if memory_runs > 0:
+        log(f"  memory: {len(specs)} configurations" +
+            (" in this process (CUDA allocator)" if run.device.startswith("cuda") else
+             f" x {memory_runs} fresh processes"))
+        if run.device.startswith("cuda"):
+            memory = harness.in_process_memory(MEMORY_CASE, specs, log=log, base=base)
+        else:
+            memory = harness.fresh_process_memory(MEMORY_CASE, specs, memory_runs, jobs, log=log)
+        for name, m in memory.items():
+            run.rows[name].update(mem_bytes=m.median, mem_runs=m.runs)
+            if m.error:
+                run.errors[name + " (memory)"] = m.error
+    return run
+
+
+# ---------------------------------------------------------------- report
+
+def _ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def targets_table(run: Run) -> harness.Table:
+    """The issue's targets, measured side by side; 'missed by' is how far over the bound."""
+    r = run.rows
+    t = harness.Table(["target", "configuration", "measured", "bound", "met"])
+
+    def add(what, name, value, bound):
+        met = None if value is None else ("yes" if value <= bound else f"no (+{100 * (value / bound - 1):.0f}%)")
+        t.rows.append([what, name, None if value is None else round(value, 3), bound, met])
+
+    for name in ("cola-lowrank-merged", "cola-linear-merged"):
+        add("merged server step time / floor", name, r[name]["x_floor"], 1.05)
+    for name in ("cola-lowrank", "cola-linear", "cola-mlp"):
+        add("unmerged server step time / PEFT LoRA", name, r[name]["x_lora"], 1.0)
+    lora_mem = r["peft-lora"].get("mem_bytes")
+    for name in CONFIGS[3:]:
+        add("server peak memory / PEFT LoRA", name, _ratio(r[name].get("mem_bytes"), lora_mem), 1.0)
+    for name in ("cola-linear", "cola-linear-merged"):
+        add("server peak memory / full-ft", name, _ratio(r[name].get("mem_bytes"), r["full-ft"].get("mem_bytes")),
+            0.5)
+    return t
+
+
+def results_table(run: Run) -> harness.Table:
+    t = harness.Table(["configuration", "step (s)", "x floor", "x LoRA", "peak MiB", "mem x LoRA",
+                       "server trainable", "packets MiB/step", "update MiB/step", "+fit (s)", "+fit x LoRA",
+                       "fit on CPU (s)"])
+    lora_mem = run.rows["peft-lora"].get("mem_bytes")
+    for name, r in run.rows.items():
+        t.rows.append([name, r["time_s"], r["x_floor"], r["x_lora"], harness.mib(r.get("mem_bytes")),
+                       _ratio(r.get("mem_bytes"), lora_mem), r["trainable_server"],
+                       harness.mib(r.get("packet_bytes")), harness.mib(r.get("update_bytes")),
+                       r.get("fit_time_s"), r.get("fit_x_lora"), r.get("fit_cpu_s")])
+    return t
+
+
+def plot_run(run: Run, out: Path) -> list[str]:
+    stem = f"server-{run.model.replace(':', '_').replace(',', '_')}-{run.device.split(':')[0]}-{run.dtype}"
+    out.mkdir(parents=True, exist_ok=True)
+    time_png, mem_png = out / f"{stem}-time.png", out / f"{stem}-memory.png"
+    title = f"{run.model}, {run.device} {run.dtype}, batch {run.batch_size}x{run.seq_len}"
+    harness.bar_plot(time_png, f"server step time / floor - {title}",
+                     {n: r["x_floor"] for n, r in run.rows.items()}, "x floor", {"floor": 1.0, "1.05": 1.05})
+    lora = harness.mib(run.rows["peft-lora"].get("mem_bytes"))
+    harness.bar_plot(mem_png, f"server peak memory above the loaded model - {title}",
+                     {n: harness.mib(r.get("mem_bytes")) for n, r in run.rows.items()}, "MiB",
+                     {"PEFT LoRA": lora} if lora else None)
+    return [time_png.name, mem_png.name]
+
+
+def run_markdown(run: Run, plots: list[str]) -> str:
+    targets = run.targets if isinstance(run.targets, str) else ", ".join(run.targets)
+    parts = [f"### {run.model} - {run.device}, {run.dtype}",
+             f"Batch {run.batch_size} x {run.seq_len} tokens; targets: {targets} ({run.sites} sites incl. heads).",
+             results_table(run).markdown(), "Targets:", targets_table(run).markdown()]
+    if run.errors:
+        parts.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in run.errors.items()))
+    parts.append(" ".join(f"![{p}]({p})" for p in plots))
+    return "\n\n".join(parts) + "\n\n"
+
+
+def header(info: dict, command: str, runs_done: int) -> str:
+    return "\n".join([
+        "## Server step: ColA vs PEFT LoRA vs the floor", "",
+        f"Machine: {harness.describe(info)}.", f"Command: `{command}`", "",
+        "Models are built from their configs with random weights (speed and memory do not depend on "
+        "the values). Time: median of interleaved steps; 'x floor' and 'x LoRA' are paired ratios (median "
+        "over rounds). Memory: peak above the loaded model (CPU: resident set of a fresh process per "
+        "configuration, median of runs; CUDA: torch.cuda.max_memory_allocated). '+fit' adds the fit and "
+        "the update in the same process; 'fit on CPU' is one fit of the packets of one step on the CPU.",
+        f"Runs completed: {runs_done}.", "", ""])
+
+
+def run_server(models: list[str], device: str, dtypes: list[str], out: Path, targets: str | None = None,
+               batch_size: int | None = None, seq_len: int | None = None, rank: int = 8, rounds: int = 7,
+               warmup: int = 1, memory_runs: int = 3, memory_steps: int = 2, jobs: int = 1, fit_repeats: int = 3,
+               max_seconds: float | None = None, budget_s: float | None = None, command: str = "",
+               log: Callable[[str], None] = print) -> dict:
+    """Benchmark every (model, dtype); writes server.md, server.json and PNGs under `out` after each run.
+
+    Returns:
+        the JSON data written.
+    """
+    start = time.perf_counter()
+    info = harness.machine(device)
+    data = {"machine": info, "command": command, "runs": [], "skipped": []}
+    sections: list[str] = []
+    for spec in models:
+        label, preset = parse_spec(spec)
+        for dtype in dtypes:
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                data["skipped"].append(f"{label} {dtype}: time budget spent")
+                log(f"skip {label} {dtype}: time budget spent")
+                continue
+            b, t = preset.cuda_batch if device.startswith("cuda") else preset.cpu_batch
+            tg = _parse_targets(targets) if targets else preset.targets
+            run = Run(label, device, dtype, batch_size or b, seq_len or t, tg)
+            log(f"{label} {device} {dtype}: batch {run.batch_size}x{run.seq_len}")
+            t0 = time.perf_counter()
+            try:
+                measure_run(run, preset, Options(tg, rank, 2.0 * rank), rounds, warmup, memory_runs, memory_steps,
+                            jobs, fit_repeats, max_seconds, log)
+                plots = plot_run(run, out) if run.rows else []
+            except Exception as e:  # a whole run failing (model too big, ...) must not stop the others
+                run.errors["run"] = f"{type(e).__name__}: {str(e)[:300]}"
+                log(f"  run failed: {run.errors['run']}")
+                plots = []
+            finally:
+                gc.collect()
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            run_data = {**run.__dict__, "seconds": round(time.perf_counter() - t0, 1)}
+            data["runs"].append(run_data)
+            if run.rows:
+                sections.append(run_markdown(run, plots))
+            out.mkdir(parents=True, exist_ok=True)
+            harness.write_report(out, "server", header(info, command, len(data["runs"])) + "\n".join(sections),
+                                 data)
+    data["seconds"] = round(time.perf_counter() - start, 1)
+    data["loadavg_end"] = harness.machine(device).get("loadavg")
+    harness.write_report(out, "server", header(info, command, len(data["runs"])) + "\n".join(sections), data)
+    return data
+
+
+def _parse_targets(text: str) -> list[str] | str:
+    return "all-linear" if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def summary(data: dict) -> str:
+    """Median step times in one line per run (for the log)."""
+    lines = []
+    for run in data["runs"]:
+        times = {n: r["time_s"] for n, r in run["rows"].items() if r.get("time_s")}
+        if times:
+            lines.append(f"{run['model']} {run['dtype']}: " + ", ".join(f"{n} {t:.3g}s" for n, t in times.items()))
+    return "\n".join(lines) or "no results"
+
