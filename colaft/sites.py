@@ -136,14 +136,15 @@ class Site(nn.Module):
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.target
         dw, db = self.adapter.delta_weight()
+        if isinstance(m, nn.Embedding):  # no bias
+            return F.embedding(x, m.weight + dw, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq,
+                               m.sparse)
         bias = m.bias if db is None else (db if m.bias is None else m.bias + db)
         if isinstance(m, Conv1D):  # y = x @ W + b with W (in, out)
             return torch.addmm(bias, x.reshape(-1, x.shape[-1]), m.weight + dw.T).view(*x.shape[:-1], -1)
         if isinstance(m, nn.Linear):
             return F.linear(x, m.weight + dw, bias)
-        if isinstance(m, nn.Conv2d):
-            return m._conv_forward(x, m.weight + dw, bias)
-        return F.embedding(x, m.weight + dw, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        return m._conv_forward(x, m.weight + dw, bias)  # nn.Conv2d
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
