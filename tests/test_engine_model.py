@@ -1,0 +1,128 @@
+"""ColaModel: merged running never writes the base weights; merge_and_unload and unload
+return the plain model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ARCHS, flat_state, make_batch, max_rel_err, randomize_
+
+from colaft import ColaConfig, ColaModel, Trainer, server_step
+from colaft.sites import Site
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_base_unchanged(model, saved):
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "cnn"])
+def test_merged_training_and_a_failed_forward_leave_the_base_bit_identical(arch, dtype):
+    factory, targets, kind = ARCHS[arch]
+    model = factory().to(dtype)
+    saved = _base_state(model)
+    cm = ColaModel(model, ColaConfig(target_modules=targets, adapter="lowrank", merge=True))
+    assert all(a.lora_B.weight.dtype == dtype for a in cm.adapters().values() if hasattr(a, "lora_B"))
+    trainer = Trainer(cm, "adamw", lr=1e-2)
+
+    def batch(seed):
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in make_batch(kind, seed).items()}
+
+    losses = [trainer.step(batch(step % 2)) for step in range(4)]
+    assert trainer.stats["version"] == 4 and losses[2] < losses[0]
+    _assert_base_unchanged(model, saved)
+
+    # an exception raised in the middle of the forward, after some sites ran merged
+    last = [m for n, m in model.named_modules() if n == cm.sites[list(cm.sites)[-1]].name][0]
+
+    def boom(mod, args):
+        raise RuntimeError("boom")
+
+    handle = last.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        server_step(cm, batch(0))
+    handle.remove()
+    _assert_base_unchanged(model, saved)
+    assert all(s.recorder is None for s in cm.sites.values())
+    trainer.step(batch(0))  # and the model still trains
+    _assert_base_unchanged(model, saved)
+
+
+@pytest.mark.parametrize("adapter", ["lowrank", "linear"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "cnn"])
+def test_merged_training_equals_unmerged_training(arch, adapter):
+    factory, targets, kind = ARCHS[arch]
+    runs = []
+    for merge in (False, True):
+        cm = ColaModel(factory(), ColaConfig(target_modules=targets, adapter=adapter, merge=merge))
+        for i, a in enumerate(cm.adapters().values()):
+            randomize_(a, std=0.05, seed=i)
+        trainer = Trainer(cm, "adamw", lr=1e-2)
+        losses = [trainer.step(make_batch(kind, step % 3)) for step in range(10)]
+        runs.append((losses, flat_state(trainer.owner_adapters)))
+    (losses, unmerged), (merged_losses, merged) = runs
+    assert merged_losses == pytest.approx(losses, rel=1e-5)
+    assert max_rel_err(merged, unmerged) <= 1e-5
+
+
+def _no_wrappers(model) -> bool:
+    return not any("forward" in m.__dict__ or isinstance(m, Site) for m in model.modules())
+
+
+@pytest.mark.parametrize("adapter", ["lowrank", "linear"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "cnn"])
+def test_merge_and_unload_returns_the_plain_adapted_model(arch, adapter):
+    factory, targets, kind = ARCHS[arch]
+    model = factory()
+    fresh = factory()
+    batch = make_batch(kind, 1)
+    cm = ColaModel(model, ColaConfig(target_modules=targets, adapter=adapter))
+    assert not _no_wrappers(model)
+    trainer = Trainer(cm, "adamw", lr=1e-2)
+    for step in range(3):
+        trainer.step(make_batch(kind, step))
+    adapted = _logits(cm, batch)
+    sites = {s.name for s in cm.sites.values()}
+    assert not torch.allclose(adapted, _logits(fresh, batch), atol=1e-4)  # training changed the outputs
+
+    plain = cm.merge_and_unload()
+    assert plain is model and _no_wrappers(plain) and len(cm.sites) == 0
+    assert [type(m) for m in plain.modules()] == [type(m) for m in fresh.modules()]
+    got = _logits(plain, batch)
+    assert ((got - adapted).abs().max() / adapted.abs().max()).item() <= 1e-5
+    changed = [n for n, p in plain.named_parameters() if not torch.equal(p, dict(fresh.named_parameters())[n])]
+    assert {n.rsplit(".", 1)[0] for n in changed} == sites  # only the sites' weights (and heads' biases)
+
+
+def test_unload_returns_the_base_unchanged():
+    factory, targets, kind = ARCHS["llama"]
+    model, batch = factory(), make_batch("lm", 0)
+    want = _logits(model, batch)
+    cm = ColaModel(model, ColaConfig(target_modules=targets, adapter="mlp"))
+    randomize_(next(iter(cm.adapters().values())))
+    assert not torch.equal(_logits(cm, batch), want)
+    with pytest.raises(ValueError, match="is not mergeable"):
+        cm.merge_and_unload()
+    assert len(cm.sites) == len(targets) * 2 - 1  # untouched: still adapted (embed_tokens once)
+    plain = cm.unload()
+    assert _no_wrappers(plain) and torch.equal(_logits(plain, batch), want)
+    assert not any(p.requires_grad for p in plain.parameters())  # frozen stays frozen, as PEFT leaves it
+
+
+def test_merge_rejects_dropout_and_unmergeable_adapters():
+    with pytest.raises(ValueError, match="dropout needs merge=False"):
+        ColaConfig(target_modules=["q_proj"], merge=True, dropout=0.1)
+    with pytest.raises(ValueError, match="adapter 'mlp' is not mergeable"):
+        ColaModel(ARCHS["llama"][0](), ColaConfig(target_modules=["q_proj"], adapter="mlp", merge=True))

@@ -1,0 +1,121 @@
+"""The server step: dL/dh at every site, and a server that holds nothing trainable."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ARCHS, make_batch, randomize_
+from torch import nn
+
+from colaft import ColaConfig, ColaModel, Trainer, server_step
+
+
+def _reference_grads(base, adapters, batch) -> dict[str, torch.Tensor]:
+    """dL/dh at each site by plain autograd: tensor hooks on the adapted outputs.
+
+    A hook registered before an in-place op on the tensor receives the gradient of the
+    value it had when registered (PyTorch autograd notes), i.e. dL/dh, not dL/d(relu(h)).
+    """
+    model = copy.deepcopy(base)
+    grads, modules = {}, dict(model.named_modules())
+
+    def hook(name, adapter):
+        def add(mod, args, out):
+            h = out + adapter(args[0])
+            h.register_hook(lambda g: grads.__setitem__(name, g))
+            return h
+        return add
+
+    for name, a in adapters.items():
+        modules[name].register_forward_hook(hook(name, copy.deepcopy(a)))
+    model(**batch).loss.backward()
+    return grads
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_packets_carry_dl_dh_of_backprop(arch):
+    """With non-zero mlp adapters (their input Jacobians matter) and, for the CNN, in-place
+    ReLUs on the sites' outputs, the first site included."""
+    factory, targets, kind = ARCHS[arch]
+    base = factory()
+    twin = copy.deepcopy(base)
+    cm = ColaModel(base, ColaConfig(target_modules=targets, adapter="mlp", hidden=8))
+    for i, a in enumerate(cm.adapters().values()):
+        randomize_(a, std=0.2, seed=i)
+    batch = make_batch(kind, 0)
+    want = _reference_grads(twin, cm.adapters(), batch)
+    _, packets = server_step(cm, batch)
+    assert sorted(p.site for p in packets) == sorted(want)
+    mask = batch.get("attention_mask")
+    for p in packets:
+        g = want[p.site]
+        if kind != "image" and g.dim() == 3:  # token sites: padding rows dropped
+            g = g[mask.bool()]
+        g = g.reshape(p.grad.shape)
+        assert (p.grad - g).abs().max().item() <= 1e-6 * g.abs().max().item(), p.site
+
+
+@pytest.mark.parametrize("adapter,merge", [("lowrank", False), ("lowrank", True), ("linear", True), ("mlp", False)])
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_server_holds_nothing_trainable(arch, adapter, merge):
+    factory, targets, kind = ARCHS[arch]
+    cm = ColaModel(factory(), ColaConfig(target_modules=targets, adapter=adapter, merge=merge))
+    params = list(cm.parameters())  # the base and the server's adapters
+    assert len(params) > 0 and cm.trainable_parameters() == 0
+    assert not any(p.requires_grad for p in params)
+    trainer = Trainer(cm, "adamw", lr=1e-2)
+    for step in range(3):
+        trainer.step(make_batch(kind, step))
+        assert cm.trainable_parameters() == 0
+        assert all(p.grad is None for p in params)
+    assert trainer.stats["version"] == 3
+    # the owner's copies are where gradients live (so the check above can fail)
+    assert all(p.grad is not None for a in trainer.owner_adapters.values() for p in a.parameters())
+    assert sum(p.numel() for p in trainer.adapters.parameters()) == cm.adapter_parameters()
+
+
+def test_loss_must_come_from_the_batch_or_a_loss_fn():
+    factory, targets, kind = ARCHS["gpt2"]
+    cm = ColaModel(factory(), ColaConfig(target_modules=targets))
+    batch = make_batch(kind, 0)
+    del batch["labels"]
+    with pytest.raises(ValueError, match="the model returned no loss"):
+        server_step(cm, batch)
+    with pytest.raises(RuntimeError, match="the loss depends on no adapted site"):
+        server_step(cm, batch, lambda out, b: torch.tensor(1.0))
+    _, packets = server_step(cm, batch, lambda out, b: out.logits[:, -1].logsumexp(-1).sum())
+    assert len(packets) == 4 * 2  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj in 2 layers
+    with torch.no_grad(), pytest.raises(RuntimeError, match="the loss depends on no adapted site"):
+        server_step(cm, make_batch(kind, 0))
+    assert all(s.recorder is None for s in cm.sites.values())
+
+
+def test_site_called_twice_gives_two_packets():
+    """A module used twice in one forward (weight sharing) emits one packet per call."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    torch.manual_seed(0)
+    model, x = Twice(), torch.randn(5, 4)
+    cm = ColaModel(model, ColaConfig(target_modules=["lin"], adapter="linear"))
+    randomize_(cm.site("lin").adapter, std=0.3)
+    _, packets = server_step(cm, {"x": x}, lambda out, b: out.square().sum())
+    assert [p.site for p in packets] == ["lin", "lin"]
+    # by hand: h1 = lin(x) + a(x); h2 = lin(t) + a(t), t = tanh(h1); L = sum h2^2
+    w, b, a = model.lin.weight, model.lin.bias, cm.site("lin").adapter.weight
+    h1 = x @ (w + a).T + b
+    t = torch.tanh(h1)
+    h2 = t @ (w + a).T + b
+    g2 = 2 * h2
+    g1 = (g2 @ (w + a)) * (1 - t.square())
+    torch.testing.assert_close(packets[0].x, x, rtol=0, atol=0)
+    torch.testing.assert_close(packets[1].x, t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packets[1].grad, g2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packets[0].grad, g1, rtol=1e-5, atol=1e-6)
