@@ -1,0 +1,129 @@
+"""Site selection (PEFT's conventions), task heads, and the packet rows of a site."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LENGTHS, SEQ, text_batch, tiny_bert, tiny_cnn, tiny_gpt2, tiny_llama
+from torch import nn
+from transformers import LlamaForSequenceClassification
+
+from colaft import ColaConfig, ColaModel, server_step
+from colaft.sites import select_sites, site_spec
+
+HEADS = ["classifier", "score"]
+
+
+def _gpt2(i: int, kind: str) -> str:
+    return f"transformer.h.{i}.{kind}"
+
+
+def _llama(i: int, proj: str) -> str:
+    part = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{i}.{part}.{proj}"
+
+
+LLAMA_PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("targets,want", [
+    (["c_attn"], [_gpt2(0, "attn.c_attn"), _gpt2(1, "attn.c_attn")]),  # dotted suffix
+    (["transformer.h.1.mlp.c_proj"], [_gpt2(1, "mlp.c_proj")]),  # exact name
+    (["attn.c_proj"], [_gpt2(0, "attn.c_proj"), _gpt2(1, "attn.c_proj")]),  # a longer suffix narrows
+    (["c_proj"], [_gpt2(0, "attn.c_proj"), _gpt2(0, "mlp.c_proj"), _gpt2(1, "attn.c_proj"), _gpt2(1, "mlp.c_proj")]),
+    (["h.0.attn.c_attn", "c_attn"], [_gpt2(0, "attn.c_attn"), _gpt2(1, "attn.c_attn")]),  # no duplicates
+    (["wte", "c_fc"], ["transformer.wte", _gpt2(0, "mlp.c_fc"), _gpt2(1, "mlp.c_fc")]),  # in the order of the keys
+    (r".*\.1\.(attn|mlp)\.c_.*", [_gpt2(1, "attn.c_attn"), _gpt2(1, "attn.c_proj"), _gpt2(1, "mlp.c_fc"),
+                                  _gpt2(1, "mlp.c_proj")]),  # regex, full match
+    ("all-linear", [_gpt2(i, k) for i in range(2) for k in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]),
+])
+def test_select_on_gpt2(targets, want):
+    assert select_sites(tiny_gpt2(), targets, HEADS) == (want, [])
+
+
+def test_all_linear_excludes_the_output_head_and_the_task_heads():
+    # Llama: every projection, not lm_head
+    assert select_sites(tiny_llama(), "all-linear", HEADS) == (
+        [_llama(i, p) for i in range(2) for p in LLAMA_PROJS], [])
+    # Llama for classification: `score` is a head, not a target
+    llama_cls = LlamaForSequenceClassification(tiny_llama().config)
+    targets, heads = select_sites(llama_cls, "all-linear", HEADS)
+    assert heads == ["score"] and "score" not in targets and len(targets) == 14
+    # BERT: six linear layers per block and the pooler; the classifier is a head
+    per_block = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense"]
+    assert select_sites(tiny_bert(), "all-linear", HEADS) == (
+        [f"bert.encoder.layer.{i}.{k}" for i in range(2) for k in per_block] + ["bert.pooler.dense"], ["classifier"])
+    # a head named explicitly is still a head, not a target
+    assert select_sites(tiny_bert(), ["query", "classifier"], HEADS) == (
+        [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)], ["classifier"])
+
+
+def test_heads_inside_a_container_and_user_heads():
+    class Roberta(nn.Module):  # RobertaClassificationHead: classifier.dense, classifier.out_proj
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.classifier = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    assert select_sites(Roberta(), "all-linear", HEADS) == (["body"], ["classifier.0", "classifier.2"])
+    cm = ColaModel(tiny_cnn(), ColaConfig(target_modules=["conv1"], heads=["fc"]))
+    head = cm.site("fc").adapter
+    assert type(head).__name__ == "FullDelta" and head.bias is not None and head.weight.shape == (3, 54)
+    assert select_sites(tiny_bert(), ["query"], []) == ([f"bert.encoder.layer.{i}.attention.self.query"
+                                                         for i in range(2)], [])
+
+
+CNN_CANDIDATES = "Candidate modules: conv1, conv2, fc"
+
+
+@pytest.mark.parametrize("targets,message", [
+    (["nope"], f"target 'nope' matches no module. {CNN_CANDIDATES}"),
+    (["conv1", "conv3"], f"target 'conv3' matches no module. {CNN_CANDIDATES}"),  # every key must match
+    (["onv1"], f"target 'onv1' matches no module. {CNN_CANDIDATES}"),  # a suffix ends at a dot
+    (["act"], f"target 'act' matches no module; it names unsupported modules: act (ReLU). {CNN_CANDIDATES}"),
+    ("conv", f"target_modules 'conv' match no module. {CNN_CANDIDATES}"),  # a regex matches the whole name
+])
+def test_selection_errors_list_the_candidates(targets, message):
+    with pytest.raises(ValueError) as info:
+        select_sites(tiny_cnn(), targets, HEADS)
+    assert str(info.value) == message
+
+
+def test_selection_errors_on_a_transformer():
+    with pytest.raises(ValueError, match=r"target 'ln_f' matches no module; it names unsupported modules: "
+                                         r"transformer\.ln_f \(LayerNorm\)\. Candidate modules: transformer\.wte, "
+                                         r"transformer\.wpe, transformer\.h\.0\.attn\.c_attn, "):
+        ColaModel(tiny_gpt2(), ColaConfig(target_modules=["ln_f"]))
+    with pytest.raises(ValueError, match=r"target_modules \['classifier'\] match no module"):  # only a head
+        select_sites(tiny_bert(), ["classifier"], HEADS)
+    with pytest.raises(ValueError, match=r"LSTM is not a supported site kind \(Linear, Conv1D, Conv2d, Embedding\)"):
+        site_spec(nn.LSTM(4, 4))
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        ColaConfig(target_modules=[])
+    with pytest.raises(ValueError, match="rnak"):
+        ColaConfig(target_modules=["q_proj"], rnak=4)
+    cfg = ColaConfig(target_modules="all-linear", adapter="mlp", hidden=16, heads=["head"])
+    assert ColaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_padding_rows_are_dropped():
+    """Token sites emit one row per attended token (mask.sum()); pooled heads one per sequence."""
+    batch = text_batch(0, "cls")
+    mask = batch["attention_mask"]
+    assert mask.sum().item() == sum(LENGTHS) < mask.numel() == len(LENGTHS) * SEQ
+    cm = ColaModel(tiny_bert(), ColaConfig(target_modules=["word_embeddings", "query", "intermediate.dense"]))
+    _, packets = server_step(cm, batch)
+    rows = {p.site: len(p.x) for p in packets}
+    assert rows == {"bert.embeddings.word_embeddings": 18, **{f"bert.encoder.layer.{i}.attention.self.query": 18
+                                                              for i in range(2)},
+                    **{f"bert.encoder.layer.{i}.intermediate.dense": 18 for i in range(2)}, "classifier": 4}
+    assert all(len(p.grad) == len(p.x) for p in packets)
+    emb = next(p for p in packets if p.site == "bert.embeddings.word_embeddings")
+    assert torch.equal(emb.x, batch["input_ids"][mask.bool()])  # the kept rows are the attended tokens
+    # without a mask every position is a row
+    del batch["attention_mask"]
+    _, packets = server_step(cm, batch)
+    assert {len(p.x) for p in packets if p.site != "classifier"} == {len(LENGTHS) * SEQ}
