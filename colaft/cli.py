@@ -1,0 +1,199 @@
+"""The `colaft` command: plain typed functions, registered in one table (COMMANDS).
+
+`colaft train` with no arguments is the main job: ColA low-rank fine-tuning of MiniLM-L6 on
+Rotten Tomatoes, printing held-out accuracy before and after.
+"""
+from __future__ import annotations
+
+import os
+
+# Our models and data are installed locally; never reach for the Hugging Face hub. Set
+# before transformers is imported, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from pydantic import ValidationError
+
+from colaft import ColaConfig, ColaModel, Trainer
+from colaft import data as datasets
+from colaft import loop
+from colaft.tasks import TASKS, get_task
+
+_REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
+
+
+def parse_targets(spec: str) -> list[str] | str:
+    """--targets: "all-linear", a regex (has regex syntax), or comma-separated module names."""
+    if spec == "all-linear" or _REGEX_CHARS.search(spec):
+        return spec
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def train(
+    model: Annotated[Optional[str], typer.Option(
+        help="minilm-l6 | smollm2-135m | a model folder; for ic: cnn | mlp. (default: the task's)")] = None,
+    task: Annotated[str, typer.Option(help=f"{' | '.join(TASKS)}")] = "sc",
+    data: Annotated[Optional[str], typer.Option(
+        help="rotten-tomatoes | chatterbot | digits | fashion-mnist | FILE.jsonl | FILE.csv. (default: the task's)")] = None,
+    text_field: Annotated[Optional[str], typer.Option(help="Column holding the text (sc).")] = None,
+    label_field: Annotated[Optional[str], typer.Option(help="Column holding the label (sc, ic).")] = None,
+    question_field: Annotated[Optional[str], typer.Option(help="Column holding the question (clm).")] = None,
+    answer_field: Annotated[Optional[str], typer.Option(help="Column holding the answer (clm).")] = None,
+    targets: Annotated[Optional[str], typer.Option(
+        help="Adapter sites: comma-separated module names, a regex, or all-linear. (default: the task's)")] = None,
+    adapter: Annotated[str, typer.Option(help="lowrank | linear | mlp")] = "lowrank",
+    rank: Annotated[int, typer.Option(help="Rank of lowrank adapters.")] = 8,
+    alpha: Annotated[float, typer.Option(help="lowrank scale is alpha / rank.")] = 16.0,
+    dropout: Annotated[float, typer.Option(help="Dropout on the adapters' input.")] = 0.0,
+    hidden: Annotated[int, typer.Option(help="Hidden width of mlp adapters.")] = 128,
+    merge: Annotated[bool, typer.Option(help="Run the server on W + delta_W (mergeable adapters).")] = False,
+    optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd")] = "adamw",
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. (default: the task's)")] = None,
+    weight_decay: Annotated[float, typer.Option()] = 0.0,
+    scheduler: Annotated[str, typer.Option(help="linear | constant | cosine")] = "linear",
+    warmup: Annotated[float, typer.Option(help="Warm-up share of the steps.")] = 0.05,
+    batch_size: Annotated[Optional[int], typer.Option(help="(default: the task's)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Full passes over the data. (default: the task's)")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        help="Train exactly this many steps, overriding --epochs. (default: the task's)")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Token cap per example. (default: the task's)")] = None,
+    interval: Annotated[int, typer.Option(help="Server steps per fit (ColA's I).")] = 1,
+    fit_steps: Annotated[int, typer.Option(help="Optimizer steps per fit (1 = exactly backprop).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seeds the split, the initialisation and the data order.")] = 0,
+    init_adapter: Annotated[Optional[Path], typer.Option(
+        help="Start from this PEFT adapter folder (its config replaces the adapter options).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder. (default: runs/<timestamp>)")] = None,
+    export_peft: Annotated[Optional[Path], typer.Option(help="Also export the adapters as a PEFT folder here.")] = None,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every so many steps (0: before and after only).")] = 0,
+) -> None:
+    """Fine-tune a frozen model with ColA and report held-out metrics before and after."""
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    for folder in (out, export_peft):
+        if folder is not None and folder.exists():
+            raise ValueError(f"{str(folder)!r} already exists; choose another folder")
+    torch.set_num_threads(_cores())
+    torch.manual_seed(seed)
+
+    # Everything that can reject the input happens before anything is written.
+    job = get_task(task)
+    recipe = job.recipe
+    fields = {"text": text_field, "label": label_field, "question": question_field, "answer": answer_field}
+    records = datasets.load(data or recipe.data, {k: v for k, v in fields.items() if v}, job.fields)
+    train_records, held_out = datasets.split(records, 0.1, seed)
+    base = job.load(model or recipe.model, records, seed)
+    if init_adapter is not None:
+        cola_model = ColaModel.from_peft(base, init_adapter)
+    else:
+        config = ColaConfig(target_modules=parse_targets(targets) if targets else recipe.targets, adapter=adapter,
+                            rank=rank, alpha=alpha, dropout=dropout, hidden=hidden, merge=merge)
+        cola_model = ColaModel(base, config)
+    length = max_length or recipe.max_length
+    batch = batch_size or recipe.batch_size
+    batches = loop.loader(job.encode(train_records, length), job, batch, shuffle=True, seed=seed)
+    eval_batches = list(loop.loader(job.encode(held_out, length), job, 2 * batch, shuffle=False))
+    if max_steps is None and epochs is None:
+        max_steps, epochs = recipe.max_steps, recipe.epochs
+    steps = loop.plan_steps(len(batches), epochs or 1, max_steps)
+    trainer = Trainer(cola_model, optimizer=optimizer, lr=lr or recipe.lr, weight_decay=weight_decay,
+                      scheduler=scheduler, warmup_ratio=warmup, total_steps=steps, interval=interval,
+                      fit_steps=fit_steps)
+    print(f"task {task}: {model or recipe.model} on {data or recipe.data} ({len(train_records)} train, "
+          f"{len(held_out)} held out); {len(cola_model.sites)} sites, "
+          f"{cola_model.adapter_parameters():,} adapter parameters; {steps} steps")
+
+    def write(run: Path) -> None:
+        result = loop.train(trainer, cola_model, job, batches, eval_batches, steps, run, eval_every)
+        cola_model.save_pretrained(run / "adapters")
+        run_config = {"options": options, "resolved": {
+            "model": model or recipe.model, "data": data or recipe.data, "steps": steps, "batch_size": batch,
+            "max_length": length, "lr": lr or recipe.lr}, "cola_config": cola_model.config.to_dict(), **result}
+        (run / "run.json").write_text(json.dumps(run_config, indent=2))
+        print(f"held-out before: {loop.describe(result['before'])}")
+        print(f"held-out after:  {loop.describe(result['after'])}")
+        print(f"trained {steps} steps in {result['train_seconds']:.0f} s")
+
+    built = [(out, write)]
+    if export_peft is not None:
+        built.append((export_peft, cola_model.export_peft))
+    _build_atomically(built)
+    print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
+
+
+def _cores() -> int:
+    """CPU cores this process may use (respects affinity masks set by schedulers/containers)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _build_atomically(targets: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Fill each folder in a hidden temporary sibling; rename all into place only if every
+    one was built, so a failure or Ctrl-C leaves no half-done run behind."""
+    made_parents = [p for p in {t.parent.resolve() for t, _ in targets} if not p.exists()]
+    temps = []
+    try:
+        for target, build in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temps.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)))
+            build(temps[-1])
+        for (target, _), tmp in zip(targets, temps):
+            tmp.rename(target)
+    except BaseException:
+        for tmp in temps:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for parent in sorted(made_parents, reverse=True):  # only folders we created, if left empty
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+        raise
+
+
+COMMANDS: dict[str, Callable] = {"train": train}
+"""Command name -> function; typer turns the signature into options."""
+
+
+def _message(error: Exception) -> str:
+    """One line for the user: pydantic errors name the option, everything else is flattened."""
+    if isinstance(error, ValidationError):
+        text = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+    elif isinstance(error, typer.TyperException):
+        text = error.format_message()
+    else:
+        text = str(error)
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `colaft` console script; returns the exit status."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # e.g. "newly initialised head": expected here
+    transformers.utils.logging.disable_progress_bar()
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="ColA: fine-tune frozen models with Gradient Learning.")
+    app.callback()(lambda: None)  # a group even with one command, so `colaft train` names it
+    for name, command in COMMANDS.items():
+        app.command(name)(command)
+    try:
+        result = app(args=argv, prog_name="colaft", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except (ValueError, OSError, typer.TyperException) as error:
+        if message := _message(error):  # empty when bare `colaft` has just printed the help
+            print(f"colaft: error: {message}", file=sys.stderr)
+        return error.exit_code if isinstance(error, typer.TyperException) else 1
+    except (KeyboardInterrupt, typer.Abort):
+        print("colaft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
