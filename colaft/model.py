@@ -90,9 +90,18 @@ class ColaModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Fold every delta_W into the base weights and return the plain model."""
+        # a weight shared with another module (GPT-2's wte and lm_head) would change that module too
+        owners: dict[int, list[tuple[str, nn.Module]]] = {}
+        for name, m in self.model.named_modules(remove_duplicate=False):
+            if isinstance(getattr(m, "weight", None), torch.Tensor):
+                owners.setdefault(id(m.weight), []).append((name, m))
         for s in self.sites.values():
             if not is_mergeable(s.adapter):
                 raise ValueError(f"site {s.name}: adapter {type(s.adapter).__name__} is not mergeable")
+            others = [n for n, m in owners.get(id(s.target.weight), []) if m is not s.target]
+            if others:
+                raise ValueError(f"site {s.name}: its weight is shared with {', '.join(others)} (tied); merging "
+                                 "would change those too. Untie the weights first, or unload() and keep the adapter")
         for s in self.sites.values():
             s.merge_into_base()
         return self.unload()
