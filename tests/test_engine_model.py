@@ -126,3 +126,22 @@ def test_merge_rejects_dropout_and_unmergeable_adapters():
         ColaConfig(target_modules=["q_proj"], merge=True, dropout=0.1)
     with pytest.raises(ValueError, match="adapter 'mlp' is not mergeable"):
         ColaModel(ARCHS["llama"][0](), ColaConfig(target_modules=["q_proj"], adapter="mlp", merge=True))
+
+
+def test_merge_refuses_a_tied_weight_until_untied():
+    """GPT-2's wte is lm_head's weight: merging the embedding delta would change the logits."""
+    model, batch = ARCHS["gpt2"][0](), make_batch("lm", 0)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    saved = _base_state(model)
+    cm = ColaModel(model, ColaConfig(target_modules=["wte", "c_attn"], adapter="lowrank"))
+    trainer = Trainer(cm, "adamw", lr=1e-2)
+    for step in range(2):
+        trainer.step(make_batch("lm", step))
+    adapted = _logits(cm, batch)
+    with pytest.raises(ValueError, match=r"site transformer\.wte: its weight is shared with lm_head \(tied\)"):
+        cm.merge_and_unload()
+    _assert_base_unchanged(model, saved)  # nothing was merged
+    assert len(cm.sites) == 3 and torch.equal(_logits(cm, batch), adapted)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    plain = cm.merge_and_unload()
+    assert ((_logits(plain, batch) - adapted).abs().max() / adapted.abs().max()).item() <= 1e-5
