@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers.pytorch_utils import Conv1D
 
-from colaft import ColaConfig, ColaModel, Trainer
+from colaft import ColaConfig, ColaModel, Trainer, server_step
 from conftest import (ARCHS, Backprop, flat_state, make_batch, make_opt, max_rel_err, max_update_rel_err,
                             randomize_)
 
@@ -31,11 +31,12 @@ class PeftTwin:
     W_peft - W_0 is what colaft's head delta must equal.
     """
 
-    def __init__(self, base, targets: list[str], heads: list[str], rank: int, alpha: float, make_optimizer):
+    def __init__(self, base, targets: list[str], heads: list[str], rank: int, alpha: float, make_optimizer,
+                 dropout: float = 0.0):
         modules = dict(base.named_modules())
         self.heads = {h: {k: v.detach().clone() for k, v in modules[h].state_dict().items()} for h in heads}
         fan_in_fan_out = any(isinstance(m, Conv1D) for m in base.modules())
-        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                          modules_to_save=heads or None, fan_in_fan_out=fan_in_fan_out)
         self.model = get_peft_model(base, cfg)
         g = torch.Generator().manual_seed(2)
@@ -141,3 +142,29 @@ def test_cola_follows_backprop(arch, optimizer, adapter, report_error):
     assert trainer.stats["version"] == STEPS and trainer.stats["skipped_fits"] == 0
     # the server runs the owner's latest weights
     assert max_rel_err(server, flat_state(trainer.owner_adapters)) == 0.0
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_adapter_dropout_follows_peft(arch):
+    """With dropout on the adapters' input, the packets carry the dropped-out x: seeded alike,
+    colaft and PEFT draw the same masks (one per site, in forward order) and train alike."""
+    factory, targets, kind = ARCHS[arch]
+    base = factory()
+    twin = copy.deepcopy(base)
+    cm = ColaModel(base, ColaConfig(target_modules=targets, rank=4, alpha=8.0, dropout=0.3))
+    heads = [s.name for s in cm.sites.values() if s.name.split(".")[-1] in cm.config.heads]
+    ref = PeftTwin(twin, targets, heads, rank=4, alpha=8.0, make_optimizer=make_opt("adamw", 1e-2), dropout=0.3)
+    cm.load_adapter_state(ref.site_states())
+    trainer = Trainer(cm, "adamw", lr=1e-2)
+    losses = []
+    for step in range(8):
+        batch = make_batch(kind, step % 4)
+        torch.manual_seed(step)
+        losses.append(trainer.step(batch))
+        torch.manual_seed(step)
+        assert losses[-1] == pytest.approx(ref.step(batch), rel=TOL)
+    assert max_rel_err(flat_state(trainer.owner_adapters), _flat(ref.site_states())) <= TOL
+    # the dropout did drop: ~30% zeros in the x rows of the site with the densest input (heads: none)
+    _, packets = server_step(cm, make_batch(kind, 0))
+    zeros = min((p.x == 0).float().mean().item() for p in packets if p.x.is_floating_point() and p.site not in heads)
+    assert 0.2 < zeros < 0.4
