@@ -42,6 +42,10 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None)
         raise ValueError("the model returned no loss: pass labels in the batch or give a loss_fn")
     if not calls or not loss.requires_grad:
         raise RuntimeError("the loss depends on no adapted site")
+    blind = sorted({c.site.name for c in calls if c.edge is None})
+    if blind:  # their graph is gone: dL/dh cannot be taken there
+        raise RuntimeError(f"sites ran without autograd: {', '.join(blind)}. Reentrant activation checkpointing "
+                           "does this; use the non-reentrant kind (use_reentrant=False)")
     # by graph edge, not by tensor: a tensor modified in place afterwards would give dL/d(modified)
     grads = torch.autograd.grad(loss, [c.edge for c in calls], allow_unused=True)
     mask = batch.get("attention_mask")
