@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ARCHS, make_batch, randomize_
+from conftest import ARCHS, Backprop, flat_state, make_batch, make_opt, max_rel_err, randomize_
 from torch import nn
 
 from colaft import ColaConfig, ColaModel, Trainer, server_step
@@ -119,3 +119,23 @@ def test_site_called_twice_gives_two_packets():
     torch.testing.assert_close(packets[1].x, t, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packets[1].grad, g2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packets[0].grad, g1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    """Non-reentrant checkpointing keeps the graph, so dL/dh (and training) stay exact; the
+    reentrant kind runs the forward without autograd, which the server must say."""
+    base = ARCHS["llama"][0]()
+    twin = copy.deepcopy(base)
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    cm = ColaModel(base, ColaConfig(target_modules=["q_proj", "v_proj"], adapter="linear"))
+    trainer = Trainer(cm, "sgd", lr=0.5)
+    if reentrant:
+        with pytest.raises(RuntimeError, match=r"sites ran without autograd: model\.layers\.0\.self_attn\.q_proj, .*"
+                                               r"use the non-reentrant kind \(use_reentrant=False\)"):
+            trainer.step(make_batch("lm", 0))
+        return
+    ref = Backprop(twin, cm.adapters(), make_opt("sgd", 0.5))
+    for step in range(3):
+        assert trainer.step(make_batch("lm", step)) == pytest.approx(ref.step(make_batch("lm", step)), rel=1e-6)
+    assert max_rel_err(flat_state(trainer.owner_adapters), flat_state(ref.adapters)) <= 1e-6
