@@ -36,7 +36,7 @@ def site_spec(module: nn.Module) -> SiteSpec:
     if isinstance(module, nn.Conv2d):
         return SiteSpec("conv2d", module.in_channels, module.out_channels, _pair(module.kernel_size),
                         _pair(module.stride), module.padding if isinstance(module.padding, str) else _pair(module.padding),
-                        _pair(module.dilation), module.groups)
+                        _pair(module.dilation), module.groups, padding_mode=module.padding_mode)
     if isinstance(module, nn.Embedding):
         return SiteSpec("embedding", module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
     raise ValueError(f"{type(module).__name__} is not a supported site kind "

@@ -32,6 +32,7 @@ class SiteSpec:
     dilation: tuple[int, ...] = ()
     groups: int = 1
     padding_idx: int | None = None
+    padding_mode: str = "zeros"  # conv2d: adapters pad as the site does, so that W + delta_W is exact
 
 
 @runtime_checkable

@@ -20,6 +20,10 @@ class FullDelta(nn.Module):
             shape = (spec.out_features, spec.in_features)
         elif spec.kind == "conv2d":
             shape = (spec.out_features, spec.in_features // spec.groups, *spec.kernel_size)
+            # non-zero padding modes pad explicitly, as nn.Conv2d does (its own arithmetic, on "meta")
+            self._pad = nn.Conv2d(spec.in_features, spec.out_features, spec.kernel_size, spec.stride, spec.padding,
+                                  spec.dilation, spec.groups, padding_mode=spec.padding_mode,
+                                  device="meta")._reversed_padding_repeated_twice
         else:  # embedding
             shape = (spec.in_features, spec.out_features)
         self.weight = nn.Parameter(torch.zeros(shape))
@@ -30,6 +34,9 @@ class FullDelta(nn.Module):
         if s.kind == "linear":
             return F.linear(x, self.weight, self.bias)
         if s.kind == "conv2d":
+            if s.padding_mode != "zeros":
+                x = F.pad(x, self._pad, mode=s.padding_mode)
+                return F.conv2d(x, self.weight, self.bias, s.stride, 0, s.dilation, s.groups)
             return F.conv2d(x, self.weight, self.bias, s.stride, s.padding, s.dilation, s.groups)
         return F.embedding(x, self.weight, s.padding_idx)
 

@@ -26,7 +26,7 @@ class LowRankLinear(nn.Module):
             if spec.groups != 1:
                 raise unsupported("lowrank", spec)
             self.lora_A = nn.Conv2d(spec.in_features, rank, spec.kernel_size, spec.stride, spec.padding,
-                                    spec.dilation, bias=False)
+                                    spec.dilation, bias=False, padding_mode=spec.padding_mode)
             self.lora_B = nn.Conv2d(rank, spec.out_features, 1, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)

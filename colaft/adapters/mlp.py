@@ -18,7 +18,8 @@ def _first_layer(spec: SiteSpec, hidden: int) -> nn.Module:
         return nn.Linear(spec.in_features, hidden)
     if spec.kind == "conv2d":
         # same kernel geometry as the site so the output has its spatial size; no grouping needed
-        return nn.Conv2d(spec.in_features, hidden, spec.kernel_size, spec.stride, spec.padding, spec.dilation)
+        return nn.Conv2d(spec.in_features, hidden, spec.kernel_size, spec.stride, spec.padding, spec.dilation,
+                         padding_mode=spec.padding_mode)
     return nn.Embedding(spec.in_features, hidden, spec.padding_idx)
 
 
