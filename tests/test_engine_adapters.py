@@ -173,3 +173,28 @@ def test_custom_adapter_end_to_end(mine):
         assert losses[-1] == pytest.approx(ref.step(b), rel=1e-5)
     assert max_rel_err(flat_state(trainer.owner_adapters), flat_state(ref.adapters)) <= 1e-5
     assert losses[-1] < losses[0] and losses[-2] < losses[1]
+
+
+@pytest.mark.parametrize("geometry", [dict(padding="same"), dict(padding=1, padding_mode="reflect"),
+                                      dict(padding=(1, 2), padding_mode="circular"),
+                                      dict(padding=1, padding_mode="replicate", stride=2), dict(padding=2, dilation=2)])
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+def test_conv_adapters_pad_like_their_site(adapter, geometry):
+    """An adapter on a conv site has the site's geometry, padding mode included, so the
+    output shapes agree and W + delta_W is exact at the borders too."""
+    torch.manual_seed(0)
+    model, x = One(nn.Conv2d(3, 4, 3, **geometry)), torch.randn(2, 3, 7, 7)
+    cm = ColaModel(copy.deepcopy(model), ColaConfig(adapter=adapter, **CONFIG))
+    randomize_(cm.site("site").adapter, std=0.3)
+    with torch.no_grad():
+        base, got = model(x), cm(x)
+    assert cm.site("site").adapter(x).shape == base.shape
+    if not is_mergeable(cm.site("site").adapter):
+        return
+    merged = ColaModel(copy.deepcopy(model), ColaConfig(adapter=adapter, merge=True, **CONFIG))
+    merged.load_adapter_state({"site": cm.site("site").adapter.state_dict()})
+    with torch.no_grad():
+        want = merged(x)
+        plain = cm.merge_and_unload()(x)
+    assert ((got - want).abs().max() / got.abs().max()).item() <= 1e-5
+    assert ((plain - got).abs().max() / got.abs().max()).item() <= 1e-5
