@@ -78,14 +78,19 @@ def test_adapter_on_site_kind(adapter, kind):
         assert p.grad.shape == (rows, d_out)
         assert torch.equal(p.x, x.reshape(p.x.shape)) and torch.equal(p.grad, probe.reshape(rows, d_out))
 
-    # the owner's backward: a gradient of each parameter's shape, and the server gets the update
+    # the owner's backward: the gradient g(x).backward(dL/dh) gives, and the server gets the update
+    reference = copy.deepcopy(site.adapter).requires_grad_(True)
+    reference(x).backward(probe)
     trainer = Trainer(cm, "sgd", lr=0.1, loss_fn=lambda out, batch: (out * probe).sum())
     before = flat_state(cm.adapters())
     trainer.flush()  # nothing pending: no fit, no update
     assert trainer.stats["version"] == 0
     trainer.step({"x": x})
     owner = trainer.owner_adapters["site"]
-    assert all(q.grad is not None and q.grad.shape == q.shape for q in owner.parameters())
+    for q, r in zip(owner.parameters(), reference.parameters()):
+        assert q.grad.shape == q.shape
+        torch.testing.assert_close(q.grad, r.grad, rtol=1e-6, atol=1e-6)
+    assert any(q.grad.abs().max() > 0 for q in owner.parameters())
     after = flat_state(cm.adapters())
     assert any(not torch.equal(after[k], before[k]) for k in after)
     assert trainer.stats["version"] == 1
