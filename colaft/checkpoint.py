@@ -34,7 +34,7 @@ from colaft.adapters.lowrank import LowRankEmbedding, LowRankLinear
 from colaft.config import ColaConfig
 from colaft.model import ColaModel
 from colaft.packets import packets_from_bytes, packets_to_bytes
-from colaft.sites import Site, select_sites
+from colaft.sites import Site
 
 CONFIG = "colaft_config.json"
 ADAPTERS = "adapters.safetensors"
@@ -295,11 +295,6 @@ LORA_PARAMS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embed
 BASE_LAYER = "base_layer.weight"  # PEFT also saves a targeted embedding's own weight ("embed_tokens")
 
 
-def _head_names(cola_model: ColaModel) -> list[str]:
-    config = cola_model.config
-    return select_sites(cola_model.model, config.target_modules, config.heads)[1]
-
-
 def _lora_tensors(site: Site) -> dict[str, torch.Tensor]:
     adapter = site.adapter
     if not isinstance(adapter, (LowRankLinear, LowRankEmbedding)):
@@ -315,10 +310,8 @@ def _merged_head(site: Site) -> dict[str, torch.Tensor]:
     m = site.target
     dw, db = site.adapter.delta_weight()
     out = {"weight": m.weight + (dw.T if isinstance(m, Conv1D) else dw)}
-    if m.bias is not None:
+    if m.bias is not None:  # a head's adapter has a bias delta exactly when the head has a bias
         out["bias"] = m.bias + db
-    elif db is not None and bool(db.any()):
-        raise ValueError(f"head {site.name} has no bias but its adapter learned one: PEFT cannot hold it")
     return {f"{site.name}.{k}": v for k, v in out.items()}
 
 
@@ -329,7 +322,7 @@ def export_peft(cola_model: ColaModel, directory: str | Path) -> None:
     Task heads become PEFT `modules_to_save`, holding the merged weight W + delta_W.
     Raises ValueError for adapters that PEFT's LoRA cannot express.
     """
-    heads = set(_head_names(cola_model))
+    heads = set(cola_model.head_names)
     tensors, targets = {}, []
     for site in cola_model.sites.values():
         if site.name in heads:
@@ -412,7 +405,7 @@ def _load_peft(cola_model: ColaModel, peft_config: LoraConfig, weights: Mapping[
     if (peft_config.r, peft_config.lora_alpha) != (config.rank, config.alpha) or config.adapter != "lowrank":
         raise ValueError(f"{source}: LoRA r={peft_config.r}, lora_alpha={peft_config.lora_alpha} does not fit "
                          f"adapter={config.adapter!r}, rank={config.rank}, alpha={config.alpha}")
-    heads, sites = set(_head_names(cola_model)), cola_model.adapters()
+    heads, sites = set(cola_model.head_names), cola_model.adapters()
     lora, other = _split_peft(weights)
     for name, state in lora.items():
         saved_base = state.pop(BASE_LAYER, None)

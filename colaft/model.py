@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,17 +33,28 @@ class ColaModel(nn.Module):
         self.model = model.requires_grad_(False)
         targets, heads = select_sites(model, config.target_modules, config.heads)
         modules = dict(model.named_modules())
-        self.sites = nn.ModuleDict()
-        for name in targets + heads:
-            module = modules[name]
-            is_head = name in heads
-            adapter = build_adapter("linear", site_spec(module), _HeadConfig) if is_head else \
-                build_adapter(config.adapter, site_spec(module), config)
-            if config.merge and not is_mergeable(adapter):
-                raise ValueError(f"adapter {config.adapter!r} is not mergeable; use merge=False")
-            weight = module.weight
-            adapter = adapter.to(device=weight.device, dtype=weight.dtype)
-            self.sites[_key(name)] = Site(name, module, adapter, 0.0 if is_head else config.dropout, config.merge)
+        # Build every adapter before attaching any, so an error leaves the model untouched.
+        adapters = {name: self._build(modules[name], config, is_head=name in heads) for name in targets + heads}
+        self.sites = nn.ModuleDict({
+            _key(name): Site(name, modules[name], adapter, 0.0 if name in heads else config.dropout, config.merge,
+                             is_head=name in heads)
+            for name, adapter in adapters.items()})
+
+    @staticmethod
+    def _build(module: nn.Module, config: ColaConfig, is_head: bool) -> nn.Module:
+        spec = site_spec(module)
+        if is_head:  # a full delta, with a bias exactly when the head has one (as PEFT's modules_to_save)
+            adapter = build_adapter("linear", spec, _HeadConfig(bias=getattr(module, "bias", None) is not None))
+        else:
+            adapter = build_adapter(config.adapter, spec, config)
+        if config.merge and not is_mergeable(adapter):
+            raise ValueError(f"adapter {config.adapter!r} is not mergeable; use merge=False")
+        return adapter.to(device=module.weight.device, dtype=module.weight.dtype)
+
+    @property
+    def head_names(self) -> list[str]:
+        """Sites that are task heads (a linear adapter with bias)."""
+        return [s.name for s in self.sites.values() if s.is_head]
 
     # ------------------------------------------------------------- use
     def forward(self, *args, **kwargs):
@@ -130,6 +142,7 @@ class ColaModel(nn.Module):
         return checkpoint.from_peft(model, directory)
 
 
+@dataclass(frozen=True)
 class _HeadConfig:
-    """Task heads: a full-rank delta with bias."""
-    bias = True
+    """The adapter settings of a task head: a full-rank delta."""
+    bias: bool

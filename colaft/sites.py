@@ -74,7 +74,11 @@ def select_sites(model: nn.Module, target_modules: list[str] | str, heads: list[
             if not found:
                 raise ValueError(_no_match(f"target {key!r} matches no module", candidates, modules, key))
             targets += [n for n in found if n not in targets]
+    only_heads = targets and all(n in head_names for n in targets)
     targets = [n for n in targets if n not in head_names]
+    if only_heads:
+        raise ValueError(f"target_modules {target_modules!r} match only task heads ({', '.join(head_names)}), "
+                         "which get a linear adapter anyway; name the layers to adapt")
     if not targets:
         raise ValueError(_no_match(f"target_modules {target_modules!r} match no module", candidates, modules, None))
     return targets, head_names
@@ -119,9 +123,11 @@ class _Root(torch.autograd.Function):
 class Site(nn.Module):
     """An adapted module: holds the server's frozen copy of the adapter."""
 
-    def __init__(self, name: str, module: nn.Module, adapter: nn.Module, dropout: float, merged: bool):
+    def __init__(self, name: str, module: nn.Module, adapter: nn.Module, dropout: float, merged: bool,
+                 is_head: bool = False):
         super().__init__()
         self.name = name
+        self.is_head = is_head
         self.__dict__["target"] = module  # not a submodule: it already belongs to the model
         self.spec = site_spec(module)
         self.adapter = adapter.requires_grad_(False)

@@ -58,7 +58,7 @@ class Trainer:
         if interval < 1 or fit_steps < 1:
             raise ValueError("interval and fit_steps must be >= 1")
         self.model, self.interval, self.fit_steps, self.loss_fn = model, interval, fit_steps, loss_fn
-        device = fit_device or next(iter(model.adapters().values())).parameters().__next__().device
+        device = fit_device or next(model.model.parameters()).device
         # The owner's trainable copies; the server keeps frozen ones and receives updates.
         self.adapters = nn.ModuleDict({k: copy.deepcopy(s.adapter).to(device, fit_dtype).requires_grad_(True)
                                        for k, s in model.sites.items()})
@@ -90,7 +90,7 @@ class Trainer:
         self.stats["packet_bytes"] = sum(p.nbytes for p in packets)
         self._pending += packets
         self._pending_steps += 1
-        if self._pending_steps == self.interval:
+        if self._pending_steps >= self.interval:
             self.flush()
         return loss.item()
 

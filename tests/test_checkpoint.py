@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification)
@@ -283,18 +284,20 @@ def test_export_peft_rejects_adapters_that_are_not_lowrank(tmp_path):
     assert not (tmp_path / "peft").exists()
 
 
-def test_export_peft_refuses_a_head_bias_that_peft_cannot_hold(tmp_path):
+def test_a_head_without_bias_learns_no_bias_and_exports(tmp_path):
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                        num_attention_heads=4, num_key_value_heads=2,
                                                        vocab_size=VOCAB, num_labels=3, pad_token_id=0))
     cola = ColaModel(model, ColaConfig(target_modules=["q_proj"]))
     assert cola.site("score").target.bias is None
-    checkpoint.export_peft(cola, tmp_path / "untrained")  # a zero bias delta is no bias at all
+    assert cola.site("score").adapter.bias is None  # as PEFT's modules_to_save: no bias to learn
     with torch.no_grad():
-        cola.site("score").adapter.bias.fill_(0.5)
-    with pytest.raises(ValueError, match="head score has no bias but its adapter learned one"):
-        checkpoint.export_peft(cola, tmp_path / "trained")
+        cola.site("score").adapter.weight.fill_(0.5)
+    checkpoint.export_peft(cola, tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    head = [k for k in saved if "score" in k]
+    assert len(head) == 1 and torch.equal(saved[head[0]], model.score.weight + 0.5)
 
 
 def peft_dir(tmp_path, name: str, device: str = "cpu", **lora) -> tuple[nn.Module, str]:

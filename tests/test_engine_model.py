@@ -145,3 +145,16 @@ def test_merge_refuses_a_tied_weight_until_untied():
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
     plain = cm.merge_and_unload()
     assert ((_logits(plain, batch) - adapted).abs().max() / adapted.abs().max()).item() <= 1e-5
+
+
+def test_a_failed_construction_leaves_the_model_unwrapped():
+    from conftest import tiny_gpt2
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="not mergeable"):
+        ColaModel(model, ColaConfig(target_modules=["c_attn", "c_proj"], adapter="mlp", merge=True))
+    assert _no_wrappers(model)
+
+
+def test_naming_only_a_head_says_so():
+    with pytest.raises(ValueError, match="match only task heads"):
+        ColaModel(ARCHS["bert"][0](), ColaConfig(target_modules=["classifier"]))
