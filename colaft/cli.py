@@ -83,57 +83,64 @@ def train(
     for folder in (out, export_peft):
         if folder is not None and folder.exists():
             raise ValueError(f"{str(folder)!r} already exists; choose another folder")
-    torch.set_num_threads(_cores())
+    _set_threads()
     torch.manual_seed(seed)
 
-    # Everything that can reject the input happens before anything is written.
+    # The task's recipe fills every option left out; everything that can reject the input
+    # runs before anything is written.
     job = get_task(task)
     recipe = job.recipe
+    resolved = {"model": model or recipe.model, "data": data or recipe.data,
+                "lr": recipe.lr if lr is None else lr, "batch_size": batch_size or recipe.batch_size,
+                "max_length": max_length or recipe.max_length}
+    config = ColaConfig(target_modules=parse_targets(targets) if targets else recipe.targets, adapter=adapter,
+                        rank=rank, alpha=alpha, dropout=dropout, hidden=hidden, merge=merge)
     fields = {"text": text_field, "label": label_field, "question": question_field, "answer": answer_field}
-    records = datasets.load(data or recipe.data, {k: v for k, v in fields.items() if v}, job.fields)
+    records = datasets.load(resolved["data"], {k: v for k, v in fields.items() if v}, job.fields)
     train_records, held_out = datasets.split(records, 0.1, seed)
-    base = job.load(model or recipe.model, records, seed)
-    if init_adapter is not None:
-        cola_model = ColaModel.from_peft(base, init_adapter)
-    else:
-        config = ColaConfig(target_modules=parse_targets(targets) if targets else recipe.targets, adapter=adapter,
-                            rank=rank, alpha=alpha, dropout=dropout, hidden=hidden, merge=merge)
-        cola_model = ColaModel(base, config)
-    length = max_length or recipe.max_length
-    batch = batch_size or recipe.batch_size
-    batches = loop.loader(job.encode(train_records, length), job, batch, shuffle=True, seed=seed)
-    eval_batches = list(loop.loader(job.encode(held_out, length), job, 2 * batch, shuffle=False))
+    base = job.load(resolved["model"], records, seed)
+    cola_model = ColaModel.from_peft(base, init_adapter) if init_adapter else ColaModel(base, config)
+    batches = loop.loader(job.encode(train_records, resolved["max_length"]), job, resolved["batch_size"],
+                          shuffle=True, seed=seed)
+    eval_batches = list(loop.loader(job.encode(held_out, resolved["max_length"]), job, 2 * resolved["batch_size"],
+                                    shuffle=False))
     if max_steps is None and epochs is None:
         max_steps, epochs = recipe.max_steps, recipe.epochs
-    steps = loop.plan_steps(len(batches), epochs or 1, max_steps)
-    trainer = Trainer(cola_model, optimizer=optimizer, lr=lr or recipe.lr, weight_decay=weight_decay,
+    resolved["steps"] = steps = loop.plan_steps(len(batches), epochs or 1, max_steps)
+    trainer = Trainer(cola_model, optimizer=optimizer, lr=resolved["lr"], weight_decay=weight_decay,
                       scheduler=scheduler, warmup_ratio=warmup, total_steps=steps, interval=interval,
                       fit_steps=fit_steps)
-    print(f"task {task}: {model or recipe.model} on {data or recipe.data} ({len(train_records)} train, "
+    print(f"task {task}: {resolved['model']} on {resolved['data']} ({len(train_records)} train, "
           f"{len(held_out)} held out); {len(cola_model.sites)} sites, "
           f"{cola_model.adapter_parameters():,} adapter parameters; {steps} steps")
 
     def write(run: Path) -> None:
         result = loop.train(trainer, cola_model, job, batches, eval_batches, steps, run, eval_every)
         cola_model.save_pretrained(run / "adapters")
-        run_config = {"options": options, "resolved": {
-            "model": model or recipe.model, "data": data or recipe.data, "steps": steps, "batch_size": batch,
-            "max_length": length, "lr": lr or recipe.lr}, "cola_config": cola_model.config.to_dict(), **result}
-        (run / "run.json").write_text(json.dumps(run_config, indent=2))
+        (run / "run.json").write_text(json.dumps({"options": options, "resolved": resolved,
+                                                  "cola_config": cola_model.config.to_dict(), **result}, indent=2))
         print(f"held-out before: {loop.describe(result['before'])}")
         print(f"held-out after:  {loop.describe(result['after'])}")
         print(f"trained {steps} steps in {result['train_seconds']:.0f} s")
 
-    built = [(out, write)]
-    if export_peft is not None:
-        built.append((export_peft, cola_model.export_peft))
+    built = [(out, write)] + ([(export_peft, cola_model.export_peft)] if export_peft else [])
     _build_atomically(built)
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
 
 
-def _cores() -> int:
-    """CPU cores this process may use (respects affinity masks set by schedulers/containers)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _set_threads() -> None:
+    """Intra-op threads: torch's default (physical cores), capped by the CPUs this process
+    may use (affinity masks and cgroup quotas of schedulers and containers); an explicit
+    OMP_NUM_THREADS wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        allowed = min(allowed, max(1, int(quota) // int(period))) if quota != "max" else allowed
+    except (OSError, ValueError):
+        pass
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), allowed)))
 
 
 def _build_atomically(targets: list[tuple[Path, Callable[[Path], None]]]) -> None:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -78,29 +79,33 @@ def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: li
             return metrics
 
         before = evaluate(0)
-        start, step, epoch, smooth = time.perf_counter(), 0, 0, None
+        start, smooth = time.perf_counter(), None
         with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar:
-            while step < steps:
-                for batch in batches:
-                    loss = trainer.step(batch)
-                    step += 1
-                    if not math.isfinite(loss):
-                        raise ValueError(f"the loss is {loss} at step {step}: lower the learning rate")
-                    lr = trainer.optimizer.param_groups[0]["lr"]
-                    record({"step": step, "split": "train", "epoch": epoch, "loss": loss, "lr": lr})
-                    smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-                    bar.set_postfix(loss=f"{smooth:.4f}", epoch=epoch)
-                    bar.update()
-                    if eval_every and step % eval_every == 0 and step < steps:
-                        evaluate(step)
-                    if step == steps:
-                        break
-                epoch += 1
+            for step, (epoch, batch) in zip(range(1, steps + 1), _epochs(batches)):
+                lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step's fit uses
+                loss = trainer.step(batch)
+                if not math.isfinite(loss):
+                    raise ValueError(f"the loss is {loss} at step {step}: lower the learning rate")
+                record({"step": step, "split": "train", "epoch": epoch, "loss": loss, "lr": lr})
+                smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                bar.set_postfix(loss=f"{smooth:.4f}", epoch=epoch)
+                bar.update()
+                if eval_every and step % eval_every == 0 and step < steps:
+                    evaluate(step)
         trainer.flush()  # a partial interval at the end still reaches the adapters
         seconds = time.perf_counter() - start
         after = evaluate(steps)
     plot_loss(history, out / "loss.png")
     return {"before": before, "after": after, "train_seconds": seconds}
+
+
+def _epochs(batches: DataLoader):
+    """(epoch, batch) pairs without end; the loader reshuffles at each epoch."""
+    if len(batches) == 0:
+        raise ValueError("no training batch: the training split is empty")
+    for epoch in itertools.count():
+        for batch in batches:
+            yield epoch, batch
 
 
 def plot_loss(history: list[dict], path: Path) -> None:

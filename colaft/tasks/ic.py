@@ -64,7 +64,7 @@ class ImageClassification:
     """Models: "cnn" or "mlp". Labels must be integers 0..K-1."""
 
     fields = ("image", "label")
-    recipe = Recipe(model="cnn", data="digits", targets=r"conv\d+|fc\d*", lr=3e-3, batch_size=64, epochs=5)
+    recipe = Recipe(model="cnn", data="digits", targets=r"conv\d+|fc\d*", lr=1e-2, batch_size=64, epochs=5)
     models = ("cnn", "mlp")
 
     def load(self, model: str, records: list[dict], seed: int) -> nn.Module:

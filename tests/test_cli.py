@@ -1,0 +1,153 @@
+"""The colaft CLI end to end on tiny models, and its handling of bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_models import review_records, tiny_bert_dir, write_jsonl  # noqa: F401
+
+from colaft import ColaModel, data, loop
+from colaft.cli import main, parse_targets
+from colaft.tasks import get_task
+
+FIELDS = ["--text-field", "review", "--label-field", "sentiment"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CLI keeps the test process at one thread
+
+
+@pytest.fixture
+def reviews(tmp_path):
+    return write_jsonl(tmp_path / "reviews.jsonl", review_records(3))  # 48 records, "pos"/"neg"
+
+
+@pytest.fixture
+def tiny_args(tiny_bert_dir, reviews):  # noqa: F811
+    return ["train", "--model", str(tiny_bert_dir), "--data", str(reviews), *FIELDS, "--batch-size", "8",
+            "--lr", "0.01", "--max-steps", "6"]
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_parse_targets():
+    assert parse_targets("query,value") == ["query", "value"]
+    assert parse_targets("attention.self.query") == ["attention.self.query"]  # a dotted suffix, not a regex
+    assert parse_targets(r".*\.(query|value)") == r".*\.(query|value)"
+    assert parse_targets("all-linear") == "all-linear"
+
+
+def test_train_writes_a_complete_run_that_reloads(tiny_args, tiny_bert_dir, reviews, tmp_path, capsys):  # noqa: F811
+    out, peft = tmp_path / "runs" / "r1", tmp_path / "peft"
+    assert main([*tiny_args, "--out", str(out), "--export-peft", str(peft), "--eval-every", "4"]) == 0
+    stdout = capsys.readouterr().out
+    assert "(43 train, 5 held out)" in stdout and "6 steps" in stdout
+    assert "held-out before: loss" in stdout and "held-out after:  loss" in stdout
+
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "loss.png", "metrics.jsonl", "run.json"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = lines(out / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in log] == [(0, "eval")] + [(s, "train") for s in range(1, 5)] + \
+        [(4, "eval"), (5, "train"), (6, "train"), (6, "eval")]
+    assert log[1]["lr"] == 0.01 and log[6]["lr"] < 0.01  # warm-up of 0 steps, then linear decay
+    run = json.loads((out / "run.json").read_text())
+    assert run["before"] == {k: v for k, v in log[0].items() if k not in ("step", "split")}
+    assert run["after"] == {k: v for k, v in log[-1].items() if k not in ("step", "split")}
+    assert run["resolved"]["steps"] == 6 and run["options"]["text_field"] == "review"
+    assert run["cola_config"]["target_modules"] == "all-linear"  # the task's default
+
+    # The saved adapters on a freshly loaded base reproduce the held-out metrics.
+    task = get_task("sc")
+    records = data.load(str(reviews), {"text": "review", "label": "sentiment"}, task.fields)
+    held_out = data.split(records, 0.1, seed=0)[1]
+    cola = ColaModel.from_pretrained(task.load(str(tiny_bert_dir), records, seed=0), out / "adapters")
+    batches = list(loop.loader(task.encode(held_out, 128), task, 16, shuffle=False))
+    assert task.evaluate(cola, batches) == pytest.approx(run["after"], rel=1e-5)
+
+    # A run started from the PEFT export begins where the first one ended.
+    again = tmp_path / "r2"
+    assert main([*tiny_args, "--out", str(again), "--init-adapter", str(peft), "--max-steps", "1"]) == 0
+    assert lines(again / "metrics.jsonl")[0]["accuracy"] == run["after"]["accuracy"]
+    assert lines(again / "metrics.jsonl")[0]["loss"] == pytest.approx(run["after"]["loss"], rel=1e-5)
+
+
+def test_train_image_task_on_digits(tmp_path, capsys):
+    out = tmp_path / "ic"
+    assert main(["train", "--task", "ic", "--max-steps", "60", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["resolved"]["model"] == "cnn" and run["resolved"]["data"] == "digits"
+    assert run["before"]["accuracy"] < 0.2  # ten classes, random frozen CNN
+    assert run["after"]["accuracy"] > 0.8
+    epochs = [r["epoch"] for r in lines(out / "metrics.jsonl") if r["split"] == "train"]
+    assert epochs == [0] * 26 + [1] * 26 + [2] * 8  # 1617 images in batches of 64: 26 a pass
+
+
+BAD_INPUT = [
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--task", "qa"], "unknown task 'qa'"),
+    (["--data", "no-such-set"], "unknown dataset 'no-such-set'"),
+    (["--data", "missing.csv"], "does not exist"),
+    (["--text-field", "body"], "field 'body' (for text) is not in"),
+    (["--data", "EMPTY"], "has no records"),
+    (["--targets", "nothing_here"], "target 'nothing_here' matches no module"),
+    (["--rank", "0"], "--rank: Input should be greater than 0"),
+    (["--adapter", "huge"], "unknown adapter 'huge'"),
+    (["--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (["--scheduler", "wiggly"], "wiggly is not a valid SchedulerType"),
+    (["--max-steps", "0"], "nothing to train"),
+    (["--rnak", "3"], "No such option: --rnak"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUT, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(BAD_INPUT)])
+def test_bad_input_is_one_line_and_leaves_nothing(tiny_args, tmp_path, capsys, extra, message):
+    (tmp_path / "EMPTY.jsonl").write_text("")
+    extra = [str(tmp_path / (a + ".jsonl")) if a == "EMPTY" else a for a in extra]
+    before = sorted(tmp_path.rglob("*"))
+    out = tmp_path / "runs" / "bad"
+    status = main([*tiny_args, *extra, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status != 0
+    assert len(err) == 1 and err[0].startswith("colaft: error: ") and message in err[0]
+    assert sorted(tmp_path.rglob("*")) == before  # no run folder, no temporary, no runs/ parent
+
+
+def test_divergence_mid_training_leaves_nothing(tiny_args, tmp_path, capsys):
+    before = sorted(tmp_path.rglob("*"))
+    assert main([*tiny_args, "--lr", "1e30", "--out", str(tmp_path / "runs" / "nan")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # the progress bar, then the error
+    assert err[-1].startswith("colaft: error: the loss is nan at step")
+    assert sum("error" in line for line in err) == 1
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_existing_out_folder_is_refused(tiny_args, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    assert main([*tiny_args, "--out", str(tmp_path / "taken")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert list((tmp_path / "taken").iterdir()) == []
+
+
+def test_console_script_exit_status(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "colaft.cli", "train", "--data", str(tmp_path / "x.csv"),
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"colaft: error: data file '{tmp_path / 'x.csv'}' does not exist"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_main_job_defaults_on_real_minilm(tmp_path, capsys):
+    # The real model and data with three steps: checks the defaults, not the accuracy.
+    out = tmp_path / "run"
+    assert main(["train", "--max-steps", "3", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("task sc: minilm-l6 on rotten-tomatoes (11477 train, 1275 held out)")
+    run = json.loads((out / "run.json").read_text())
+    assert run["resolved"]["max_length"] == get_task("sc").recipe.max_length
+    assert 0.3 < run["before"]["accuracy"] < 0.7  # an untrained head on two classes
