@@ -38,6 +38,7 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None)
     with model.recording() as calls:
         output = model.model(**batch)
         loss = output.loss if loss_fn is None else loss_fn(output, batch)
+    del output  # the logits are not needed past the loss: free them before the backward
     if loss is None:
         raise ValueError("the model returned no loss: pass labels in the batch or give a loss_fn")
     if not calls or not loss.requires_grad:
@@ -47,7 +48,13 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None)
         raise RuntimeError(f"sites ran without autograd: {', '.join(blind)}. Reentrant activation checkpointing "
                            "does this; use the non-reentrant kind (use_reentrant=False)")
     # by graph edge, not by tensor: a tensor modified in place afterwards would give dL/d(modified)
-    grads = torch.autograd.grad(loss, [c.edge for c in calls], allow_unused=True)
+    grads = list(torch.autograd.grad(loss, [c.edge for c in calls], allow_unused=True))
     mask = batch.get("attention_mask")
-    packets = [Packet(c.site.name, *c.site.rows(c.x, g, mask)) for c, g in zip(calls, grads) if g is not None]
+    if mask is not None and bool(mask.all()):
+        mask = None  # no padding to drop: the packets are flat views, not copies
+    packets = []
+    for i, c in enumerate(calls):
+        g, grads[i] = grads[i], None  # with padding, each full dL/dh is freed once its rows are copied
+        if g is not None:
+            packets.append(Packet(c.site.name, *c.site.rows(c.x, g, mask)))
     return loss.detach(), packets
