@@ -27,6 +27,12 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _command_line(section: str) -> str:
+    """The command as a user would type it, however it was started (colaft, python -m, a test)."""
+    args = sys.argv[sys.argv.index(section) + 1:] if section in sys.argv else []
+    return shlex.join(["colaft", "bench", section, *args])
+
+
 @bench_app.command("server")
 def server_command(
     model: Annotated[list[str] | None, typer.Option(
@@ -49,20 +55,27 @@ def server_command(
     max_seconds: Annotated[float | None, typer.Option(
         help="Stop timing a run after this many seconds (at least 3 rounds).")] = None,
     budget: Annotated[float | None, typer.Option(help="Skip the runs that would start after this many seconds.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    only: Annotated[str | None, typer.Option(
+        help="Comma-separated configurations to measure besides floor and peft-lora, e.g. cola-lowrank,full-ft.")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
 ) -> None:
     """Server time and memory per step: ColA (unmerged, merged, + fit) vs PEFT LoRA, full fine-tuning and the floor."""
-    from colaft.bench.server import run_server, summary
+    from colaft.bench.server import Settings, run_server, summary
 
     if quick:
         model, rounds, memory_runs, jobs, fit_repeats = model or ["tiny"], min(rounds, 3), 1, 2, 1
+    settings = Settings(device=device or _default_device(), dtypes=dtype or ["float32"], targets=targets,
+                        batch_size=batch_size, seq_len=seq_len, rank=rank, rounds=rounds, warmup=warmup,
+                        memory_runs=memory_runs, memory_steps=memory_steps, jobs=jobs, fit_repeats=fit_repeats,
+                        max_seconds=max_seconds, budget=budget, threads=threads,
+                        configs=only.split(",") if only else None)
     start = time.perf_counter()
 
     def log(msg: str) -> None:
         typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
 
-    data = run_server(model or ["smollm2-135m", "minilm-l6"], device or _default_device(), dtype or ["float32"],
-                      out, targets, batch_size, seq_len, rank, rounds, warmup, memory_runs, memory_steps, jobs,
-                      fit_repeats, max_seconds, budget, command=shlex.join(["colaft", "bench", *sys.argv[1:]]), log=log)
+    data = run_server(model or ["smollm2-135m", "minilm-l6"], settings, out,
+                      command=_command_line("server"), log=log)
     typer.echo(summary(data))
     typer.echo(f"report: {out / 'server.md'}")

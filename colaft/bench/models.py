@@ -56,7 +56,7 @@ PRESETS: dict[str, Preset] = {
                            "max_position_embeddings": 256},
                    ["q_proj", "v_proj"], (4, 32), (4, 32)),
     "smollm2-135m": Preset("clm", _SMOLLM2, ["q_proj", "v_proj"], (4, 64), (16, 128)),
-    "minilm-l6": Preset("sc", _MINILM, "all-linear", (32, 64), (32, 64)),
+    "minilm-l6": Preset("sc", _MINILM, "all-linear", (16, 64), (32, 64)),
     # ~0.8B parameters: the scale point (hidden 2048, 16 layers, grouped-query attention)
     "llama-large": Preset("clm", {**_SMOLLM2, "hidden_size": 2048, "intermediate_size": 5632,
                                   "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,

@@ -82,14 +82,19 @@ def _optimizer_step(model: nn.Module, batch: dict) -> Callable[[], None]:
 
 
 def floor_setup(model: nn.Module, batch: dict, names: list[str]) -> Setup:
-    """The frozen base with dL/dh taken at the sites' outputs (captured by forward hooks)."""
+    """The frozen base, back-propagated to the first sites' outputs.
+
+    Nothing upstream of the first sites needs a gradient, so their outputs become the leaves
+    of the graph (captured by forward hooks); the backward to them passes through every site
+    and computes each dL/dh on the way, without keeping any - the least any method can do.
+    """
     model.requires_grad_(False)
-    outputs: list[torch.Tensor] = []
+    roots: list[torch.Tensor] = []
 
     def capture(module, args, out):
-        if not out.requires_grad:  # the first site: nothing upstream needs a gradient
+        if not out.requires_grad:  # a first site: nothing upstream needs a gradient
             out = out.detach().requires_grad_()
-        outputs.append(out)
+            roots.append(out)
         return out
 
     modules = dict(model.named_modules())
@@ -98,8 +103,8 @@ def floor_setup(model: nn.Module, batch: dict, names: list[str]) -> Setup:
 
     def step():
         loss = model(**batch).loss
-        torch.autograd.grad(loss, outputs, allow_unused=True)
-        outputs.clear()
+        torch.autograd.backward(loss, inputs=roots)
+        roots.clear()
     return Setup(step, 0)
 
 
@@ -156,6 +161,8 @@ def own_trainable_weights(model: nn.Module, opts: Options) -> None:
 
 def memory_case(spec: dict, loaded: Callable[[], None], base: nn.Module | None = None) -> dict:
     """Load the model, mark it loaded, build one configuration and run `spec["steps"]` steps."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     _, preset = parse_spec(spec["model"])
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
     opts = Options(spec["targets"], spec["rank"], spec["alpha"])
@@ -171,6 +178,34 @@ def memory_case(spec: dict, loaded: Callable[[], None], base: nn.Module | None =
 
 
 # ---------------------------------------------------------------- one run: a model, a device, a dtype
+
+@dataclass
+class Settings:
+    """How to measure; the command's options."""
+
+    device: str = "cpu"
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    targets: str | None = None
+    """Comma-separated modules or all-linear; None: the model preset's."""
+    batch_size: int | None = None
+    seq_len: int | None = None
+    rank: int = 8
+    rounds: int = 7
+    warmup: int = 1
+    memory_runs: int = 3
+    """Fresh processes per configuration on CPU (on CUDA one in-process run is exact); 0: no memory."""
+    memory_steps: int = 2
+    jobs: int = 1
+    fit_repeats: int = 3
+    max_seconds: float | None = None
+    """Stop the timing of a run after this long (at least 3 rounds)."""
+    budget: float | None = None
+    """Skip the runs that would start after this many seconds."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    configs: list[str] | None = None
+    """A subset of CONFIGS (floor and peft-lora, the references, are always measured)."""
+
 
 @dataclass
 class Run:
@@ -200,30 +235,31 @@ def _fit_on_cpu(setup: Setup, packets: list[Packet], repeats: int) -> float:
     return harness.time_call(lambda: fit(owner, opt, cpu), repeats)
 
 
-def measure_run(run: Run, preset: Preset, opts: Options, rounds: int, warmup: int, memory_runs: int,
-                memory_steps: int, jobs: int, fit_repeats: int, max_seconds: float | None,
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def measure_run(run: Run, preset: Preset, opts: Options, configs: list[str], st: Settings,
                 log: Callable[[str], None]) -> Run:
     """Time every configuration interleaved, then measure each one's memory; fills run.rows."""
-    dtype = DTYPES[run.dtype]
-    base = build_model(preset, run.device, dtype)
+    base = build_model(preset, run.device, DTYPES[run.dtype])
     batch = make_batch(preset, run.batch_size, run.seq_len, run.device)
     run.sites = sum(map(len, sites_of(base, opts.targets)))
-    names = CONFIGS + [f"{c}+fit" for c in CONFIGS if c.startswith("cola-")]
     setups: dict[str, Setup] = {}
-    for name in names:
+    for name in configs + [f"{c}+fit" for c in configs if c.startswith("cola-")]:
         try:
             model = share_weights(base)
             if name == "full-ft":
                 own_trainable_weights(model, opts)
             setups[name] = make_setup(name, model, batch, opts)
         except Exception as e:  # e.g. out of memory: report it, measure the rest
-            run.errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            run.errors[name] = _error(e)
             log(f"  {name}: setup failed: {run.errors[name]}")
-    log(f"  timing {len(setups)} configurations, {rounds} rounds")
-    timings = harness.interleaved({n: s.step for n, s in setups.items()}, rounds, warmup, run.device,
-                                  max_seconds=max_seconds, log=log)
+    log(f"  timing {len(setups)} configurations, {st.rounds} rounds")
+    timings = harness.interleaved({n: s.step for n, s in setups.items()}, st.rounds, st.warmup, run.device,
+                                  max_seconds=st.max_seconds, log=log)
     run.errors.update(timings.errors)
-    for name in CONFIGS:
+    for name in configs:
         row = {"time_s": timings.median(name), "time_samples": timings.samples.get(name, []),
                "x_floor": timings.ratio(name, "floor"), "x_lora": timings.ratio(name, "peft-lora"),
                "trainable_server": setups[name].trainable if name in setups else None}
@@ -233,31 +269,35 @@ def measure_run(run: Run, preset: Preset, opts: Options, rounds: int, warmup: in
             row["adapter_params"] = setups[name].cola.adapter_parameters()
             try:
                 packets, row["packet_bytes"], row["update_bytes"] = _packet_cost(setups[name], batch)
-                row["fit_cpu_s"] = _fit_on_cpu(setups[name], packets, fit_repeats)
+                row["fit_cpu_s"] = _fit_on_cpu(setups[name], packets, st.fit_repeats)
                 del packets
             except Exception as e:
-                run.errors[name + " (fit)"] = f"{type(e).__name__}: {str(e)[:300]}"
+                run.errors[name + " (fit)"] = _error(e)
         run.rows[name] = row
     del setups, timings
-    gc.collect()
-    if run.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    specs = {c: {"config": c, "model": run.model, "device": run.device, "dtype": run.dtype,
-                 "batch_size": run.batch_size, "seq_len": run.seq_len, "targets": opts.targets, "rank": opts.rank,
-                 "alpha": opts.alpha, "steps": memory_steps} for c in CONFIGS}
-    if memory_runs > 0:
-        log(f"  memory: {len(specs)} configurations" +
-            (" in this process (CUDA allocator)" if run.device.startswith("cuda") else
-             f" x {memory_runs} fresh processes"))
+    _free(run.device)
+    if st.memory_runs > 0:
+        specs = {c: {"config": c, "model": run.model, "device": run.device, "dtype": run.dtype,
+                     "batch_size": run.batch_size, "seq_len": run.seq_len, "targets": opts.targets,
+                     "rank": opts.rank, "alpha": opts.alpha, "steps": st.memory_steps, "threads": st.threads}
+                 for c in configs}
         if run.device.startswith("cuda"):
+            log(f"  memory: {len(specs)} configurations in this process (CUDA allocator)")
             memory = harness.in_process_memory(MEMORY_CASE, specs, log=log, base=base)
         else:
-            memory = harness.fresh_process_memory(MEMORY_CASE, specs, memory_runs, jobs, log=log)
+            log(f"  memory: {len(specs)} configurations x {st.memory_runs} fresh processes")
+            memory = harness.fresh_process_memory(MEMORY_CASE, specs, st.memory_runs, st.jobs, log=log)
         for name, m in memory.items():
             run.rows[name].update(mem_bytes=m.median, mem_runs=m.runs)
             if m.error:
                 run.errors[name + " (memory)"] = m.error
     return run
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- report
@@ -267,24 +307,26 @@ def _ratio(a, b):
 
 
 def targets_table(run: Run) -> harness.Table:
-    """The issue's targets, measured side by side; 'missed by' is how far over the bound."""
-    r = run.rows
+    """The issue's targets, measured side by side; 'no (+x%)' is how far over the bound."""
     t = harness.Table(["target", "configuration", "measured", "bound", "met"])
 
+    def get(name, key):
+        return run.rows.get(name, {}).get(key)
+
     def add(what, name, value, bound):
+        if name not in run.rows:
+            return
         met = None if value is None else ("yes" if value <= bound else f"no (+{100 * (value / bound - 1):.0f}%)")
         t.rows.append([what, name, None if value is None else round(value, 3), bound, met])
 
     for name in ("cola-lowrank-merged", "cola-linear-merged"):
-        add("merged server step time / floor", name, r[name]["x_floor"], 1.05)
+        add("merged server step time / floor", name, get(name, "x_floor"), 1.05)
     for name in ("cola-lowrank", "cola-linear", "cola-mlp"):
-        add("unmerged server step time / PEFT LoRA", name, r[name]["x_lora"], 1.0)
-    lora_mem = r["peft-lora"].get("mem_bytes")
+        add("unmerged server step time / PEFT LoRA", name, get(name, "x_lora"), 1.0)
     for name in CONFIGS[3:]:
-        add("server peak memory / PEFT LoRA", name, _ratio(r[name].get("mem_bytes"), lora_mem), 1.0)
+        add("server peak memory / PEFT LoRA", name, _ratio(get(name, "mem_bytes"), get("peft-lora", "mem_bytes")), 1.0)
     for name in ("cola-linear", "cola-linear-merged"):
-        add("server peak memory / full-ft", name, _ratio(r[name].get("mem_bytes"), r["full-ft"].get("mem_bytes")),
-            0.5)
+        add("server peak memory / full-ft", name, _ratio(get(name, "mem_bytes"), get("full-ft", "mem_bytes")), 0.5)
     return t
 
 
@@ -338,54 +380,52 @@ def header(info: dict, command: str, runs_done: int) -> str:
         f"Runs completed: {runs_done}.", "", ""])
 
 
-def run_server(models: list[str], device: str, dtypes: list[str], out: Path, targets: str | None = None,
-               batch_size: int | None = None, seq_len: int | None = None, rank: int = 8, rounds: int = 7,
-               warmup: int = 1, memory_runs: int = 3, memory_steps: int = 2, jobs: int = 1, fit_repeats: int = 3,
-               max_seconds: float | None = None, budget_s: float | None = None, command: str = "",
+def run_server(models: list[str], st: Settings, out: Path, command: str = "",
                log: Callable[[str], None] = print) -> dict:
-    """Benchmark every (model, dtype); writes server.md, server.json and PNGs under `out` after each run.
+    """Benchmark every (model, dtype); rewrites server.md, server.json and the PNGs under `out` after each run.
 
     Returns:
         the JSON data written.
     """
     start = time.perf_counter()
-    info = harness.machine(device)
-    data = {"machine": info, "command": command, "runs": [], "skipped": []}
+    if st.threads:
+        torch.set_num_threads(st.threads)
+    info = harness.machine(st.device)
+    configs = [c for c in CONFIGS if st.configs is None or c in {"floor", "peft-lora", *st.configs}]
+    data = {"machine": info, "command": command, "settings": st.__dict__, "runs": [], "skipped": []}
     sections: list[str] = []
+
+    def write():
+        harness.write_report(out, "server", header(info, command, len(data["runs"])) + "".join(sections), data)
+
     for spec in models:
         label, preset = parse_spec(spec)
-        for dtype in dtypes:
-            if budget_s is not None and time.perf_counter() - start > budget_s:
+        for dtype in st.dtypes:
+            if st.budget is not None and time.perf_counter() - start > st.budget:
                 data["skipped"].append(f"{label} {dtype}: time budget spent")
                 log(f"skip {label} {dtype}: time budget spent")
                 continue
-            b, t = preset.cuda_batch if device.startswith("cuda") else preset.cpu_batch
-            tg = _parse_targets(targets) if targets else preset.targets
-            run = Run(label, device, dtype, batch_size or b, seq_len or t, tg)
-            log(f"{label} {device} {dtype}: batch {run.batch_size}x{run.seq_len}")
+            b, t = preset.cuda_batch if st.device.startswith("cuda") else preset.cpu_batch
+            targets = _parse_targets(st.targets) if st.targets else preset.targets
+            run = Run(label, st.device, dtype, st.batch_size or b, st.seq_len or t, targets)
+            log(f"{label} {st.device} {dtype}: batch {run.batch_size}x{run.seq_len}")
             t0 = time.perf_counter()
+            plots = []
             try:
-                measure_run(run, preset, Options(tg, rank, 2.0 * rank), rounds, warmup, memory_runs, memory_steps,
-                            jobs, fit_repeats, max_seconds, log)
-                plots = plot_run(run, out) if run.rows else []
+                measure_run(run, preset, Options(targets, st.rank, 2.0 * st.rank), configs, st, log)
+                plots = plot_run(run, out)
             except Exception as e:  # a whole run failing (model too big, ...) must not stop the others
-                run.errors["run"] = f"{type(e).__name__}: {str(e)[:300]}"
+                run.errors["run"] = _error(e)
                 log(f"  run failed: {run.errors['run']}")
-                plots = []
             finally:
-                gc.collect()
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-            run_data = {**run.__dict__, "seconds": round(time.perf_counter() - t0, 1)}
-            data["runs"].append(run_data)
+                _free(st.device)
+            data["runs"].append({**run.__dict__, "seconds": round(time.perf_counter() - t0, 1)})
             if run.rows:
                 sections.append(run_markdown(run, plots))
-            out.mkdir(parents=True, exist_ok=True)
-            harness.write_report(out, "server", header(info, command, len(data["runs"])) + "\n".join(sections),
-                                 data)
+            write()
     data["seconds"] = round(time.perf_counter() - start, 1)
-    data["loadavg_end"] = harness.machine(device).get("loadavg")
-    harness.write_report(out, "server", header(info, command, len(data["runs"])) + "\n".join(sections), data)
+    data["loadavg_end"] = harness.machine(st.device).get("loadavg")
+    write()
     return data
 
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The server benchmark on a CUDA machine: ColA vs PEFT LoRA vs the floor, in bfloat16 and
+# float32, memory from the CUDA allocator. Models are built from their configs with random
+# weights, so nothing is downloaded or read from disk; runs from the repository root with
+# PYTHONPATH=. (no install). A configuration that fails (out of memory, ...) is reported in
+# the table and the others go on; the runs that would start after --budget seconds are
+# skipped, and `timeout` is the last resort, so the whole script stays under 8 minutes.
+# Without CUDA it runs the CPU smoke benchmark instead (colaft bench server --quick).
+#
+#   bench/gpu.sh                 # writes $OUT/bench-gpu/ when OUT is set, else runs/bench-gpu/
+#   PYTHON=python3.11 bench/gpu.sh
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEST="${OUT:-runs}/bench-gpu"
+mkdir -p "$DEST"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  ARGS=(--device cuda --dtype bfloat16 --dtype float32
+        --model smollm2-135m --model minilm-l6 --model llama-large
+        --rounds 20 --warmup 2 --max-seconds 25 --fit-repeats 1 --budget 300)
+else
+  echo "no CUDA device: running the CPU smoke benchmark"
+  ARGS=(--device cpu --quick)
+fi
+
+timeout -k 10 440 "$PY" -m colaft.bench server "${ARGS[@]}" --out "$DEST" 2>&1 | tee "$DEST/log.txt"
+echo "exit status: ${PIPESTATUS[0]}"
+echo
+echo "===== $DEST/server.md ====="
+cat "$DEST/server.md" 2>/dev/null || echo "no report written (see $DEST/log.txt)"
