@@ -54,14 +54,16 @@ def server_command(
     fit_repeats: Annotated[int, typer.Option(help="Timed repeats of the fit on the CPU.")] = 3,
     max_seconds: Annotated[float | None, typer.Option(
         help="Stop timing a run after this many seconds (at least 3 rounds).")] = None,
-    budget: Annotated[float | None, typer.Option(help="Skip the runs that would start after this many seconds.")] = None,
+    budget: Annotated[float | None, typer.Option(
+        help="Skip the runs that would start after this many seconds.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     only: Annotated[str | None, typer.Option(
-        help="Comma-separated configurations to measure besides floor and peft-lora, e.g. cola-lowrank,full-ft.")] = None,
+        help="Comma-separated configurations besides floor and peft-lora, e.g. cola-lowrank,full-ft.")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
 ) -> None:
     """Server time and memory per step: ColA (unmerged, merged, + fit) vs PEFT LoRA, full fine-tuning and the floor."""
-    from colaft.bench.server import Settings, run_server, summary
+    from colaft.bench.server import Settings, run_server
+    from colaft.bench.server_report import summary
 
     if quick:
         model, rounds, memory_runs, jobs, fit_repeats = model or ["tiny"], min(rounds, 3), 1, 2, 1

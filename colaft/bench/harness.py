@@ -60,8 +60,9 @@ def machine(device: str) -> dict:
 def describe(info: dict) -> str:
     """One line for a report: '2-core AMD EPYC, no GPU (torch 2.13.0, ...)'."""
     where = info.get("gpu") or "no GPU"
-    return (f"{info['cores']}-core {info['cpu']}, {where}; torch {info['torch']}, transformers "
-            f"{info['transformers']}, peft {info['peft']}; load average {info.get('loadavg', '?')} at start")
+    return (f"{info['cores']}-core {info['cpu']}, {where}; torch {info['torch']} ({info['torch_threads']} CPU "
+            f"threads), transformers {info['transformers']}, peft {info['peft']}; load average "
+            f"{info.get('loadavg', '?')} at start")
 
 
 # ---------------------------------------------------------------- timing
