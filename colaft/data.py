@@ -33,6 +33,8 @@ def _chatterbot() -> list[dict]:
     for path in sorted((package_dir("chatterbot_corpus") / "data" / "english").glob("*.yml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         for turns in doc.get("conversations", []):
+            if not isinstance(turns, list):  # one malformed entry in trivia.yml is a bare string
+                continue
             # A conversation [a, b, c] gives the pairs a->b and b->c.
             records += [{"question": str(q), "answer": str(a), "topic": path.stem}
                         for q, a in zip(turns, turns[1:])]

@@ -24,7 +24,7 @@ def test_rotten_tomatoes_reviews_only_unique_and_labelled():
 
 def test_chatterbot_pairs_from_builtin_corpus():
     records = data.load("chatterbot")
-    assert len(records) == 2393
+    assert len(records) == 2306  # ~90 more if the malformed string entry in trivia.yml were split into letters
     assert records[0] == {"question": "What is AI?", "topic": "ai", "answer":
                           "Artificial Intelligence is the branch of engineering and science devoted to "
                           "constructing machines that think."}
@@ -35,7 +35,7 @@ def test_chatterbot_consecutive_turns_make_pairs(tmp_path, monkeypatch):
     english = tmp_path / "data" / "english"
     english.mkdir(parents=True)
     (english / "small.yml").write_text("categories: [x]\nconversations:\n- - Hi\n  - Hello\n  - How are you?\n"
-                                       "- - Bye\n  - 42\n")
+                                       "- - Bye\n  - 42\n- a bare string, as in trivia.yml\n")
     monkeypatch.setattr(data, "package_dir", lambda name: tmp_path)
     assert data.load("chatterbot") == [
         {"question": "Hi", "answer": "Hello", "topic": "small"},
