@@ -318,10 +318,12 @@ def bar_plot(path: Path, title: str, values: dict[str, float | None], ylabel: st
 
     names = [n for n, v in values.items() if v is not None]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 4))
-    ax.bar(range(len(names)), [values[n] for n in names], color="tab:blue")
-    for label, y in (lines or {}).items():
-        ax.axhline(y, linestyle="--", linewidth=1, color="tab:red" if "floor" in label else "tab:gray")
-        ax.text(len(names) - 0.5, y, label, ha="right", va="bottom", fontsize=8)
+    colors = ["tab:blue" if n.startswith("cola") else "tab:gray" for n in names]  # ColA vs the references
+    ax.bar(range(len(names)), [values[n] for n in names], color=colors)
+    for (label, y), style in zip((lines or {}).items(), ("--", ":", "-.")):
+        ax.axhline(y, linestyle=style, linewidth=1, color="tab:red", label=label)
+    if lines:
+        ax.legend(fontsize=8, loc="upper left")
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
