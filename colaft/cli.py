@@ -49,6 +49,7 @@ def train(
         help="rotten-tomatoes | chatterbot | digits | fashion-mnist | FILE.jsonl | FILE.csv. (default: the task's)")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Column holding the text (sc).")] = None,
     label_field: Annotated[Optional[str], typer.Option(help="Column holding the label (sc, ic).")] = None,
+    image_field: Annotated[Optional[str], typer.Option(help="Column holding the image (ic).")] = None,
     question_field: Annotated[Optional[str], typer.Option(help="Column holding the question (clm).")] = None,
     answer_field: Annotated[Optional[str], typer.Option(help="Column holding the answer (clm).")] = None,
     targets: Annotated[Optional[str], typer.Option(
@@ -96,7 +97,8 @@ def train(
                 "max_length": max_length or recipe.max_length}
     config = ColaConfig(target_modules=parse_targets(targets) if targets else recipe.targets, adapter=adapter,
                         rank=rank, alpha=alpha, dropout=dropout, hidden=hidden, merge=merge)
-    fields = {"text": text_field, "label": label_field, "question": question_field, "answer": answer_field}
+    fields = {"text": text_field, "label": label_field, "image": image_field, "question": question_field,
+              "answer": answer_field}
     records = datasets.load(resolved["data"], {k: v for k, v in fields.items() if v}, job.fields)
     train_records, held_out = datasets.split(records, 0.1, seed)
     base = job.load(resolved["model"], records, seed)
@@ -113,7 +115,7 @@ def train(
                       fit_steps=fit_steps)
     print(f"task {task}: {resolved['model']} on {resolved['data']} ({len(train_records)} train, "
           f"{len(held_out)} held out); {len(cola_model.sites)} sites, "
-          f"{cola_model.adapter_parameters():,} adapter parameters; {steps} steps on {torch.get_num_threads()} threads")
+          f"{cola_model.adapter_parameters():,} adapter parameters; {steps} steps, {_plural(torch.get_num_threads(), 'CPU thread')}")
 
     def write(run: Path) -> None:
         result = loop.train(trainer, cola_model, job, batches, eval_batches, steps, run, eval_every)
@@ -127,6 +129,10 @@ def train(
     built = [(out, write)] + ([(export_peft, cola_model.export_peft)] if export_peft else [])
     _build_atomically(built)
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _set_threads() -> None:
@@ -171,15 +177,26 @@ COMMANDS: dict[str, Callable] = {"train": train}
 """Command name -> function; typer turns the signature into options."""
 
 
+_OPTION_OF_FIELD = {"target_modules": "targets"}  # ColaConfig fields named differently on the command line
+
+
 def _message(error: Exception) -> str:
     """One line for the user: pydantic errors name the option, everything else is flattened."""
     if isinstance(error, ValidationError):
-        text = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors())
+        text = "; ".join(_validation_line(e) for e in error.errors())
     elif isinstance(error, typer.TyperException):
         text = error.format_message()
     else:
         text = str(error)
     return " ".join(text.split())
+
+
+def _validation_line(e: dict) -> str:
+    message = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+    if not e["loc"]:  # a check across fields
+        return message
+    field = ".".join(map(str, e["loc"]))
+    return f"--{_OPTION_OF_FIELD.get(field, field).replace('_', '-')}: {message}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,15 @@ def test_train_image_task_on_digits(tmp_path, capsys):
     assert epochs == [0] * 26 + [1] * 26 + [2] * 8  # 1617 images in batches of 64: 26 a pass
 
 
+def test_image_file_with_renamed_fields(tmp_path):
+    digits = data.load("digits")[:40]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"pixels": r["image"].tolist(), "digit": r["label"]} for r in digits])
+    out = tmp_path / "run"
+    assert main(["train", "--task", "ic", "--model", "mlp", "--data", str(path), "--image-field", "pixels",
+                 "--label-field", "digit", "--max-steps", "3", "--out", str(out)]) == 0
+    assert [r["step"] for r in lines(out / "metrics.jsonl")] == [0, 1, 2, 3, 3]
+
+
 BAD_INPUT = [
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--task", "qa"], "unknown task 'qa'"),
@@ -96,6 +105,8 @@ BAD_INPUT = [
     (["--data", "EMPTY"], "has no records"),
     (["--targets", "nothing_here"], "target 'nothing_here' matches no module"),
     (["--rank", "0"], "--rank: Input should be greater than 0"),
+    (["--targets", ","], "--targets: target_modules is empty"),
+    (["--merge", "--dropout", "0.1"], "dropout needs merge=False"),
     (["--adapter", "huge"], "unknown adapter 'huge'"),
     (["--optimizer", "lion"], "unknown optimizer 'lion'"),
     (["--scheduler", "wiggly"], "wiggly is not a valid SchedulerType"),
@@ -133,7 +144,9 @@ def test_existing_out_folder_is_refused(tiny_args, tmp_path, capsys):
     assert list((tmp_path / "taken").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_console_script_exit_status(tmp_path):
+    # A fresh interpreter: imports torch and transformers, ~5 s on an idle machine.
     result = subprocess.run([sys.executable, "-m", "colaft.cli", "train", "--data", str(tmp_path / "x.csv"),
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1

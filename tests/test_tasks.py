@@ -152,6 +152,9 @@ def test_clm_metrics(tiny_llama_dir, monkeypatch):  # noqa: F811
     assert task.rouge(cola, batches) == 1.0
     monkeypatch.setattr(task, "generate", lambda cm, prompts: ["zebra"] * len(prompts))
     assert task.rouge(cola, batches) == 0.0
+    monkeypatch.setattr(task, "rouge_examples", 2)  # spread out: rows 0 and 3 of the 6
+    monkeypatch.setattr(task, "generate", lambda cm, prompts: [QA[0][1], QA[3][1]])
+    assert task.rouge(cola, batches) == 1.0
 
 
 # ---------------------------------------------------------------- ic

@@ -80,15 +80,15 @@ class CausalLM:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rougeL": self.rouge(cola_model, batches)}
 
     def rouge(self, cola_model: nn.Module, batches: list[dict]) -> float:
-        """Mean ROUGE-L F1 of greedy answers against the references, on the first examples."""
+        """Mean ROUGE-L F1 of greedy answers against the references, on `rouge_examples`
+        examples spread evenly over the held-out batches (not only the shortest ones)."""
+        rows = [(ids, labels) for b in batches for ids, labels in zip(b["input_ids"], b["labels"])]
         prompts, references = [], []
-        for ids, labels in ((i, l) for b in batches for i, l in zip(b["input_ids"], b["labels"])):
+        for ids, labels in rows[::max(1, len(rows) // self.rouge_examples)][:self.rouge_examples]:
             answer_at = int((labels != IGNORE).nonzero()[0])  # the prompt is everything before
             prompts.append(ids[:answer_at].tolist())
             references.append(self.tokenizer.decode(labels[answer_at:][labels[answer_at:] != IGNORE],
                                                     skip_special_tokens=True))
-            if len(prompts) == self.rouge_examples:
-                break
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         answers = self.generate(cola_model, prompts)
         return sum(scorer.score(r, a)["rougeL"].fmeasure for r, a in zip(references, answers)) / len(answers)
