@@ -46,7 +46,8 @@ def train(
         help="minilm-l6 | smollm2-135m | a model folder; for ic: cnn | mlp. (default: the task's)")] = None,
     task: Annotated[str, typer.Option(help=f"{' | '.join(TASKS)}")] = "sc",
     data: Annotated[Optional[str], typer.Option(
-        help="rotten-tomatoes | chatterbot | digits | fashion-mnist | FILE.jsonl | FILE.csv. (default: the task's)")] = None,
+        help="rotten-tomatoes | chatterbot | digits | fashion-mnist | FILE.jsonl | FILE.csv. "
+             "(default: the task's)")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Column holding the text (sc).")] = None,
     label_field: Annotated[Optional[str], typer.Option(help="Column holding the label (sc, ic).")] = None,
     image_field: Annotated[Optional[str], typer.Option(help="Column holding the image (ic).")] = None,
@@ -115,7 +116,8 @@ def train(
                       fit_steps=fit_steps)
     print(f"task {task}: {resolved['model']} on {resolved['data']} ({len(train_records)} train, "
           f"{len(held_out)} held out); {len(cola_model.sites)} sites, "
-          f"{cola_model.adapter_parameters():,} adapter parameters; {steps} steps, {_plural(torch.get_num_threads(), 'CPU thread')}")
+          f"{cola_model.adapter_parameters():,} adapter parameters; {steps} steps, "
+          f"{_plural(torch.get_num_threads(), 'CPU thread')}")
 
     def write(run: Path) -> None:
         result = loop.train(trainer, cola_model, job, batches, eval_batches, steps, run, eval_every)
