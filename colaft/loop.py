@@ -82,7 +82,7 @@ def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: li
         start, smooth = time.perf_counter(), None
         with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar:
             for step, (epoch, batch) in zip(range(1, steps + 1), _epochs(batches)):
-                lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step's fit uses
+                lr = trainer.lr  # the rate this step's fit uses
                 loss = trainer.step(batch)
                 if not math.isfinite(loss):
                     raise ValueError(f"the loss is {loss} at step {step}: lower the learning rate")

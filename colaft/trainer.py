@@ -79,6 +79,11 @@ class Trainer:
                              num_training_steps=fits)
 
     @property
+    def lr(self) -> float:
+        """The learning rate the next fit uses."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
     def owner_adapters(self) -> dict[str, nn.Module]:
         return {s.name: self.adapters[k] for k, s in self.model.sites.items()}
 
@@ -95,7 +100,10 @@ class Trainer:
         return loss.item()
 
     def flush(self) -> None:
-        """Fit on the buffered packets (also a partial interval) and update the server."""
+        """Fit on the buffered packets (also a partial interval) and update the server.
+
+        Call it once after the last step when `interval` does not divide the step count.
+        """
         if not self._pending_steps:
             return
         result = fit(self.owner_adapters, self.optimizer, self._pending, self.fit_steps, self.scheduler,
