@@ -7,8 +7,10 @@ over rounds of t(config) / t(reference) in the same round.
 
 Memory on CPU is the peak resident set of a fresh process per configuration minus its
 resident set right after the model is loaded (the kernel's high-water mark is reset at that
-point), the median of several processes. On CUDA it is torch.cuda.max_memory_allocated
-minus the allocated bytes after loading, which is exact in one process.
+point), the median of several processes. The processes are forked from a forkserver that has
+only imported the modules, so they start clean without paying the imports each time. On
+CUDA it is torch.cuda.max_memory_allocated minus the allocated bytes after loading, which is
+exact in one process.
 
 A memory case is a function `case(spec: dict, loaded: Callable[[], None]) -> dict` named
 "module:function": it loads the model, calls `loaded()`, builds its configuration and runs

@@ -61,7 +61,7 @@ PRESETS: dict[str, Preset] = {
     "llama-large": Preset("clm", {**_SMOLLM2, "hidden_size": 2048, "intermediate_size": 5632,
                                   "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
                                   "head_dim": 64},
-                          ["q_proj", "v_proj"], (2, 64), (8, 512)),
+                          ["q_proj", "v_proj"], (1, 64), (8, 512)),
 }
 
 

@@ -26,7 +26,7 @@ def targets_table(run: Run) -> harness.Table:
     def add(what, name, value, bound):
         if name not in run.rows:
             return
-        met = None if value is None else ("yes" if value <= bound else f"no (+{100 * (value / bound - 1):.0f}%)")
+        met = None if value is None else ("yes" if value <= bound else f"no (+{100 * (value / bound - 1):.1f}%)")
         t.rows.append([what, name, None if value is None else round(value, 3), bound, met])
 
     for name in ("cola-lowrank-merged", "cola-linear-merged"):
