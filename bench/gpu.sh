@@ -16,6 +16,10 @@ DEST="${OUT:-runs}/bench-gpu"
 mkdir -p "$DEST"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
+if ! "$PY" -c "import torch, transformers, peft, pydantic, typer, matplotlib" 2>"$DEST/preflight.txt"; then
+  echo "missing packages:"; cat "$DEST/preflight.txt"; exit 1
+fi
+
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   ARGS=(--device cuda --dtype bfloat16 --dtype float32
