@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     app.callback()(lambda: None)  # a group even with one command, so `colaft train` names it
     for name, command in COMMANDS.items():
         app.command(name)(command)
+    from colaft.bench import bench_app  # its own sub-commands: colaft bench server, ...
+    app.add_typer(bench_app, name="bench")
     try:
         result = app(args=argv, prog_name="colaft", standalone_mode=False)
         return result if isinstance(result, int) else 0

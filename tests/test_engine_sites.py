@@ -94,7 +94,7 @@ def test_selection_errors_on_a_transformer():
                                          r"transformer\.ln_f \(LayerNorm\)\. Candidate modules: transformer\.wte, "
                                          r"transformer\.wpe, transformer\.h\.0\.attn\.c_attn, "):
         ColaModel(tiny_gpt2(), ColaConfig(target_modules=["ln_f"]))
-    with pytest.raises(ValueError, match=r"target_modules \['classifier'\] match no module"):  # only a head
+    with pytest.raises(ValueError, match=r"target_modules \['classifier'\] match only task heads"):
         select_sites(tiny_bert(), ["classifier"], HEADS)
     with pytest.raises(ValueError, match=r"LSTM is not a supported site kind \(Linear, Conv1D, Conv2d, Embedding\)"):
         site_spec(nn.LSTM(4, 4))
