@@ -7,12 +7,12 @@
 # skipped, and `timeout` is the last resort, so the whole script stays under 8 minutes.
 # Without CUDA it runs the CPU smoke benchmark instead (colaft bench server --quick).
 #
-#   bench/gpu.sh                 # writes $OUT/bench-gpu/ when OUT is set, else runs/bench-gpu/
+#   bench/gpu.sh                 # writes runs/bench-gpu/; with OUT set, also copies the reports there
 #   PYTHON=python3.11 bench/gpu.sh
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-DEST="${OUT:-runs}/bench-gpu"
+DEST="runs/bench-gpu"
 mkdir -p "$DEST"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -32,6 +32,11 @@ fi
 
 timeout -k 10 440 "$PY" -m colaft.bench server "${ARGS[@]}" --out "$DEST" 2>&1 | tee "$DEST/log.txt"
 echo "exit status: ${PIPESTATUS[0]}"
+# A machine that hands back only a few files gets the reports and the log; the plots go in one archive.
+if [ -n "${OUT:-}" ]; then
+  cp "$DEST"/server.md "$DEST"/server.json "$DEST"/log.txt "$OUT"/ 2>/dev/null
+  tar -C "$DEST" -czf "$OUT/plots.tar.gz" $(cd "$DEST" && ls *.png 2>/dev/null)
+fi
 echo
 echo "===== $DEST/server.md ====="
 cat "$DEST/server.md" 2>/dev/null || echo "no report written (see $DEST/log.txt)"
