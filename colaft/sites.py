@@ -87,8 +87,11 @@ def select_sites(model: nn.Module, target_modules: list[str] | str, heads: list[
 def _no_match(what: str, candidates: list[str], modules: dict, key: str | None) -> str:
     other = [f"{n} ({type(m).__name__})" for n, m in modules.items() if key and n and _matches(n, key)]
     hint = f"; it names unsupported modules: {', '.join(other[:5])}" if other else ""
-    shown = ", ".join(candidates[:40]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 40 else "")
-    return f"{what}{hint}. Candidate modules: {shown or 'none'}"
+    shown = ", ".join(candidates[:12]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 12 else "")
+    # the short names are what a user types (PEFT-style suffixes): list each once
+    suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in candidates))
+    by_suffix = f"; by name: {', '.join(suffixes)}" if len(suffixes) < len(candidates) else ""
+    return f"{what}{hint}. Candidate modules: {shown or 'none'}{by_suffix}"
 
 
 # ---------------------------------------------------------------- the wrapper at a site

@@ -127,3 +127,8 @@ def test_padding_rows_are_dropped():
     del batch["attention_mask"]
     _, packets = server_step(cm, batch)
     assert {len(p.x) for p in packets if p.site != "classifier"} == {len(LENGTHS) * SEQ}
+
+
+def test_no_match_error_lists_the_short_names_once():
+    with pytest.raises(ValueError, match=r"by name: wte, wpe, c_attn, c_proj, c_fc, lm_head$"):
+        ColaModel(tiny_gpt2(), ColaConfig(target_modules=["qkv"]))
