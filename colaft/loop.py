@@ -61,7 +61,8 @@ def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: li
         out: folder that receives metrics.jsonl and loss.png.
         eval_every: also evaluate every so many steps (0: only before and after).
     Returns:
-        {"before": metrics, "after": metrics, "train_seconds": wall time of the steps}.
+        {"before": metrics, "after": metrics, "train_seconds": wall time of the steps,
+         "skipped_fits": fits skipped for non-finite packets}.
     Raises:
         ValueError: the loss stopped being finite (the learning rate is too high).
     """
@@ -86,7 +87,8 @@ def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: li
                 loss = trainer.step(batch)
                 if not math.isfinite(loss):
                     raise ValueError(f"the loss is {loss} at step {step}: lower the learning rate")
-                record({"step": step, "split": "train", "epoch": epoch, "loss": loss, "lr": lr})
+                record({"step": step, "split": "train", "epoch": epoch, "loss": loss, "lr": lr,
+                        "skipped_fits": trainer.stats["skipped_fits"]})
                 smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
                 bar.set_postfix(loss=f"{smooth:.4f}", epoch=epoch)
                 bar.update()
@@ -94,9 +96,11 @@ def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: li
                     evaluate(step)
         trainer.flush()  # a partial interval at the end still reaches the adapters
         seconds = time.perf_counter() - start
+        if skipped := trainer.stats["skipped_fits"]:
+            log(f"warning: {skipped} fits skipped: their packets held NaN or Inf (the adapters were left as they were)")
         after = evaluate(steps)
     plot_loss(history, out / "loss.png")
-    return {"before": before, "after": after, "train_seconds": seconds}
+    return {"before": before, "after": after, "train_seconds": seconds, "skipped_fits": skipped}
 
 
 def _epochs(batches: DataLoader):

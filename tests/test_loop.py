@@ -1,0 +1,44 @@
+"""The training loop reports fits skipped for non-finite packets, and still evaluates."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from colaft import ColaConfig, ColaModel, Trainer, loop
+from colaft.tasks import get_task
+
+
+class _InfGradient(torch.autograd.Function):
+    """Identity forward, Inf backward: a finite loss whose dL/dh is not finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_skipped_fits_are_logged_and_recorded(tmp_path):
+    task = get_task("ic")
+    records = [{"image": torch.rand(8, 8).numpy(), "label": i % 10} for i in range(16)]
+    model = task.load("mlp", records, seed=0)
+    cola = ColaModel(model, ColaConfig(target_modules="all-linear", adapter="linear"))
+    poisoned = {"armed": True}
+
+    def loss_fn(output, batch):
+        logits = _InfGradient.apply(output.logits) if poisoned.pop("armed", False) else output.logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+    trainer = Trainer(cola, lr=1e-2, loss_fn=loss_fn)
+    features = task.encode(records, max_length=0)
+    batches = loop.loader(features, task, batch_size=8, shuffle=True)
+    messages = []
+    result = loop.train(trainer, cola, task, batches, list(loop.loader(features, task, 8, False)), steps=3,
+                        out=tmp_path, log=messages.append)
+    assert result["skipped_fits"] == 1 and trainer.stats["version"] == 2  # the 1st fit skipped, 2 applied
+    assert any("1 fits skipped" in m for m in messages)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_fits"] for r in lines if r["split"] == "train"] == [1, 1, 1]
