@@ -342,3 +342,15 @@ def test_load_peft_errors(tmp_path):
     _, directory = peft_dir(tmp_path / "b", "gpt2", use_rslora=True)
     with pytest.raises(ValueError, match="lacks: use_rslora"):
         checkpoint.from_peft(tiny("gpt2"), directory)
+
+
+@pytest.mark.parametrize("conv, message", [
+    (dict(dilation=2), "PEFT's LoRA Conv2d has no dilation"),
+    (dict(padding_mode="reflect"), "pads with zeros, this site with reflect"),
+])
+def test_export_peft_refuses_conv_geometry_peft_cannot_hold(tmp_path, conv, message):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=2, **conv))
+    cola = ColaModel(model, ColaConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match=message):
+        checkpoint.export_peft(cola, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
