@@ -136,6 +136,7 @@ class Site(nn.Module):
         self.adapter = adapter.requires_grad_(False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 and self.spec.kind != "embedding" else nn.Identity()
         self.merged = merged
+        self._fused_merge = hasattr(adapter, "merged_weight")
         self.recorder: list[Call] | None = None
         self._base_forward = module.forward
         self._had_own_forward = "forward" in module.__dict__
@@ -144,16 +145,20 @@ class Site(nn.Module):
     # Dispatch of the few kind-specific operations.
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.target
-        dw, db = self.adapter.delta_weight()
+        transposed = isinstance(m, Conv1D)  # y = x @ W + b with W (in, out)
+        dw, db = (None, None) if self._fused_merge else self.adapter.delta_weight()
+        if self._fused_merge:  # an adapter that forms W + delta_W itself (one kernel instead of three)
+            weight = self.adapter.merged_weight(m.weight, transposed)
+        else:
+            weight = m.weight + (dw.T if transposed else dw)
         if isinstance(m, nn.Embedding):  # no bias
-            return F.embedding(x, m.weight + dw, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq,
-                               m.sparse)
+            return F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
         bias = m.bias if db is None else (db if m.bias is None else m.bias + db)
-        if isinstance(m, Conv1D):  # y = x @ W + b with W (in, out)
-            return torch.addmm(bias, x.reshape(-1, x.shape[-1]), m.weight + dw.T).view(*x.shape[:-1], -1)
+        if transposed:
+            return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
         if isinstance(m, nn.Linear):
-            return F.linear(x, m.weight + dw, bias)
-        return m._conv_forward(x, m.weight + dw, bias)  # nn.Conv2d
+            return F.linear(x, weight, bias)
+        return m._conv_forward(x, weight, bias)  # nn.Conv2d
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

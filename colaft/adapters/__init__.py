@@ -3,7 +3,9 @@
 An adapter g is any nn.Module whose forward maps a site's input x to a delta on the
 site's output: h = f(x) + g(x). A mergeable adapter also has `delta_weight()` returning
 (delta_W, delta_b or None) in the site's canonical layout (see SiteSpec), so the server can
-run on W + delta_W instead. Adding an adapter type means one new file that calls
+run on W + delta_W instead; one without a bias delta may also offer
+`merged_weight(W, transposed) -> W + delta_W` to form the sum in one fused kernel (lowrank
+does: addmm). Adding an adapter type means one new file that calls
 `register_adapter`; a user can register any nn.Module class the same way.
 """
 from __future__ import annotations

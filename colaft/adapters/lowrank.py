@@ -41,6 +41,15 @@ class LowRankLinear(nn.Module):
         # (out, r, 1, 1) x (r, in, kh, kw) -> (out, in, kh, kw)
         return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scale, None
 
+    def merged_weight(self, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """W + scale * B @ A in one fused kernel (the server's merged forward, every step)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.dim() != 2:
+            return weight + self.delta_weight()[0]
+        if transposed:  # Conv1D stores W as (in, out)
+            return torch.addmm(weight, a.T, b.T, alpha=self.scale)
+        return torch.addmm(weight, b, a, alpha=self.scale)
+
 
 class LowRankEmbedding(nn.Module):
     def __init__(self, spec: SiteSpec, rank: int, alpha: float):
