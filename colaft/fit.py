@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from colaft.packets import Packet
+from colaft.packets import Packet, all_finite
 
 
 @dataclass
@@ -34,7 +34,7 @@ def fit(adapters: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, pac
     Returns:
         FitResult; when any packet is not finite the fit is skipped and nothing changes.
     """
-    if not all(p.is_finite() for p in packets):
+    if not all_finite(packets):
         return FitResult(skipped=True)
     inputs, grads, g0 = [], [], []
     for p in packets:

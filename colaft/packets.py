@@ -1,13 +1,12 @@
 """Wire types between the server and the adapter owners, and their safetensors form.
 
 A packet is what the server emits per (site, call): the adapter's input rows x and the
-gradient dL/dh at the site's output, padding positions already dropped. An update is what
-comes back: an adapter's new state and its version.
+gradient dL/dh at the site's output, padding positions already dropped.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as st_load
@@ -25,15 +24,13 @@ class Packet:
         return self.x.numel() * self.x.element_size() + self.grad.numel() * self.grad.element_size()
 
     def is_finite(self) -> bool:
-        ok = bool(torch.isfinite(self.grad).all())
-        return ok and (not self.x.is_floating_point() or bool(torch.isfinite(self.x).all()))
+        return all_finite([self])
 
 
-@dataclass
-class Update:
-    user: str
-    version: int
-    state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # site -> adapter state_dict
+def all_finite(packets: list[Packet]) -> bool:
+    """No NaN/Inf in any x or dL/dh; one reduction, so a GPU server waits once, not per packet."""
+    tensors = [t for p in packets for t in (p.x, p.grad) if t.is_floating_point()]
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def packets_to_bytes(packets: list[Packet]) -> bytes:

@@ -146,10 +146,10 @@ class Site(nn.Module):
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.target
         transposed = isinstance(m, Conv1D)  # y = x @ W + b with W (in, out)
-        dw, db = (None, None) if self._fused_merge else self.adapter.delta_weight()
-        if self._fused_merge:  # an adapter that forms W + delta_W itself (one kernel instead of three)
-            weight = self.adapter.merged_weight(m.weight, transposed)
+        if self._fused_merge:  # the adapter forms W + delta_W itself, in one kernel (no bias delta)
+            weight, db = self.adapter.merged_weight(m.weight, transposed), None
         else:
+            dw, db = self.adapter.delta_weight()
             weight = m.weight + (dw.T if transposed else dw)
         if isinstance(m, nn.Embedding):  # no bias
             return F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)

@@ -19,15 +19,6 @@ VOCAB = 64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds spin-waits, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(name: str, device: str = "cpu") -> nn.Module:
     """A tiny random model, the same for the same name (fixed seed), in eval mode."""
     torch.manual_seed(0)
