@@ -1,6 +1,7 @@
 """ColaModel: a frozen base model with adapters at its sites (the PEFT-like entry point)."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from torch import nn
 
 from colaft.adapters import build_adapter, is_mergeable
 from colaft.config import ColaConfig
+from colaft.routing import Route
 from colaft.sites import Call, Site, select_sites, site_spec
 
 
@@ -17,28 +19,33 @@ def _key(site_name: str) -> str:
     return site_name.replace(".", "/")  # ModuleDict keys may not contain dots
 
 
+DEFAULT_USER = "default"
+MODES = ("personal", "collaborative")
+
+
 class ColaModel(nn.Module):
-    """Wraps `model`: freezes it and attaches one adapter per selected site.
+    """Wraps `model`: freezes it and attaches adapters at the selected sites, for one or many users.
 
     Args:
         model: any nn.Module (a transformers model, a CNN, ...).
-        config: where and which adapters (ColaConfig).
+        config: where and which adapters (ColaConfig) for the first user.
+        user: the first user's id; more users come with `add_user`.
     The server-side adapters are frozen copies; trainable copies live with their owners
     (see Trainer), so this module never holds a parameter with requires_grad.
+
+    Many users share the base model: in "personal" mode (the default) every row of a batch
+    uses its own user's adapters; in "collaborative" mode every row sees the weighted mean
+    of all users' mergeable deltas (see `set_mode`), while each user still fits its own rows.
     """
 
-    def __init__(self, model: nn.Module, config: ColaConfig):
+    def __init__(self, model: nn.Module, config: ColaConfig, user: str = DEFAULT_USER):
         super().__init__()
         self.config = config
         self.model = model.requires_grad_(False)
-        targets, heads = select_sites(model, config.target_modules, config.heads)
-        modules = dict(model.named_modules())
-        # Build every adapter before attaching any, so an error leaves the model untouched.
-        adapters = {name: self._build(modules[name], config, is_head=name in heads) for name in targets + heads}
-        self.sites = nn.ModuleDict({
-            _key(name): Site(name, modules[name], adapter, 0.0 if name in heads else config.dropout, config.merge,
-                             is_head=name in heads)
-            for name, adapter in adapters.items()})
+        self.sites = nn.ModuleDict()
+        self.user_configs: dict[str, ColaConfig] = {}
+        self.mode, self.weights = "personal", None
+        self.add_user(user, config)
 
     @staticmethod
     def _build(module: nn.Module, config: ColaConfig, is_head: bool) -> nn.Module:
@@ -51,18 +58,113 @@ class ColaModel(nn.Module):
             raise ValueError(f"adapter {config.adapter!r} is not mergeable; use merge=False")
         return adapter.to(device=module.weight.device, dtype=module.weight.dtype)
 
+    # ------------------------------------------------------------- users
+    @property
+    def users(self) -> list[str]:
+        """User ids, in the order they were added."""
+        return list(self.user_configs)
+
+    def add_user(self, user: str, config: ColaConfig | None = None) -> None:
+        """Attach a new user's adapters (one per selected site; `config` defaults to the model's).
+
+        Users may differ in adapter type and size; sites are shared, so every user's
+        dropout and merge settings must agree with the model's.
+        """
+        config = config or self.config
+        if not isinstance(user, str) or not user:
+            raise ValueError(f"a user id is a non-empty string, not {user!r}")
+        if user in self.user_configs:
+            raise ValueError(f"user {user!r} already exists")
+        if (config.dropout, config.merge) != (self.config.dropout, self.config.merge):
+            raise ValueError(f"user {user!r}: dropout and merge are settings of the shared sites "
+                             f"(dropout={self.config.dropout}, merge={self.config.merge}); use the same")
+        targets, heads = select_sites(self.model, config.target_modules, config.heads)
+        modules = dict(self.model.named_modules())
+        # Build every adapter before attaching any, so an error leaves the model untouched.
+        adapters = {name: self._build(modules[name], config, is_head=name in heads) for name in targets + heads}
+        for name, adapter in adapters.items():
+            if _key(name) not in self.sites:
+                self.sites[_key(name)] = Site(name, modules[name], 0.0 if name in heads else config.dropout,
+                                              config.merge, is_head=name in heads)
+            self.sites[_key(name)].add(user, adapter)
+        self.user_configs[user] = config
+
+    def remove_user(self, user: str) -> None:
+        """Detach a user's adapters and free them; sites left with no adapter are removed."""
+        self._check_users([user])
+        for key, site in list(self.sites.items()):
+            if user in site.keys:
+                site.remove(user)
+            if not site.keys:
+                site.detach_from_model()
+                del self.sites[key]
+        del self.user_configs[user]
+
+    def _check_users(self, users) -> None:
+        unknown = sorted({u for u in users if u not in self.user_configs}, key=str)
+        if unknown:
+            raise ValueError(f"unknown user(s) {', '.join(map(repr, unknown[:5]))}; users: "
+                             f"{', '.join(self.users[:10])}{' ...' if len(self.users) > 10 else ''}")
+
+    def set_mode(self, mode: str, weights: Mapping[str, float] | None = None) -> None:
+        """"personal": rows use their own user's adapters. "collaborative": every row sees
+        sum_u w_u delta_W_u / sum_u w_u over the users' mergeable adapters (w_u = 1: the mean;
+        `weights` sets some), non-mergeable adapters stay personal; each user fits only its rows."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+        if weights:
+            self._check_users(weights)
+            if any(w < 0 for w in weights.values()) or not sum(weights.get(u, 1.0) for u in self.users) > 0:
+                raise ValueError("collaborative weights must be >= 0 with a positive sum")
+        if mode == "collaborative" and self.config.dropout > 0:
+            raise ValueError("collaborative mode runs on merged weights: it needs dropout=0")
+        self.mode, self.weights = mode, dict(weights or {})
+        for s in self.sites.values():
+            s.combine = self.weights if mode == "collaborative" else None
+
+    @contextmanager
+    def routing(self, users: Sequence[str] | None):
+        """Inside, row i of a batch uses the adapters of `users[i]` (None: no routing)."""
+        if users is not None:
+            users = list(users)
+            self._check_users(users)
+        route = Route(users) if users else None
+        for s in self.sites.values():
+            s.route = route
+        try:
+            yield route
+        finally:
+            for s in self.sites.values():
+                s.route = None
+
+    def user_adapters(self, user: str) -> dict[str, nn.Module]:
+        """Site name -> the server's (frozen) adapter of `user`."""
+        self._check_users([user])
+        return {s.name: s.get(user) for s in self.sites.values() if user in s.keys}
+
     @property
     def head_names(self) -> list[str]:
         """Sites that are task heads (a linear adapter with bias)."""
         return [s.name for s in self.sites.values() if s.is_head]
 
     # ------------------------------------------------------------- use
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, users: Sequence[str] | None = None, **kwargs):
+        """The base model's forward; `users` (one id per row) routes rows to their users' adapters."""
+        with self.routing(users):
+            return self.model(*args, **kwargs)
 
-    def adapters(self) -> dict[str, nn.Module]:
-        """Site name -> the server's (frozen) adapter."""
-        return {s.name: s.adapter for s in self.sites.values()}
+    def generate(self, *args, users: Sequence[str] | None = None, **kwargs):
+        """`model.generate` with rows routed to their users' adapters (causal LMs)."""
+        with self.routing(users):
+            return self.model.generate(*args, **kwargs)
+
+    def adapters(self, user: str | None = None) -> dict[str, nn.Module]:
+        """Site name -> the server's (frozen) adapter of `user` (default: the only user)."""
+        if user is None:
+            if len(self.user_configs) != 1:
+                raise ValueError(f"the model has {len(self.user_configs)} users: name one")
+            user = self.users[0]
+        return self.user_adapters(user)
 
     def site(self, name: str) -> Site:
         return self.sites[_key(name)]
@@ -80,13 +182,14 @@ class ColaModel(nn.Module):
                 s.recorder = None
 
     @torch.no_grad()
-    def load_adapter_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Copy new adapter weights into the server's adapters (site name -> state_dict)."""
+    def load_adapter_state(self, states: dict[str, dict[str, torch.Tensor]], user: str | None = None) -> None:
+        """Copy new adapter weights into the server's adapters of `user` (site name -> state_dict)."""
+        adapters = self.adapters(user)
         for name, state in states.items():
-            self.site(name).adapter.load_state_dict(state)
+            adapters[name].load_state_dict(state)
 
     def adapter_parameters(self) -> int:
-        return sum(p.numel() for s in self.sites.values() for p in s.adapter.parameters())
+        return sum(p.numel() for s in self.sites.values() for p in s.adapters.parameters())
 
     def trainable_parameters(self) -> int:
         """Parameters with requires_grad on the server: always 0 for ColA."""

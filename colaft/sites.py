@@ -17,7 +17,8 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from transformers.pytorch_utils import Conv1D
 
-from colaft.adapters import SiteSpec
+from colaft.adapters import SiteSpec, is_mergeable
+from colaft.routing import Route, routed_delta
 
 SUPPORTED = (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
 LINEAR_KINDS = (nn.Linear, Conv1D)
@@ -103,6 +104,7 @@ class Call:
     x: torch.Tensor  # the adapter's input (after dropout), detached
     h: torch.Tensor  # the site's output, in the graph
     edge: GradientEdge | None  # where h entered the graph: dL/dh even if the model later modifies h in place
+    route: Route | None  # the rows' users; None: every row is the site's only user's
 
 
 class _Root(torch.autograd.Function):
@@ -124,32 +126,81 @@ class _Root(torch.autograd.Function):
 
 
 class Site(nn.Module):
-    """An adapted module: holds the server's frozen copy of the adapter."""
+    """An adapted module: holds the server's frozen copy of every user's adapter there.
 
-    def __init__(self, name: str, module: nn.Module, adapter: nn.Module, dropout: float, merged: bool,
-                 is_head: bool = False):
+    A forward routes rows by `route` (set by ColaModel for a mixed-user batch): a batch of
+    one user takes the single-adapter path (merged or not); a mixed batch runs each row
+    through its own user's adapter (personal), or, when `combine` holds weights per user,
+    every row sees the weighted mean of the users' mergeable deltas (collaborative).
+    """
+
+    def __init__(self, name: str, module: nn.Module, dropout: float, merged: bool, is_head: bool = False):
         super().__init__()
         self.name = name
         self.is_head = is_head
         self.__dict__["target"] = module  # not a submodule: it already belongs to the model
         self.spec = site_spec(module)
-        self.adapter = adapter.requires_grad_(False)
+        self.adapters = nn.ModuleDict()  # user key -> frozen adapter
+        self.keys: dict[str, str] = {}  # user id -> key in `adapters` (ids may hold dots, keys may not)
         self.dropout = nn.Dropout(dropout) if dropout > 0 and self.spec.kind != "embedding" else nn.Identity()
         self.merged = merged
-        self._fused_merge = hasattr(adapter, "merged_weight")
+        self.route: Route | None = None
+        self.combine: dict[str, float] | None = None  # collaborative: user -> weight of its delta
         self.recorder: list[Call] | None = None
         self._base_forward = module.forward
         self._had_own_forward = "forward" in module.__dict__
         module.forward = self.run
 
-    # Dispatch of the few kind-specific operations.
-    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------- users
+    def add(self, user: str, adapter: nn.Module) -> None:
+        key = f"u{len(self.keys)}_{re.sub(r'[^0-9A-Za-z_]', '_', user)}"
+        while key in self.adapters:
+            key += "_"
+        self.adapters[key] = adapter.requires_grad_(False)
+        self.keys[user] = key
+
+    def remove(self, user: str) -> None:
+        del self.adapters[self.keys.pop(user)]
+
+    def get(self, user: str) -> nn.Module | None:
+        key = self.keys.get(user)
+        return None if key is None else self.adapters[key]
+
+    @property
+    def users(self) -> list[str]:
+        return list(self.keys)
+
+    def by_user(self) -> dict[str, nn.Module]:
+        return {u: self.adapters[k] for u, k in self.keys.items()}
+
+    @property
+    def adapter(self) -> nn.Module:
+        """The adapter of the site's only user (the single-user API)."""
+        if len(self.keys) != 1:
+            raise ValueError(f"site {self.name} has adapters of {len(self.keys)} users: use site.get(user)")
+        return next(iter(self.adapters.values()))
+
+    def _solo_user(self, route: Route | None) -> str | None:
+        """The one user whose adapter every row uses; None for a mixed batch."""
+        if route is not None:
+            return route.single
+        if len(self.keys) == 1:
+            return next(iter(self.keys))
+        if not self.keys:
+            return None
+        raise ValueError(f"site {self.name} has adapters of {len(self.keys)} users: "
+                         "pass users=[...] (one per row) to say whose adapter each row uses")
+
+    # ------------------------------------------------------------- forward
+    def _merged_forward(self, x: torch.Tensor, adapter: nn.Module | None = None,
+                        delta: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """f(x; W + delta_W): delta_W of `adapter`, or a given (delta_W, delta_b)."""
         m = self.target
         transposed = isinstance(m, Conv1D)  # y = x @ W + b with W (in, out)
-        if self._fused_merge:  # the adapter forms W + delta_W itself, in one kernel (no bias delta)
-            weight, db = self.adapter.merged_weight(m.weight, transposed), None
+        if adapter is not None and hasattr(adapter, "merged_weight"):  # W + delta_W in one kernel (no bias delta)
+            weight, db = adapter.merged_weight(m.weight, transposed), None
         else:
-            dw, db = self.adapter.delta_weight()
+            dw, db = adapter.delta_weight() if adapter is not None else delta
             weight = m.weight + (dw.T if transposed else dw)
         if isinstance(m, nn.Embedding):  # no bias
             return F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
@@ -160,18 +211,65 @@ class Site(nn.Module):
             return F.linear(x, weight, bias)
         return m._conv_forward(x, weight, bias)  # nn.Conv2d
 
+    def _combined_forward(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
+        """Collaborative: W + the weighted mean of the users' delta_W; other adapters stay personal."""
+        adapters = self.by_user()
+        mergeable = {u: a for u, a in adapters.items() if is_mergeable(a)}
+        weights = {u: self.combine.get(u, 1.0) for u in mergeable}
+        total = sum(weights.values())
+        dw = db = None
+        for u, a in mergeable.items():
+            w, b = a.delta_weight()
+            dw = w * (weights[u] / total) if dw is None else dw + w * (weights[u] / total)
+            if b is not None:
+                db = b * (weights[u] / total) if db is None else db + b * (weights[u] / total)
+        h = self._merged_forward(x, delta=(dw, db)) if dw is not None else self._base_forward(x)
+        personal = {u: a for u, a in adapters.items() if u not in mergeable}
+        if personal:
+            delta = routed_delta(personal, x, route or Route([next(iter(personal))] * x.shape[0]))
+            h = h if delta is None else h + delta
+        return h
+
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            x_in, h = x, self._merged_forward(x)
-        else:
+        route = self.route.expanded(x.shape[0]) if self.route is not None else None
+        if self.combine is not None and len(self.keys) > 1:
+            x_in, h = x, self._combined_forward(x, route)
+        elif (user := self._solo_user(route)) is not None or route is None:
+            adapter = self.get(user) if user is not None else None
+            if adapter is None:  # this user has no adapter here
+                return self._base_forward(x)
+            if self.merged:
+                x_in, h = x, self._merged_forward(x, adapter)
+            else:
+                x_in = self.dropout(x)
+                h = self._base_forward(x) + adapter(x_in)
+        else:  # mixed batch, personal: each row through its own user's adapter
             x_in = self.dropout(x)
-            h = self._base_forward(x) + self.adapter(x_in)
+            delta = routed_delta(self.by_user(), x_in, route)
+            if delta is None:
+                return self._base_forward(x)
+            h = self._base_forward(x) + delta
         if self.recorder is not None:
             if not h.requires_grad and torch.is_grad_enabled():  # first site: nothing upstream needs a gradient
                 h = _Root.apply(h.detach(), torch.ones((), requires_grad=True))
             edge = get_gradient_edge(h) if h.requires_grad else None  # None: recorded without grad
-            self.recorder.append(Call(self, x_in.detach(), h, edge))
+            self.recorder.append(Call(self, x_in.detach(), h, edge, route))
         return h
+
+    # ------------------------------------------------------------- packets
+    def split(self, call: Call, grad: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(user, x rows, dL/dh rows) for every user with an adapter here: each user's own rows only."""
+        route = call.route
+        user = self._solo_user(route) if route is None or route.single is not None else None
+        if user is not None:
+            return [(user, *self.rows(call.x, grad, mask))] if user in self.keys else []
+        out = []
+        for u in route.order:
+            if u in self.keys:
+                rows = route.rows_of([u], grad.device)
+                m = None if mask is None else mask.index_select(0, rows.to(mask.device))
+                out.append((u, *self.rows(call.x.index_select(0, rows), grad.index_select(0, rows), m)))
+        return out
 
     def rows(self, x: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None):
         """The packet rows of one call: flatten tokens, dropping padding positions.

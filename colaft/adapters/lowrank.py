@@ -50,6 +50,29 @@ class LowRankLinear(nn.Module):
             return torch.addmm(weight, a.T, b.T, alpha=self.scale)
         return torch.addmm(weight, b, a, alpha=self.scale)
 
+    @staticmethod
+    def grouped(adapters: list["LowRankLinear"], x: torch.Tensor, index: list[int]) -> torch.Tensor | None:
+        """Row i through adapters[index[i]] in two batched products (BGMV: gather each row's A and B).
+
+        Ranks may differ: A and B are zero-padded to the largest rank, which adds exact zeros.
+        """
+        idx = torch.tensor(index, device=x.device)
+        a, b = _stack([m.lora_A.weight for m in adapters], [m.lora_B.weight for m in adapters])
+        scale = torch.tensor([m.scale for m in adapters], device=x.device, dtype=x.dtype)[idx]  # (n,)
+        a_rows, b_rows = a[idx], b[idx]  # (n, r, d_in, ...), (n, d_out, r, ...)
+        if a.dim() == 3:  # linear: x (n, ..., d_in)
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (n, T, d_in)
+            y = torch.bmm(torch.bmm(x3, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))  # (n, T, d_out)
+            return (y * scale[:, None, None]).view(*x.shape[:-1], -1)
+        conv = adapters[0].lora_A
+        if conv.padding_mode != "zeros":
+            return None
+        n = x.shape[0]  # conv2d: one grouped convolution, a group per row
+        z = F.conv2d(x.reshape(1, -1, *x.shape[2:]), a_rows.flatten(0, 1), None, conv.stride, conv.padding,
+                     conv.dilation, groups=n)  # (1, n*r, H', W')
+        y = F.conv2d(z, b_rows.flatten(0, 1), groups=n).view(n, -1, *z.shape[2:])  # (n, d_out, H', W')
+        return y * scale[:, None, None, None]
+
 
 class LowRankEmbedding(nn.Module):
     def __init__(self, spec: SiteSpec, rank: int, alpha: float):
@@ -65,6 +88,27 @@ class LowRankEmbedding(nn.Module):
 
     def delta_weight(self):
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scale, None  # (num, dim)
+
+    @staticmethod
+    def grouped(adapters: list["LowRankEmbedding"], ids: torch.Tensor, index: list[int]) -> torch.Tensor:
+        """Row i through adapters[index[i]]: one lookup in the stacked tables, one batched product."""
+        idx = torch.tensor(index, device=ids.device)
+        a, b = _stack([m.lora_embedding_A for m in adapters], [m.lora_embedding_B for m in adapters])
+        num = a.shape[-1]
+        table = a.transpose(1, 2).reshape(-1, a.shape[1])  # (U * num, r): user u's rows at u * num
+        after_a = F.embedding(ids + (idx * num).view(-1, *[1] * (ids.dim() - 1)), table)  # (n, ..., r)
+        scale = torch.tensor([m.scale for m in adapters], device=ids.device, dtype=after_a.dtype)[idx]
+        flat = after_a.reshape(ids.shape[0], -1, a.shape[1])  # (n, T, r)
+        y = torch.bmm(flat, b[idx].transpose(1, 2)) * scale[:, None, None]  # (n, T, dim)
+        return y.view(*ids.shape, -1)
+
+
+def _stack(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the users' A (r, in, ...) and B (out, r, ...), zero-padding every rank to the largest."""
+    rank = max(a.shape[0] for a in a_list)
+    a = torch.stack([F.pad(t, [0, 0] * (t.dim() - 1) + [0, rank - t.shape[0]]) for t in a_list])
+    b = torch.stack([F.pad(t, [0, 0] * (t.dim() - 2) + [0, rank - t.shape[1]]) for t in b_list])
+    return a, b  # (U, r, in, ...), (U, out, r, ...)
 
 
 @register_adapter("lowrank")
