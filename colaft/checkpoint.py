@@ -246,24 +246,25 @@ def _set_rng_state(state: dict) -> None:
 def save_trainer(trainer, directory: str | Path) -> None:
     """Save all that `load_trainer` needs to resume bit for bit (atomic).
 
-    The directory is also an adapter checkpoint (`load_adapters` reads it).
+    Every owner's state is fetched from the backend once its messages are answered. The
+    directory is also an adapter checkpoint (`load_adapters` reads it).
     """
+    owners = {u: trainer.owner_state(u) for u in trainer.model.users}
+    pending = [p for state in owners.values() for p in state.pop("pending")]
     tensors: dict[str, torch.Tensor] = {}
-    state = _encode({"owner": _states(trainer.owner_adapters), "optimizer": trainer.optimizer.state_dict(),
-                     "scheduler": trainer.scheduler.state_dict(), "rng": _rng_state(),
-                     "stats": trainer.stats, "pending_steps": trainer._pending_steps}, "", tensors)
+    state = _encode({"owners": owners, "rng": _rng_state(), "stats": trainer.stats}, "", tensors)
     with _atomic_dir(directory, CONFIG) as tmp:
         _write_adapters(trainer.model, tmp)
         save_file(tensors, tmp / TRAINER_TENSORS)
         _write_json(tmp / TRAINER_STATE, state)
-        (tmp / PENDING).write_bytes(packets_to_bytes(trainer._pending))
+        (tmp / PENDING).write_bytes(packets_to_bytes(pending))
 
 
 def load_trainer(trainer, directory: str | Path) -> None:
     """Restore a `save_trainer` checkpoint into `trainer`.
 
-    `trainer` must be built like the saved one (same base model, ColaConfig, optimizer and
-    scheduler types, interval); everything is checked before anything is changed.
+    `trainer` must be built like the saved one (same base model, ColaConfig, users, optimizer
+    and scheduler types, intervals); everything is checked before anything is changed.
     """
     path = _require(directory, CONFIG, ADAPTERS, TRAINER_TENSORS, TRAINER_STATE, PENDING)
     meta = _read_json(path / CONFIG)
@@ -273,19 +274,22 @@ def load_trainer(trainer, directory: str | Path) -> None:
         raise ValueError(f"{path}: saved with another ColaConfig (field: (saved, this trainer's)): {diff}")
     server = _nest(load_file(path / ADAPTERS), meta["sites"])
     state = _decode(_read_json(path / TRAINER_STATE), load_file(path / TRAINER_TENSORS))
-    if state["pending_steps"] >= trainer.interval:
-        raise ValueError(f"{path}: holds {state['pending_steps']} pending server steps, "
-                         f"but this trainer fits every {trainer.interval}")
+    owners, pending = state["owners"], packets_from_bytes((path / PENDING).read_bytes())
+    if sorted(owners) != sorted(trainer.model.users):
+        raise ValueError(f"{path}: saved for users {sorted(owners)}, this trainer has {sorted(trainer.model.users)}")
+    for user, owner in owners.items():
+        interval = trainer.user_fit.get(user, trainer.fit_config).interval
+        if owner["pending_steps"] >= interval:
+            raise ValueError(f"{path}: user {user!r} holds {owner['pending_steps']} pending server steps, "
+                             f"but this trainer fits every {interval}")
+        _check_states(trainer.model.user_adapters(user), owner["adapters"], f"{path} (owner adapters of {user!r})")
+        owner["pending"] = [p for p in pending if p.user == user]
     _check_states(trainer.model.adapters(), server, path)
-    _check_states(trainer.owner_adapters, state["owner"], f"{path} (owner adapters)")
     _load_states(trainer.model.adapters(), server)
-    _load_states(trainer.owner_adapters, state["owner"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
+    for user, owner in owners.items():
+        trainer.pipeline.load_state(user, owner)
     _set_rng_state(state["rng"])
-    trainer.stats = state["stats"]
-    trainer._pending = packets_from_bytes((path / PENDING).read_bytes())
-    trainer._pending_steps = state["pending_steps"]
+    trainer.stats.update(state["stats"])
 
 
 # ---------------------------------------------------------------- PEFT LoRA

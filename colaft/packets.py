@@ -18,6 +18,12 @@ class Packet:
     site: str
     x: torch.Tensor  # (N, d_in) | (N,) token ids | (B, C, H, W)
     grad: torch.Tensor  # (N, d_out) | (B, C', H', W')
+    user: str = "default"  # whose adapter at `site` these rows train
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Packet":
+        """Moved (and floating tensors cast, for a cheaper transfer) copy; token ids stay integers."""
+        x = self.x.to(device, dtype) if dtype is not None and self.x.is_floating_point() else self.x.to(device)
+        return Packet(self.site, x, self.grad.to(device, dtype), self.user)
 
     @property
     def nbytes(self) -> int:
@@ -39,13 +45,13 @@ def packets_to_bytes(packets: list[Packet]) -> bytes:
     for i, p in enumerate(packets):
         tensors[f"{i}.x"] = p.x.contiguous()
         tensors[f"{i}.grad"] = p.grad.contiguous()
-        order.append(p.site)
-    return st_save(tensors, metadata={"sites": json.dumps(order)})
+        order.append([p.site, p.user])
+    return st_save(tensors, metadata={"packets": json.dumps(order)})
 
 
 def packets_from_bytes(data: bytes) -> list[Packet]:
     tensors = st_load(data)
     # the metadata sits in the JSON header: 8 bytes of little-endian length, then the JSON
     header_len = int.from_bytes(data[:8], "little")
-    sites = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["sites"])
-    return [Packet(s, tensors[f"{i}.x"], tensors[f"{i}.grad"]) for i, s in enumerate(sites)]
+    order = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["packets"])
+    return [Packet(site, tensors[f"{i}.x"], tensors[f"{i}.grad"], user) for i, (site, user) in enumerate(order)]

@@ -15,29 +15,57 @@ merged), which is what makes dL/dh exact at earlier sites (ColA, Diao et al. 202
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from colaft.model import ColaModel
 from colaft.packets import Packet
+from colaft.routing import Route
 
 LossFn = Callable[[object, Mapping], torch.Tensor]
 
 
-def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None) -> tuple[torch.Tensor, list[Packet]]:
+@dataclass
+class ServerStep:
+    loss: torch.Tensor  # detached; with several users, the sum of the users' mean losses
+    packets: list[Packet]  # per (user, site call): that user's rows only
+    user_losses: dict[str, float]  # each user's mean loss on its rows
+
+
+def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
+                users: Sequence[str] | None = None) -> ServerStep:
     """Run one server step on `batch`.
 
     Args:
         model: the adapted model.
-        batch: keyword arguments of the model's forward, labels included.
-        loss_fn: `loss_fn(output, batch) -> loss` for models that do not return `.loss`.
+        batch: keyword arguments of the model's forward, labels included; a "users" entry
+            (one id per row) is taken as `users`.
+        loss_fn: `loss_fn(output, batch) -> loss` for models that do not return `.loss`; for a
+            batch of several users it must return one loss per row, shape (B,).
+        users: the user of every row (None: the model's only user).
     Returns:
-        the (detached) loss and one packet per site call that the loss depends on.
+        ServerStep: the loss, one packet per (user, site call) that the loss depends on, and
+        the users' losses. With several users the loss is the sum over users of each user's
+        mean loss, so a user's dL/dh does not depend on who else shares the batch.
     """
-    with model.recording() as calls:
+    batch = dict(batch)
+    users = batch.pop("users", None) if users is None else users
+    batch.pop("users", None)
+    if users is None and len(model.users) > 1:
+        raise ValueError(f"the model has {len(model.users)} users: pass users=[...] (one per row)")
+    with model.routing(users) as route, model.recording() as calls:
         output = model.model(**batch)
-        loss = output.loss if loss_fn is None else loss_fn(output, batch)
+        if route is None or route.single is not None:
+            loss = output.loss if loss_fn is None else loss_fn(output, batch)
+            if loss is not None and loss.dim() > 0:  # per-row losses: their mean
+                loss = loss.mean()
+            user_losses = {route.single if route else model.users[0]: loss}
+        else:
+            user_losses = _user_losses(model, output, batch, route, loss_fn)
+            loss = sum(user_losses.values())
     del output  # the logits are not needed past the loss: free them before the backward
     if loss is None:
         raise ValueError("the model returned no loss: pass labels in the batch or give a loss_fn")
@@ -56,5 +84,55 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None)
     for i, c in enumerate(calls):
         g, grads[i] = grads[i], None  # with padding, each full dL/dh is freed once its rows are copied
         if g is not None:
-            packets.append(Packet(c.site.name, *c.site.rows(c.x, g, mask)))
-    return loss.detach(), packets
+            packets += [Packet(c.site.name, x, gu, user) for user, x, gu in c.site.split(c, g, mask)]
+    return ServerStep(loss.detach(), packets, {u: v.item() for u, v in user_losses.items()})
+
+
+def _user_losses(model: ColaModel, output, batch: Mapping, route: Route, loss_fn: LossFn | None) -> dict:
+    """Each user's mean loss over its rows (tokens, for a causal LM), from per-element losses."""
+    if loss_fn is not None:
+        losses = loss_fn(output, batch)
+        if losses.dim() != 1 or len(losses) != len(route.users):
+            raise ValueError(f"with several users in a batch, loss_fn must return one loss per row "
+                             f"(shape ({len(route.users)},)), not shape {tuple(losses.shape)}")
+        weights = torch.ones_like(losses)
+    else:
+        losses, weights = element_losses(model.model, output, batch)
+    out = {}
+    for u in route.order:
+        rows = route.rows_of([u], losses.device)
+        w = weights.index_select(0, rows)
+        out[u] = (losses.index_select(0, rows) * w).sum() / w.sum().clamp(min=1)
+    return out
+
+
+def element_losses(model, output, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unreduced losses of a transformers model's output and their weights (0 for ignored tokens).
+
+    The same losses transformers computes: a causal LM predicts token t+1 from t (labels -100
+    ignored, logits in float32); a classifier follows `config.problem_type` as transformers does.
+    Returns:
+        (B, ...) losses and (B, ...) weights.
+    """
+    logits, labels = output.logits, batch.get("labels")
+    if labels is None:
+        raise ValueError("the batch has no labels: mixed-user losses need them (or give a loss_fn)")
+    if logits.dim() == 3 and labels.dim() == 2:  # causal LM
+        labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): the next token
+        losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return losses, (labels != -100).to(losses.dtype)
+    config = getattr(model, "config", None)
+    problem = getattr(config, "problem_type", None)
+    if problem is None:
+        classes = logits.shape[-1]
+        problem = "regression" if classes == 1 else \
+            "single_label_classification" if not labels.is_floating_point() else "multi_label_classification"
+    if problem == "regression":
+        losses = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(len(labels), -1).squeeze(-1),
+                            reduction="none")
+        losses = losses.view(len(labels), -1).mean(-1)
+    elif problem == "single_label_classification":
+        losses = F.cross_entropy(logits.view(len(labels), -1), labels.view(-1), reduction="none")
+    else:
+        losses = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(-1)
+    return losses, torch.ones_like(losses)

@@ -1,43 +1,35 @@
-"""Trainer: server step, then the fit of the adapters' owner, then the update.
+"""Trainer: server step, then the owners' fits (on a backend), then the updates.
 
-With interval I the packets of I server steps are buffered and fitted once, their dL/dh
-averaged (so I behaves like gradient accumulation over I batches). With I = 1, one fit
-step and synchronous updates, the adapters follow ordinary backprop exactly.
+    batch (rows tagged with users) -> server_step -> packets per (user, site)
+      -> pipeline.push per user -> backend -> Owner.fit -> Update (weights, version)
+      -> pipeline applies each version once; waits while a user is more than S fits behind
+
+With interval I an owner buffers the packets of I server steps and fits once, their dL/dh
+averaged (I behaves like gradient accumulation over I batches). With I = 1, one fit step
+and S = 0, the adapters follow ordinary backprop exactly, on every backend.
 """
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import get_scheduler
 
-from colaft.fit import fit
+from colaft.backends import Backend, make_backend
+from colaft.config import ColaConfig
 from colaft.model import ColaModel
-from colaft.packets import Packet
+from colaft.pipeline import Pipeline
 from colaft.server import LossFn, server_step
+from colaft.users import DTYPES, OPTIMIZERS, FitConfig, Owner, Update
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
-}
-
-
-def make_optimizer(spec: str | Callable, params, lr: float, weight_decay: float, **kwargs) -> torch.optim.Optimizer:
-    """An optimizer by name, or `spec(params, lr=..., weight_decay=..., **kwargs)` for any torch optimizer."""
-    if callable(spec):
-        return spec(params, lr=lr, weight_decay=weight_decay, **kwargs)
-    if spec not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {spec!r}; built in: {', '.join(OPTIMIZERS)} (or pass a class)")
-    return OPTIMIZERS[spec](params, lr=lr, weight_decay=weight_decay, **kwargs)
+__all__ = ["Trainer", "OPTIMIZERS"]
 
 
 class Trainer:
-    """Trains the adapters of a ColaModel with Gradient Learning.
+    """Trains the adapters of a ColaModel's users with Gradient Learning.
 
     Args:
-        model: the ColaModel (the server side).
+        model: the ColaModel (the server side); each of its users gets an owner.
         optimizer: "adamw" | "adam" | "sgd" or a torch optimizer class.
         lr, weight_decay: optimizer settings; `optimizer_kwargs` passes the rest.
         scheduler: a transformers scheduler name ("constant", "linear", "cosine", ...) or a
@@ -46,78 +38,153 @@ class Trainer:
         total_steps: server steps planned, for schedules that decay.
         interval: server steps per fit (ColA's I).
         fit_steps: optimizer steps per fit on the same packets (1 = backprop-exact).
-        loss_fn: `loss_fn(output, batch)` for models that return no `.loss`.
-        fit_device, fit_dtype: where and in what precision the owner's adapters train.
+        loss_fn: `loss_fn(output, batch)` for models that return no `.loss` (per-row losses,
+            shape (B,), for batches of several users).
+        fit_device, fit_dtype: where and in what precision the owners' adapters train.
+        backend: "inline" | "process" | "ray" (colaft.backends), or a backend instance.
+        staleness: S; the server may run up to S steps ahead of a user's fits (0: synchronous, exact).
+        transfer_dtype: cast packets to this dtype (e.g. torch.bfloat16) before they leave the server.
+    These are every user's defaults; `add_user` sets a user's own.
     """
 
     def __init__(self, model: ColaModel, optimizer: str | Callable = "adamw", lr: float = 3e-4,
                  weight_decay: float = 0.0, scheduler: str | Callable = "constant", warmup_ratio: float = 0.0,
                  total_steps: int | None = None, interval: int = 1, fit_steps: int = 1,
                  loss_fn: LossFn | None = None, fit_device: str | torch.device | None = None,
-                 fit_dtype: torch.dtype = torch.float32, optimizer_kwargs: Mapping | None = None):
+                 fit_dtype: torch.dtype = torch.float32, optimizer_kwargs: Mapping | None = None,
+                 backend: str | Backend = "inline", staleness: int = 0, transfer_dtype: torch.dtype | None = None):
         if interval < 1 or fit_steps < 1:
             raise ValueError("interval and fit_steps must be >= 1")
-        self.model, self.interval, self.fit_steps, self.loss_fn = model, interval, fit_steps, loss_fn
-        device = fit_device or next(model.model.parameters()).device
-        # The owner's trainable copies; the server keeps frozen ones and receives updates.
-        self.adapters = nn.ModuleDict({k: copy.deepcopy(s.adapter).to(device, fit_dtype).requires_grad_(True)
-                                       for k, s in model.sites.items()})
-        self.optimizer = make_optimizer(optimizer, self.adapters.parameters(), lr, weight_decay,
-                                        **(optimizer_kwargs or {}))
-        self.scheduler = self._make_scheduler(scheduler, warmup_ratio, total_steps)
-        self._pending: list[Packet] = []
-        self._pending_steps = 0
+        dtype_name = {v: k for k, v in DTYPES.items()}.get(fit_dtype)
+        if dtype_name is None:
+            raise ValueError(f"fit_dtype {fit_dtype}: use one of {', '.join(DTYPES)}")
+        self.model, self.loss_fn, self.transfer_dtype = model, loss_fn, transfer_dtype
+        self.backend = make_backend(backend)
+        self.fit_config = FitConfig(
+            optimizer=optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=dict(optimizer_kwargs or {}),
+            scheduler=scheduler, warmup_ratio=warmup_ratio, total_steps=total_steps, interval=interval,
+            fit_steps=fit_steps, device=str(fit_device) if fit_device is not None else self.backend.device,
+            dtype=dtype_name)
+        self.user_fit: dict[str, FitConfig] = {}
         self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0}
+        self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
+        try:
+            self._sync_users()
+        except BaseException:
+            self.close()
+            raise
 
-    def _make_scheduler(self, scheduler, warmup_ratio: float, total_steps: int | None):
-        if callable(scheduler):
-            return scheduler(self.optimizer)
-        fits = math.ceil(total_steps / self.interval) * self.fit_steps if total_steps else None
-        if fits is None and (scheduler not in ("constant",) or warmup_ratio):
-            raise ValueError(f"scheduler {scheduler!r} with warm-up needs total_steps")
-        return get_scheduler(scheduler, self.optimizer, num_warmup_steps=round(warmup_ratio * (fits or 0)),
-                             num_training_steps=fits)
+    # ------------------------------------------------------------- users
+    def add_user(self, user: str, config: ColaConfig | None = None, **fit) -> None:
+        """A new user: adapters on the server (`config`, default the model's) and an owner.
+
+        Keyword arguments override this trainer's FitConfig for the user (lr, optimizer,
+        interval, scheduler, total_steps, ...).
+        """
+        fit_config = self.fit_config.replace(**fit)  # validate before changing anything
+        if user not in self.model.users:
+            self.model.add_user(user, config)
+        self.user_fit[user] = fit_config
+        self._start_owner(user)
+
+    def remove_user(self, user: str) -> None:
+        """Stop the user's owner (after its fits in flight) and free its adapters on the server."""
+        self.pipeline.remove(user)
+        self.user_fit.pop(user, None)
+        self.model.remove_user(user)
+
+    def _start_owner(self, user: str) -> None:
+        config = self.user_fit.get(user, self.fit_config)
+
+        def make() -> Owner:
+            return Owner(user, self.model.user_adapters(user), config, snapshots=self.backend.recoverable)
+        self.pipeline.add(make(), make)
+
+    def _sync_users(self) -> None:
+        """Owners for users added to the model directly; none for users it no longer has."""
+        for user in self.model.users:
+            if user not in self.pipeline.tracks:
+                self._start_owner(user)
+        for user in list(self.pipeline.tracks):
+            if user not in self.model.users:
+                self.pipeline.remove(user)
+
+    # ------------------------------------------------------------- training
+    def step(self, batch: Mapping, users: Sequence[str] | None = None) -> float:
+        """One server step on `batch` (row i of user `users[i]`, or the batch's "users"); returns the loss.
+
+        Each user's packets go to its owner, which fits every `interval` of its steps; the
+        server then waits until no user is more than `staleness` fits behind.
+        """
+        self.model.train()
+        self._sync_users()
+        out = server_step(self.model, batch, self.loss_fn, users)
+        by_user: dict[str, list] = {u: [] for u in out.user_losses}
+        for p in out.packets:
+            by_user[p.user].append(p if self.transfer_dtype is None else p.to(dtype=self.transfer_dtype))
+        self.stats["steps"] += 1
+        self.stats["packet_bytes"] = sum(p.nbytes for ps in by_user.values() for p in ps)
+        self.last_user_losses = out.user_losses
+        for user, packets in by_user.items():
+            self.pipeline.push(user, packets)
+        self.pipeline.settle()
+        return out.loss.item()
+
+    def flush(self) -> None:
+        """Fit every user's partial interval and wait for all updates (call after the last step)."""
+        self.pipeline.flush()
+
+    def _apply(self, update: Update) -> None:
+        self.model.load_adapter_state(update.states, user=update.user)
+        self.stats["version"] += 1
 
     @property
     def lr(self) -> float:
-        """The learning rate the next fit uses."""
-        return self.optimizer.param_groups[0]["lr"]
+        """The learning rate the next fit of the first user uses."""
+        return self.pipeline.lr(self.model.users[0])
+
+    @property
+    def interval(self) -> int:
+        return self.fit_config.interval
+
+    def close(self) -> None:
+        """Stop the backend's workers (after the fits in flight)."""
+        self.pipeline.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- the owners, in this process
+    def owner(self, user: str | None = None) -> Owner:
+        """The live Owner of `user` (default: the first); only where owners run in this process."""
+        if not hasattr(self.backend, "owner"):
+            raise ValueError(f"the owners run elsewhere ({type(self.backend).__name__}); "
+                             "use trainer.owner_state(user)")
+        self.pipeline.settle(0)
+        return self.backend.owner(user or self.model.users[0])
+
+    def owner_state(self, user: str | None = None) -> dict:
+        """The owner's whole state (adapters, optimizer, scheduler, buffered packets, version)."""
+        return self.pipeline.state(user or self.model.users[0])
 
     @property
     def owner_adapters(self) -> dict[str, nn.Module]:
-        return {s.name: self.adapters[k] for k, s in self.model.sites.items()}
+        return self.owner().adapters
 
-    def step(self, batch: Mapping) -> float:
-        """One server step on `batch`; fits and updates the server every `interval` steps."""
-        self.model.train()
-        loss, packets = server_step(self.model, batch, self.loss_fn)
-        self.stats["steps"] += 1
-        self.stats["packet_bytes"] = sum(p.nbytes for p in packets)
-        self._pending += packets
-        self._pending_steps += 1
-        if self._pending_steps >= self.interval:
-            self.flush()
-        return loss.item()
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.owner().optimizer
 
-    def flush(self) -> None:
-        """Fit on the buffered packets (also a partial interval) and update the server.
-
-        Call it once after the last step when `interval` does not divide the step count.
-        """
-        if not self._pending_steps:
-            return
-        result = fit(self.owner_adapters, self.optimizer, self._pending, self.fit_steps, self.scheduler,
-                     grad_scale=1.0 / self._pending_steps)
-        self._pending, self._pending_steps = [], 0
-        if result.skipped:
-            self.stats["skipped_fits"] += 1
-            return
-        self.model.load_adapter_state({name: a.state_dict() for name, a in self.owner_adapters.items()})
-        self.stats["version"] += 1
+    @property
+    def scheduler(self):
+        return self.owner().scheduler
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory) -> None:
-        """Adapters, optimizer, scheduler, RNG and pending packets: resuming is bit-exact."""
+        """Adapters, optimizers, schedulers, RNG and buffered packets of every user: resuming is bit-exact."""
         from colaft import checkpoint
         checkpoint.save_trainer(self, directory)
 

@@ -79,6 +79,7 @@ class Update:
     version: int  # fits this owner has run, skipped ones included
     states: dict[str, dict[str, torch.Tensor]] | None  # site name -> adapter state_dict; None: skipped
     rows: int = 0  # rows fitted
+    lr: float = 0.0  # the learning rate the owner's next fit uses
     snapshot: dict | None = None  # the owner's whole state after the fit, for recovery (see Owner.snapshots)
 
     @property
@@ -141,7 +142,7 @@ class Owner:
         self.version += 1
         states = None if result.skipped else {name: {k: v.detach().clone() for k, v in a.state_dict().items()}
                                               for name, a in self.adapters.items()}
-        return Update(self.user, self.version, states, result.rows, self.state() if self.snapshots else None)
+        return Update(self.user, self.version, states, result.rows, self.lr, self.state() if self.snapshots else None)
 
     # ------------------------------------------------------------- whole state (snapshots, checkpoints)
     def state(self) -> dict:

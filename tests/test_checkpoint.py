@@ -214,7 +214,7 @@ def test_resume_is_bit_exact(tmp_path, interval, device):
     first = Trainer(cola, interval=interval, **kw)
     torch.manual_seed(1)
     losses = run(first, range(5))
-    assert len(first._pending) == (0 if interval == 1 else len(cola.sites))  # one buffered step
+    assert len(first.owner().pending) == (0 if interval == 1 else len(cola.sites))  # one buffered step
     first.save_checkpoint(tmp_path / "ckpt")
 
     cola, kw = make_trainer(device)  # fresh: new random adapters, RNG moved on
@@ -225,9 +225,11 @@ def test_resume_is_bit_exact(tmp_path, interval, device):
     assert losses == ref_losses
     assert_states_equal(resumed.owner_adapters, reference.owner_adapters)
     assert_states_equal(resumed.model.adapters(), reference.model.adapters())
-    assert resumed.stats == reference.stats
+    counts = lambda stats: {k: v for k, v in stats.items() if not k.endswith("_seconds")}  # noqa: E731
+    assert counts(resumed.stats) == counts(reference.stats)  # timings differ run to run
     assert resumed.scheduler.get_last_lr() == reference.scheduler.get_last_lr()
-    for p, q in zip(resumed.adapters.parameters(), reference.adapters.parameters()):
+    for p, q in zip((p for a in resumed.owner_adapters.values() for p in a.parameters()),
+                    (p for a in reference.owner_adapters.values() for p in a.parameters())):
         for k, v in reference.optimizer.state[q].items():
             assert torch.equal(resumed.optimizer.state[p][k], v), k
 

@@ -66,7 +66,8 @@ def test_adapter_on_site_kind(adapter, kind):
 
     # server step: one packet, x rows and dL/dh rows of the right shapes and values
     probe = _probe(base_out.shape)
-    loss, packets = server_step(cm, {"x": x}, lambda out, batch: (out * probe).sum())
+    step = server_step(cm, {"x": x}, lambda out, batch: (out * probe).sum())
+    loss, packets = step.loss, step.packets
     assert [p.site for p in packets] == ["site"]
     p = packets[0]
     if kind == "conv2d":
@@ -116,7 +117,7 @@ def test_merged_forward_equals_unmerged(adapter, kind):
     # merged dL/dh equals unmerged dL/dh too (the backward goes through W + delta_W)
     probe = _probe(want.shape)
     fn = lambda out, batch: (out.tanh() * probe).sum()  # noqa: E731
-    (_, pu), (_, pm) = server_step(unmerged, {"x": x}, fn), server_step(merged, {"x": x}, fn)
+    pu, pm = server_step(unmerged, {"x": x}, fn).packets, server_step(merged, {"x": x}, fn).packets
     assert ((pm[0].grad - pu[0].grad).abs().max() / pu[0].grad.abs().max()).item() <= 1e-5
 
 

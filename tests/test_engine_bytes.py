@@ -28,7 +28,7 @@ def test_gpt2_bytes_per_step(dtype):
     trainer = Trainer(cm, "adamw", lr=1e-3)
     trainer.step(batch)
     assert trainer.stats["packet_bytes"] == analytic
-    _, packets = server_step(cm, batch)
+    packets = server_step(cm, batch).packets
     assert sum(p.nbytes for p in packets) == analytic and len(packets) == 8
     wire = packets_to_bytes(packets)
     header = int.from_bytes(wire[:8], "little")
@@ -48,14 +48,14 @@ def test_embedding_and_conv_bytes():
     batch = text_batch(1)
     rows = int(batch["attention_mask"].sum())
     cm = ColaModel(model, ColaConfig(target_modules=["embed_tokens", "q_proj"]))
-    _, packets = server_step(cm, batch)
+    packets = server_step(cm, batch).packets
     q_out = model.config.num_attention_heads * model.config.head_dim
     analytic = rows * (8 + 4 * d) + 2 * rows * (d + q_out) * 4
     assert sum(p.nbytes for p in packets) == analytic == 18 * 72 + 2 * 18 * 32 * 4
 
     cm = ColaModel(tiny_cnn(), ColaConfig(target_modules=["conv1", "conv2"]))
     batch = image_batch(0, n=4)
-    _, packets = server_step(cm, batch)
+    packets = server_step(cm, batch).packets
     # conv1: (4, 2, 6, 6) -> (4, 4, 6, 6); conv2: (4, 4, 6, 6) -> (4, 6, 3, 3)
     analytic = 4 * ((2 * 36 + 4 * 36) + (4 * 36 + 6 * 9)) * 4
     assert sum(p.nbytes for p in packets) == analytic == 6624

@@ -157,7 +157,7 @@ def test_literal_residual_drifts_on_a_tiny_llama(adapter):
         batch = text_batch(step % 4)
         trainer.step(batch)
         ref.step(batch)
-        _, packets = server_step(literal_cm, batch)
+        packets = server_step(literal_cm, batch).packets
         literal_opt.zero_grad(set_to_none=True)
         for p in packets:
             y = literal[p.site](p.x)

@@ -115,7 +115,7 @@ def test_padding_rows_are_dropped():
     mask = batch["attention_mask"]
     assert mask.sum().item() == sum(LENGTHS) < mask.numel() == len(LENGTHS) * SEQ
     cm = ColaModel(tiny_bert(), ColaConfig(target_modules=["word_embeddings", "query", "intermediate.dense"]))
-    _, packets = server_step(cm, batch)
+    packets = server_step(cm, batch).packets
     rows = {p.site: len(p.x) for p in packets}
     assert rows == {"bert.embeddings.word_embeddings": 18, **{f"bert.encoder.layer.{i}.attention.self.query": 18
                                                               for i in range(2)},
@@ -125,7 +125,7 @@ def test_padding_rows_are_dropped():
     assert torch.equal(emb.x, batch["input_ids"][mask.bool()])  # the kept rows are the attended tokens
     # without a mask every position is a row
     del batch["attention_mask"]
-    _, packets = server_step(cm, batch)
+    packets = server_step(cm, batch).packets
     assert {len(p.x) for p in packets if p.site != "classifier"} == {len(LENGTHS) * SEQ}
 
 

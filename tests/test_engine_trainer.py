@@ -97,7 +97,7 @@ def test_a_non_finite_step_skips_its_whole_interval():
     trainer.step(text_batch(1))
     assert trainer.stats["skipped_fits"] == 1 and trainer.stats["version"] == 0
     assert max_rel_err(flat_state(cm.adapters()), before) == 0.0
-    assert trainer._pending == [] and trainer._pending_steps == 0
+    assert trainer.owner().pending == [] and trainer.owner().pending_steps == 0
 
 
 def test_scheduler_steps_once_per_optimizer_step():
@@ -128,7 +128,7 @@ def test_owner_may_fit_in_another_precision():
     """fit_dtype=float64: the owner trains in float64, the server keeps its float32 copies."""
     cm, ref = _setup("llama", "linear")
     trainer = Trainer(cm, "adamw", lr=1e-2, fit_dtype=torch.float64)
-    assert all(p.dtype == torch.float64 for p in trainer.adapters.parameters())
+    assert all(p.dtype == torch.float64 for p in (p for a in trainer.owner_adapters.values() for p in a.parameters()))
     for s in range(3):
         trainer.step(text_batch(s))
         ref.step(text_batch(s))

@@ -222,7 +222,7 @@ class Run:
 
 
 def _packet_cost(setup: Setup, batch: dict) -> tuple[list[Packet], int, int]:
-    _, packets = server_step(setup.cola, batch)
+    packets = server_step(setup.cola, batch).packets
     update = setup.cola.adapter_parameters() * 4  # the owner sends its float32 adapter states back
     return packets, sum(p.nbytes for p in packets), update
 

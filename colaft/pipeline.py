@@ -1,0 +1,165 @@
+"""Between the server and a backend: message numbers, versions, the staleness bound, recovery.
+
+    server step t -> push(user, packets #seq) -> backend -> owner fits -> Reply(seq, Update v)
+                  -> settle(S): wait until no user has more than S unanswered messages
+                  -> apply Update v once (v > the version the server holds), in order
+
+With S = 0 the server waits for every fit before its next step (exactly the synchronous
+trajectory); with S = 1 it runs step t+1 while the fits of step t are in flight, so its
+adapters are at most one version old. For a backend that can lose workers, every Update
+carries the owner's whole state (a snapshot) and the pipeline keeps the messages sent since
+the last snapshot: when a worker dies, its users' owners are rebuilt from their snapshots
+and the messages replayed; replies already seen are dropped by number, updates by version,
+so no update is lost or applied twice.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from colaft.backends import Backend, Message, Reply, WorkerLost
+from colaft.packets import Packet
+from colaft.users import Owner, Update
+
+
+@dataclass
+class _Track:
+    """The server's view of one user's owner."""
+
+    rebuild: Callable[[], Owner]  # a fresh owner with this user's adapters and settings
+    snapshot: dict  # the owner's state after the last answered message that carried one
+    lr: float  # the learning rate the owner's next fit uses
+    sent: int = 0  # messages sent
+    answered: int = 0  # replies seen (replies arrive in message order)
+    version: int = 0  # the latest version applied on the server
+    log: list[Message] = field(default_factory=list)  # messages sent after the snapshot
+
+    @property
+    def outstanding(self) -> int:
+        return self.sent - self.answered
+
+
+class Pipeline:
+    """Args:
+        backend: where the owners run.
+        apply: `apply(update)` loads an update's weights into the server (called once per version).
+        staleness: S, the number of unanswered messages per user the server may run ahead of.
+    """
+
+    def __init__(self, backend: Backend, apply: Callable[[Update], None], staleness: int = 0,
+                 stats: dict | None = None):
+        if staleness < 0:
+            raise ValueError(f"staleness must be >= 0, not {staleness}")
+        self.backend, self.apply, self.staleness = backend, apply, staleness
+        self.tracks: dict[str, _Track] = {}
+        self.stats = stats if stats is not None else {}
+        for k, v in {"recoveries": 0, "wait_seconds": 0.0, "send_seconds": 0.0, "update_bytes": 0,
+                     "skipped_fits": 0}.items():
+            self.stats.setdefault(k, v)
+
+    def add(self, owner: Owner, rebuild: Callable[[], Owner]) -> None:
+        """Start tracking `owner` and place it on the backend."""
+        snapshot = owner.state() if self.backend.recoverable else {}
+        self.tracks[owner.user] = _Track(rebuild, snapshot, owner.lr)
+        self.backend.add(owner)
+
+    def remove(self, user: str) -> None:
+        self.settle(0, users=[user])
+        self.backend.remove(user)
+        del self.tracks[user]
+
+    def lr(self, user: str) -> float:
+        return self.tracks[user].lr
+
+    # ------------------------------------------------------------- messages
+    def push(self, user: str, packets: list[Packet]) -> None:
+        self._send(Message("push", user, packets=packets))
+
+    def flush(self) -> None:
+        """Fit every user's partial interval now and wait until all updates are applied."""
+        for user in self.tracks:
+            self._send(Message("flush", user))
+        self.settle(0)
+
+    def state(self, user: str) -> dict:
+        """The owner's whole state, once every message sent to it is answered."""
+        self.settle(0, users=[user])
+        return self.backend.call(Message("state", user))
+
+    def load_state(self, user: str, state: dict) -> None:
+        """Replace the owner's whole state (a checkpoint's), once its messages are answered."""
+        self.settle(0, users=[user])
+        self.backend.call(Message("load", user, state=state))
+        track = self.tracks[user]
+        track.version, track.log = state["version"], []
+        if self.backend.recoverable:
+            track.snapshot = state
+        track.lr = state["optimizer"]["param_groups"][0]["lr"]
+
+    def _send(self, msg: Message) -> None:
+        track = self.tracks[msg.user]
+        track.sent += 1
+        msg.seq = track.sent
+        if self.backend.recoverable:
+            track.log.append(msg)
+        start = time.perf_counter()
+        self.backend.submit(msg)
+        self.stats["send_seconds"] += time.perf_counter() - start
+
+    # ------------------------------------------------------------- replies
+    def settle(self, staleness: int | None = None, users: list[str] | None = None) -> None:
+        """Apply the replies that arrived; wait while a user has more than `staleness` unanswered."""
+        bound = self.staleness if staleness is None else staleness
+        tracks = [self.tracks[u] for u in users] if users is not None else list(self.tracks.values())
+        self._receive(block=False)
+        start = time.perf_counter()
+        while any(t.outstanding > bound for t in tracks):
+            self._receive(block=True)
+        self.stats["wait_seconds"] += time.perf_counter() - start
+
+    def _receive(self, block: bool) -> None:
+        try:
+            replies = self.backend.replies(block)
+        except WorkerLost as lost:
+            self._recover(lost.users)
+            return
+        for reply in replies:
+            self._take(reply)
+
+    def _take(self, reply: Reply) -> None:
+        track = self.tracks.get(reply.user)
+        if track is None or reply.seq <= track.answered:
+            return  # a replayed message answered again, or a removed user
+        track.answered = reply.seq
+        update = reply.update
+        if update is None:
+            return
+        if update.snapshot is not None:
+            track.snapshot = update.snapshot
+            track.log = [m for m in track.log if m.seq > reply.seq]
+        track.lr = update.lr
+        if update.version <= track.version:
+            return
+        track.version = update.version
+        if update.states is None:
+            self.stats["skipped_fits"] += 1
+            return
+        self.stats["update_bytes"] += update.nbytes
+        self.apply(update)
+
+    def _recover(self, users: list[str]) -> None:
+        """Rebuild the lost users' owners from their snapshots and replay what they had not answered."""
+        self.stats["recoveries"] += 1
+        for user in users:
+            track = self.tracks.get(user)
+            if track is None:
+                continue
+            owner = track.rebuild()
+            owner.load_state(track.snapshot)
+            self.backend.add(owner)
+            for msg in track.log:
+                self.backend.submit(msg)
+
+    def close(self) -> None:
+        self.backend.close()
