@@ -2,11 +2,12 @@
 from colaft.adapters import ADAPTERS, SiteSpec, register_adapter
 from colaft.config import ColaConfig
 from colaft.fit import fit
-from colaft.model import ColaModel
+from colaft.model import DEFAULT_USER, ColaModel
 from colaft.packets import Packet
 from colaft.server import server_step
 from colaft.trainer import Trainer
+from colaft.users import FitConfig, Owner
 
-__all__ = ["ADAPTERS", "ColaConfig", "ColaModel", "Packet", "SiteSpec", "Trainer", "fit", "register_adapter",
-           "server_step"]
+__all__ = ["ADAPTERS", "DEFAULT_USER", "ColaConfig", "ColaModel", "FitConfig", "Owner", "Packet", "SiteSpec", "Trainer",
+           "fit", "register_adapter", "server_step"]
 __version__ = "0.1.0"
