@@ -2,7 +2,6 @@
 return the plain model."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from colaft import ColaConfig, ColaModel, Trainer
-from conftest import ARCHS, Backprop, flat_state, make_batch, make_opt, max_rel_err, randomize_, text_batch
+from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, randomize_, text_batch
 
 # users cycle through these adapter settings: mixed types and sizes at the same sites
 KINDS = [dict(adapter="lowrank", rank=8), dict(adapter="linear"), dict(adapter="mlp", hidden=8),
