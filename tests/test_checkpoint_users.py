@@ -370,3 +370,19 @@ def test_resume_refuses_other_users(tmp_path):
                                            dropout=0.1))
     with pytest.raises(ValueError, match=r"user 'ünï' saved with another ColaConfig .*'hidden': \(8, 16\)"):
         other.load_checkpoint(tmp_path / "ckpt")
+
+
+def test_resume_restores_the_collaborative_mode(tmp_path):
+    def make() -> Trainer:
+        return Trainer(build("bert", ["user.0", "user.1"], kinds=[KINDS[0], KINDS[1]]), optimizer="sgd", lr=0.1)
+
+    trainer = make()
+    trainer.model.set_mode("collaborative", {"user.1": 3.0})
+    batch, users = mixed("bert", trainer.model.users)
+    trainer.step(batch, users=users)
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    resumed = make()
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert (resumed.model.mode, resumed.model.weights) == ("collaborative", {"user.1": 3.0})
+    batch, _ = mixed("bert", trainer.model.users, seed=9)  # every row sees the weighted mean: no users needed
+    assert torch.equal(logits(resumed.model.eval(), batch), logits(trainer.model.eval(), batch))
