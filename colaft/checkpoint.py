@@ -1,46 +1,48 @@
-"""Checkpoints: adapters, resumable trainer state, and PEFT LoRA export/import.
+"""Checkpoints: every user's adapters, and resumable trainer state.
 
-    save_adapters -> adapters.safetensors (<site>.<param>) + colaft_config.json
-    save_trainer  -> the above + trainer.safetensors / trainer_state.json (owner adapters,
-                     optimizer, scheduler, torch RNG, stats) + pending.safetensors (packets)
-    export_peft   -> adapter_config.json + adapter_model.safetensors, as PEFT writes them
+One user (old checkpoints too):
+    dir/colaft_config.json      {"user", "config": ColaConfig, "sites", "mode", "weights", "colaft_version"}
+    dir/adapters.safetensors    <site>.<param>
+Several users:
+    dir/colaft_users.json       {"users": [{"user": id, "folder": name}, ...] in order, "mode", "weights", ...}
+    dir/<folder>/               one user's files as above (user ids are free-form; folders are safe names)
+save_trainer adds trainer.safetensors / trainer_state.json (every owner's adapters, optimizer,
+scheduler, stats; torch RNG) and pending.safetensors (buffered packets) next to those.
+PEFT LoRA export/import lives in colaft.peft_io.
 
 No pickle: tensors go to safetensors, structure to JSON. Every writer fills a temporary
 sibling directory and swaps it in only when complete, so a crash never leaves a
-half-written checkpoint and an existing one survives a failed save.
+half-written checkpoint and an existing one survives a failed save. Loaders check
+everything before they change anything.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftType
-from peft.utils import CONFIG_NAME as PEFT_CONFIG
-from peft.utils import SAFETENSORS_WEIGHTS_NAME as PEFT_WEIGHTS
-from peft.utils import WEIGHTS_NAME as PEFT_WEIGHTS_BIN
-from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import colaft
-from colaft.adapters.lowrank import LowRankEmbedding, LowRankLinear
 from colaft.config import ColaConfig
-from colaft.model import ColaModel
+from colaft.model import DEFAULT_USER, ColaModel
 from colaft.packets import packets_from_bytes, packets_to_bytes
-from colaft.sites import Site
 
 CONFIG = "colaft_config.json"
 ADAPTERS = "adapters.safetensors"
+USERS = "colaft_users.json"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 PENDING = "pending.safetensors"
+MARKERS = (CONFIG, USERS)  # an adapter checkpoint holds one of these
 
 States = dict[str, dict[str, torch.Tensor]]  # site name -> adapter state_dict
 
@@ -48,20 +50,22 @@ States = dict[str, dict[str, torch.Tensor]]  # site name -> adapter state_dict
 # ---------------------------------------------------------------- atomic directories
 
 @contextmanager
-def _atomic_dir(directory: str | Path, marker: str) -> Iterator[Path]:
+def _atomic_dir(directory: str | Path, markers: tuple[str, ...]) -> Iterator[Path]:
     """Yield an empty temporary sibling of `directory`; when the block succeeds it replaces `directory`.
 
-    An existing `directory` is replaced only if it is empty or holds `marker` (one of our
-    checkpoints), so a mistyped path never wipes unrelated files.
+    An existing `directory` is replaced only if it is empty or holds one of `markers` (one of
+    our checkpoints), so a mistyped path never wipes unrelated files.
     """
     target = Path(directory).resolve()  # a name to put the sibling next to, also for "."
-    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / marker).is_file())):
-        raise FileExistsError(f"{target} exists and is not a checkpoint (no {marker}): refusing to replace it")
+    ours = target.is_dir() and (not any(target.iterdir()) or any((target / m).is_file() for m in markers))
+    if target.exists() and not ours:
+        raise FileExistsError(f"{target} exists and is not a checkpoint (no {' or '.join(markers)}): "
+                              "refusing to replace it")
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")  # not mkdtemp: keep the umask's mode
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        for f in tmp.iterdir():
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files before the folders that list them
             _fsync(f)  # the data is on disk before the rename makes it visible
         _swap(tmp, target)
     finally:
@@ -191,41 +195,186 @@ def _load_states(adapters: Mapping[str, nn.Module], states: States) -> None:
         adapter.load_state_dict(states[name])
 
 
-def _write_adapters(cola_model: ColaModel, directory: Path) -> None:
-    adapters = cola_model.adapters()
+# ---------------------------------------------------------------- users on disk
+
+def safe_names(ids: list[str], pattern: str, reserved: tuple[str, ...] = (),
+               refuse: Callable[[str], bool] = lambda name: False) -> dict[str, str]:
+    """Distinct names for free-form ids: characters matching `pattern` become "_", clashes get "-2", "-3", ...
+
+    Names differ even ignoring case (case-insensitive file systems) and avoid `reserved`
+    and any name `refuse` rejects; the ids themselves are stored next to them in JSON.
+    """
+    taken, out = {r.lower() for r in reserved}, {}
+    for user in ids:
+        base = re.sub(pattern, "_", user)[:64].lstrip(".") or "user"  # no hidden names, no "." or ".."
+        name, n = base, 1
+        while name.lower() in taken or refuse(name):
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name.lower())
+        out[user] = name
+    return out
+
+
+def _write_user(cola_model: ColaModel, user: str, directory: Path, extra: Mapping) -> None:
+    """One user's adapters and ColaConfig: the single-user layout."""
+    adapters = cola_model.user_adapters(user)
     tensors = {f"{site}.{k}": v.detach().cpu().contiguous() for site, s in _states(adapters).items()
                for k, v in s.items()}
     save_file(tensors, directory / ADAPTERS)
-    _write_json(directory / CONFIG, {"config": cola_model.config.to_dict(), "sites": list(adapters),
-                                     "colaft_version": colaft.__version__})
+    _write_json(directory / CONFIG, {"user": user, "config": cola_model.user_configs[user].to_dict(),
+                                     "sites": list(adapters), **extra, "colaft_version": colaft.__version__})
 
 
-def save_adapters(cola_model: ColaModel, directory: str | Path) -> None:
-    """Save the server's adapters and the ColaConfig to `directory` (atomic)."""
-    with _atomic_dir(directory, CONFIG) as tmp:
-        _write_adapters(cola_model, tmp)
+def _write_adapters(cola_model: ColaModel, directory: Path, user: str | None = None) -> None:
+    """Every user's adapters (or only `user`'s) into `directory`; the mode goes with a whole model only."""
+    users = cola_model.users if user is None else [user]
+    if not users:
+        raise ValueError("the model has no users: nothing to save")
+    cola_model._check_users(users)
+    mode = {"mode": cola_model.mode, "weights": cola_model.weights} if user is None else {}
+    if len(users) == 1:
+        _write_user(cola_model, users[0], directory, mode)
+        return
+    # user folders never shadow a file of the root (a trainer checkpoint keeps its files there)
+    folders = safe_names(users, r"[^0-9A-Za-z_.-]", reserved=(USERS, TRAINER_TENSORS, TRAINER_STATE, PENDING))
+    for u in users:
+        (directory / folders[u]).mkdir()
+        _write_user(cola_model, u, directory / folders[u], {})
+    _write_json(directory / USERS, {"users": [{"user": u, "folder": folders[u]} for u in users], **mode,
+                                    "colaft_version": colaft.__version__})
 
 
-def load_adapters(model: nn.Module, directory: str | Path) -> ColaModel:
-    """Attach the adapters saved in `directory` to `model` (the base model they were trained on).
+@dataclass
+class _Saved:
+    """One user's adapters as a checkpoint holds them."""
+    user: str
+    config: dict
+    states: States
+    source: Path  # the folder they came from, for error messages
 
-    Raises FileNotFoundError for a missing or incomplete checkpoint and ValueError when its
-    sites or shapes do not fit `model` (which is then left without sites).
-    """
-    path = _require(directory, CONFIG, ADAPTERS)
+
+def _read_user(path: Path) -> tuple[_Saved, dict]:
+    _require(path, CONFIG, ADAPTERS)
     meta = _read_json(path / CONFIG)
     states = _nest(load_file(path / ADAPTERS), meta["sites"])
+    return _Saved(meta.get("user", DEFAULT_USER), meta["config"], states, path), meta
+
+
+def _read(directory: str | Path) -> tuple[list[_Saved], dict]:
+    """Every user's adapters in a checkpoint, in order, and the model's mode ({} if not saved)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {path}")
+    if not (path / USERS).is_file():
+        saved, meta = _read_user(path)
+        return [saved], {k: meta[k] for k in ("mode", "weights") if k in meta}
+    index = _read_json(path / USERS)
+    saved = []
+    for entry in index["users"]:
+        folder = entry["folder"]
+        if Path(folder).name != folder or folder in ("", ".", ".."):
+            raise ValueError(f"{path / USERS}: user folder {folder!r} is not a plain name")
+        one, _ = _read_user(path / folder)
+        one.user = entry["user"]  # the index is the authority on ids
+        saved.append(one)
+    return saved, {k: index[k] for k in ("mode", "weights") if k in index}
+
+
+def _pick(saved: list[_Saved], user: str, path) -> _Saved:
+    """`user`'s adapters: by id from a checkpoint of several users; a single-user one's, whatever its id."""
+    if len(saved) == 1:
+        return _Saved(user, saved[0].config, saved[0].states, saved[0].source)
+    found = [s for s in saved if s.user == user]
+    if not found:
+        raise ValueError(f"{path} holds no user {user!r}; its users: {', '.join(repr(s.user) for s in saved)}")
+    return found[0]
+
+
+def _check_config(have: ColaConfig, saved: dict, source) -> None:
+    """A user's saved ColaConfig must compute what the model's does (targets: the site lists are compared)."""
+    have = have.to_dict()
+    diff = {k: (v, have.get(k)) for k, v in saved.items()
+            if k not in ("target_modules", "heads") and have.get(k) != v}
+    if diff:
+        raise ValueError(f"{source}: saved with another ColaConfig (field: (saved, this model's)): {diff}")
+
+
+# ---------------------------------------------------------------- save / load adapters
+
+def save_adapters(cola_model: ColaModel, directory: str | Path, user: str | None = None) -> None:
+    """Save every user's adapters and ColaConfig (and the mode) to `directory`, atomically.
+
+    One user: `colaft_config.json` + `adapters.safetensors`; several: `colaft_users.json` and
+    one such folder per user. `user`: that user's adapters alone, in the one-user layout.
+    """
+    with _atomic_dir(directory, MARKERS) as tmp:
+        _write_adapters(cola_model, tmp, user)
+
+
+def load_adapters(model: nn.Module, directory: str | Path, user: str | None = None) -> ColaModel:
+    """A ColaModel on `model` (the base model they were trained on) with the users saved in `directory`.
+
+    Restores every user (ids, configs, adapters) and the mode; `user`: that user alone (from a
+    checkpoint of one user: its adapters, under the id `user`). Raises FileNotFoundError for
+    a missing or incomplete checkpoint and ValueError when it does not fit `model` (which is
+    then left without sites).
+    """
+    saved, mode = _read(directory)
+    if user is not None:
+        saved, mode = [_pick(saved, user, directory)], {}
+    cola = None
     try:
-        cola = ColaModel(model, ColaConfig.from_dict(meta["config"]))
-    except ValueError as e:
-        raise ValueError(f"{path} does not fit this model: {e}") from e
-    try:
-        _check_states(cola.adapters(), states, path)
-    except ValueError:
-        cola.unload()
+        for s in saved:
+            try:
+                config = ColaConfig.from_dict(s.config)
+                if cola is None:
+                    cola = ColaModel(model, config, user=s.user)
+                else:
+                    cola.add_user(s.user, config)
+            except ValueError as e:
+                raise ValueError(f"{s.source} does not fit this model: {e}") from e
+            _check_states(cola.user_adapters(s.user), s.states, s.source)
+        if mode:
+            cola.set_mode(mode["mode"], mode["weights"])
+    except BaseException:
+        if cola is not None:
+            cola.unload()
         raise
-    _load_states(cola.adapters(), states)
+    for s in saved:
+        _load_states(cola.user_adapters(s.user), s.states)
     return cola
+
+
+def load_adapters_into(cola_model: ColaModel, directory: str | Path, user: str | None = None) -> None:
+    """Load saved users into an existing ColaModel: new users are added, existing ones get the weights.
+
+    `user`: only that user (from a checkpoint of one user: its adapters, whatever id it was
+    saved under). An existing user must have the same sites, shapes and adapter settings.
+    On any error the model is left as it was. The mode is not changed. A Trainer's owners
+    hold their own copies: load before building the Trainer (new users it picks up itself).
+    """
+    saved, _ = _read(directory)
+    if user is not None:
+        saved = [_pick(saved, user, directory)]
+    added = []
+    try:
+        for s in saved:
+            if s.user in cola_model.user_configs:
+                _check_config(cola_model.user_configs[s.user], s.config, f"{s.source} (user {s.user!r})")
+            else:
+                try:
+                    cola_model.add_user(s.user, ColaConfig.from_dict(s.config))
+                except ValueError as e:
+                    raise ValueError(f"{s.source} does not fit this model: {e}") from e
+                added.append(s.user)
+            _check_states(cola_model.user_adapters(s.user), s.states, f"{s.source} (user {s.user!r})")
+    except BaseException:
+        for u in added:
+            cola_model.remove_user(u)
+        raise
+    for s in saved:
+        _load_states(cola_model.user_adapters(s.user), s.states)
 
 
 # ---------------------------------------------------------------- trainer: resume bit for bit
@@ -247,13 +396,13 @@ def save_trainer(trainer, directory: str | Path) -> None:
     """Save all that `load_trainer` needs to resume bit for bit (atomic).
 
     Every owner's state is fetched from the backend once its messages are answered. The
-    directory is also an adapter checkpoint (`load_adapters` reads it).
+    directory is also an adapter checkpoint of every user (`load_adapters` reads it).
     """
-    owners = {u: trainer.owner_state(u) for u in trainer.model.users}
-    pending = [p for state in owners.values() for p in state.pop("pending")]
+    owners = [{"user": u, "state": trainer.owner_state(u)} for u in trainer.model.users]  # ids may hold "/"
+    pending = [p for owner in owners for p in owner["state"].pop("pending")]
     tensors: dict[str, torch.Tensor] = {}
     state = _encode({"owners": owners, "rng": _rng_state(), "stats": trainer.stats}, "", tensors)
-    with _atomic_dir(directory, CONFIG) as tmp:
+    with _atomic_dir(directory, MARKERS) as tmp:
         _write_adapters(trainer.model, tmp)
         save_file(tensors, tmp / TRAINER_TENSORS)
         _write_json(tmp / TRAINER_STATE, state)
@@ -261,194 +410,49 @@ def save_trainer(trainer, directory: str | Path) -> None:
 
 
 def load_trainer(trainer, directory: str | Path) -> None:
-    """Restore a `save_trainer` checkpoint into `trainer`.
+    """Restore a `save_trainer` checkpoint into `trainer`: every user's server adapters and owner, the mode.
 
-    `trainer` must be built like the saved one (same base model, ColaConfig, users, optimizer
-    and scheduler types, intervals); everything is checked before anything is changed.
+    `trainer` must be built like the saved one (same base model, users and their ColaConfigs,
+    optimizer and scheduler types, intervals); everything is checked before anything is changed.
     """
-    path = _require(directory, CONFIG, ADAPTERS, TRAINER_TENSORS, TRAINER_STATE, PENDING)
-    meta = _read_json(path / CONFIG)
-    config = trainer.model.config.to_dict()
-    if meta["config"] != config:
-        diff = {k: (v, config.get(k)) for k, v in meta["config"].items() if config.get(k) != v}
-        raise ValueError(f"{path}: saved with another ColaConfig (field: (saved, this trainer's)): {diff}")
-    server = _nest(load_file(path / ADAPTERS), meta["sites"])
+    path = _require(directory, TRAINER_TENSORS, TRAINER_STATE, PENDING)
+    saved, mode = _read(path)
+    model = trainer.model
     state = _decode(_read_json(path / TRAINER_STATE), load_file(path / TRAINER_TENSORS))
-    owners, pending = state["owners"], packets_from_bytes((path / PENDING).read_bytes())
-    if sorted(owners) != sorted(trainer.model.users):
-        raise ValueError(f"{path}: saved for users {sorted(owners)}, this trainer has {sorted(trainer.model.users)}")
+    owners = state["owners"]
+    owners = {o["user"]: o["state"] for o in owners} if isinstance(owners, list) else owners  # older: by id
+    pending = packets_from_bytes((path / PENDING).read_bytes())
+    if len(saved) == 1 == len(owners):  # one user: its owner's id is the server's (older files named only that)
+        saved[0].user = next(iter(owners))
+    if sorted(owners) != sorted(model.users) or sorted(s.user for s in saved) != sorted(model.users):
+        raise ValueError(f"{path}: saved for users {sorted(owners)}, this trainer has {sorted(model.users)}")
+    for s in saved:
+        config = model.user_configs[s.user].to_dict()
+        if s.config != config:
+            diff = {k: (v, config.get(k)) for k, v in s.config.items() if config.get(k) != v}
+            raise ValueError(f"{path}: user {s.user!r} saved with another ColaConfig "
+                             f"(field: (saved, this trainer's)): {diff}")
+        _check_states(model.user_adapters(s.user), s.states, f"{s.source} (server adapters of {s.user!r})")
     for user, owner in owners.items():
         interval = trainer.user_fit.get(user, trainer.fit_config).interval
         if owner["pending_steps"] >= interval:
             raise ValueError(f"{path}: user {user!r} holds {owner['pending_steps']} pending server steps, "
                              f"but this trainer fits every {interval}")
-        _check_states(trainer.model.user_adapters(user), owner["adapters"], f"{path} (owner adapters of {user!r})")
+        _check_states(model.user_adapters(user), owner["adapters"], f"{path} (owner adapters of {user!r})")
         owner["pending"] = [p for p in pending if p.user == user]
-    _check_states(trainer.model.adapters(), server, path)
-    _load_states(trainer.model.adapters(), server)
+    for s in saved:
+        _load_states(model.user_adapters(s.user), s.states)
     for user, owner in owners.items():
         trainer.pipeline.load_state(user, owner)
+    if mode:
+        model.set_mode(mode["mode"], mode["weights"])
     _set_rng_state(state["rng"])
     trainer.stats.update(state["stats"])
 
 
-# ---------------------------------------------------------------- PEFT LoRA
-
-PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix (peft.utils.save_and_load)
-LORA_PARAMS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
-BASE_LAYER = "base_layer.weight"  # PEFT also saves a targeted embedding's own weight ("embed_tokens")
-
-
-def _lora_tensors(site: Site) -> dict[str, torch.Tensor]:
-    adapter = site.adapter
-    if not isinstance(adapter, (LowRankLinear, LowRankEmbedding)):
-        raise ValueError(f"site {site.name}: a {type(adapter).__name__} adapter has no PEFT LoRA form; "
-                         f"only lowrank adapters (and task heads) export")
-    if site.spec.kind == "conv2d" and any(d != 1 for d in site.spec.dilation):
-        raise ValueError(f"site {site.name}: PEFT's LoRA Conv2d has no dilation")
-    if site.spec.kind == "conv2d" and site.spec.padding_mode != "zeros":
-        raise ValueError(f"site {site.name}: PEFT's LoRA Conv2d pads with zeros, this site with {site.spec.padding_mode}")
-    return {f"{site.name}.{k}": v for k, v in adapter.state_dict().items()}
-
-
-def _merged_head(site: Site) -> dict[str, torch.Tensor]:
-    """A task head as PEFT's modules_to_save holds it: the module's own parameters, delta merged."""
-    m = site.target
-    dw, db = site.adapter.delta_weight()
-    out = {"weight": m.weight + (dw.T if isinstance(m, Conv1D) else dw)}
-    if m.bias is not None:  # a head's adapter has a bias delta exactly when the head has a bias
-        out["bias"] = m.bias + db
-    return {f"{site.name}.{k}": v for k, v in out.items()}
-
-
-def export_peft(cola_model: ColaModel, directory: str | Path) -> None:
-    """Write the low-rank adapters as a PEFT LoRA adapter directory (atomic).
-
-    `peft.PeftModel.from_pretrained(base, directory)` then computes what `cola_model` does.
-    Task heads become PEFT `modules_to_save`, holding the merged weight W + delta_W.
-    Raises ValueError for adapters that PEFT's LoRA cannot express.
-    """
-    heads = set(cola_model.head_names)
-    tensors, targets = {}, []
-    for site in cola_model.sites.values():
-        if site.name in heads:
-            tensors.update(_merged_head(site))
-        else:
-            tensors.update(_lora_tensors(site))
-            targets.append(site.name)
-    config = cola_model.config
-    linear = [cola_model.site(n).target for n in targets if cola_model.site(n).spec.kind == "linear"]
-    peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                             target_modules=targets, modules_to_save=sorted(heads) or None,
-                             fan_in_fan_out=bool(linear) and all(isinstance(m, Conv1D) for m in linear),  # W (in, out)
-                             base_model_name_or_path=getattr(cola_model.model, "name_or_path", None) or None)
-    with _atomic_dir(directory, PEFT_CONFIG) as tmp:
-        peft_config.save_pretrained(str(tmp))
-        save_file({PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                  tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
-
-
-def _read_peft(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The LoRA config and weights of a PEFT adapter directory, or a clear error."""
-    path = Path(directory)
-    if not (path / PEFT_CONFIG).is_file():
-        raise FileNotFoundError(f"{path} is not a PEFT adapter directory: no {PEFT_CONFIG}")
-    if not any((path / n).is_file() for n in (PEFT_WEIGHTS, PEFT_WEIGHTS_BIN)):
-        raise FileNotFoundError(f"{path}: no {PEFT_WEIGHTS} or {PEFT_WEIGHTS_BIN}")
-    config = PeftConfig.from_pretrained(str(path))
-    if config.peft_type != PeftType.LORA:
-        raise ValueError(f"{path}: a {config.peft_type} adapter; only LoRA imports")
-    unsupported = {"use_dora": config.use_dora, "use_rslora": config.use_rslora, "lora_bias": config.lora_bias,
-                   "bias": config.bias != "none", "rank_pattern": bool(config.rank_pattern),
-                   "alpha_pattern": bool(config.alpha_pattern), "target_parameters": bool(config.target_parameters),
-                   "layer_replication": bool(config.layer_replication)}
-    if any(unsupported.values()):
-        raise ValueError(f"{path}: LoRA options that colaft's lowrank adapter lacks: "
-                         f"{', '.join(k for k, v in unsupported.items() if v)}")
-    weights = load_peft_weights(str(path), device="cpu")
-    return config, {k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}
-
-
-def _split_peft(weights: Mapping[str, torch.Tensor]) -> tuple[States, States]:
-    """(LoRA states by site, other tensors by module) from PEFT's saved keys."""
-    lora: States = {}
-    other: States = {}
-    for key, t in weights.items():
-        param = next((p for p in LORA_PARAMS + (BASE_LAYER,) if key.endswith("." + p)), None)
-        if param is None:
-            module, _, param = key.rpartition(".")
-            other.setdefault(module, {})[param] = t
-        else:
-            lora.setdefault(key[:-len(param) - 1], {})[param] = t
-    return lora, other
-
-
-def _head_delta(site: Site, saved: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The delta that turns a head into PEFT's saved copy of it (modules_to_save)."""
-    m = site.target
-    weight = saved["weight"].to(m.weight.device)
-    if weight.shape != m.weight.shape:
-        raise ValueError(f"head {site.name}: {tuple(weight.shape)} in the PEFT adapter, {tuple(m.weight.shape)} here")
-    dw = weight - m.weight
-    state = {"weight": dw.T if isinstance(m, Conv1D) else dw}
-    if site.adapter.bias is not None:
-        db = torch.zeros_like(site.adapter.bias)
-        if "bias" in saved:
-            db = saved["bias"].to(db.device) - (m.bias if m.bias is not None else 0)
-        state["bias"] = db
-    return state
-
-
-def _check_base_layer(site: Site, saved: torch.Tensor, source) -> None:
-    weight = site.target.weight
-    if not torch.equal(saved.to(weight), weight):
-        raise ValueError(f"{source}: {site.name} carries base weights of its own (a resized embedding?); "
-                         f"colaft keeps the base model as it is")
-
-
-def _load_peft(cola_model: ColaModel, peft_config: LoraConfig, weights: Mapping[str, torch.Tensor], source) -> None:
-    config = cola_model.config
-    if (peft_config.r, peft_config.lora_alpha) != (config.rank, config.alpha) or config.adapter != "lowrank":
-        raise ValueError(f"{source}: LoRA r={peft_config.r}, lora_alpha={peft_config.lora_alpha} does not fit "
-                         f"adapter={config.adapter!r}, rank={config.rank}, alpha={config.alpha}")
-    heads, sites = set(cola_model.head_names), cola_model.adapters()
-    lora, other = _split_peft(weights)
-    for name, state in lora.items():
-        saved_base = state.pop(BASE_LAYER, None)
-        if saved_base is not None and name in sites:
-            _check_base_layer(cola_model.site(name), saved_base, source)
-    extra = sorted(set(other) - heads)
-    if extra:
-        raise ValueError(f"{source}: {extra} are not LoRA weights nor task heads of this model")
-    states = {**lora, **{n: _head_delta(cola_model.site(n), s) for n, s in other.items()}}
-    adapters = {n: a for n, a in sites.items() if n in states or n not in heads}
-    _check_states(adapters, states, source)
-    _load_states(adapters, states)
-
-
-def load_peft(cola_model: ColaModel, directory: str | Path) -> None:
-    """Start the low-rank sites of `cola_model` from a PEFT LoRA adapter directory.
-
-    The adapter must target exactly the low-rank sites, with the same rank and alpha. Its
-    modules_to_save must be task heads of `cola_model`; a head it lacks keeps its delta.
-    Call it before building a Trainer, which copies the adapters it starts from.
-    """
-    peft_config, weights = _read_peft(directory)
-    _load_peft(cola_model, peft_config, weights, directory)
-
-
-def from_peft(model: nn.Module, directory: str | Path) -> ColaModel:
-    """A ColaModel on `model` built from a PEFT LoRA adapter's config and started from its weights."""
-    peft_config, weights = _read_peft(directory)
-    # The saved weights name exactly the adapted modules, whatever selected them
-    # (all-linear, layers_to_transform, exclude_modules...).
-    sites = sorted(_split_peft(weights)[0])
-    config = ColaConfig(target_modules=sites, adapter="lowrank", rank=peft_config.r, alpha=peft_config.lora_alpha,
-                        dropout=peft_config.lora_dropout, heads=sorted(peft_config.modules_to_save or []))
-    cola = ColaModel(model, config)
-    try:
-        _load_peft(cola, peft_config, weights, directory)
-    except ValueError:
-        cola.unload()
-        raise
-    return cola
+def __getattr__(name: str):
+    """PEFT interop moved to colaft.peft_io; its functions stay reachable from here."""
+    if name in ("export_peft", "load_peft", "from_peft"):
+        from colaft import peft_io
+        return getattr(peft_io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -221,28 +221,38 @@ class ColaModel(nn.Module):
             s.merge_into_base()
         return self.unload()
 
-    # ------------------------------------------------------------- disk (colaft.checkpoint)
-    def save_pretrained(self, directory: str | Path) -> None:
+    # ------------------------------------------------------------- disk (colaft.checkpoint, colaft.peft_io)
+    def save_pretrained(self, directory: str | Path, user: str | None = None) -> None:
+        """Save every user's adapters and ColaConfig, and the mode (atomic); `user`: that user's alone."""
         from colaft import checkpoint
-        checkpoint.save_adapters(self, directory)
+        checkpoint.save_adapters(self, directory, user)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "ColaModel":
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, user: str | None = None) -> "ColaModel":
+        """`model` with the saved users' adapters and the mode; `user`: that user alone (from a
+        one-user checkpoint: its adapters, under the id `user`)."""
         from colaft import checkpoint
-        return checkpoint.load_adapters(model, directory)
+        return checkpoint.load_adapters(model, directory, user)
 
-    def export_peft(self, directory: str | Path) -> None:
+    def load_adapters(self, directory: str | Path, user: str | None = None) -> None:
+        """Add the saved users (or `user` alone) to this model, or replace their weights if they exist."""
         from colaft import checkpoint
-        checkpoint.export_peft(self, directory)
+        checkpoint.load_adapters_into(self, directory, user)
 
-    def load_peft(self, directory: str | Path) -> None:
-        from colaft import checkpoint
-        checkpoint.load_peft(self, directory)
+    def export_peft(self, directory: str | Path, user: str | None = None) -> None:
+        """Write `user`'s low-rank adapters (default: every user's) as a PEFT LoRA adapter directory."""
+        from colaft import peft_io
+        peft_io.export_peft(self, directory, user)
+
+    def load_peft(self, directory: str | Path, user: str | None = None) -> None:
+        """Start `user`'s adapters (default: the only user's; created if new) from a PEFT LoRA adapter."""
+        from colaft import peft_io
+        peft_io.load_peft(self, directory, user)
 
     @classmethod
-    def from_peft(cls, model: nn.Module, directory: str | Path) -> "ColaModel":
-        from colaft import checkpoint
-        return checkpoint.from_peft(model, directory)
+    def from_peft(cls, model: nn.Module, directory: str | Path, user: str = DEFAULT_USER) -> "ColaModel":
+        from colaft import peft_io
+        return peft_io.from_peft(model, directory, user)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification)
 
-from colaft import ColaConfig, ColaModel, Trainer, checkpoint
+from colaft import ColaConfig, ColaModel, Trainer, checkpoint, peft_io
 
 VOCAB = 64
 # CUDA, where there is one: its RNG (dropout) and device moves must round-trip too
@@ -135,8 +135,8 @@ def test_load_errors_are_clear_and_leave_the_model_clean(tmp_path):
 
 # ---------------------------------------------------------------- atomic writes
 
-def crash_on_call(monkeypatch, n: int) -> None:
-    """Make the n-th safetensors write die half way, as a full disk or a kill would."""
+def crash_on_call(monkeypatch, n: int, module=checkpoint) -> None:
+    """Make the n-th safetensors write of `module` die half way, as a full disk or a kill would."""
     calls = []
 
     def writer(tensors, path, metadata=None):
@@ -147,8 +147,8 @@ def crash_on_call(monkeypatch, n: int) -> None:
             raise OSError("disk full")
         save_file(tensors, path, metadata)
 
-    save_file = checkpoint.save_file
-    monkeypatch.setattr(checkpoint, "save_file", writer)
+    save_file = module.save_file
+    monkeypatch.setattr(module, "save_file", writer)
 
 
 @pytest.mark.parametrize("writer,n_files", [("adapters", 1), ("trainer", 2), ("peft", 1)])
@@ -156,8 +156,8 @@ def test_a_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, write
     cola = trained("gpt2", steps=1)
     trainer = Trainer(cola, lr=5e-2)
     save = {"adapters": lambda d: checkpoint.save_adapters(cola, d), "trainer": lambda d: trainer.save_checkpoint(d),
-            "peft": lambda d: checkpoint.export_peft(cola, d)}[writer]
-    reader = checkpoint.from_peft if writer == "peft" else checkpoint.load_adapters
+            "peft": lambda d: peft_io.export_peft(cola, d)}[writer]
+    reader = peft_io.from_peft if writer == "peft" else checkpoint.load_adapters
 
     def load(d):
         return reader(tiny("gpt2"), d).adapters()
@@ -169,7 +169,8 @@ def test_a_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, write
                            old["transformer.h.0.attn.c_attn"].lora_B.weight)
 
     with monkeypatch.context() as m:
-        crash_on_call(m, n_files)  # the last file: all others are complete by then
+        # the last file: all others are complete by then
+        crash_on_call(m, n_files, peft_io if writer == "peft" else checkpoint)
         with pytest.raises(OSError, match="disk full"):
             save(tmp_path / "ckpt")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left
@@ -266,14 +267,14 @@ def test_export_peft_loads_in_peft_with_the_same_outputs(tmp_path, name, device)
     expected = outputs(cola, name)
     assert not torch.allclose(expected, outputs(tiny(name, device), name), atol=1e-3)
     assert (outputs(peft_model, name) - expected).abs().max() <= 1e-5
-    back = checkpoint.from_peft(tiny(name, device), tmp_path / "peft").eval()  # and back again
+    back = peft_io.from_peft(tiny(name, device), tmp_path / "peft").eval()  # and back again
     assert (outputs(back, name) - expected).abs().max() <= 1e-5
 
 
 def test_export_peft_rejects_adapters_that_are_not_lowrank(tmp_path):
     cola = ColaModel(tiny("gpt2"), ColaConfig(target_modules=["c_attn"], adapter="mlp"))
     with pytest.raises(ValueError, match="Sequential adapter has no PEFT LoRA form"):
-        checkpoint.export_peft(cola, tmp_path / "peft")
+        peft_io.export_peft(cola, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
 
 
@@ -287,7 +288,7 @@ def test_a_head_without_bias_learns_no_bias_and_exports(tmp_path):
     assert cola.site("score").adapter.bias is None  # as PEFT's modules_to_save: no bias to learn
     with torch.no_grad():
         cola.site("score").adapter.weight.fill_(0.5)
-    checkpoint.export_peft(cola, tmp_path / "peft")
+    peft_io.export_peft(cola, tmp_path / "peft")
     saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     head = [k for k in saved if "score" in k]
     assert len(head) == 1 and torch.equal(saved[head[0]], model.score.weight + 0.5)
@@ -313,7 +314,7 @@ def test_load_peft_starts_from_peft_weights(tmp_path, name, device):
     peft_model, directory = peft_dir(tmp_path, name, device)
     expected = outputs(peft_model, name)
     assert not torch.allclose(expected, outputs(tiny(name, device), name), atol=1e-3)
-    cola = checkpoint.from_peft(tiny(name, device), directory).eval()
+    cola = peft_io.from_peft(tiny(name, device), directory).eval()
     assert (outputs(cola, name) - expected).abs().max() <= 1e-5
     config = ColaConfig(target_modules=TARGETS[name], rank=4, alpha=8, heads=HEADS.get(name, []))
     cola = ColaModel(tiny(name, device), config)
@@ -323,7 +324,7 @@ def test_load_peft_starts_from_peft_weights(tmp_path, name, device):
 
 def test_load_peft_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
-        checkpoint.from_peft(tiny("gpt2"), tmp_path)
+        peft_io.from_peft(tiny("gpt2"), tmp_path)
     _, directory = peft_dir(tmp_path / "a", "gpt2")
     for config, error in [(dict(rank=8, alpha=8), "r=4, lora_alpha=8 does not fit adapter='lowrank', rank=8"),
                           (dict(rank=4, alpha=16), "alpha=16"),
@@ -334,7 +335,7 @@ def test_load_peft_errors(tmp_path):
             cola.load_peft(directory)
     _, directory = peft_dir(tmp_path / "b", "gpt2", use_rslora=True)
     with pytest.raises(ValueError, match="lacks: use_rslora"):
-        checkpoint.from_peft(tiny("gpt2"), directory)
+        peft_io.from_peft(tiny("gpt2"), directory)
 
 
 @pytest.mark.parametrize("conv, message", [
@@ -345,5 +346,5 @@ def test_export_peft_refuses_conv_geometry_peft_cannot_hold(tmp_path, conv, mess
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=2, **conv))
     cola = ColaModel(model, ColaConfig(target_modules=["0"]))
     with pytest.raises(ValueError, match=message):
-        checkpoint.export_peft(cola, tmp_path / "peft")
+        peft_io.export_peft(cola, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
