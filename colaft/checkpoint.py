@@ -448,11 +448,3 @@ def load_trainer(trainer, directory: str | Path) -> None:
         model.set_mode(mode["mode"], mode["weights"])
     _set_rng_state(state["rng"])
     trainer.stats.update(state["stats"])
-
-
-def __getattr__(name: str):
-    """PEFT interop moved to colaft.peft_io; its functions stay reachable from here."""
-    if name in ("export_peft", "load_peft", "from_peft"):
-        from colaft import peft_io
-        return getattr(peft_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
