@@ -148,12 +148,12 @@ def test_clm_metrics(tiny_llama_dir, monkeypatch):  # noqa: F811
     assert len(answers) == 2 and answers[0] == answers[1]  # greedy: same prompt, same answer
 
     # ROUGE-L is computed against the held-out answers, in order.
-    monkeypatch.setattr(task, "generate", lambda cm, prompts: [a for _, a in QA[:len(prompts)]])
+    monkeypatch.setattr(task, "generate", lambda cm, prompts, users=None: [a for _, a in QA[:len(prompts)]])
     assert task.rouge(cola, batches) == 1.0
-    monkeypatch.setattr(task, "generate", lambda cm, prompts: ["zebra"] * len(prompts))
+    monkeypatch.setattr(task, "generate", lambda cm, prompts, users=None: ["zebra"] * len(prompts))
     assert task.rouge(cola, batches) == 0.0
     monkeypatch.setattr(task, "rouge_examples", 2)  # spread out: rows 0 and 3 of the 6
-    monkeypatch.setattr(task, "generate", lambda cm, prompts: [QA[0][1], QA[3][1]])
+    monkeypatch.setattr(task, "generate", lambda cm, prompts, users=None: [QA[0][1], QA[3][1]])
     assert task.rouge(cola, batches) == 1.0
 
 
