@@ -57,7 +57,7 @@ def train(
     user_field: Annotated[Optional[str], typer.Option(
         help="Column naming each record's user (chatterbot: topic): one adapter set per user.")] = None,
     users: Annotated[Optional[int], typer.Option(help="Deal the records out to this many users (by --seed).")] = None,
-    mode: Annotated[str, typer.Option(help="personal | collaborative (every row sees the users' mean delta)")] = "personal",
+    mode: Annotated[str, typer.Option(help="personal | collaborative (rows see the users' mean delta)")] = "personal",
     targets: Annotated[Optional[str], typer.Option(
         help="Adapter sites: comma-separated module names, a regex, or all-linear. (default: the task's)")] = None,
     adapter: Annotated[str, typer.Option(help="lowrank | linear | mlp")] = "lowrank",

@@ -191,7 +191,8 @@ def builtin_names() -> list[str]:
     return list(_builtins())
 
 
-def split(records: list, held_out: float | int = 0.1, seed: int = 0, stratify: str | None = "user") -> tuple[list, list]:
+def split(records: list, held_out: float | int = 0.1, seed: int = 0,
+          stratify: str | None = "user") -> tuple[list, list]:
     """Shuffle with `seed` and cut off a held-out part: a fraction (float) or a count (int).
 
     Records (dicts) that carry the field `stratify` are split per value of it, so every user
@@ -218,8 +219,10 @@ def _held_out_per_group(groups: list, order: list[int], fraction: float, field: 
     """The first round(fraction * size) shuffled indices of every group (at least 1, never all)."""
     size = Counter(groups)
     if small := sorted(str(g) for g, k in size.items() if k < 2):
-        raise ValueError(f"{field} {', '.join(map(repr, small[:5]))} {'has' if len(small) == 1 else 'have'} "
-                         f"a single record: each needs 2 or more, to hold one out")
+        many = len(small) > 1
+        names = ", ".join(map(repr, small[:5])) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        raise ValueError(f"{field}{'s' if many else ''} {names} {'have' if many else 'has'} a single record: "
+                         "each needs 2 or more, to hold one out")
     quota = {g: min(max(round(k * fraction), 1), k - 1) for g, k in size.items()}
     taken: Counter = Counter()
     out = set()

@@ -192,11 +192,11 @@ def plot_loss(history: list[dict], path: Path) -> None:
         colors = matplotlib.colormaps["tab20"] if len(users) > 10 else matplotlib.colormaps["tab10"]
         for i, user in enumerate(users):
             color = colors(i % colors.N)
-            mine = [(r["step"], r["users"][user]) for r in history if r["split"] == "train" and user in r.get("users", {})]
-            if mine:
-                _running_mean(ax, *zip(*mine), color=color, label=f"{user} (mean of {{}})")
-            held = [(r["step"], r["users"][user]["loss"]) for r in history
-                    if r["split"] == "eval" and user in r.get("users", {})]
+            mine = [r for r in history if user in r.get("users", {})]
+            trained = [(r["step"], r["users"][user]) for r in mine if r["split"] == "train"]
+            if trained:
+                _running_mean(ax, *zip(*trained), color=color, label=f"{user} (mean of {{}})")
+            held = [(r["step"], r["users"][user]["loss"]) for r in mine if r["split"] == "eval"]
             if held:
                 ax.plot(*zip(*held), "o--", color=color, markersize=4)
         _finish(ax, "per user: training (lines), held-out (dashed, dots)", small=len(users) > 6)
