@@ -126,7 +126,8 @@ def train(
         max_steps, epochs = recipe.max_steps, recipe.epochs
     resolved["steps"] = steps = loop.plan_steps(len(batches), epochs or 1, max_steps)
     # A user's schedule runs over the steps that hold its rows: its owner fits on those only.
-    user_steps = {u: max(1, n) for u, n in loop.user_steps(batches, steps).items()} if multi else {first: steps}
+    counted = loop.user_steps(batches, steps) if multi else {first: steps}
+    user_steps = {u: max(1, counted.get(u, 0)) for u in names or [first]}  # 0: no training row survived encoding
     trainer = Trainer(cola_model, optimizer=optimizer, lr=resolved["lr"], weight_decay=weight_decay,
                       scheduler=scheduler, warmup_ratio=warmup, total_steps=user_steps[first], interval=interval,
                       fit_steps=fit_steps)

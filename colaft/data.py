@@ -210,8 +210,8 @@ def split(records: list, held_out: float | int = 0.1, seed: int = 0,
         n_out = min(max(round(n * held_out) if isinstance(held_out, float) else held_out, 1), n - 1)
         out = set(order[:n_out])
     else:
-        out = _held_out_per_group([records[i][stratify] for i in order], order, held_out / n
-                                  if isinstance(held_out, int) else held_out, stratify)
+        fraction = held_out / n if isinstance(held_out, int) else held_out
+        out = _held_out_per_group([records[i][stratify] for i in order], order, fraction, stratify)
     return [records[i] for i in order if i not in out], [records[i] for i in order if i in out]
 
 
