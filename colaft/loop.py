@@ -178,7 +178,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     train = [(r["step"], r["loss"]) for r in history if r["split"] == "train"]
     held_out = [(r["step"], r["loss"]) for r in history if r["split"] == "eval" and "loss" in r]
     users = sorted({u for r in history for u in r.get("users", {})})
-    fig = Figure(figsize=(14 if users else 7, 4), dpi=100)
+    fig = Figure(figsize=(7 + 7 * bool(users) + 2 * (len(users) > 6), 4), dpi=100)
     ax = fig.add_subplot(1, 2 if users else 1, 1)
     if train:
         steps, losses = zip(*train)
@@ -199,7 +199,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
             held = [(r["step"], r["users"][user]["loss"]) for r in mine if r["split"] == "eval"]
             if held:
                 ax.plot(*zip(*held), "o--", color=color, markersize=4)
-        _finish(ax, "per user: training (lines), held-out (dashed, dots)", small=len(users) > 6)
+        _finish(ax, "per user: training (lines), held-out (dashed, dots)", many=len(users) > 6)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -211,10 +211,14 @@ def _running_mean(ax, steps: Sequence[int], losses: Sequence[float], color, labe
     ax.plot(steps[window - 1:], mean, color=color, label=label.format(window))
 
 
-def _finish(ax, title: str | None, small: bool = False) -> None:
+def _finish(ax, title: str | None, many: bool = False) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if title:
         ax.set_title(title, fontsize="medium")
-    ax.legend(fontsize="x-small" if small else None, ncol=2 if small else 1)
+    if many:  # a long legend goes beside the curves, not over them
+        columns = 2 if len(ax.get_legend_handles_labels()[1]) > 16 else 1
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns)
+    else:
+        ax.legend()
     ax.grid(alpha=0.3)
