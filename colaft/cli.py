@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from colaft import ColaConfig, ColaModel, Trainer
 from colaft import data as datasets
 from colaft import loop
+from colaft.model import DEFAULT_USER
 from colaft.tasks import TASKS, get_task
 
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
@@ -53,6 +54,10 @@ def train(
     image_field: Annotated[Optional[str], typer.Option(help="Column holding the image (ic).")] = None,
     question_field: Annotated[Optional[str], typer.Option(help="Column holding the question (clm).")] = None,
     answer_field: Annotated[Optional[str], typer.Option(help="Column holding the answer (clm).")] = None,
+    user_field: Annotated[Optional[str], typer.Option(
+        help="Column naming each record's user (chatterbot: topic): one adapter set per user.")] = None,
+    users: Annotated[Optional[int], typer.Option(help="Deal the records out to this many users (by --seed).")] = None,
+    mode: Annotated[str, typer.Option(help="personal | collaborative (rows see the users' mean delta)")] = "personal",
     targets: Annotated[Optional[str], typer.Option(
         help="Adapter sites: comma-separated module names, a regex, or all-linear. (default: the task's)")] = None,
     adapter: Annotated[str, typer.Option(help="lowrank | linear | mlp")] = "lowrank",
@@ -86,6 +91,11 @@ def train(
     for folder in (out, export_peft):
         if folder is not None and folder.exists():
             raise ValueError(f"{str(folder)!r} already exists; choose another folder")
+    if user_field and users is not None:
+        raise ValueError("--user-field and --users both make users: give one")
+    multi = bool(user_field) or users is not None
+    if multi and (init_adapter or export_peft):  # PEFT folders hold one user's adapters
+        raise ValueError("--init-adapter and --export-peft are for runs without users")
     _set_threads()
     torch.manual_seed(seed)
 
@@ -100,10 +110,14 @@ def train(
                         rank=rank, alpha=alpha, dropout=dropout, hidden=hidden, merge=merge)
     fields = {"text": text_field, "label": label_field, "image": image_field, "question": question_field,
               "answer": answer_field}
-    records = datasets.load(resolved["data"], {k: v for k, v in fields.items() if v}, job.fields)
-    train_records, held_out = datasets.split(records, 0.1, seed)
+    records = datasets.load(resolved["data"], {k: v for k, v in fields.items() if v}, job.fields, user_field)
+    if users is not None:
+        records = datasets.assign_users(records, users, seed)
+    train_records, held_out = datasets.split(records, 0.1, seed)  # every user keeps held-out rows
+    names = sorted({r["user"] for r in records}) if multi else []
     base = job.load(resolved["model"], records, seed)
-    cola_model = ColaModel.from_peft(base, init_adapter) if init_adapter else ColaModel(base, config)
+    first = names[0] if names else DEFAULT_USER
+    cola_model = ColaModel.from_peft(base, init_adapter) if init_adapter else ColaModel(base, config, user=first)
     batches = loop.loader(job.encode(train_records, resolved["max_length"]), job, resolved["batch_size"],
                           shuffle=True, seed=seed)
     eval_batches = list(loop.loader(job.encode(held_out, resolved["max_length"]), job, 2 * resolved["batch_size"],
@@ -111,17 +125,26 @@ def train(
     if max_steps is None and epochs is None:
         max_steps, epochs = recipe.max_steps, recipe.epochs
     resolved["steps"] = steps = loop.plan_steps(len(batches), epochs or 1, max_steps)
+    # A user's schedule runs over the steps that hold its rows: its owner fits on those only.
+    counted = loop.user_steps(batches, steps) if multi else {first: steps}
+    user_steps = {u: max(1, counted.get(u, 0)) for u in names or [first]}  # 0: no training row survived encoding
     trainer = Trainer(cola_model, optimizer=optimizer, lr=resolved["lr"], weight_decay=weight_decay,
-                      scheduler=scheduler, warmup_ratio=warmup, total_steps=steps, interval=interval,
+                      scheduler=scheduler, warmup_ratio=warmup, total_steps=user_steps[first], interval=interval,
                       fit_steps=fit_steps)
+    for user in names[1:]:  # the same adapter config and fit settings as the first user
+        trainer.add_user(user, total_steps=user_steps[user])
+    cola_model.set_mode(mode)
+    if multi:
+        resolved["user_steps"] = user_steps
     print(f"task {task}: {resolved['model']} on {resolved['data']} ({len(train_records)} train, "
-          f"{len(held_out)} held out); {len(cola_model.sites)} sites, "
+          f"{len(held_out)} held out); " + (f"{_plural(len(names), 'user')}, {mode} mode; " if multi else "") +
+          f"{len(cola_model.sites)} sites, "
           f"{cola_model.adapter_parameters():,} adapter parameters; {steps} steps, "
           f"{_plural(torch.get_num_threads(), 'CPU thread')}")
 
     def write(run: Path) -> None:
         result = loop.train(trainer, cola_model, job, batches, eval_batches, steps, run, eval_every)
-        cola_model.save_pretrained(run / "adapters")
+        _save_adapters(cola_model, run / "adapters")
         (run / "run.json").write_text(json.dumps({"options": options, "resolved": resolved,
                                                   "cola_config": cola_model.config.to_dict(), **result}, indent=2))
         print(f"held-out before: {loop.describe(result['before'])}")
@@ -131,6 +154,15 @@ def train(
     built = [(out, write)] + ([(export_peft, cola_model.export_peft)] if export_peft else [])
     _build_atomically(built)
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
+
+
+def _save_adapters(cola_model: ColaModel, folder: Path) -> None:
+    """The one place a run saves its adapters. Several users' adapters (one subfolder per user)
+    come with the multi-user checkpoint format; until then only runs with one user save."""
+    if len(cola_model.users) == 1:
+        cola_model.save_pretrained(folder)
+    else:
+        print(f"adapters of {len(cola_model.users)} users: not saved (needs the multi-user checkpoint format)")
 
 
 def _plural(n: int, noun: str) -> str:

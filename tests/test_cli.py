@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import review_records, tiny_bert_dir, write_jsonl  # noqa: F401
+from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
 
 from colaft import ColaModel, data, loop
 from colaft.cli import main, parse_targets
@@ -52,6 +52,8 @@ def test_train_writes_a_complete_run_that_reloads(tiny_args, tiny_bert_dir, revi
     assert sorted(p.name for p in out.iterdir()) == ["adapters", "loss.png", "metrics.jsonl", "run.json"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = lines(out / "metrics.jsonl")
+    assert all(r["bytes"] > 0 and "users" not in r for r in log if r["split"] == "train")
+    assert "users" not in log[0] and "user_steps" not in json.loads((out / "run.json").read_text())["resolved"]
     assert [(r["step"], r["split"]) for r in log] == [(0, "eval")] + [(s, "train") for s in range(1, 5)] + \
         [(4, "eval"), (5, "train"), (6, "train"), (6, "eval")]
     assert log[1]["lr"] == 0.01 and log[6]["lr"] < 0.01  # warm-up of 0 steps, then linear decay
@@ -96,6 +98,67 @@ def test_image_file_with_renamed_fields(tmp_path):
     assert [r["step"] for r in lines(out / "metrics.jsonl")] == [0, 1, 2, 3, 3]
 
 
+# ---------------------------------------------------------------- users
+@pytest.fixture
+def authored(tmp_path):
+    """The reviews with an "author" column: ann, bob, cy in turn (16 records each)."""
+    return write_jsonl(tmp_path / "authored.jsonl", [dict(r, author=["ann", "bob", "cy"][i % 3])
+                                                     for i, r in enumerate(review_records(3))])
+
+
+def test_train_with_a_user_field_reports_every_user(tiny_bert_dir, authored, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "users"
+    assert main(["train", "--model", str(tiny_bert_dir), "--data", str(authored), *FIELDS, "--user-field", "author",
+                 "--batch-size", "8", "--lr", "0.01", "--max-steps", "6", "--eval-every", "3", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "(42 train, 6 held out); 3 users, personal mode;" in stdout  # 2 held out per user
+    assert "| ann | 14 | 2 | " in stdout
+
+    # Saving several users' adapters comes with the multi-user checkpoint format.
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "metrics.jsonl", "run.json", "users.md"]
+    log = lines(out / "metrics.jsonl")
+    evals, steps = [r for r in log if r["split"] == "eval"], [r for r in log if r["split"] == "train"]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    for r in evals:
+        assert set(r["users"]) == {"ann", "bob", "cy"}
+        assert all(set(m) == {"loss", "accuracy", "f1"} for m in r["users"].values())
+    for r in steps:  # each step: the losses of the users in its batch, and their mean
+        assert r["users"] and set(r["users"]) <= {"ann", "bob", "cy"} and r["bytes"] > 0
+        assert r["loss"] == pytest.approx(sum(r["users"].values()) / len(r["users"]))
+    run = json.loads((out / "run.json").read_text())
+    assert run["after"]["users"] == evals[-1]["users"] and run["options"]["user_field"] == "author"
+    # Each user's schedule spans the steps that hold its rows, counted before training ran them.
+    assert run["resolved"]["user_steps"] == {u: sum(u in r["users"] for r in steps) for u in ("ann", "bob", "cy")}
+
+    table = (out / "users.md").read_text().splitlines()
+    assert table[0] == "| user | train rows | held-out rows | loss | accuracy | f1 |"
+    assert [row.split(" | ")[:3] for row in table[2:]] == [["| ann", "14", "2"], ["| bob", "14", "2"],
+                                                           ["| cy", "14", "2"], ["| all", "42", "6"]]
+    before, after = run["before"]["users"]["bob"], run["after"]["users"]["bob"]
+    assert table[3] == "| bob | 14 | 2 | " + " | ".join(f"{before[k]:.4f} -> {after[k]:.4f}" for k in before) + " |"
+
+
+def test_train_k_users_collaborative(tiny_args, tmp_path, capsys):
+    out = tmp_path / "k"
+    assert main([*tiny_args, "--users", "3", "--mode", "collaborative", "--out", str(out)]) == 0
+    assert "3 users, collaborative mode" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert sorted(run["after"]["users"]) == ["user1", "user2", "user3"]
+    assert (out / "users.md").read_text().count("| user") == 4  # the header and three users
+
+
+def test_clm_users_in_one_run(tiny_llama_dir, tmp_path):  # noqa: F811
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a, "topic": t}
+                                               for t in ("films", "maths") for q, a in QA * 2])
+    out = tmp_path / "clm"
+    assert main(["train", "--task", "clm", "--model", str(tiny_llama_dir), "--data", str(path), "--user-field", "topic",
+                 "--batch-size", "4", "--max-steps", "3", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["after"]) == {"loss", "perplexity", "rougeL", "users"}
+    assert {u: set(m) for u, m in run["after"]["users"].items()} == {"films": {"loss", "perplexity"},
+                                                                      "maths": {"loss", "perplexity"}}
+
+
 BAD_INPUT = [
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--task", "qa"], "unknown task 'qa'"),
@@ -112,6 +175,12 @@ BAD_INPUT = [
     (["--scheduler", "wiggly"], "wiggly is not a valid SchedulerType"),
     (["--max-steps", "0"], "nothing to train"),
     (["--rnak", "3"], "No such option: --rnak"),
+    (["--user-field", "who"], "field 'who' (for user) is not in"),
+    (["--users", "2", "--user-field", "sentiment"], "--user-field and --users both make users: give one"),
+    (["--users", "0"], "cannot deal 48 records out to 0 users"),
+    (["--users", "30"], "users 'user19', 'user20', 'user21', 'user22', 'user23' and 7 more have a single record"),
+    (["--users", "2", "--export-peft", "peft"], "--init-adapter and --export-peft are for runs without users"),
+    (["--users", "2", "--mode", "shared"], "mode 'shared': use one of personal, collaborative"),
 ]
 
 

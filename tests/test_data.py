@@ -1,8 +1,9 @@
-"""colaft.data: the built-in datasets, user files, field renaming, and the split."""
+"""colaft.data: the built-in datasets, user files, field renaming, users, and the split."""
 from __future__ import annotations
 
 import gzip
 import struct
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -144,3 +145,69 @@ def test_split_keeps_both_sides_non_empty():
     assert len(data.split([1, 2, 3], 0.99, seed=0)[0]) == 1
     with pytest.raises(ValueError, match="at least 2 records"):
         data.split([1], 0.1)
+
+
+# ---------------------------------------------------------------- users
+def test_user_field_becomes_the_records_user_as_text(tmp_path):
+    rows = [{"review": r["review"], "sentiment": r["sentiment"], "author": [7, 8][i % 2], "user": "x"}
+            for i, r in enumerate(review_records(1))]
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    records = data.load(str(path), {"text": "review"}, ("text",), user_field="author")
+    assert [r["user"] for r in records[:3]] == ["7", "8", "7"]  # ids are text; the old "user" column is gone
+    assert set(records[0]) == {"text", "sentiment", "user"}
+    assert "user" not in data.load(str(path), {"text": "review"}, ("text",))[0]  # no user_field: no users
+    assert data.load(str(path), user_field="user")[0]["user"] == "x"
+
+
+def test_user_field_absent_or_empty_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", review_records(1))
+    with pytest.raises(ValueError, match=r"field 'who' \(for user\) is not in .*its fields are review, sentiment"):
+        data.load(str(path), user_field="who")
+    csv = tmp_path / "r.csv"
+    csv.write_text("text,label,who\ngood,1,ann\nbad,0,\nfine,1, \nok,0,bob\n")
+    with pytest.raises(ValueError, match=r"user field 'who' is empty in 2 of 4 records of .*r.csv' \(records 2, 3, "
+                                         r"counting from 1\)"):
+        data.load(str(csv), required=("text", "label"), user_field="who")
+
+
+def test_chatterbot_topics_as_users():
+    records = data.load("chatterbot", required=("question", "answer"), user_field="topic")
+    users = Counter(r["user"] for r in records)
+    assert len(users) == 21 and users["tech_support"] == 1050 and users["health"] == 8  # one user per file
+    assert set(records[0]) == {"question", "answer", "user"}  # the topic became the user
+    assert [r["user"] for r in records] == [r["topic"] for r in data.load("chatterbot")]
+
+
+def test_assign_users_is_deterministic_and_even():
+    records = [{"i": i} for i in range(10)]
+    dealt = data.assign_users(records, 3, seed=0)
+    assert [r["i"] for r in dealt] == list(range(10)) and "user" not in records[0]  # copies, in order
+    assert sorted(Counter(r["user"] for r in dealt).values()) == [3, 3, 4]
+    assert data.assign_users(records, 3, seed=0) == dealt
+    assert data.assign_users(records, 3, seed=1) != dealt
+    assert {r["user"] for r in data.assign_users(records * 2, 12)} == {f"user{i:02d}" for i in range(1, 13)}
+    for k in (0, 11):
+        with pytest.raises(ValueError, match=f"cannot deal 10 records out to {k} users"):
+            data.assign_users(records, k)
+
+
+def test_split_keeps_every_user_on_both_sides():
+    sizes = {"a": 2, "b": 3, "c": 15, "d": 80}
+    records = [{"i": i, "user": u} for u, n in sizes.items() for i in range(n)]
+    train, held_out = data.split(records, 0.1, seed=0)
+    assert sorted(map(str, train + held_out)) == sorted(map(str, records))
+    assert Counter(r["user"] for r in held_out) == {"a": 1, "b": 1, "c": 2, "d": 8}  # round(10%), at least 1
+    assert data.split(records, 0.1, seed=0) == (train, held_out)
+    assert data.split(records, 0.1, seed=1) != (train, held_out)
+    assert Counter(r["user"] for r in data.split(records, 0.99, seed=0)[0]) == {u: 1 for u in sizes}  # never all
+    # without users, or not stratified, the split is the plain one
+    plain = [{"i": i} for i in range(100)]
+    assert data.split(plain, 0.1, seed=3) == data.split(plain, 0.1, seed=3, stratify=None)
+    assert data.split(plain, 0.1, seed=3)[1] == [plain[i] for i in data.split(list(range(100)), 0.1, seed=3)[1]]
+    with pytest.raises(ValueError, match=r"user 'e' has a single record: each needs 2 or more"):
+        data.split(records + [{"i": 0, "user": "e"}], 0.1)
+
+
+def test_a_column_named_like_a_field_another_column_fills_is_dropped(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"text": "a title", "review": "a wonderful film", "label": 1}])
+    assert data.load(str(path), {"text": "review"}) == [{"text": "a wonderful film", "label": 1}]

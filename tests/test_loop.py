@@ -1,11 +1,11 @@
-"""The training loop reports fits skipped for non-finite packets, and still evaluates."""
+"""The training loop: fits skipped for non-finite packets are reported; user_steps replays the batches."""
 from __future__ import annotations
 
 import json
 
 import torch
 
-from colaft import ColaConfig, ColaModel, Trainer, loop
+from colaft import ColaConfig, ColaModel, Trainer, data, loop
 from colaft.tasks import get_task
 
 
@@ -42,3 +42,18 @@ def test_skipped_fits_are_logged_and_recorded(tmp_path):
     assert any("1 fits skipped" in m for m in messages)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_fits"] for r in lines if r["split"] == "train"] == [1, 1, 1]
+
+
+def test_user_steps_counts_batches_per_user_and_leaves_the_order_alone():
+    task = get_task("ic")
+    records = data.assign_users([{"image": torch.rand(8, 8).numpy(), "label": i % 10} for i in range(30)], 4)
+    features = task.encode(records)
+
+    def order(batches, steps):  # the users of each batch over `steps` batches (epochs reshuffle)
+        return [b["users"] for _, (_, b) in zip(range(steps), loop._epochs(batches))]
+    plain = order(loop.loader(features, task, 4, shuffle=True, seed=5), 20)
+    counted = loop.loader(features, task, 4, shuffle=True, seed=5)
+    steps = loop.user_steps(counted, 20)
+    assert order(counted, 20) == plain  # counting did not consume the shuffling
+    assert steps == {u: sum(u in users for users in plain) for u in ("user1", "user2", "user3", "user4")}
+    assert 20 > min(steps.values())  # batches of 4 from 4 users: some miss some users

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_
 from tiny_models import QA, review_records, save_tiny_llama, tiny_bert_dir, tiny_llama_dir  # noqa: F401
 
 from colaft import ColaConfig, ColaModel, Trainer, data
@@ -52,6 +53,35 @@ def test_every_task_trains_with_its_default_targets(name, setups):
     after = task.evaluate(cola, [batch])
     assert after["loss"] < before["loss"] == pytest.approx(losses[0], rel=1e-4)  # no dropout in these models
     assert set(after) == {"loss", "accuracy", "f1"} if name != "clm" else {"loss", "perplexity", "rougeL"}
+
+
+
+# ---------------------------------------------------------------- users
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_users_ride_through_collate_and_are_scored_apart(name, setups):
+    task = get_task(name)
+    model_name, records = setups[name]
+    records = [dict(r, user=["ann", "bob", "cy"][i % 3]) for i, r in enumerate(records[:12])]
+    cola = ColaModel(task.load(model_name, records, seed=0), ColaConfig(target_modules=task.recipe.targets), user="ann")
+    for user in ("bob", "cy"):
+        cola.add_user(user)
+    for i, user in enumerate(cola.users):  # distinct non-zero adapters: a user's rows depend on whose they are
+        for j, adapter in enumerate(cola.user_adapters(user).values()):
+            randomize_(adapter, std=0.2, seed=10 * i + j)
+    features = task.encode(records, max_length=48)
+    batch = task.collate(features)
+    assert [f["user"] for f in features] == batch["users"] == [r["user"] for r in records]
+    assert "users" not in task.collate([{k: v for k, v in f.items() if k != "user"} for f in features])
+
+    mixed = task.evaluate(cola, [batch])
+    assert set(mixed["users"]) == {"ann", "bob", "cy"}
+    assert set(mixed["users"]["ann"]) == ({"loss", "perplexity"} if name == "clm" else {"loss", "accuracy", "f1"})
+    for user in cola.users:  # a user's metrics in the mixed batch are those of its rows alone
+        mine = [f for f in features if f["user"] == user]
+        alone = task.evaluate(cola, [task.collate(mine)])
+        assert alone["users"][user] == pytest.approx(mixed["users"][user], rel=1e-5)
+        other = task.evaluate(cola, [task.collate([dict(f, user="ann" if user != "ann" else "bob") for f in mine])])
+        assert other["loss"] != alone["loss"]  # rows ran on their own user's adapters
 
 
 # ---------------------------------------------------------------- sc
@@ -148,12 +178,12 @@ def test_clm_metrics(tiny_llama_dir, monkeypatch):  # noqa: F811
     assert len(answers) == 2 and answers[0] == answers[1]  # greedy: same prompt, same answer
 
     # ROUGE-L is computed against the held-out answers, in order.
-    monkeypatch.setattr(task, "generate", lambda cm, prompts: [a for _, a in QA[:len(prompts)]])
+    monkeypatch.setattr(task, "generate", lambda cm, prompts, users=None: [a for _, a in QA[:len(prompts)]])
     assert task.rouge(cola, batches) == 1.0
-    monkeypatch.setattr(task, "generate", lambda cm, prompts: ["zebra"] * len(prompts))
+    monkeypatch.setattr(task, "generate", lambda cm, prompts, users=None: ["zebra"] * len(prompts))
     assert task.rouge(cola, batches) == 0.0
     monkeypatch.setattr(task, "rouge_examples", 2)  # spread out: rows 0 and 3 of the 6
-    monkeypatch.setattr(task, "generate", lambda cm, prompts: [QA[0][1], QA[3][1]])
+    monkeypatch.setattr(task, "generate", lambda cm, prompts, users=None: [QA[0][1], QA[3][1]])
     assert task.rouge(cola, batches) == 1.0
 
 

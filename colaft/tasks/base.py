@@ -1,12 +1,15 @@
 """What a task is: a small Protocol, the defaults of its main job, and the registry."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
+
+from colaft.server import element_losses
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,9 @@ class Task(Protocol):
     """A kind of model and data: load, encode, batch and evaluate.
 
     Records are plain dicts with the task's `fields`; features are per-example dicts that
-    `collate` stacks into a batch the model's forward takes (labels included).
+    `collate` stacks into a batch the model's forward takes (labels included). Records of
+    data with users carry a "user": features keep it (`user_of`) and `collate` gathers them
+    into the batch's "users", one per row (`keeps_users`), which ColaModel and Trainer route by.
     """
 
     fields: tuple[str, ...]
@@ -48,8 +53,9 @@ class Task(Protocol):
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         """Features -> one padded batch."""
 
-    def evaluate(self, cola_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
-        """Held-out metrics of the adapted model (eval loss included)."""
+    def evaluate(self, cola_model: nn.Module, batches: Iterable[dict]) -> dict:
+        """Held-out metrics of the adapted model (eval loss included), metric -> float; when
+        the batches carry "users", also each user's on its rows: "users" -> user -> metrics."""
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -71,22 +77,60 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
+# ------------------------------------------------------------------ users
+def user_of(record: Mapping) -> dict[str, str]:
+    """The part of a feature that says whose it is: {"user": ...}, or {} for data without users."""
+    return {"user": record["user"]} if "user" in record else {}
+
+
+def keeps_users(collate: Callable) -> Callable:
+    """Decorate a task's `collate(self, features)`: the features' "user" entries become the
+    batch's "users" list (one str per row) instead of reaching the tokenizer or the stacking."""
+    @functools.wraps(collate)
+    def wrapper(self, features: list[dict]):
+        if not features or "user" not in features[0]:
+            return collate(self, features)
+        batch = collate(self, [{k: v for k, v in f.items() if k != "user"} for f in features])
+        batch["users"] = [f["user"] for f in features]
+        return batch
+    return wrapper
+
+
+def with_users(metrics: dict[str, float], scores: Callable[[list[int]], dict[str, float]],
+               users: Sequence[str]) -> dict:
+    """`metrics`, plus "users": user -> `scores(that user's row indices)` when rows have users."""
+    if not users:
+        return metrics
+    rows: dict[str, list[int]] = {}
+    for i, u in enumerate(users):
+        rows.setdefault(u, []).append(i)
+    return {**metrics, "users": {u: scores(rows[u]) for u in sorted(rows)}}
+
+
+# ------------------------------------------------------------------ metrics
 def eval_outputs(cola_model: nn.Module, batches: Iterable[dict]):
-    """Yield (batch, output) of the adapted model in eval mode, without gradients."""
+    """Yield (batch, output) of the adapted model in eval mode, without gradients; a batch's
+    "users" route its rows to their users' adapters (ColaModel.forward takes them)."""
     cola_model.eval()
     with torch.no_grad():
         for batch in batches:
             yield batch, cola_model(**batch)
 
 
-def classification_metrics(cola_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
-    """Eval loss (mean per example), accuracy and macro F1 of a model returning .loss and .logits."""
+def classification_metrics(cola_model: nn.Module, batches: Iterable[dict]) -> dict:
+    """Eval loss (mean per example), accuracy and macro F1 of a model returning .logits (and
+    per user, see Task.evaluate); the per-row loss is the one the model's .loss averages."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    loss_sum, predictions, labels = 0.0, [], []
+    losses, predictions, labels, users = [], [], [], []
     for batch, out in eval_outputs(cola_model, batches):
-        loss_sum += out.loss.item() * len(batch["labels"])
+        losses += element_losses(cola_model.model, out, batch)[0].tolist()  # (B,)
         predictions += out.logits.argmax(-1).tolist()  # logits (B, classes)
         labels += batch["labels"].tolist()
-    return {"loss": loss_sum / len(labels), "accuracy": accuracy_score(labels, predictions),
-            "f1": f1_score(labels, predictions, average="macro")}
+        users += batch.get("users", [])
+
+    def scores(rows: list[int]) -> dict[str, float]:
+        y, p = [labels[i] for i in rows], [predictions[i] for i in rows]
+        return {"loss": sum(losses[i] for i in rows) / len(rows), "accuracy": accuracy_score(y, p),
+                "f1": f1_score(y, p, average="macro", zero_division=0)}  # 0 for a class a user lacks, unwarned
+    return with_users(scores(list(range(len(labels)))), scores, users)

@@ -10,7 +10,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from colaft.assets import resolve_model
-from colaft.tasks.base import Recipe, eval_outputs, register_task
+from colaft.server import element_losses
+from colaft.tasks.base import Recipe, eval_outputs, keeps_users, register_task, user_of, with_users
 
 IGNORE = -100  # label of tokens outside the loss (transformers' convention)
 
@@ -60,45 +61,56 @@ class CausalLM:
             if len(ids) <= len(p):  # no answer token left: nothing to learn from
                 continue
             features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                             "labels": ([IGNORE] * len(p) + a)[:max_length]})
+                             "labels": ([IGNORE] * len(p) + a)[:max_length], **user_of(r)})
         if not features:
             raise ValueError(f"max_length {max_length} leaves no answer token in any example")
         return features
 
+    @keeps_users
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         # Pads input_ids with the pad token and labels with IGNORE, so padding has no loss.
         return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")(features)
 
     # ------------------------------------------------------------- metrics
-    def evaluate(self, cola_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+    def evaluate(self, cola_model: nn.Module, batches: Iterable[dict]) -> dict:
+        """Loss per answer token and perplexity (also per user); ROUGE-L over all users only,
+        as greedy generation costs far more than the loss."""
         batches = list(batches)
-        loss_sum, tokens = 0.0, 0
+        loss_sums, tokens, users = [], [], []  # per row: summed token losses, tokens
         for batch, out in eval_outputs(cola_model, batches):
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())  # tokens the shifted loss averages over
-            loss_sum, tokens = loss_sum + out.loss.item() * n, tokens + n
-        loss = loss_sum / tokens
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "rougeL": self.rouge(cola_model, batches)}
+            losses, weights = element_losses(cola_model.model, out, batch)  # (B, T): the shifted loss's terms
+            loss_sums += (losses * weights).sum(1).tolist()
+            tokens += weights.sum(1).tolist()
+            users += batch.get("users", [])
+
+        def scores(rows: list[int]) -> dict[str, float]:
+            loss = sum(loss_sums[i] for i in rows) / sum(tokens[i] for i in rows)
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        metrics = scores(list(range(len(tokens)))) | {"rougeL": self.rouge(cola_model, batches)}
+        return with_users(metrics, scores, users)
 
     def rouge(self, cola_model: nn.Module, batches: list[dict]) -> float:
         """Mean ROUGE-L F1 of greedy answers against the references, on `rouge_examples`
         examples spread evenly over the held-out batches (not only the shortest ones)."""
-        rows = [(ids, labels) for b in batches for ids, labels in zip(b["input_ids"], b["labels"])]
-        prompts, references = [], []
-        for ids, labels in rows[::max(1, len(rows) // self.rouge_examples)][:self.rouge_examples]:
+        rows = [(ids, labels, b["users"][i] if "users" in b else None)
+                for b in batches for i, (ids, labels) in enumerate(zip(b["input_ids"], b["labels"]))]
+        prompts, references, users = [], [], []
+        for ids, labels, user in rows[::max(1, len(rows) // self.rouge_examples)][:self.rouge_examples]:
             answer_at = int((labels != IGNORE).nonzero()[0])  # the prompt is everything before
             prompts.append(ids[:answer_at].tolist())
             references.append(self.tokenizer.decode(labels[answer_at:][labels[answer_at:] != IGNORE],
                                                     skip_special_tokens=True))
+            users.append(user)
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        answers = self.generate(cola_model, prompts)
+        answers = self.generate(cola_model, prompts, users=None if None in users else users)
         return sum(scorer.score(r, a)["rougeL"].fmeasure for r, a in zip(references, answers)) / len(answers)
 
     @torch.no_grad()
-    def generate(self, cola_model: nn.Module, prompts: list[list[int]]) -> list[str]:
-        """Greedy answers to token-id prompts, in one batch, through the adapters."""
+    def generate(self, cola_model: nn.Module, prompts: list[list[int]], users: list[str] | None = None) -> list[str]:
+        """Greedy answers to token-id prompts, in one batch, through the adapters (of `users[i]` for row i)."""
         cola_model.eval()
         # Left padding keeps every prompt's last token at the end, where generation continues.
         batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
-        out = cola_model.model.generate(**batch, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                        pad_token_id=self.tokenizer.pad_token_id)  # (B, T + new)
+        out = cola_model.generate(**batch, users=users, do_sample=False, max_new_tokens=self.max_new_tokens,
+                                  pad_token_id=self.tokenizer.pad_token_id)  # (B, T + new)
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

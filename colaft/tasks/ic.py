@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
-from colaft.tasks.base import Recipe, classification_metrics, register_task
+from colaft.tasks.base import Recipe, classification_metrics, keeps_users, register_task, user_of
 
 
 @dataclass
@@ -81,11 +81,12 @@ class ImageClassification:
     def encode(self, records: list[dict], max_length: int = 0) -> list[dict]:
         # An image is (H, W) or (C, H, W); jsonl files give nested lists.
         images = [torch.as_tensor(np.asarray(r["image"], dtype=np.float32)) for r in records]
-        return [{"pixel_values": im.reshape(-1, *im.shape[-2:]), "labels": int(r["label"])}  # (C, H, W)
+        return [{"pixel_values": im.reshape(-1, *im.shape[-2:]), "labels": int(r["label"]), **user_of(r)}  # (C, H, W)
                 for im, r in zip(images, records)]
 
+    @keeps_users
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return default_collate(features)  # pixel_values (B, C, H, W), labels (B,)
 
-    def evaluate(self, cola_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+    def evaluate(self, cola_model: nn.Module, batches: Iterable[dict]) -> dict:
         return classification_metrics(cola_model, batches)

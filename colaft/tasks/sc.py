@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from colaft.assets import resolve_model
-from colaft.tasks.base import Recipe, classification_metrics, register_task
+from colaft.tasks.base import Recipe, classification_metrics, keeps_users, register_task, user_of
 
 
 @register_task("sc")
@@ -38,9 +38,10 @@ class SequenceClassification:
 
     def encode(self, records: list[dict], max_length: int) -> list[dict]:
         encoded = self.tokenizer([str(r["text"]) for r in records], truncation=True, max_length=max_length)
-        return [{"input_ids": ids, "attention_mask": mask, "labels": self._label_id(r["label"])}
+        return [{"input_ids": ids, "attention_mask": mask, "labels": self._label_id(r["label"]), **user_of(r)}
                 for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], records)]
 
+    @keeps_users
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return self.tokenizer.pad(features, return_tensors="pt")  # pads to the longest in the batch
 
@@ -49,5 +50,5 @@ class SequenceClassification:
             raise ValueError(f"label {label!r} was not seen when the model was loaded; labels: {self.labels}")
         return self.label_ids[label]
 
-    def evaluate(self, cola_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+    def evaluate(self, cola_model: nn.Module, batches: Iterable[dict]) -> dict:
         return classification_metrics(cola_model, batches)
