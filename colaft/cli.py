@@ -94,8 +94,6 @@ def train(
     if user_field and users is not None:
         raise ValueError("--user-field and --users both make users: give one")
     multi = bool(user_field) or users is not None
-    if multi and (init_adapter or export_peft):  # PEFT folders hold one user's adapters
-        raise ValueError("--init-adapter and --export-peft are for runs without users")
     _set_threads()
     torch.manual_seed(seed)
 
@@ -117,7 +115,8 @@ def train(
     names = sorted({r["user"] for r in records}) if multi else []
     base = job.load(resolved["model"], records, seed)
     first = names[0] if names else DEFAULT_USER
-    cola_model = ColaModel.from_peft(base, init_adapter) if init_adapter else ColaModel(base, config, user=first)
+    cola_model = ColaModel.from_peft(base, init_adapter, user=first) if init_adapter else \
+        ColaModel(base, config, user=first)
     batches = loop.loader(job.encode(train_records, resolved["max_length"]), job, resolved["batch_size"],
                           shuffle=True, seed=seed)
     eval_batches = list(loop.loader(job.encode(held_out, resolved["max_length"]), job, 2 * resolved["batch_size"],
@@ -132,6 +131,8 @@ def train(
                       scheduler=scheduler, warmup_ratio=warmup, total_steps=user_steps[first], interval=interval,
                       fit_steps=fit_steps)
     for user in names[1:]:  # the same adapter config and fit settings as the first user
+        if init_adapter:  # every user starts from the PEFT adapter
+            cola_model.load_peft(init_adapter, user=user)
         trainer.add_user(user, total_steps=user_steps[user])
     cola_model.set_mode(mode)
     if multi:
@@ -144,7 +145,7 @@ def train(
 
     def write(run: Path) -> None:
         result = loop.train(trainer, cola_model, job, batches, eval_batches, steps, run, eval_every)
-        _save_adapters(cola_model, run / "adapters")
+        cola_model.save_pretrained(run / "adapters")  # several users: a subfolder each
         (run / "run.json").write_text(json.dumps({"options": options, "resolved": resolved,
                                                   "cola_config": cola_model.config.to_dict(), **result}, indent=2))
         print(f"held-out before: {loop.describe(result['before'])}")
@@ -154,15 +155,6 @@ def train(
     built = [(out, write)] + ([(export_peft, cola_model.export_peft)] if export_peft else [])
     _build_atomically(built)
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
-
-
-def _save_adapters(cola_model: ColaModel, folder: Path) -> None:
-    """The one place a run saves its adapters. Several users' adapters (one subfolder per user)
-    come with the multi-user checkpoint format; until then only runs with one user save."""
-    if len(cola_model.users) == 1:
-        cola_model.save_pretrained(folder)
-    else:
-        print(f"adapters of {len(cola_model.users)} users: not saved (needs the multi-user checkpoint format)")
 
 
 def _plural(n: int, noun: str) -> str:

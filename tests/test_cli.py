@@ -114,8 +114,16 @@ def test_train_with_a_user_field_reports_every_user(tiny_bert_dir, authored, tmp
     assert "(42 train, 6 held out); 3 users, personal mode;" in stdout  # 2 held out per user
     assert "| ann | 14 | 2 | " in stdout
 
-    # Saving several users' adapters comes with the multi-user checkpoint format.
-    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "metrics.jsonl", "run.json", "users.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "loss.png", "metrics.jsonl", "run.json", "users.md"]
+    # each user's adapters under its own name; reloaded, they give each user's held-out metrics
+    task = get_task("sc")
+    records = data.load(str(authored), {"text": "review", "label": "sentiment"}, task.fields, "author")
+    saved = ColaModel.from_pretrained(task.load(str(tiny_bert_dir), records, seed=0), out / "adapters")
+    assert saved.users == ["ann", "bob", "cy"]
+    batches = list(loop.loader(task.encode(data.split(records, 0.1, seed=0)[1], 128), task, 16, shuffle=False))
+    reloaded, after = task.evaluate(saved, batches)["users"], json.loads((out / "run.json").read_text())["after"]["users"]
+    for user in after:
+        assert reloaded[user] == pytest.approx(after[user], rel=1e-5)
     log = lines(out / "metrics.jsonl")
     evals, steps = [r for r in log if r["split"] == "eval"], [r for r in log if r["split"] == "train"]
     assert [r["step"] for r in evals] == [0, 3, 6]
@@ -179,9 +187,25 @@ BAD_INPUT = [
     (["--users", "2", "--user-field", "sentiment"], "--user-field and --users both make users: give one"),
     (["--users", "0"], "cannot deal 48 records out to 0 users"),
     (["--users", "30"], "users 'user19', 'user20', 'user21', 'user22', 'user23' and 7 more have a single record"),
-    (["--users", "2", "--export-peft", "peft"], "--init-adapter and --export-peft are for runs without users"),
     (["--users", "2", "--mode", "shared"], "mode 'shared': use one of personal, collaborative"),
 ]
+
+
+def test_users_start_from_and_export_to_peft(tiny_args, tmp_path):
+    """--init-adapter starts every user from one PEFT adapter; --export-peft writes PEFT's multi-adapter layout."""
+    from peft import PeftModel
+    first, peft = tmp_path / "r1", tmp_path / "peft"
+    assert main([*tiny_args, "--out", str(first), "--export-peft", str(peft), "--max-steps", "2"]) == 0
+    again, exported = tmp_path / "r2", tmp_path / "peft-users"
+    assert main([*tiny_args, "--out", str(again), "--users", "2", "--init-adapter", str(peft), "--max-steps", "2",
+                 "--export-peft", str(exported)]) == 0
+    assert (exported / "adapter_config.json").is_file() and (exported / "user2" / "adapter_config.json").is_file()
+    run = json.loads((again / "run.json").read_text())
+    assert run["before"]["users"]["user1"] != run["after"]["users"]["user1"]
+    task = get_task("sc")
+    base = task.load(str(tiny_args[2]), data.load(str(tiny_args[4]), {"text": "review", "label": "sentiment"},
+                                                  task.fields), seed=0)
+    PeftModel.from_pretrained(base, str(exported)).load_adapter(str(exported / "user2"), adapter_name="user2")
 
 
 @pytest.mark.parametrize("extra, message", BAD_INPUT, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(BAD_INPUT)])
