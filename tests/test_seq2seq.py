@@ -15,7 +15,7 @@ from conftest import Backprop, flat_state, make_opt, max_rel_err, max_update_rel
 from test_engine_exactness import LR, TOL, PeftTwin, _flat
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
-from colaft import ColaConfig, ColaModel, Trainer
+from colaft import ColaConfig, ColaModel, Trainer, server_step
 
 VOCAB, DIM, SEQ = 40, 16, 6
 PAD, EOS = 0, 2
@@ -85,3 +85,118 @@ def test_encoder_mask_does_not_drop_decoder_rows(arch):
     batch = seq2seq_batch(0)
     assert trainer.step(batch) == pytest.approx(ref.step(batch), rel=TOL)
     assert max_rel_err(flat_state(trainer.owner_adapters), flat_state(ref.adapters)) <= 1e-6
+
+
+def _reads_encoder(site: str) -> bool:
+    """Sites whose tokens are the encoder's: the encoder's own and cross-attention's values."""
+    return site.startswith(("encoder.", "model.encoder.")) or site.endswith(("EncDecAttention.v", "encoder_attn.v_proj"))
+
+
+@pytest.mark.parametrize("decoder_mask", [False, True])
+@pytest.mark.parametrize("dec_len", [SEQ, 4])
+@pytest.mark.parametrize("arch", list(SEQ2SEQ))
+def test_packets_hold_exactly_the_real_tokens(arch, dec_len, decoder_mask):
+    """Encoder padding (attention_mask 0) and decoder padding (labels -100, and
+    decoder_attention_mask 0 when given) are dropped; every real token is kept, whatever
+    the two lengths. Without padding the packets are flat views (no copy)."""
+    cm, _ = build(arch, "mlp")
+    for i, a in enumerate(cm.adapters().values()):
+        randomize_(a, std=0.2, seed=i)
+    batch = seq2seq_batch(0, dec_len, decoder_mask=decoder_mask)
+    real = {True: sum(ENC_LENGTHS), False: int((batch["labels"] != -100).sum())}
+    packets = server_step(cm, batch).packets
+    assert len(packets) == len(cm.sites)
+    for p in packets:
+        assert len(p.x) == len(p.grad) == real[_reads_encoder(p.site)], p.site
+        assert not p.x._is_view(), p.site  # rows were selected: a copy
+    full = seq2seq_batch(0, dec_len, enc_lengths=(SEQ,) * 4, dec_lengths=(dec_len,) * 4, decoder_mask=decoder_mask)
+    for p in server_step(cm, full).packets:
+        assert len(p.x) == 4 * (SEQ if _reads_encoder(p.site) else dec_len)
+        assert p.x._is_view() and p.grad._is_view(), p.site
+
+
+# ---------------------------------------------------------------- exactness
+
+STEPS = 10
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # PEFT: embed_tokens is tied
+@pytest.mark.parametrize("adapter", ["lowrank", "linear", "mlp"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("arch", list(SEQ2SEQ))
+def test_seq2seq_follows_backprop(arch, optimizer, adapter, report_error):
+    """ColA vs PEFT LoRA (lowrank) or plain autograd (linear, mlp), sites in the encoder, the
+    decoder and cross-attention, the token embeddings included (BART's scaled by sqrt(d))."""
+    cm, twin = build(arch, adapter)
+    make_optimizer = make_opt(optimizer, LR[optimizer], weight_decay=0.01)
+    if adapter == "lowrank":
+        ref = PeftTwin(twin, SEQ2SEQ[arch][1], [], rank=4, alpha=8.0, make_optimizer=make_optimizer)
+        cm.load_adapter_state(ref.site_states())  # both start from PEFT's weights
+        want = lambda: _flat(ref.site_states())  # noqa: E731
+    else:
+        for i, a in enumerate(cm.adapters().values()):
+            randomize_(a, std=0.05, seed=i)
+        ref = Backprop(twin, cm.adapters(), make_optimizer)
+        want = lambda: flat_state(ref.adapters)  # noqa: E731
+    trainer = Trainer(cm, optimizer, lr=LR[optimizer], weight_decay=0.01)
+    init = flat_state(trainer.owner_adapters)
+    assert max_rel_err(init, want()) == 0.0
+
+    # T_dec == T_enc and not, with and without decoder_attention_mask
+    batches = [seq2seq_batch(0), seq2seq_batch(1, dec_len=4), seq2seq_batch(2, decoder_mask=True),
+               seq2seq_batch(3, dec_len=5, decoder_mask=True)]
+    for step in range(STEPS):
+        batch = batches[step % len(batches)]
+        assert trainer.step(batch) == pytest.approx(ref.step(batch), rel=TOL)
+
+    got, expected = flat_state(trainer.owner_adapters), want()
+    err, update_err = max_rel_err(got, expected), max_update_rel_err(got, expected, init)
+    report_error(arch, optimizer, adapter, err, update_err)
+    assert err <= TOL and update_err <= 1e-3
+    assert all((got[k] - init[k]).abs().max() > 0 for k in got)  # every tensor trained
+    assert max_rel_err(flat_state(cm.adapters()), got) == 0.0  # the server runs the owner's weights
+
+
+@pytest.mark.parametrize("arch", list(SEQ2SEQ))
+def test_merged_server_computes_the_unmerged_model(arch):
+    """W + delta_W at every site (BART's scaled embeddings included) gives the same logits."""
+    cm, _ = build(arch, "lowrank")
+    for i, a in enumerate(cm.adapters().values()):
+        randomize_(a, std=0.1, seed=i)
+    merged, _ = build(arch, "lowrank", merge=True)
+    merged.load_adapter_state({n: a.state_dict() for n, a in cm.adapters().items()})
+    batch = seq2seq_batch(0)
+    with torch.no_grad():
+        want, got = cm(**batch).logits, merged(**batch).logits
+        base = cm.unload()(**batch).logits
+    assert (want - base).abs().max() > 1e-2  # the adapters matter
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(SEQ2SEQ))
+def test_mixed_users_step_equals_each_users_step_alone(arch):
+    """Rows of two users (different adapter types) in one padded batch, T_dec == T_enc:
+    each user's loss is its mean over its own decoder tokens (not shifted, as a causal LM's)."""
+    def two_users():
+        cm, twin = build(arch, "lowrank")
+        factory, targets = SEQ2SEQ[arch]
+        cm.add_user("other", ColaConfig(target_modules=targets, adapter="linear"))
+        for i, a in enumerate([a for u in cm.users for a in cm.user_adapters(u).values()]):
+            randomize_(a, std=0.05, seed=i)
+        return cm, twin
+
+    users = ["default", "other", "other", "default"]
+    batch = seq2seq_batch(0)
+    cm, twin = two_users()
+    mixed = Trainer(cm, "sgd", lr=0.5)
+    mixed.step(batch, users=users)
+    for user in ("default", "other"):
+        mine = [i for i, u in enumerate(users) if u == user]
+        alone_cm, _ = two_users()
+        alone = Trainer(alone_cm, "sgd", lr=0.5)
+        loss = alone.step({k: v[mine] for k, v in batch.items()}, users=[user] * len(mine))
+        assert mixed.last_user_losses[user] == pytest.approx(loss, rel=1e-6)
+        ref = Backprop(twin, two_users()[0].user_adapters(user), make_opt("sgd", 0.5))
+        assert ref.step({k: v[mine] for k, v in batch.items()}) == pytest.approx(loss, rel=1e-6)
+        assert max_rel_err(flat_state(mixed.model.user_adapters(user)), flat_state(ref.adapters)) <= 1e-6
+        assert max_rel_err(flat_state(alone_cm.user_adapters(user)), flat_state(ref.adapters)) <= 1e-6
