@@ -11,13 +11,13 @@ import copy
 
 import pytest
 import torch
-from conftest import Backprop, flat_state, make_opt, max_rel_err, max_update_rel_err, randomize_
+from conftest import DIM, SEQ, VOCAB, Backprop, flat_state, make_opt, max_rel_err, max_update_rel_err, randomize_
+from peft import PeftModel
 from test_engine_exactness import LR, TOL, PeftTwin, _flat
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 from colaft import ColaConfig, ColaModel, Trainer, server_step
 
-VOCAB, DIM, SEQ = 40, 16, 6
 PAD, EOS = 0, 2
 ENC_LENGTHS = (6, 4, 3, 5)
 DEC_LENGTHS = (3, 6, 5, 2)  # rows 0 and 2: real decoder tokens where the encoder is padded
@@ -200,3 +200,59 @@ def test_mixed_users_step_equals_each_users_step_alone(arch):
         assert ref.step({k: v[mine] for k, v in batch.items()}) == pytest.approx(loss, rel=1e-6)
         assert max_rel_err(flat_state(mixed.model.user_adapters(user)), flat_state(ref.adapters)) <= 1e-6
         assert max_rel_err(flat_state(alone_cm.user_adapters(user)), flat_state(ref.adapters)) <= 1e-6
+
+
+# ---------------------------------------------------------------- generation
+
+GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)  # a fixed length: rows compare one to one
+
+
+def trained(arch: str) -> tuple[ColaModel, torch.nn.Module]:
+    """A model whose lowrank adapters trained 10 steps (their B factors non-zero), and the base."""
+    cm, twin = build(arch, "lowrank")
+    trainer = Trainer(cm, "adamw", lr=3e-2)
+    for step in range(10):
+        trainer.step(seq2seq_batch(step % 4))
+    return cm.eval(), twin.eval()
+
+
+def prompt() -> dict[str, torch.Tensor]:
+    batch = seq2seq_batch(7)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}  # padded
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+@pytest.mark.parametrize("arch", list(SEQ2SEQ))
+def test_generation_equals_peft(arch, tmp_path):
+    """Greedy and beam search on the trained adapters give PEFT's tokens with the exported adapter."""
+    cm, twin = trained(arch)
+    with torch.no_grad():
+        base = twin.generate(**prompt(), **GEN)
+        cm.export_peft(tmp_path)
+        peft_model = PeftModel.from_pretrained(twin, tmp_path).eval()
+        for beams in (1, 3):
+            ours = cm.generate(**prompt(), num_beams=beams, **GEN)
+            assert torch.equal(ours, peft_model.generate(**prompt(), num_beams=beams, **GEN)), beams
+            if beams == 1:
+                assert not torch.equal(ours, base)  # the adapters change what is generated
+
+
+@pytest.mark.parametrize("arch", list(SEQ2SEQ))
+def test_routed_generation_gives_each_row_its_users_tokens(arch):
+    """Rows of three users (lowrank of two ranks, linear) in one generate call: encoder rows
+    (B) and decoder rows (B * beams, the beams of a row next to each other) both route."""
+    cm, _ = trained(arch)
+    targets = SEQ2SEQ[arch][1]
+    cm.add_user("small", ColaConfig(target_modules=targets, adapter="lowrank", rank=2, alpha=4.0))
+    cm.add_user("full", ColaConfig(target_modules=targets, adapter="linear"))
+    for i, a in enumerate([*cm.user_adapters("small").values(), *cm.user_adapters("full").values()]):
+        randomize_(a, std=0.1, seed=i)
+    users = ["small", "default", "full", "small"]
+    for kw in (dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2)):
+        with torch.no_grad():
+            routed = cm.generate(**prompt(), users=users, **kw, **GEN)
+            alone = {u: cm.generate(**prompt(), users=[u] * len(users), **kw, **GEN) for u in set(users)}
+        k = kw.get("num_return_sequences", 1)  # output rows per input row
+        for i, u in enumerate(users):
+            assert torch.equal(routed[i * k:(i + 1) * k], alone[u][i * k:(i + 1) * k]), (kw, i, u)
+        assert len({tuple(alone[u].flatten().tolist()) for u in alone}) == 3  # the users differ
