@@ -154,7 +154,11 @@ class ColaModel(nn.Module):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, users: Sequence[str] | None = None, **kwargs):
-        """`model.generate` with rows routed to their users' adapters (causal LMs)."""
+        """`model.generate` with rows routed to their users' adapters (causal LMs, encoder-decoders).
+
+        `users` has one id per input row; rows that generation repeats (beams, several
+        sequences per prompt: the decoder's rows, and cross-attention's) keep their row's user.
+        """
         with self.routing(users):
             return self.model.generate(*args, **kwargs)
 

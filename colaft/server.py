@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from colaft.model import ColaModel
 from colaft.packets import Packet
 from colaft.routing import Route
+from colaft.sites import Call, Kept
 
 LossFn = Callable[[object, Mapping], torch.Tensor]
+PADDING_MASKS = ("attention_mask", "decoder_attention_mask")  # (B, T): 0 marks padding
+IGNORE_INDEX = -100  # labels: a position the loss ignores (transformers' convention)
 
 
 @dataclass
@@ -56,6 +59,7 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
     batch.pop("users", None)
     if users is None and len(model.users) > 1:
         raise ValueError(f"the model has {len(model.users)} users: pass users=[...] (one per row)")
+    padding = _padding(batch)  # before the forward: the device has little queued to wait for
     with model.routing(users) as route, model.recording() as calls:
         output = model.model(**batch)
         if route is None or route.single is not None:
@@ -77,15 +81,64 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
                            "does this; use the non-reentrant kind (use_reentrant=False)")
     # by graph edge, not by tensor: a tensor modified in place afterwards would give dL/d(modified)
     grads = list(torch.autograd.grad(loss, [c.edge for c in calls], allow_unused=True))
-    mask = batch.get("attention_mask")
-    if mask is not None and bool(mask.all()):
-        mask = None  # no padding to drop: the packets are flat views, not copies
+    keep = _kept_rows(calls, grads, padding)
     packets = []
     for i, c in enumerate(calls):
         g, grads[i] = grads[i], None  # with padding, each full dL/dh is freed once its rows are copied
         if g is not None:
-            packets += [Packet(c.site.name, x, gu, user) for user, x, gu in c.site.split(c, g, mask)]
+            packets += [Packet(c.site.name, x, gu, user) for user, x, gu in c.site.split(c, g, keep[i])]
     return ServerStep(loss.detach(), packets, {u: v.item() for u, v in user_losses.items()})
+
+
+def _padding(batch: Mapping) -> dict[tuple[int, ...], torch.Tensor]:
+    """(B, T) -> positions that the batch marks as padding or ignored, at that shape.
+
+    The marks: 0 in `attention_mask` or `decoder_attention_mask`, -100 in integer `labels`
+    (a seq2seq batch's padded labels are the decoder's padding). Only shapes with a mark.
+    """
+    marks = [m == 0 for k in PADDING_MASKS if isinstance(m := batch.get(k), torch.Tensor) and m.dim() == 2]
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and not labels.is_floating_point():
+        marks.append(labels == IGNORE_INDEX)
+    if not marks:
+        return {}
+    marked = torch.stack([m.any() for m in marks]).tolist()  # one sync
+    out: dict[tuple[int, ...], torch.Tensor] = {}
+    for m, any_marked in zip(marks, marked):
+        if any_marked:
+            shape = tuple(m.shape)
+            out[shape] = out[shape] | m if shape in out else m
+    return out
+
+
+def _kept_rows(calls: list[Call], grads: list[torch.Tensor | None],
+               padding: dict[tuple[int, ...], torch.Tensor]) -> list[Kept | None]:
+    """Which token rows of each call go into the packets (None: all of them).
+
+    A row is dropped when the batch marks its position (`_padding`, at the shape of the
+    site's tokens) AND its dL/dh is exactly zero. The shape alone cannot say whose mask it is: in
+    an encoder-decoder the decoder's (B, T_dec) rows have the encoder mask's shape whenever
+    T_dec == T_enc, and their dL/dh is not zero where the encoder is padded. A dropped row
+    with zero dL/dh adds exactly nothing to the fit's gradient, so dropping stays exact
+    whatever the model does with its masks. All calls' counts come back in one transfer, so
+    a GPU server waits once, not once per site.
+    """
+    keep: list[Kept | None] = [None] * len(calls)
+    if not padding:
+        return keep  # no padding anywhere: every packet is a flat view of x and dL/dh
+    masks: dict[int, torch.Tensor] = {}
+    for i, (c, g) in enumerate(zip(calls, grads)):
+        pad = padding.get(c.site.token_shape(c.x)) if g is not None else None
+        if pad is not None:
+            nonzero = g.ne(0).flatten(pad.dim()).any(-1)  # (B, T): dL/dh has a non-zero entry
+            masks[i] = nonzero | ~pad.to(g.device)
+    if masks:
+        counts = torch.cat([m.sum(-1) for m in masks.values()]).tolist()  # (calls * B,), one sync
+        for j, (i, m) in enumerate(masks.items()):
+            rows = counts[j * m.shape[0]:(j + 1) * m.shape[0]]
+            if sum(rows) < m.numel():
+                keep[i] = Kept(m, rows)
+    return keep
 
 
 def _user_losses(model: ColaModel, output, batch: Mapping, route: Route, loss_fn: LossFn | None) -> dict:
@@ -109,19 +162,21 @@ def _user_losses(model: ColaModel, output, batch: Mapping, route: Route, loss_fn
 def element_losses(model, output, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
     """Unreduced losses of a transformers model's output and their weights (0 for ignored tokens).
 
-    The same losses transformers computes: a causal LM predicts token t+1 from t (labels -100
-    ignored, logits in float32); a classifier follows `config.problem_type` as transformers does.
+    The same losses transformers computes: a causal LM predicts token t+1 from t, an
+    encoder-decoder's decoder token t itself (labels -100 ignored, logits in float32); a
+    classifier follows `config.problem_type` as transformers does.
     Returns:
         (B, ...) losses and (B, ...) weights.
     """
     logits, labels = output.logits, batch.get("labels")
     if labels is None:
         raise ValueError("the batch has no labels: mixed-user losses need them (or give a loss_fn)")
-    if logits.dim() == 3 and labels.dim() == 2:  # causal LM
-        labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): the next token
-        losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        return losses, (labels != -100).to(losses.dtype)
     config = getattr(model, "config", None)
+    if logits.dim() == 3 and labels.dim() == 2:  # token losses
+        if not getattr(config, "is_encoder_decoder", False):  # causal LM: the labels are its input
+            labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): the next token
+        losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return losses, (labels != IGNORE_INDEX).to(losses.dtype)
     problem = getattr(config, "problem_type", None)
     if problem is None:
         classes = logits.shape[-1]

@@ -5,6 +5,11 @@ A site replaces its module's `forward` (an instance attribute, removed on detach
     h = f(x; W + delta_W)         merged: the base weight is never written, the sum is a temporary
 While the server records, each call appends (site, x, h) so that the server can take
 dL/dh and emit the packet (x, dL/dh). The base weights are never modified by a site.
+
+An embedding that scales its own output (`embed_scale`: BART's and mBART's scaled word
+embeddings, Gemma 3's) scales the adapter's output too, as PEFT's LoRA does:
+h = s * E(x) + s * g(x), merged s * E(x; W + delta_W); so dL/dg = s * dL/dh is what the
+packet carries.
 """
 from __future__ import annotations
 
@@ -96,6 +101,17 @@ def _no_match(what: str, candidates: list[str], modules: dict, key: str | None) 
 
 
 # ---------------------------------------------------------------- the wrapper at a site
+
+@dataclass
+class Kept:
+    """The token rows of one call that go into its packets (the server decides which)."""
+    mask: torch.Tensor  # (B, T) bool: True where the row is kept
+    counts: list[int]  # (B,) kept rows per batch row, on the host: index without a device sync
+
+    def of_rows(self, rows: torch.Tensor, index: list[int]) -> "Kept":
+        """The same for the batch rows `index` (`rows` on the device)."""
+        return Kept(self.mask.index_select(0, rows.to(self.mask.device)), [self.counts[i] for i in index])
+
 
 @dataclass
 class Call:
@@ -192,6 +208,13 @@ class Site(nn.Module):
                          "pass users=[...] (one per row) to say whose adapter each row uses")
 
     # ------------------------------------------------------------- forward
+    def _scaled(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` times the embedding's own output scale, if it has one (see the module docstring)."""
+        s = getattr(self.target, "embed_scale", None) if self.spec.kind == "embedding" else None
+        if s is None or (isinstance(s, (int, float)) and s == 1):
+            return t
+        return t * (s.to(t.dtype) if isinstance(s, torch.Tensor) else s)
+
     def _merged_forward(self, x: torch.Tensor, adapter: nn.Module | None = None,
                         delta: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """f(x; W + delta_W): delta_W of `adapter`, or a given (delta_W, delta_b)."""
@@ -203,7 +226,8 @@ class Site(nn.Module):
             dw, db = adapter.delta_weight() if adapter is not None else delta
             weight = m.weight + (dw.T if transposed else dw)
         if isinstance(m, nn.Embedding):  # no bias
-            return F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+            return self._scaled(F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type,
+                                            m.scale_grad_by_freq, m.sparse))
         bias = m.bias if db is None else (db if m.bias is None else m.bias + db)
         if transposed:
             return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
@@ -227,7 +251,7 @@ class Site(nn.Module):
         personal = {u: a for u, a in adapters.items() if u not in mergeable}
         if personal:
             delta = routed_delta(personal, x, route or Route([next(iter(personal))] * x.shape[0]))
-            h = h if delta is None else h + delta
+            h = h if delta is None else h + self._scaled(delta)
         return h
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,13 +266,13 @@ class Site(nn.Module):
                 x_in, h = x, self._merged_forward(x, adapter)
             else:
                 x_in = self.dropout(x)
-                h = self._base_forward(x) + adapter(x_in)
+                h = self._base_forward(x) + self._scaled(adapter(x_in))
         else:  # mixed batch, personal: each row through its own user's adapter
             x_in = self.dropout(x)
             delta = routed_delta(self.by_user(), x_in, route)
             if delta is None:
                 return self._base_forward(x)
-            h = self._base_forward(x) + delta
+            h = self._base_forward(x) + self._scaled(delta)
         if self.recorder is not None:
             if not h.requires_grad and torch.is_grad_enabled():  # first site: nothing upstream needs a gradient
                 h = _Root.apply(h.detach(), torch.ones((), requires_grad=True))
@@ -257,35 +281,41 @@ class Site(nn.Module):
         return h
 
     # ------------------------------------------------------------- packets
-    def split(self, call: Call, grad: torch.Tensor, mask: torch.Tensor | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(user, x rows, dL/dh rows) for every user with an adapter here: each user's own rows only."""
+    def token_shape(self, x: torch.Tensor) -> tuple[int, ...] | None:
+        """The leading (token) shape of an input `x` of this site, (B, T) for text; None for images."""
+        if self.spec.kind == "conv2d":
+            return None
+        return tuple(x.shape) if self.spec.kind == "embedding" else tuple(x.shape[:-1])
+
+    def split(self, call: Call, grad: torch.Tensor, keep: Kept | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(user, x rows, dL/dg rows) for every user with an adapter here: each user's own rows only.
+
+        `keep`: the token rows that go into the packets (None: all, as flat views, no copy).
+        """
+        grad = self._scaled(grad)  # dL/dg: h = f(x) + s * g(x) at a scaled embedding
         route = call.route
         user = self._solo_user(route) if route is None or route.single is not None else None
         if user is not None:
-            return [(user, *self.rows(call.x, grad, mask))] if user in self.keys else []
+            return [(user, *self.rows(call.x, grad, keep))] if user in self.keys else []
         out = []
         for u in route.order:
             if u in self.keys:
                 rows = route.rows_of([u], grad.device)
-                m = None if mask is None else mask.index_select(0, rows.to(mask.device))
-                out.append((u, *self.rows(call.x.index_select(0, rows), grad.index_select(0, rows), m)))
+                mine = None if keep is None else keep.of_rows(rows, [i for i, v in enumerate(route.users) if v == u])
+                out.append((u, *self.rows(call.x.index_select(0, rows), grad.index_select(0, rows), mine)))
         return out
 
-    def rows(self, x: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None):
-        """The packet rows of one call: flatten tokens, dropping padding positions.
-
-        Padding positions carry dL/dh = 0 (attention masks them, the loss ignores them),
-        so dropping them leaves the fit unchanged and saves bytes.
-        """
+    def rows(self, x: torch.Tensor, grad: torch.Tensor, keep: Kept | None):
+        """The packet rows of one call: tokens flattened, only the kept ones (see `split`)."""
         if self.spec.kind == "conv2d":
             return x, grad  # (B, C, H, W), (B, C', H', W')
-        lead = x.shape if self.spec.kind == "embedding" else x.shape[:-1]
-        if mask is not None and tuple(mask.shape) == tuple(lead):
-            keep = mask.bool()
-            return x[keep], grad[keep]  # (N, d_in) or (N,), (N, d_out)
-        if self.spec.kind == "embedding":
-            return x.reshape(-1), grad.reshape(-1, grad.shape[-1])
-        return x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        x = x.reshape(-1) if self.spec.kind == "embedding" else x.reshape(-1, x.shape[-1])  # (B*T,) | (B*T, d_in)
+        grad = grad.reshape(-1, grad.shape[-1])  # (B*T, d_out)
+        if keep is None or sum(keep.counts) == len(grad):
+            return x, grad
+        # the count is known on the host, so finding the rows does not wait for the device
+        index = torch.nonzero_static(keep.mask.reshape(-1), size=sum(keep.counts)).squeeze(1)  # (N,)
+        return x.index_select(0, index.to(x.device)), grad.index_select(0, index.to(grad.device))
 
     def detach_from_model(self) -> None:
         """Give the module its own forward back."""

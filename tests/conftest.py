@@ -143,13 +143,20 @@ def max_update_rel_err(got, want, init) -> float:
                for k in want)
 
 
+def _scale(module: nn.Module):
+    """An embedding that scales its output (`embed_scale`, BART's) scales its adapter's too, as PEFT's LoRA does."""
+    s = getattr(module, "embed_scale", None) if isinstance(module, nn.Embedding) else None
+    return 1.0 if s is None else s
+
+
 class Backprop:
     """Ordinary backprop training of the adapted model, written without colaft.
 
     Args:
         base: the base model, as it was before colaft wrapped it (it is deep-copied).
         adapters: site name -> adapter module with the initial weights (deep-copied, made
-            trainable, and added to the site's output by a forward hook).
+            trainable, and added to the site's output by a forward hook; scaled like the
+            output at an embedding with `embed_scale`).
         make_optimizer: params -> a torch optimizer.
     """
 
@@ -158,7 +165,7 @@ class Backprop:
         self.adapters = {n: copy.deepcopy(a).float().requires_grad_(True) for n, a in adapters.items()}
         modules = dict(self.model.named_modules())
         for name, adapter in self.adapters.items():
-            modules[name].register_forward_hook(lambda mod, args, out, a=adapter: out + a(args[0]))
+            modules[name].register_forward_hook(lambda mod, args, out, a=adapter: out + a(args[0]) * _scale(mod))
         self.optimizer = make_optimizer([p for a in self.adapters.values() for p in a.parameters()])
 
     def loss(self, batch) -> torch.Tensor:
