@@ -34,7 +34,7 @@ from torch import nn
 import colaft
 from colaft.config import ColaConfig
 from colaft.model import DEFAULT_USER, ColaModel
-from colaft.packets import packets_from_bytes, packets_to_bytes
+from colaft.packets import Packet, packets_from_bytes, packets_to_bytes
 
 CONFIG = "colaft_config.json"
 ADAPTERS = "adapters.safetensors"
@@ -448,3 +448,48 @@ def load_trainer(trainer, directory: str | Path) -> None:
         model.set_mode(mode["mode"], mode["weights"])
     _set_rng_state(state["rng"])
     trainer.stats.update(state["stats"])
+
+
+# ---------------------------------------------------------------- one user of a trainer (a service's job)
+
+OWNER_TENSORS = "owner.safetensors"
+OWNER_STATE = "owner_state.json"
+
+
+def save_owner(trainer, user: str, directory: str | Path) -> None:
+    """One user's server adapters and owner (optimizer, scheduler, buffered packets, version), atomically.
+
+    What a service needs to resume one user's training while other users train on: the
+    directory is also a one-user adapter checkpoint (`load_adapters(..., user=)` reads it).
+    The RNG is shared by all users and is not saved (it matters only with dropout).
+    """
+    state = trainer.owner_state(user)
+    pending = state.pop("pending")
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(state, "", tensors)
+    with _atomic_dir(directory, MARKERS) as tmp:
+        _write_adapters(trainer.model, tmp, user)
+        save_file(tensors, tmp / OWNER_TENSORS)
+        _write_json(tmp / OWNER_STATE, encoded)
+        (tmp / PENDING).write_bytes(packets_to_bytes(pending))
+
+
+def load_owner(trainer, user: str, directory: str | Path) -> None:
+    """Restore a `save_owner` checkpoint into `trainer`'s user `user` (added already, with the
+    same ColaConfig and interval); everything is checked before anything is changed."""
+    path = _require(directory, CONFIG, ADAPTERS, OWNER_TENSORS, OWNER_STATE, PENDING)
+    model = trainer.model
+    model._check_users([user])
+    saved = _pick(_read(path)[0], user, path)
+    if saved.config != model.user_configs[user].to_dict():
+        raise ValueError(f"{path}: user {user!r} was saved with another ColaConfig")
+    _check_states(model.user_adapters(user), saved.states, f"{path} (server adapters of {user!r})")
+    state = _decode(_read_json(path / OWNER_STATE), load_file(path / OWNER_TENSORS))
+    interval = trainer.user_fit.get(user, trainer.fit_config).interval
+    if state["pending_steps"] >= interval:
+        raise ValueError(f"{path}: user {user!r} holds {state['pending_steps']} pending server steps, "
+                         f"but this trainer fits every {interval}")
+    _check_states(model.user_adapters(user), state["adapters"], f"{path} (owner adapters of {user!r})")
+    state["pending"] = [Packet(p.site, p.x, p.grad, user) for p in packets_from_bytes((path / PENDING).read_bytes())]
+    _load_states(model.user_adapters(user), saved.states)
+    trainer.pipeline.load_state(user, state)

@@ -199,7 +199,9 @@ def _build_atomically(targets: list[tuple[Path, Callable[[Path], None]]]) -> Non
         raise
 
 
-COMMANDS: dict[str, Callable] = {"train": train}
+from colaft.serve.commands import serve, users  # noqa: E402  (light: their heavy imports are inside)
+
+COMMANDS: dict[str, Callable] = {"train": train, "serve": serve, "users": users}
 """Command name -> function; typer turns the signature into options."""
 
 

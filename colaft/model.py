@@ -124,10 +124,14 @@ class ColaModel(nn.Module):
 
     @contextmanager
     def routing(self, users: Sequence[str] | None):
-        """Inside, row i of a batch uses the adapters of `users[i]` (None: no routing)."""
+        """Inside, row i of a batch uses the adapters of `users[i]` (None: no routing).
+
+        A row whose user is None runs through the base model alone (no user's adapter), so
+        base-model rows can share a batch with users' rows (inference).
+        """
         if users is not None:
             users = list(users)
-            self._check_users(users)
+            self._check_users([u for u in users if u is not None])
         route = Route(users) if users else None
         for s in self.sites.values():
             s.route = route
@@ -148,8 +152,9 @@ class ColaModel(nn.Module):
         return [s.name for s in self.sites.values() if s.is_head]
 
     # ------------------------------------------------------------- use
-    def forward(self, *args, users: Sequence[str] | None = None, **kwargs):
-        """The base model's forward; `users` (one id per row) routes rows to their users' adapters."""
+    def forward(self, *args, users: Sequence[str | None] | None = None, **kwargs):
+        """The base model's forward; `users` (one id per row) routes rows to their users' adapters
+        (a None row: the base model alone)."""
         with self.routing(users):
             return self.model(*args, **kwargs)
 

@@ -76,11 +76,12 @@ class Pipeline:
     def push(self, user: str, packets: list[Packet]) -> None:
         self._send(Message("push", user, packets=packets))
 
-    def flush(self) -> None:
-        """Fit every user's partial interval now and wait until all updates are applied."""
-        for user in self.tracks:
+    def flush(self, users: list[str] | None = None) -> None:
+        """Fit every user's (or only `users'`) partial interval now and wait until those updates are applied."""
+        users = list(self.tracks) if users is None else users
+        for user in users:
             self._send(Message("flush", user))
-        self.settle(0)
+        self.settle(0, users=users)
 
     def state(self, user: str) -> dict:
         """The owner's whole state, once every message sent to it is answered."""

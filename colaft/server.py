@@ -57,6 +57,8 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
     batch = dict(batch)
     users = batch.pop("users", None) if users is None else users
     batch.pop("users", None)
+    if users is not None and any(u is None for u in users):
+        raise ValueError("every training row needs a user (None routes a row to the base model at inference only)")
     if users is None and len(model.users) > 1:
         raise ValueError(f"the model has {len(model.users)} users: pass users=[...] (one per row)")
     padding = _padding(batch)  # before the forward: the device has little queued to wait for

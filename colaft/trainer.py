@@ -130,9 +130,11 @@ class Trainer:
         self.pipeline.settle()
         return out.loss.item()
 
-    def flush(self) -> None:
-        """Fit every user's partial interval and wait for all updates (call after the last step)."""
-        self.pipeline.flush()
+    def flush(self, users: list[str] | None = None) -> None:
+        """Fit every user's partial interval and wait for all updates (call after the last step).
+
+        `users`: only theirs (a user whose training ends while others go on)."""
+        self.pipeline.flush(users)
 
     def _apply(self, update: Update) -> None:
         self.model.load_adapter_state(update.states, user=update.user)

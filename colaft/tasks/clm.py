@@ -37,22 +37,43 @@ class CausalLM:
         return AutoModelForCausalLM.from_pretrained(folder)
 
     # ------------------------------------------------------------- data
-    def prompt_and_answer(self, question: str, answer: str) -> tuple[str, str]:
-        """The two texts whose concatenation is one training example."""
+    def prompt_and_answer(self, question: str | list[dict], answer: str) -> tuple[str, str]:
+        """The two texts whose concatenation is one training example.
+
+        `question` is the user's text, or a whole conversation before the answer (chat
+        messages: {"role": "system" | "user" | "assistant", "content": text})."""
         tok = self.tokenizer
         if not tok.chat_template:
-            return f"Question: {question}\nAnswer:", f" {answer}{tok.eos_token or ''}"
-        user = [{"role": "user", "content": question}]
-        prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            return self.plain_prompt(question), f" {answer}{tok.eos_token or ''}"
+        prompt = self.prompt(question)
+        user = question if isinstance(question, list) else [{"role": "user", "content": question}]
         full = tok.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
         if not full.startswith(prompt):
             raise ValueError("the tokenizer's chat template does not extend the prompt with the answer")
         return prompt, full[len(prompt):]
 
+    def plain_prompt(self, question: str | list[dict]) -> str:
+        """The prompt of a tokenizer without a chat template: "Question: ...\nAnswer:" (earlier
+        turns of a conversation first, one "Role: text" line each)."""
+        if not isinstance(question, list):
+            return f"Question: {question}\nAnswer:"
+        *history, last = question
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in history]
+        return "\n".join(lines + [f"Question: {last['content']}\nAnswer:"])
+
+    def prompt(self, question: str | list[dict]) -> str:
+        """The text a model continues with its answer (what `prompt_and_answer` puts first)."""
+        tok = self.tokenizer
+        if not tok.chat_template:
+            return self.plain_prompt(question)
+        user = question if isinstance(question, list) else [{"role": "user", "content": question}]
+        return tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+
     def encode(self, records: list[dict], max_length: int) -> list[dict]:
         features = []
         for r in records:
-            prompt, answer = self.prompt_and_answer(str(r["question"]), str(r["answer"]))
+            question = r["question"] if isinstance(r["question"], list) else str(r["question"])
+            prompt, answer = self.prompt_and_answer(question, str(r["answer"]))
             # Tokenised apart so the prompt/answer boundary is exact; the template's special
             # tokens separate them, so this equals tokenising the whole text.
             p = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]

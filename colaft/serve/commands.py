@@ -1,0 +1,137 @@
+"""The `colaft serve` and `colaft users` commands (registered in colaft.cli.COMMANDS)."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DATA_DIR = Path("colaft-data")
+
+
+def _database(data_dir: Path, database_url: str | None):
+    from colaft.serve.db import Database
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Database(database_url or f"sqlite:///{data_dir.resolve() / 'colaft.db'}")
+
+
+def parse_model(spec: str) -> tuple[str, str]:
+    """--model [ID=]NAME_OR_DIR -> (id, name or folder); the id defaults to the name or the folder's name."""
+    model_id, sep, source = spec.partition("=")
+    if not sep:
+        source = spec
+        model_id = spec if "/" not in spec and not Path(spec).is_dir() else Path(spec).resolve().name
+    if not model_id or ":" in model_id or not source:
+        raise ValueError(f"--model {spec!r}: give NAME_OR_DIR or ID=NAME_OR_DIR (an id has no ':')")
+    return model_id, source
+
+
+def model_task(source: str) -> str:
+    """clm for a causal LM (its config's architectures), sc (classification) for anything else."""
+    from transformers import AutoConfig
+
+    from colaft.assets import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(source))
+    return "clm" if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else "sc"
+
+
+def serve(
+    model: Annotated[Optional[list[str]], typer.Option(
+        help="Base model to serve, [ID=]NAME_OR_DIR (built-in: smollm2-135m, minilm-l6); repeat for more. "
+             "Causal LMs train on chat data, other models on text/label classification.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="Uploaded files, checkpoints, adapters, the SQLite database.")]
+    = DATA_DIR,
+    database_url: Annotated[Optional[str], typer.Option(
+        help="SQLAlchemy URL (default: sqlite in --data-dir; e.g. postgresql+psycopg://...).")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        help="Where the fits run: process | ray | inline (default: process when installed, else inline).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 past it).")] = 100.0,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint each running job every so many steps.")] = 20,
+    num_labels: Annotated[int, typer.Option(help="Outputs of a classification model's head.")] = 2,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Serve fine-tuning (OpenAI-shaped API) and inference on one or more base models."""
+    import uvicorn
+
+    from colaft.backends import BACKENDS
+    from colaft.cli import _set_threads
+    from colaft.serve.api import Service, create_app
+    from colaft.serve.db import File
+    from colaft.serve.scheduler import Engine, Settings, default_backend
+
+    if checkpoint_every < 1 or num_labels < 2 or max_upload_mb <= 0:
+        raise ValueError("--checkpoint-every >= 1, --num-labels >= 2 and --max-upload-mb > 0, please")
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    specs = [parse_model(m) for m in (model or ["smollm2-135m"])]
+    if len({i for i, _ in specs}) != len(specs):
+        raise ValueError("two --model options have the same id: name them ID=NAME_OR_DIR")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _set_threads()
+    db = _database(data_dir, database_url)
+    settings = Settings(data_dir=data_dir.resolve(), backend=backend, checkpoint_every=checkpoint_every,
+                        num_labels=num_labels)
+    _remove_orphans(db, settings.data_dir, File)
+    engines = {}
+    for model_id, source in specs:
+        task = model_task(source)
+        engines[model_id] = Engine(model_id, source, task, db, settings)
+        print(f"colaft serve: model {model_id} ({source}, {'chat' if task == 'clm' else 'classification'})",
+              file=sys.stderr)
+    service = Service(settings, db, engines, int(max_upload_mb * 2**20), int(time.time()))
+    print(f"colaft serve: http://{host}:{port}/v1 (data in {settings.data_dir}, fits on the {backend} backend)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(service), host=host, port=port, log_level=log_level.lower())
+
+
+def _remove_orphans(db, data_dir: Path, File) -> None:
+    """Files a killed server wrote but never recorded (or half-wrote): nobody can reach them."""
+    from sqlalchemy import select
+
+    folder = data_dir / "files"
+    if not folder.is_dir():
+        return
+    with db.read() as s:
+        known = set(s.scalars(select(File.id)))
+    for path in folder.iterdir():
+        if path.name not in known:
+            path.unlink(missing_ok=True)
+
+
+def users(
+    action: Annotated[str, typer.Argument(help="add | list | rotate-key")],
+    name: Annotated[Optional[str], typer.Argument(help="The user's name (add, rotate-key).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="The service's data folder.")] = DATA_DIR,
+    database_url: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (default: sqlite in --data-dir).")]
+    = None,
+) -> None:
+    """Manage the service's users: `add NAME` prints its new API key once (stdout, alone on its line)."""
+    from colaft.serve import auth
+
+    if action not in ("add", "list", "rotate-key"):
+        raise ValueError(f"unknown action {action!r}: add | list | rotate-key")
+    if action != "list" and not name:
+        raise ValueError(f"users {action} needs a NAME")
+    db = _database(data_dir, database_url)
+    try:
+        if action == "add":
+            user, key = auth.add_user(db, name)
+            print(f"user {user.name!r} ({user.id}) added; its API key, shown only now:", file=sys.stderr)
+            print(key)
+        elif action == "rotate-key":
+            key = auth.rotate_key(db, name)
+            print(f"new API key of {name!r} (the old one no longer works), shown only now:", file=sys.stderr)
+            print(key)
+        else:
+            for user in auth.list_users(db):
+                print(f"{user.name}\t{user.id}\tsince {time.strftime('%Y-%m-%d %H:%M', time.localtime(user.created_at))}")
+    finally:
+        db.close()

@@ -1,0 +1,178 @@
+"""What the service remembers: users, files, jobs, events, checkpoints (SQLAlchemy).
+
+Embedded SQLite by default (`<data-dir>/colaft.db`); any SQLAlchemy URL works
+(`--database-url postgresql+psycopg://...` with its driver installed). Every change is one
+transaction, committed before the API answers, so a killed server loses nothing it
+acknowledged. Ids are OpenAI-shaped strings ("file-...", "ftjob-..."); times are Unix seconds.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Integer, String, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+ACTIVE = ("validating_files", "queued", "running")
+"""Job statuses that still hold resources (files may not be deleted, training may go on)."""
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # sha256 hex of the API key
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+
+
+class File(Base):
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(500))
+    purpose: Mapped[str] = mapped_column(String(50))
+    bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    format: Mapped[str] = mapped_column(String(20))  # "chat" | "classification" | "results"
+    rows: Mapped[int] = mapped_column(Integer)
+    labels: Mapped[list[Any] | None] = mapped_column(default=None)  # classification: the distinct labels, sorted
+
+    def to_api(self) -> dict:
+        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed",
+                "status_details": None}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    model: Mapped[str] = mapped_column(String(500))  # the base model's id
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), default=None)
+    hyperparameters: Mapped[dict[str, Any]]  # resolved: n_epochs, batch_size, learning_rate_multiplier
+    options: Mapped[dict[str, Any]]  # colaft's own (ColaftOptions), resolved
+    seed: Mapped[int] = mapped_column(Integer)
+    suffix: Mapped[str | None] = mapped_column(String(64), default=None)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # the API's "metadata"
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    finished_at: Mapped[int | None] = mapped_column(Integer, default=None)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(600), default=None)
+    trained_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    result_files: Mapped[list[Any]] = mapped_column(default=list)
+
+    def to_api(self) -> dict:
+        hyper = dict(self.hyperparameters)
+        return {"id": self.id, "object": "fine_tuning.job", "created_at": self.created_at, "error": self.error,
+                "fine_tuned_model": self.fine_tuned_model, "finished_at": self.finished_at,
+                "hyperparameters": hyper, "model": self.model, "organization_id": self.user_id,
+                "result_files": list(self.result_files or []), "seed": self.seed, "status": self.status,
+                "trained_tokens": self.trained_tokens, "training_file": self.training_file,
+                "validation_file": self.validation_file, "estimated_finish": None, "integrations": [],
+                "metadata": self.meta, "suffix": self.suffix,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+                "colaft": dict(self.options)}
+
+
+class Event(Base):
+    __tablename__ = "events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # order of writing
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    level: Mapped[str] = mapped_column(String(10), default="info")
+    type: Mapped[str] = mapped_column(String(10), default="message")  # "message" | "metrics"
+    message: Mapped[str] = mapped_column(String(2000))
+    data: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+    def to_api(self) -> dict:
+        return {"id": self.id, "object": "fine_tuning.job.event", "created_at": self.created_at,
+                "level": self.level, "message": self.message, "data": self.data, "type": self.type}
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    metrics: Mapped[dict[str, Any]]
+    path: Mapped[str] = mapped_column(String(1000))  # relative to the data folder
+    listed: Mapped[int] = mapped_column(Integer, default=1)  # 0: kept for resuming only
+
+    def to_api(self, model: str) -> dict:
+        return {"id": self.id, "object": "fine_tuning.job.checkpoint", "created_at": self.created_at,
+                "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{self.step}", "fine_tuning_job_id": self.job_id,
+                "metrics": {"step": self.step, **self.metrics}, "step_number": self.step}
+
+
+class Database:
+    """An engine and short sessions, one per unit of work: `with db.session() as s:` (reads and
+    writes, committed at the end) or `with db.read() as s:` (reads only)."""
+
+    def __init__(self, url: str):
+        sqlite = url.startswith("sqlite")
+        self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {})
+        if sqlite:
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(connection, _):
+                connection.isolation_level = None  # transactions begin as `_begin` says, not as sqlite3 guesses
+                cursor = connection.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the trainer's writes
+                cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the API answers
+                cursor.execute("PRAGMA foreign_keys=ON")
+                cursor.close()
+
+            @event.listens_for(self.engine, "begin")
+            def _begin(connection):
+                # A writing transaction takes the write lock when it begins: one that read first
+                # and wrote later would fail (not wait) if another had written in between.
+                immediate = connection.get_execution_options().get("immediate", False)
+                connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        Base.metadata.create_all(self.engine)
+        self._writers = sessionmaker(self.engine.execution_options(immediate=True), expire_on_commit=False)
+        self._readers = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._writers() as s, s.begin():
+            yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._readers() as s, s.begin():
+            yield s
+
+    def add_event(self, s: Session, job_id: str, message: str, level: str = "info", type: str = "message",
+                  data: dict | None = None) -> Event:
+        e = Event(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data,
+                  created_at=now())
+        s.add(e)
+        return e
+
+    def user_by_key_hash(self, key_hash: str) -> User | None:
+        with self.read() as s:
+            return s.scalar(select(User).where(User.key_hash == key_hash))
+
+    def close(self) -> None:
+        self.engine.dispose()

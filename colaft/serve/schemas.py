@@ -1,0 +1,173 @@
+"""Request bodies of the API (pydantic): what a client may send, each field documented once.
+
+Shaped like OpenAI's fine-tuning and chat APIs, so their clients work unchanged; colaft's
+own job options travel in the extra field "colaft" (`extra_body={"colaft": {...}}` with the
+openai package).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from colaft.adapters import ADAPTERS
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=1000)] = "auto"
+    """Passes over the training file ("auto": 3)."""
+    batch_size: Auto | Annotated[int, Field(ge=1, le=512)] = "auto"
+    """This job's rows in every mixed batch ("auto": the task's default, at most the file's rows)."""
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    """Times the task's learning rate (1e-3 for both tasks; "auto": 1)."""
+
+
+class ColaftOptions(BaseModel):
+    """colaft's own job options (the request's "colaft" field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = "lowrank"
+    """Adapter type: lowrank | linear | mlp (or a registered one)."""
+    rank: Annotated[int, Field(ge=1, le=1024)] = 8
+    """Rank of lowrank adapters."""
+    alpha: Annotated[float, Field(gt=0)] = 16.0
+    """lowrank scale is alpha / rank."""
+    hidden: Annotated[int, Field(ge=1, le=8192)] = 128
+    """Hidden width of mlp adapters."""
+    targets: list[str] | str | None = None
+    """Adapted modules: names, a regex or "all-linear" (None: the task's default)."""
+    mode: Literal["personal", "collaborative"] = "personal"
+    """personal: the job's rows see its own adapters. collaborative: they see the mean delta
+    of every collaborative job on the base model (mergeable adapters)."""
+    interval: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Server steps per fit (ColA's I)."""
+    fit_device: str | None = None
+    """Where the fit runs (a torch device, e.g. "cpu", "cuda:0"; None: where the server's adapters are)."""
+    max_length: Annotated[int, Field(ge=8, le=32768)] = 128
+    """Token cap per example."""
+
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, v: str) -> str:
+        if v not in ADAPTERS:
+            raise ValueError(f"unknown adapter {v!r}; adapters: {', '.join(ADAPTERS)}")
+        return v
+
+    @field_validator("fit_device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        import torch
+        try:
+            device = torch.device(v)
+        except RuntimeError as e:
+            raise ValueError(f"not a torch device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {v!r} is not available on this server")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v):
+        if v is not None and not v:
+            raise ValueError("targets is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _collaborative_merges(self):
+        if self.mode == "collaborative" and self.adapter == "mlp":
+            raise ValueError("collaborative mode averages mergeable deltas: use adapter lowrank or linear")
+        return self
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class JobCreate(BaseModel):
+    """POST /v1/fine_tuning/jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    """OpenAI's newer form: {"type": "supervised", "supervised": {"hyperparameters": {...}}}."""
+    suffix: Annotated[str, Field(max_length=64)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[Any] | None = None
+    colaft: ColaftOptions = ColaftOptions()
+
+    @model_validator(mode="after")
+    def _one_place_for_hyperparameters(self):
+        from_method = self.method.supervised.hyperparameters if self.method and self.method.supervised else None
+        if self.hyperparameters is not None and from_method is not None:
+            raise ValueError("give hyperparameters once: top-level or in method.supervised")
+        self.hyperparameters = self.hyperparameters or from_method or Hyperparameters()
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class Sampling(BaseModel):
+    """Generation settings shared by both completion endpoints."""
+
+    model_config = ConfigDict(extra="allow")  # unsupported OpenAI options (logprobs, ...) are ignored
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    """0 or absent: greedy (deterministic); above 0: sampling."""
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    user: str | None = None
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, v):
+        if v:
+            raise ValueError("streaming is not supported: send stream=false")
+        return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class CompletionRequest(Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
