@@ -299,6 +299,31 @@ def test_inference_batches_rows_of_different_adapters(server, alice, bob):
     assert one_by_one[:3] != one_by_one[3:6] or one_by_one[:3] != one_by_one[9:12]  # the adapters do act
 
 
+def test_collaborative_jobs_train_beside_personal_ones(server, alice, bob):
+    """Collaborative jobs share a batch in collaborative mode; a personal job trains in its own batch at the same time."""
+    f = upload(alice, CHAT)
+    g = upload(bob, CHAT)
+    hyper = {"n_epochs": 3, "batch_size": 4}
+    jobs = [(alice, alice.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters=hyper,
+                                                   extra_body={"colaft": {"mode": "collaborative"}})),
+            (bob, bob.fine_tuning.jobs.create(model="llama", training_file=g.id, hyperparameters=hyper,
+                                               extra_body={"colaft": {"mode": "collaborative", "adapter": "linear"}})),
+            (bob, bob.fine_tuning.jobs.create(model="llama", training_file=g.id, hyperparameters=hyper))]
+    done = [wait_job(c, j.id) for c, j in jobs]
+    assert [j.status for j in done] == ["succeeded"] * 3, [j.error for j in done]
+    assert done[0].model_extra["colaft"]["mode"] == "collaborative"
+    log = server.log_text()
+    assert " 2 jobs, 8 rows, collaborative mode" in log and " 1 jobs, 4 rows, personal mode" in log
+    for client, job in zip((alice, bob, bob), done):
+        answer = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
+                                                messages=[{"role": "user", "content": "who are you"}])
+        assert answer.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.UnprocessableEntityError) as e:  # an mlp delta cannot be averaged
+        alice.fine_tuning.jobs.create(model="llama", training_file=f.id,
+                                      extra_body={"colaft": {"mode": "collaborative", "adapter": "mlp"}})
+    assert "mergeable" in str(e.value)
+
+
 # ------------------------------------------------------------------ isolation
 
 def test_a_user_sees_and_touches_only_its_own(server, alice, bob):

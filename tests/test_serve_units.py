@@ -1,0 +1,121 @@
+"""The pieces under `colaft serve`, without a server: data checks, per-user checkpoints,
+base-model rows in mixed batches, per-user flush, chat conversations in the clm task."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import text_batch, tiny_llama
+from tiny_models import tiny_llama_dir  # noqa: F401
+
+from colaft import ColaConfig, ColaModel, Trainer
+from colaft.checkpoint import load_owner, save_owner
+from colaft.serve import files
+from colaft.server import server_step
+from colaft.tasks import get_task
+
+
+def lines(*records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who are you"},
+                     {"role": "assistant", "content": "a bot"}]}
+
+
+def test_parse_detects_the_format_and_the_labels():
+    assert files.parse(lines(CHAT, CHAT))[0] == "chat"
+    assert files.parse(lines({"prompt": "p", "completion": "c"}))[0] == "prompt"
+    fmt, records, labels = files.parse(lines({"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}) + b"\n\n")
+    assert (fmt, len(records), labels) == ("classification", 2, ["neg", "pos"])
+    assert files.task_records(fmt, records, labels) == [{"text": "a", "label": 1}, {"text": "b", "label": 0}]
+    assert files.task_records("chat", [CHAT]) == [{"question": CHAT["messages"][:2], "answer": "a bot"}]
+
+
+@pytest.mark.parametrize("data, message", [
+    (b'{"text": "a", "label": 1}\n{oops}\n', "line 2: not valid JSON"),
+    (lines({"text": "a", "label": 1}, {"text": "", "label": 1}), "line 2: \"text\" must be non-empty"),
+    (lines({"text": "a", "label": 1.5}), "line 1: \"label\" must be text or an integer"),
+    (lines({"text": "a", "label": 1}, {"text": "b", "label": "x"}), "labels mix text and integers"),
+    (lines({"messages": [{"role": "assistant", "content": "hi"}]}), "line 1: no user message"),
+    (lines({"messages": "hi"}), "line 1: \"messages\" must be a non-empty list"),
+    (lines({"prompt": "p"}), "line 1: \"prompt\" and \"completion\" must both be text"),
+    (lines(CHAT, {"prompt": "p", "completion": "c"}), "line 2: a prompt record in a chat file"),
+    (b"", "no record"),
+])
+def test_parse_names_the_broken_line(data, message):
+    with pytest.raises(files.DataError, match=message):
+        files.parse(data)
+
+
+def _trainer(interval: int = 2) -> tuple[ColaModel, Trainer]:
+    model = ColaModel(tiny_llama(), ColaConfig(target_modules=["q_proj", "v_proj"]), user="a")
+    trainer = Trainer(model, lr=1e-2, interval=interval)
+    trainer.add_user("b", lr=1e-2, interval=interval)
+    return model, trainer
+
+
+def _state(model: ColaModel, user: str) -> dict:
+    return {f"{s}.{k}": v.clone() for s, a in model.user_adapters(user).items() for k, v in a.state_dict().items()}
+
+
+def test_save_owner_resumes_one_user_exactly_among_others(tmp_path):
+    batch, users = text_batch(0), ["a", "b", "a", "b"]
+    model, trainer = _trainer()
+    for _ in range(3):  # a partial interval is pending for both users
+        trainer.step(batch, users=users)
+    save_owner(trainer, "b", tmp_path / "b")
+    for _ in range(3):
+        trainer.step(batch, users=users)
+    # a fresh trainer whose other user has a different history: b's training goes on as before
+    model2, trainer2 = _trainer()
+    load_owner(trainer2, "b", tmp_path / "b")
+    for _ in range(3):
+        trainer2.step(batch, users=users)
+    want, got = _state(model, "b"), _state(model2, "b")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert ColaModel.from_pretrained(tiny_llama(), tmp_path / "b", user="b").users == ["b"]  # also an adapter checkpoint
+    with pytest.raises(ValueError, match="fits every 1"):
+        load_owner(_trainer(interval=1)[1], "b", tmp_path / "b")
+
+
+def test_rows_without_a_user_run_through_the_base_model():
+    base = tiny_llama()
+    reference = base(**text_batch(1)).logits
+    model, trainer = _trainer(interval=1)
+    trainer.step(text_batch(0), users=["a", "b", "a", "b"])  # the adapters are no longer zero
+    model.eval()
+    with torch.no_grad():
+        mixed = model(**text_batch(1), users=[None, "a", None, "b"]).logits
+        alone_a = model(**text_batch(1), users=["a"] * 4).logits
+        only_base = model(**text_batch(1), users=[None] * 4).logits
+    torch.testing.assert_close(mixed[[0, 2]], reference[[0, 2]])
+    torch.testing.assert_close(only_base, reference)
+    torch.testing.assert_close(mixed[1], alone_a[1])
+    assert not torch.allclose(alone_a[1], reference[1])
+    with pytest.raises(ValueError, match="every training row needs a user"):
+        server_step(model, text_batch(0), users=["a", None, "a", "b"])
+
+
+def test_flush_of_some_users_leaves_the_others_pending():
+    model, trainer = _trainer(interval=2)
+    trainer.step(text_batch(0), users=["a", "b", "a", "b"])
+    before = _state(model, "b")
+    trainer.flush(["a"])
+    assert trainer.owner_state("a")["version"] == 1 and trainer.owner_state("a")["pending_steps"] == 0
+    assert trainer.owner_state("b")["version"] == 0 and trainer.owner_state("b")["pending_steps"] == 1
+    assert all(torch.equal(v, before[k]) for k, v in _state(model, "b").items())
+
+
+def test_clm_trains_on_the_last_answer_of_a_conversation(tiny_llama_dir):  # noqa: F811
+    task = get_task("clm")
+    task.load(str(tiny_llama_dir), [], seed=0)
+    record = files.task_records("chat", [CHAT])[0]
+    feature = task.encode([record], 64)[0]
+    prompt = task.prompt(CHAT["messages"][:2])
+    assert prompt.startswith("<|im_start|>system\nbe brief") and prompt.endswith("<|im_start|>assistant\n")
+    n_prompt = len(task.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert feature["labels"][:n_prompt] == [-100] * n_prompt
+    answer = task.tokenizer.decode([t for t in feature["labels"] if t != -100], skip_special_tokens=True)
+    assert answer.strip() == "a bot"
