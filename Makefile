@@ -1,14 +1,17 @@
-# The two commands of colaft. Each creates .venv and installs what it needs on first use.
+# The commands of colaft (run, test, serve). Each creates .venv and installs what it needs on first use.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test
+.PHONY: run test serve
 run: $(STAMP)
 	$(VENV)/bin/colaft train
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+
+serve: $(STAMP)
+	$(VENV)/bin/colaft serve
 
 $(STAMP): pyproject.toml requirements.txt assets.txt
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 DATA_DIR = Path("colaft-data")
+DEFAULT_MODELS = ["smollm2-135m", "minilm-l6"]  # the built-ins: a chat model and a classifier
 
 
 def _database(data_dir: Path, database_url: str | None):
@@ -42,8 +43,8 @@ def model_task(source: str) -> str:
 
 def serve(
     model: Annotated[Optional[list[str]], typer.Option(
-        help="Base model to serve, [ID=]NAME_OR_DIR (built-in: smollm2-135m, minilm-l6); repeat for more. "
-             "Causal LMs train on chat data, other models on text/label classification.")] = None,
+        help="Base model to serve, [ID=]NAME_OR_DIR; repeat for more (default: the built-ins smollm2-135m "
+             "and minilm-l6). Causal LMs train on chat data, other models on text/label classification.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="Uploaded files, checkpoints, adapters, the SQLite database.")]
@@ -71,7 +72,7 @@ def serve(
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
-    specs = [parse_model(m) for m in (model or ["smollm2-135m"])]
+    specs = [parse_model(m) for m in (model or DEFAULT_MODELS)]
     if len({i for i, _ in specs}) != len(specs):
         raise ValueError("two --model options have the same id: name them ID=NAME_OR_DIR")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
