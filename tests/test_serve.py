@@ -266,6 +266,8 @@ def test_classification_job_and_completions(server, bob):
     assert job.status == "succeeded", job.error
     messages = [e.message for e in bob.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert any(m.startswith("Validation: loss=") and "accuracy=" in m for m in messages)
+    for used in (f, valid):  # a finished job needs its files no more
+        assert bob.files.delete(used.id).deleted
     labels = {bob.completions.create(model=job.fine_tuned_model, prompt=t).choices[0].text for t in GOOD + BAD}
     assert labels <= {"pos", "neg"}
     chat = bob.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": GOOD[0]}])

@@ -250,7 +250,7 @@ def create_app(service: Service) -> FastAPI:
             job = Job(id=new_id("ftjob"), user_id=user.id, model=body.model, training_file=train.id,
                       validation_file=body.validation_file, hyperparameters=hyper, options=options,
                       seed=body.seed if body.seed is not None else secrets.randbelow(2**31), suffix=body.suffix,
-                      meta=body.metadata, status="queued", created_at=now())
+                      meta=body.metadata, labels=train.labels, status="queued", created_at=now())
             s.add(job)
             s.flush()  # the job's row before its events' (foreign key)
             db.add_event(s, job.id, f"Created fine-tuning job: {job.id}")

@@ -78,6 +78,7 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    labels: Mapped[list[Any] | None] = mapped_column(default=None)  # classification: head output i is labels[i]
     result_files: Mapped[list[Any]] = mapped_column(default=list)
 
     def to_api(self) -> dict:

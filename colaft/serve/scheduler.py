@@ -451,9 +451,8 @@ class Engine:
     def job_labels(self, job_id: str) -> list:
         """A classification job's labels, in the order of the head's outputs."""
         if job_id not in self._labels:
-            with self.db.read() as s:
-                job = s.get(Job, job_id)
-                self._labels[job_id] = list(s.get(File, job.training_file).labels or [])
+            with self.db.read() as s:  # kept on the job: its training file may be deleted since
+                self._labels[job_id] = list(s.get(Job, job_id).labels or [])
         return self._labels[job_id]
 
     def ensure_adapters(self, job_id: str, mode: str) -> None:
