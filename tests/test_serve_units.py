@@ -119,3 +119,21 @@ def test_clm_trains_on_the_last_answer_of_a_conversation(tiny_llama_dir):  # noq
     assert feature["labels"][:n_prompt] == [-100] * n_prompt
     answer = task.tokenizer.decode([t for t in feature["labels"] if t != -100], skip_special_tokens=True)
     assert answer.strip() == "a bot"
+
+
+def test_serve_refuses_bad_options_before_loading_anything(capsys, tmp_path):
+    from colaft.cli import main
+    from colaft.serve.commands import parse_model
+
+    assert parse_model("smollm2-135m") == ("smollm2-135m", "smollm2-135m")
+    assert parse_model(f"mine={tmp_path}") == ("mine", str(tmp_path))
+    assert parse_model(str(tmp_path)) == (tmp_path.name, str(tmp_path))
+    for args, message in [(["--backend", "nope"], "unknown backend 'nope'"),
+                          (["--backend", "inline", "--workers", "2"], "--workers is an option"),
+                          (["--model", "a:b=x"], "an id has no ':'"),
+                          (["--model", "x=smollm2-135m", "--model", "x=minilm-l6"], "the same id"),
+                          (["--num-labels", "1"], "--num-labels >= 2")]:
+        assert main(["serve", "--data-dir", str(tmp_path / "d"), *args]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["users", "remove", "x", "--data-dir", str(tmp_path / "d")]) == 1
+    assert "unknown action" in capsys.readouterr().err

@@ -53,6 +53,8 @@ def serve(
         help="SQLAlchemy URL (default: sqlite in --data-dir; e.g. postgresql+psycopg://...).")] = None,
     backend: Annotated[Optional[str], typer.Option(
         help="Where the fits run: process | ray | inline (default: process when installed, else inline).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes or Ray actors (process, ray).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="An existing Ray cluster (ray backend).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 past it).")] = 100.0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint each running job every so many steps.")] = 20,
     num_labels: Annotated[int, typer.Option(help="Outputs of a classification model's head.")] = 2,
@@ -72,13 +74,17 @@ def serve(
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    options = {k: v for k, v in {"workers": workers, "address": ray_address}.items() if v is not None}
+    if (workers is not None and backend not in ("process", "ray")) or (ray_address and backend != "ray"):
+        raise ValueError("--workers is an option of the process and ray backends, --ray-address of ray")
     specs = [parse_model(m) for m in (model or DEFAULT_MODELS)]
     if len({i for i, _ in specs}) != len(specs):
         raise ValueError("two --model options have the same id: name them ID=NAME_OR_DIR")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _set_threads()
     db = _database(data_dir, database_url)
-    settings = Settings(data_dir=data_dir.resolve(), backend=backend, checkpoint_every=checkpoint_every,
+    settings = Settings(data_dir=data_dir.resolve(), backend=backend, backend_options=options,
+                        checkpoint_every=checkpoint_every,
                         num_labels=num_labels)
     _remove_orphans(db, settings.data_dir, File)
     engines = {}

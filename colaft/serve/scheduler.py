@@ -36,7 +36,7 @@ import torch
 from sqlalchemy import select, update
 
 from colaft import ColaConfig, ColaModel, Trainer
-from colaft.backends import BACKENDS
+from colaft.backends import BACKENDS, make_backend
 from colaft.checkpoint import load_owner, save_owner
 from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, Checkpoint, Database, File, Job, new_id, now
@@ -58,6 +58,8 @@ class Settings:
 
     data_dir: Path
     backend: str = "inline"
+    backend_options: dict = field(default_factory=dict)
+    """Keyword arguments of the backend (workers, address)."""
     checkpoint_every: int = 20
     """Save each running job's state every so many of its steps (and at every epoch end)."""
     num_labels: int = 2
@@ -193,7 +195,7 @@ class Engine:
     def _add_user(self, job_id: str, config: ColaConfig, fit: dict) -> None:
         if self.cola is None:
             self.cola = ColaModel(self.base, config, user=job_id)
-            self.trainer = Trainer(self.cola, backend=self.settings.backend, **fit)
+            self.trainer = Trainer(self.cola, backend=self._backend(), **fit)
         else:
             self.trainer.add_user(job_id, config, **_fit_config_names(fit))
 
@@ -201,10 +203,13 @@ class Engine:
         folder = self.settings.data_dir / "jobs" / job_id / "adapter"
         if self.cola is None:
             self.cola = ColaModel.from_pretrained(self.base, folder, user=job_id)
-            self.trainer = Trainer(self.cola, backend=self.settings.backend)
+            self.trainer = Trainer(self.cola, backend=self._backend())
         elif job_id not in self.cola.users:
             self.cola.load_adapters(folder, user=job_id)
         self.modes[job_id] = mode
+
+    def _backend(self):
+        return make_backend(self.settings.backend, **self.settings.backend_options)
 
     def _remove_user(self, job_id: str) -> None:
         self.modes.pop(job_id, None)
