@@ -186,10 +186,13 @@ def test_two_users_train_concurrently_on_one_base_model(server, alice, bob, tiny
     fa, fb = upload(alice, CHAT, "alice.jsonl"), upload(bob, CHAT[::-1], "bob.jsonl")
     assert (fa.purpose, fa.status, fa.bytes) == ("fine-tune", "processed", len(jsonl(CHAT)))
     hyper = {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 5}
-    ja = alice.fine_tuning.jobs.create(model="llama", training_file=fa.id, hyperparameters=hyper, seed=7)
+    # bob's job is running (and longer) when alice's starts: all of alice's steps share bob's batches
     jb = bob.fine_tuning.jobs.create(model="llama", training_file=fb.id, seed=3,
-                                     method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+                                     method={"type": "supervised", "supervised": {"hyperparameters": {
+                                         **hyper, "n_epochs": 40}}},
                                      extra_body={"colaft": {"adapter": "linear", "targets": ["q_proj", "o_proj"]}})
+    wait_job(bob, jb.id, 60, until=("running",))
+    ja = alice.fine_tuning.jobs.create(model="llama", training_file=fa.id, hyperparameters=hyper, seed=7)
     assert ja.status == "queued" and ja.hyperparameters.n_epochs == 4 and ja.hyperparameters.batch_size == 4
     ja, jb = wait_job(alice, ja.id), wait_job(bob, jb.id)
     assert (ja.status, jb.status) == ("succeeded", "succeeded"), (ja.error, jb.error)
@@ -306,8 +309,10 @@ def test_collaborative_jobs_train_beside_personal_ones(server, alice, bob):
     f = upload(alice, CHAT)
     g = upload(bob, CHAT)
     hyper = {"n_epochs": 3, "batch_size": 4}
-    jobs = [(alice, alice.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters=hyper,
-                                                   extra_body={"colaft": {"mode": "collaborative"}})),
+    first = alice.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={**hyper, "n_epochs": 30},
+                                          extra_body={"colaft": {"mode": "collaborative"}})
+    wait_job(alice, first.id, 60, until=("running",))  # still running while bob's jobs train
+    jobs = [(alice, first),
             (bob, bob.fine_tuning.jobs.create(model="llama", training_file=g.id, hyperparameters=hyper,
                                                extra_body={"colaft": {"mode": "collaborative", "adapter": "linear"}})),
             (bob, bob.fine_tuning.jobs.create(model="llama", training_file=g.id, hyperparameters=hyper))]
