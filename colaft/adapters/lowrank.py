@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from colaft.adapters import SiteSpec, register_adapter, unsupported
 
@@ -56,22 +57,76 @@ class LowRankLinear(nn.Module):
 
         Ranks may differ: A and B are zero-padded to the largest rank, which adds exact zeros.
         """
-        idx = torch.tensor(index, device=x.device)
-        a, b = _stack([m.lora_A.weight for m in adapters], [m.lora_B.weight for m in adapters])
-        scale = torch.tensor([m.scale for m in adapters], device=x.device, dtype=x.dtype)[idx]  # (n,)
-        a_rows, b_rows = a[idx], b[idx]  # (n, r, d_in, ...), (n, d_out, r, ...)
-        if a.dim() == 3:  # linear: x (n, ..., d_in)
+        a_list, b_list = [m.lora_A.weight for m in adapters], [m.lora_B.weight for m in adapters]
+        scales = [m.scale for m in adapters]
+        if a_list[0].dim() == 2:  # linear: x (n, ..., d_in)
             x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (n, T, d_in)
-            y = torch.bmm(torch.bmm(x3, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))  # (n, T, d_out)
-            return (y * scale[:, None, None]).view(*x.shape[:-1], -1)
+            if any(w.requires_grad for w in a_list + b_list):  # trainable adapters: plain autograd
+                y = _bgmv(x3, *_gather(a_list, b_list, index), _row_scale(scales, index, x3))
+            else:  # the server's frozen adapters
+                y = _FrozenBGMV.apply(x3, index, scales, *a_list, *b_list)
+            return y.view(*x.shape[:-1], -1)  # (n, ..., d_out)
         conv = adapters[0].lora_A
         if conv.padding_mode != "zeros":
             return None
         n = x.shape[0]  # conv2d: one grouped convolution, a group per row
+        a_rows, b_rows = _gather(a_list, b_list, index)  # (n, r, d_in, kh, kw), (n, d_out, r, 1, 1)
         z = F.conv2d(x.reshape(1, -1, *x.shape[2:]), a_rows.flatten(0, 1), None, conv.stride, conv.padding,
                      conv.dilation, groups=n)  # (1, n*r, H', W')
         y = F.conv2d(z, b_rows.flatten(0, 1), groups=n).view(n, -1, *z.shape[2:])  # (n, d_out, H', W')
-        return y * scale[:, None, None, None]
+        scale = _row_scale(scales, index, y)
+        return y * (scale if isinstance(scale, float) else scale[:, None, None, None])
+
+
+def _gather(a_list, b_list, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i's A and B, (n, r, d_in, ...) and (n, d_out, r, ...); ranks zero-padded to the largest.
+
+    One copy of n adapters (stacking the users first and indexing would copy twice).
+    """
+    rank = max(a.shape[0] for a in a_list)
+    if any(a.shape[0] != rank for a in a_list):
+        a_list, b_list = _padded(a_list, b_list, rank)
+    return torch.stack([a_list[i] for i in index]), torch.stack([b_list[i] for i in index])
+
+
+def _row_scale(scales: list[float], index: list[int], like: torch.Tensor) -> float | torch.Tensor:
+    """Each row's scale: one float when the users agree (the usual case), else a (n,) tensor."""
+    if len(set(scales)) == 1:
+        return scales[0]
+    return torch.tensor([scales[i] for i in index], device=like.device, dtype=like.dtype)
+
+
+def _bgmv(x3: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, scale) -> torch.Tensor:
+    """(n, T, d_in) -> (n, T, d_out): scale_i * x_i A_i^T B_i^T for every row i."""
+    y = torch.bmm(torch.bmm(x3, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))  # (n, T, d_out)
+    return y * (scale if isinstance(scale, float) else scale[:, None, None])
+
+
+class _FrozenBGMV(torch.autograd.Function):
+    """`_bgmv` for frozen adapters, differentiable in x only, keeping no copy of the adapters.
+
+    Autograd on `_bgmv` would keep the gathered A and B of every row for the backward: n
+    copies of the users' adapters at every site (n = rows), alive from the forward to the
+    backward. This keeps references to the users' own weights and gathers again in the
+    backward, which then runs the same products autograd would: dx = (dy s) B_i A_i.
+    """
+
+    @staticmethod
+    def forward(ctx, x3, index, scales, *weights):
+        k = len(weights) // 2
+        ctx.index, ctx.scales = index, scales
+        ctx.save_for_backward(*weights)  # the users' parameters themselves: no copy
+        return _bgmv(x3, *_gather(weights[:k], weights[k:], index), _row_scale(scales, index, x3))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        weights = ctx.saved_tensors
+        k = len(weights) // 2
+        a_rows, b_rows = (t.to(grad.dtype) for t in _gather(weights[:k], weights[k:], ctx.index))  # autocast
+        scale = _row_scale(ctx.scales, ctx.index, grad)
+        grad = grad * (scale if isinstance(scale, float) else scale[:, None, None])  # (n, T, d_out)
+        return torch.bmm(torch.bmm(grad, b_rows), a_rows), None, None, *([None] * len(weights))
 
 
 class LowRankEmbedding(nn.Module):
@@ -106,9 +161,16 @@ class LowRankEmbedding(nn.Module):
 def _stack(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack the users' A (r, in, ...) and B (out, r, ...), zero-padding every rank to the largest."""
     rank = max(a.shape[0] for a in a_list)
-    a = torch.stack([F.pad(t, [0, 0] * (t.dim() - 1) + [0, rank - t.shape[0]]) for t in a_list])
-    b = torch.stack([F.pad(t, [0, 0] * (t.dim() - 2) + [0, rank - t.shape[1]]) for t in b_list])
-    return a, b  # (U, r, in, ...), (U, out, r, ...)
+    if any(a.shape[0] != rank for a in a_list):
+        a_list, b_list = _padded(a_list, b_list, rank)
+    return torch.stack(a_list), torch.stack(b_list)  # (U, r, in, ...), (U, out, r, ...)
+
+
+def _padded(a_list, b_list, rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A (r, in, ...) and B (out, r, ...) with zero rows / columns up to `rank` (exact zeros in B A)."""
+    a_list = [t if t.shape[0] == rank else F.pad(t, [0, 0] * (t.dim() - 1) + [0, rank - t.shape[0]]) for t in a_list]
+    b_list = [t if t.shape[1] == rank else F.pad(t, [0, 0] * (t.dim() - 2) + [0, rank - t.shape[1]]) for t in b_list]
+    return a_list, b_list
 
 
 @register_adapter("lowrank")

@@ -81,3 +81,53 @@ def server_command(
                       command=_command_line("server"), log=log)
     typer.echo(summary(data))
     typer.echo(f"report: {out / 'server.md'}")
+
+
+@bench_app.command("users")
+def users_command(
+    model: Annotated[str, typer.Option(
+        help="Benchmark model: tiny, smollm2-135m, minilm-l6, llama-large, optionally with config overrides.")
+    ] = "minilm-l6",
+    quick: Annotated[bool, typer.Option(help="The tiny model, K up to 4, few rounds, one memory run: a smoke test.")
+                     ] = False,
+    ks: Annotated[str, typer.Option(help="Comma-separated numbers of users in the batch.")] = "1,2,4,8,16,32",
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    batch_size: Annotated[int, typer.Option(help="Rows per batch, shared among the K users.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 16,
+    rank: Annotated[int, typer.Option(help="Rank of the users' lowrank adapters and PEFT's LoRA (alpha = 2 rank).")
+                    ] = 8,
+    layout: Annotated[str, typer.Option(help="blocks (each user's rows together) or interleaved.")] = "blocks",
+    collaborative: Annotated[bool, typer.Option(help="Also the mixed step in collaborative mode.")] = True,
+    types: Annotated[bool, typer.Option(help="Also users of mixed adapter types (largest K).")] = True,
+    peft: Annotated[bool, typer.Option(help="Also PEFT's mixed-adapter forward.")] = True,
+    rounds: Annotated[int, typer.Option(help="Timed rounds (one step of every configuration each).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed rounds first.")] = 1,
+    memory_runs: Annotated[int, typer.Option(help="Fresh processes per memory case on CPU (0: no memory).")] = 2,
+    memory_steps: Annotated[int, typer.Option(help="Steps per memory measurement.")] = 2,
+    jobs: Annotated[int, typer.Option(help="Memory processes at once.")] = 1,
+    max_seconds: Annotated[float | None, typer.Option(
+        help="Stop timing after this many seconds (at least 3 rounds).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
+) -> None:
+    """One server step for a batch mixing K users' rows: vs K separate steps, vs PEFT's mixed forward, and memory."""
+    from colaft.bench.users import Settings, run_users
+    from colaft.bench.users_report import summary
+
+    k_list = [int(k) for k in ks.split(",") if k.strip()]
+    if quick:
+        model, rounds, memory_runs, jobs = "tiny", min(rounds, 2), 1, 2
+        batch_size, seq_len, k_list = 8, 8, [k for k in k_list if k <= 4] or [1, 2, 4]
+    settings = Settings(model=model, device=device or _default_device(), dtype=dtype, batch_size=batch_size,
+                        seq_len=seq_len, ks=k_list, rank=rank, layout=layout, collaborative=collaborative,
+                        types=types, peft=peft, rounds=rounds, warmup=warmup, memory_runs=memory_runs,
+                        memory_steps=memory_steps, jobs=jobs, max_seconds=max_seconds, threads=threads)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
+
+    data = run_users(settings, out, command=_command_line("users"), log=log)
+    typer.echo(summary(data))
+    typer.echo(f"report: {out / ('users-' + data['model'].replace(':', '_').replace(',', '_').replace('=', '-'))}.md")

@@ -193,6 +193,25 @@ class Probe:
         return _status_kib("VmHWM") * 1024 - self.base
 
 
+def pin_malloc_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Make glibc serve every block of `nbytes` or more by mmap, and return it to the system when freed.
+
+    By default glibc raises that threshold (up to 32 MiB) each time a large block is freed,
+    after which tensors come from the heap and freed memory stays resident: the peak RSS then
+    holds up to a few hundred MiB of freed tensors, differently from run to run and from one
+    configuration to the next. Pinned (mallopt M_MMAP_THRESHOLD, which also stops the
+    adjustment), the peak RSS follows the live tensors. Call it first in a memory process.
+    Returns False where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, nbytes))  # -3: M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):
+        return False
+
+
 def resolve(target: str) -> Callable:
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -211,6 +230,8 @@ class Memory:
 
     runs: list[int] = field(default_factory=list)
     error: str | None = None
+    extra: list[dict] = field(default_factory=list)
+    """What the case returned besides the peak, per run."""
 
     @property
     def median(self) -> int | None:
@@ -264,6 +285,7 @@ def fresh_process_memory(target: str, specs: dict[str, dict], runs: int = 3, job
                 log(f"  memory {name}: {result['error']}")
             else:
                 out[name].runs.append(result["peak_bytes"])
+                out[name].extra.append({k: v for k, v in result.items() if k not in ("peak_bytes", "base_bytes")})
     return out
 
 
@@ -274,7 +296,9 @@ def in_process_memory(target: str, specs: dict[str, dict], log: Callable[[str], 
     for name, spec in specs.items():
         out[name] = Memory()
         try:
-            out[name].runs.append(run_case(target, spec, **kwargs)["peak_bytes"])
+            result = run_case(target, spec, **kwargs)
+            out[name].runs.append(result["peak_bytes"])
+            out[name].extra.append({k: v for k, v in result.items() if k not in ("peak_bytes", "base_bytes")})
         except Exception as e:
             out[name].error = f"{type(e).__name__}: {str(e)[:300]}"
             log(f"  memory {name}: {out[name].error}")
