@@ -62,8 +62,14 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
     if users is None and len(model.users) > 1:
         raise ValueError(f"the model has {len(model.users)} users: pass users=[...] (one per row)")
     padding = _padding(batch)  # before the forward: the device has little queued to wait for
+    inputs = batch
+    mixed = users is not None and len(set(users)) > 1
+    if mixed and loss_fn is None and not getattr(getattr(model.model, "config", None), "is_encoder_decoder", False):
+        # the per-user losses below come from the logits: the model's own loss would keep a
+        # second log-softmax of the whole batch alive (an encoder-decoder needs labels for its inputs)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
     with model.routing(users) as route, model.recording() as calls:
-        output = model.model(**batch)
+        output = model.model(**inputs)
         if route is None or route.single is not None:
             loss = output.loss if loss_fn is None else loss_fn(output, batch)
             if loss is not None and loss.dim() > 0:  # per-row losses: their mean
