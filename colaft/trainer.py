@@ -59,19 +59,21 @@ class Trainer:
         if dtype_name is None:
             raise ValueError(f"fit_dtype {fit_dtype}: use one of {', '.join(DTYPES)}")
         self.model, self.loss_fn, self.transfer_dtype = model, loss_fn, transfer_dtype
+        fit_config = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                          optimizer_kwargs=dict(optimizer_kwargs or {}), scheduler=scheduler,
+                          warmup_ratio=warmup_ratio, total_steps=total_steps, interval=interval, fit_steps=fit_steps,
+                          dtype=dtype_name)
+        FitConfig(**fit_config)  # refuse bad settings before a backend starts workers
         self.backend = make_backend(backend)
-        self.fit_config = FitConfig(
-            optimizer=optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=dict(optimizer_kwargs or {}),
-            scheduler=scheduler, warmup_ratio=warmup_ratio, total_steps=total_steps, interval=interval,
-            fit_steps=fit_steps, device=str(fit_device) if fit_device is not None else self.backend.device,
-            dtype=dtype_name)
-        self.user_fit: dict[str, FitConfig] = {}
-        self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0}
-        self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
         try:
+            device = str(fit_device) if fit_device is not None else self.backend.device
+            self.fit_config = FitConfig(**fit_config, device=device)
+            self.user_fit: dict[str, FitConfig] = {}
+            self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0, "packet_bytes_total": 0}
+            self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
             self._sync_users()
         except BaseException:
-            self.close()
+            self.backend.close()
             raise
 
     # ------------------------------------------------------------- users
@@ -124,6 +126,7 @@ class Trainer:
             by_user[p.user].append(p if self.transfer_dtype is None else p.to(dtype=self.transfer_dtype))
         self.stats["steps"] += 1
         self.stats["packet_bytes"] = sum(p.nbytes for ps in by_user.values() for p in ps)
+        self.stats["packet_bytes_total"] += self.stats["packet_bytes"]
         self.last_user_losses = out.user_losses
         for user, packets in by_user.items():
             self.pipeline.push(user, packets)
@@ -147,15 +150,15 @@ class Trainer:
     def interval(self) -> int:
         return self.fit_config.interval
 
-    def close(self) -> None:
-        """Stop the backend's workers (after the fits in flight)."""
-        self.pipeline.close()
+    def close(self, wait: bool = True) -> None:
+        """Stop the backend's workers; with `wait`, after the fits in flight are applied."""
+        self.pipeline.close(wait)
 
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(wait=exc_type is None)  # after an error, stop at once
 
     # ------------------------------------------------------------- the owners, in this process
     def owner(self, user: str | None = None) -> Owner:

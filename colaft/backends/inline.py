@@ -13,6 +13,7 @@ class InlineBackend:
     """
 
     recoverable = False
+    transfer_seconds = 0.0  # nothing is serialised: owners get the server's tensors
 
     def __init__(self, device: str | None = None):
         self.device = device

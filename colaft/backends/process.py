@@ -1,0 +1,287 @@
+"""`process`: the owners on a pool of local worker processes (torch.multiprocessing, spawn).
+
+    server: Message -> pack (tensors into shared memory) -> sender thread -> pipe
+      -> worker process: unpack -> Worker.handle (the fit) -> pack Reply -> pipe -> server: unpack
+
+Each user lives on one worker (the least loaded one when the user was added), so its
+messages are handled in order. Tensors travel through reusable shared-memory buffers
+(colaft.backends.shm); packets on a GPU are copied straight into them, so the owners train
+on the CPU. A worker that dies (killed, out of memory) is noticed while the server waits -
+its pipe closes and its process sentinel fires - replaced by a fresh process, and reported
+as WorkerLost; the pipeline rebuilds its users' owners from their snapshots. An exception in
+a worker (a bug in a fit) comes back with its traceback and is raised as WorkerError.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+import traceback
+import weakref
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import psutil
+import torch
+import torch.multiprocessing as mp
+
+from colaft.backends import Message, Reply, Worker, WorkerError, WorkerLost, describe, register_backend
+from colaft.backends.shm import Incoming, Outgoing
+from colaft.users import Owner
+
+POLL_SECONDS = 0.5
+"""Longest sleep while waiting for replies before the workers are looked at again."""
+STOP_SECONDS = 5.0
+"""How long close() lets the workers exit on their own before it terminates them."""
+
+
+def default_workers() -> int:
+    """Cores idle right now (within this process's CPU affinity) less the server's torch threads; at least 1."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = psutil.cpu_percent(interval=0.1) / 100 * (psutil.cpu_count() or allowed)
+    return max(1, round(allowed - busy) - torch.get_num_threads())
+
+
+# ---------------------------------------------------------------- the worker process
+
+def _post(conn: Connection, envelope: tuple) -> None:
+    # ForkingPickler: a new shared buffer crosses as a file descriptor (torch's reduction)
+    conn.send_bytes(ForkingPickler.dumps(envelope))
+
+
+def _serve(conn: Connection, threads: int) -> None:
+    """A worker: handle the server's envelopes in order until told to stop or the server is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which then stops us
+    torch.set_num_threads(threads)
+    worker, incoming, outgoing = Worker(), Incoming(), Outgoing()
+    while True:
+        try:
+            kind, tag, body = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return  # the server has exited
+        if kind == "stop":
+            return
+        if kind == "release":
+            outgoing.release(tag)
+            continue
+        try:
+            obj = incoming.unpack(body)
+            if body.buffer is not None:
+                _post(conn, ("release", body.buffer, None))
+            if kind in ("add", "remove"):
+                getattr(worker, kind)(obj)
+                _post(conn, ("done", tag, None))
+            else:
+                _post(conn, ("reply", tag, outgoing.pack(worker.handle(obj))))
+        except Exception:  # noqa: BLE001 - the server raises it, with this traceback
+            _post(conn, ("error", tag, traceback.format_exc()))
+
+
+# ---------------------------------------------------------------- the server's side
+
+def _send_loop(conn: Connection, outbox: queue.SimpleQueue) -> None:
+    """Writes to one worker's pipe, so that the server never blocks on a worker busy with a fit."""
+    while (data := outbox.get()) is not None:
+        try:
+            conn.send_bytes(data)
+        except OSError:
+            return  # the worker is gone; the server notices from the pipe and the process
+
+
+@dataclass
+class _Slot:
+    """One worker process and the server's end of its link."""
+
+    process: BaseProcess
+    conn: Connection
+    outbox: queue.SimpleQueue
+    outgoing: Outgoing = field(default_factory=Outgoing)
+    incoming: Incoming = field(default_factory=Incoming)
+    users: set[str] = field(default_factory=set)
+    broken: bool = False  # its pipe failed: treat it as dead
+
+
+def _stop(slots: list[_Slot], grace: float = STOP_SECONDS) -> None:
+    """Stop every worker: ask, wait up to `grace` seconds, then terminate and kill. Idempotent."""
+    for slot in slots:
+        if slot.process.is_alive():
+            slot.outbox.put(pickle.dumps(("stop", 0, None)))
+    deadline = time.monotonic() + grace
+    for slot in slots:
+        slot.process.join(max(0.0, deadline - time.monotonic()))
+        for end in (slot.process.terminate, slot.process.kill):
+            if slot.process.is_alive():
+                end()
+                slot.process.join(1.0)
+        slot.outbox.put(None)  # ends its sender thread
+        slot.conn.close()
+    slots.clear()
+
+
+@register_backend("process")
+class ProcessBackend:
+    """Owners on `workers` local processes (default: the idle cores less the server's threads).
+
+    Args:
+        workers: number of worker processes.
+        threads: torch intra-op threads in each worker (1: the fits of small adapters
+            gain nothing from more, and several workers share the cores).
+    """
+
+    recoverable = True
+    device = "cpu"
+
+    def __init__(self, workers: int | None = None, threads: int = 1):
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, not {threads}")
+        self.threads = threads
+        self._ctx = mp.get_context("spawn")  # fork would copy the server's threads and CUDA state
+        self.slots: list[_Slot] = []
+        # a forgotten close() (or an exception before it) still stops the workers, at the
+        # latest when the interpreter exits
+        self._finalizer = weakref.finalize(self, _stop, self.slots)
+        self.slots.extend(self._start() for _ in range(workers or default_workers()))
+        self.where: dict[str, int] = {}  # user -> slot
+        self._what: dict[int, tuple[int, str]] = {}  # tag -> (slot, what the message is), until answered
+        self._calls: dict[int, Any] = {}  # tag of a call -> its value once answered (None until then)
+        self._ready: list[Reply] = []
+        self._failure: WorkerError | None = None
+        self._tags = 0
+        self.transfer_seconds = 0.0  # server time packing and unpacking messages
+        self.sent_bytes = self.received_bytes = 0  # tensor bytes through shared memory
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self.slots]
+
+    def pid_of(self, user: str) -> int:
+        """The process id of the worker hosting `user`."""
+        return self.slots[self.where[user]].process.pid
+
+    def _start(self) -> _Slot:
+        here, there = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(target=_serve, args=(there, self.threads), daemon=True, name="colaft-fit")
+        process.start()
+        there.close()  # the worker holds the only other end: its death reads as end of file here
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=_send_loop, args=(here, outbox), daemon=True, name="colaft-fit-send").start()
+        return _Slot(process, here, outbox)
+
+    # ------------------------------------------------------------- sending
+    def _post(self, i: int, kind: str, user: str, what: str, obj: Any) -> int:
+        slot = self.slots[i]
+        self._tags += 1
+        start = time.perf_counter()
+        try:
+            body = slot.outgoing.pack(obj)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise ValueError(f"{what} cannot be sent to a worker process ({e}); the user's settings "
+                             "must be picklable: functions and classes importable, no lambdas") from e
+        slot.outbox.put(ForkingPickler.dumps((kind, self._tags, body)))
+        self.transfer_seconds += time.perf_counter() - start
+        self.sent_bytes += body.nbytes
+        self._what[self._tags] = (i, what)
+        return self._tags
+
+    def add(self, owner: Owner) -> None:
+        i = min(range(len(self.slots)), key=lambda i: len(self.slots[i].users))  # least loaded
+        self._post(i, "add", owner.user, f"the owner of user {owner.user!r}", owner)
+        self.slots[i].users.add(owner.user)
+        self.where[owner.user] = i
+
+    def remove(self, user: str) -> None:
+        i = self.where.pop(user)
+        self.slots[i].users.discard(user)
+        self._post(i, "remove", user, f"removing user {user!r}", user)
+
+    def submit(self, msg: Message) -> None:
+        self._post(self.where[msg.user], "msg", msg.user, describe(msg), msg)
+
+    # ------------------------------------------------------------- receiving
+    def replies(self, block: bool) -> list[Reply]:
+        while True:
+            self._poll(0)
+            self._check()
+            if self._ready or not block:
+                out, self._ready = self._ready, []
+                return out
+            self._poll(POLL_SECONDS)
+
+    def call(self, msg: Message) -> Any:
+        tag = self._post(self.where[msg.user], "msg", msg.user, describe(msg), msg)
+        self._calls[tag] = None
+        try:
+            while tag in self._what:
+                self._poll(POLL_SECONDS)
+                self._check()
+            return self._calls[tag]
+        finally:
+            self._calls.pop(tag, None)
+
+    def _poll(self, timeout: float) -> None:
+        """Read whatever the workers have sent, waiting up to `timeout` seconds for something."""
+        if self._failure is not None:
+            raise self._failure
+        waitables = [s.conn for s in self.slots] + [s.process.sentinel for s in self.slots]
+        ready = set(wait(waitables, timeout))
+        for i, slot in enumerate(self.slots):
+            if slot.conn in ready or not slot.process.is_alive():
+                self._drain(i)
+
+    def _drain(self, i: int) -> None:
+        slot = self.slots[i]
+        try:
+            while not slot.broken and slot.conn.poll():
+                self._take(i, pickle.loads(slot.conn.recv_bytes()))
+        except (EOFError, OSError):  # its pipe closed, or a buffer it sent died with it
+            slot.broken = True
+
+    def _take(self, i: int, envelope: tuple) -> None:
+        kind, tag, body = envelope
+        slot = self.slots[i]
+        if kind == "release":
+            slot.outgoing.release(tag)
+            return
+        _, what = self._what.pop(tag, (i, "a message"))
+        if kind == "done":  # an owner added or removed
+            return
+        if kind == "error":
+            self._failure = WorkerError(f"worker process {slot.process.pid} failed on {what}:\n{body}")
+            raise self._failure
+        start = time.perf_counter()
+        value = slot.incoming.unpack(body)
+        if body.buffer is not None:
+            slot.outbox.put(pickle.dumps(("release", body.buffer, None)))
+        self.transfer_seconds += time.perf_counter() - start
+        self.received_bytes += body.nbytes
+        if tag in self._calls:
+            self._calls[tag] = value
+        else:
+            self._ready.append(value)
+
+    def _check(self) -> None:
+        """Replace the first dead worker and raise WorkerLost with its users."""
+        for i, slot in enumerate(self.slots):
+            if slot.process.is_alive() and not slot.broken:
+                continue
+            self._drain(i)  # what it sent before it died still counts
+            users = sorted(slot.users)
+            why = f"worker process {slot.process.pid} " + (
+                "closed its pipe" if slot.process.is_alive() else f"exited with code {slot.process.exitcode}")
+            _stop([slot], grace=0.0)
+            self.slots[i] = self._start()
+            for user in users:
+                self.where.pop(user, None)
+            self._what = {t: (j, w) for t, (j, w) in self._what.items() if j != i}
+            raise WorkerLost(users, why)
+
+    def close(self) -> None:
+        self._finalizer()
