@@ -41,7 +41,9 @@ class Trainer:
         loss_fn: `loss_fn(output, batch)` for models that return no `.loss` (per-row losses,
             shape (B,), for batches of several users).
         fit_device, fit_dtype: where and in what precision the owners' adapters train.
-        backend: "inline" | "process" | "ray" (colaft.backends), or a backend instance.
+        backend: "inline" | "process" | "ray" (colaft.backends), or a backend instance (which
+            the trainer then closes); `backend_options` go to the named backend's constructor
+            (workers=, threads=; for ray also address="HOST:PORT", temp_dir=).
         staleness: S; the server may run up to S steps ahead of a user's fits (0: synchronous, exact).
         transfer_dtype: cast packets to this dtype (e.g. torch.bfloat16) before they leave the server.
     These are every user's defaults; `add_user` sets a user's own.
@@ -52,7 +54,8 @@ class Trainer:
                  total_steps: int | None = None, interval: int = 1, fit_steps: int = 1,
                  loss_fn: LossFn | None = None, fit_device: str | torch.device | None = None,
                  fit_dtype: torch.dtype = torch.float32, optimizer_kwargs: Mapping | None = None,
-                 backend: str | Backend = "inline", staleness: int = 0, transfer_dtype: torch.dtype | None = None):
+                 backend: str | Backend = "inline", staleness: int = 0, transfer_dtype: torch.dtype | None = None,
+                 backend_options: Mapping | None = None):
         if interval < 1 or fit_steps < 1:
             raise ValueError("interval and fit_steps must be >= 1")
         dtype_name = {v: k for k, v in DTYPES.items()}.get(fit_dtype)
@@ -64,7 +67,7 @@ class Trainer:
                           warmup_ratio=warmup_ratio, total_steps=total_steps, interval=interval, fit_steps=fit_steps,
                           dtype=dtype_name)
         FitConfig(**fit_config)  # refuse bad settings before a backend starts workers
-        self.backend = make_backend(backend)
+        self.backend = make_backend(backend, **dict(backend_options or {}))
         try:
             device = str(fit_device) if fit_device is not None else self.backend.device
             self.fit_config = FitConfig(**fit_config, device=device)

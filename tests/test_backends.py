@@ -6,6 +6,7 @@ test starts few of them; the Ray tests share one private Ray instance (module sc
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import signal
@@ -16,12 +17,14 @@ import psutil
 import pytest
 import torch
 from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, randomize_, text_batch
+from tiny_models import review_records, tiny_bert_dir, write_jsonl  # noqa: F401
 
 from colaft import ColaConfig, ColaModel, Packet, Trainer
 from colaft.backends import BACKENDS, WorkerError, make_backend
 from colaft.backends import ray as ray_backend
 from colaft.backends.process import ProcessBackend
 from colaft.backends.shm import Incoming, Outgoing
+from colaft.cli import main
 
 REMOTE = ["process", "ray"]
 KINDS = {"user.0": dict(adapter="lowrank", rank=4), "user.1": dict(adapter="linear"),
@@ -193,18 +196,39 @@ def test_remote_fits_equal_inline_and_backprop(remote):
     assert got.stats["transfer_seconds"] > 0 and got.stats["snapshot_bytes"] > 0
 
 
+@pytest.mark.parametrize("staleness", [0, 1, 2])
+def test_delayed_inline_runs_exactly_s_steps_ahead(staleness):
+    trainer = Trainer(build(["user.0"]), "sgd", lr=0.1, backend=make_backend("inline", delayed=True),
+                      staleness=staleness)
+    for t in range(1, 5):
+        trainer.step(text_batch(t))
+        assert trainer.stats["version"] == max(0, t - staleness)  # the update of step t is used from t + S + 1
+    trainer.flush()
+    assert trainer.stats["version"] == 4
+    if staleness == 0:  # nothing held back: plain inline
+        plain = Trainer(build(["user.0"]), "sgd", lr=0.1)
+        for t in range(1, 5):
+            plain.step(text_batch(t))
+        assert max_rel_err(states(trainer), states(plain)) == 0.0
+
+
 @pytest.mark.parametrize("remote", REMOTE, indirect=True)
 def test_staleness_one_sends_the_next_step_before_the_fit_is_done(remote):
-    """With S = 1 the server returns from a step while its fit is still in flight."""
-    trainer = Trainer(build(["user.0"]), "sgd", lr=1e-3, backend=remote(1), staleness=1, fit_steps=20)
-    track = trainer.pipeline.tracks["user.0"]
-    trainer.step(text_batch(0))
-    assert track.outstanding == 1 and trainer.stats["version"] == 0  # not waited for
-    for s in range(1, 4):
-        trainer.step(text_batch(s))
-        assert track.outstanding <= 1 and trainer.stats["version"] >= s - 1
-    trainer.flush()
-    assert track.outstanding == 0 and trainer.stats["version"] == 4
+    """With S = 1 the server returns from a step while its fit is still in flight; with one
+    user that is exactly the delayed inline trajectory (updates one step late, every step)."""
+    runs = []
+    for backend in (make_backend("inline", delayed=True), remote(1)):
+        trainer = Trainer(build(["user.0"]), "adamw", lr=1e-2, backend=backend, staleness=1, fit_steps=20)
+        track = trainer.pipeline.tracks["user.0"]
+        trainer.step(text_batch(0))
+        assert track.outstanding == 1 and trainer.stats["version"] == 0  # not waited for
+        for s in range(1, 4):
+            trainer.step(text_batch(s))
+            assert track.outstanding == 1 and trainer.stats["version"] == s
+        trainer.flush()
+        assert track.outstanding == 0 and trainer.stats["version"] == 4
+        runs.append(trainer)
+    assert max_rel_err(states(runs[1]), states(runs[0])) == 0.0
 
 
 # ---------------------------------------------------------------- faults
@@ -275,7 +299,7 @@ def test_unpicklable_settings_are_refused_clearly():
 
 def test_close_leaves_no_process_behind():
     before = new_children()
-    backend = ProcessBackend(workers=2)
+    backend = ProcessBackend(workers=1)
     pids = set(backend.pids)
     assert pids <= new_children()
     trainer = Trainer(build(["user.0"]), backend=backend)
@@ -333,3 +357,38 @@ def test_backend_registry():
         make_backend("carrier-pigeon")
     with pytest.raises(ValueError, match="workers must be >= 1"):
         ProcessBackend(workers=0)
+
+
+# ---------------------------------------------------------------- the command line
+
+@pytest.fixture
+def cli_args(tiny_bert_dir, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    reviews = write_jsonl(tmp_path / "reviews.jsonl", review_records(3))
+    return ["train", "--model", str(tiny_bert_dir), "--data", str(reviews), "--text-field", "review",
+            "--label-field", "sentiment", "--batch-size", "8", "--max-steps", "4"]
+
+
+def test_cli_trains_on_worker_processes_and_stops_them(cli_args, tmp_path, capsys):
+    before = new_children()
+    out = tmp_path / "run"
+    offload = ["--backend", "process", "--workers", "1", "--staleness", "1", "--transfer-dtype", "bfloat16"]
+    assert main([*cli_args, "--lr", "0.01", *offload, "--out", str(out)]) == 0
+    options = json.loads((out / "run.json").read_text())["options"]
+    assert (options["backend"], options["workers"], options["staleness"]) == ("process", 1, 1)
+    assert new_children() <= before
+    # a run that fails mid-training (the loss diverges) stops its workers too
+    assert main([*cli_args, "--lr", "1e30", *offload, "--out", str(tmp_path / "nan")]) == 1
+    assert "the loss is nan" in capsys.readouterr().err and new_children() <= before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backend", "pigeon"], "--backend 'pigeon': use one of inline, process, ray"),
+    (["--workers", "2"], "--workers: a number >= 1, with --backend process or ray"),
+    (["--ray-address", "10.0.0.1:6379"], "--ray-address needs --backend ray"),
+    (["--staleness", "-1"], "--staleness must be >= 0"),
+    (["--transfer-dtype", "int8"], "--transfer-dtype 'int8': use one of float32, bfloat16"),
+])
+def test_cli_offload_options_are_checked(cli_args, tmp_path, capsys, extra, message):
+    assert main([*cli_args, *extra, "--out", str(tmp_path / "run")]) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()

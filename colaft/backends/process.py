@@ -60,6 +60,7 @@ def _serve(conn: Connection, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which then stops us
     torch.set_num_threads(threads)
     worker, incoming, outgoing = Worker(), Incoming(), Outgoing()
+    _post(conn, ("ready", 0, None))
     while True:
         try:
             kind, tag, body = pickle.loads(conn.recv_bytes())
@@ -104,17 +105,23 @@ class _Slot:
     outgoing: Outgoing = field(default_factory=Outgoing)
     incoming: Incoming = field(default_factory=Incoming)
     users: set[str] = field(default_factory=set)
+    ready: bool = False  # it has started (imported colaft) and said so
     broken: bool = False  # its pipe failed: treat it as dead
 
 
 def _stop(slots: list[_Slot], grace: float = STOP_SECONDS) -> None:
-    """Stop every worker: ask, wait up to `grace` seconds, then terminate and kill. Idempotent."""
+    """Stop every worker: ask, wait up to `grace` seconds, then terminate and kill. Idempotent.
+
+    A worker still starting (importing) holds nothing and cannot read yet: it is terminated
+    at once rather than waited for.
+    """
     for slot in slots:
         if slot.process.is_alive():
             slot.outbox.put(pickle.dumps(("stop", 0, None)))
     deadline = time.monotonic() + grace
     for slot in slots:
-        slot.process.join(max(0.0, deadline - time.monotonic()))
+        started = slot.ready or (not slot.conn.closed and slot.conn.poll())  # "ready" is its first word
+        slot.process.join(max(0.0, deadline - time.monotonic()) if started else 0.0)
         for end in (slot.process.terminate, slot.process.kill):
             if slot.process.is_alive():
                 end()
@@ -247,8 +254,10 @@ class ProcessBackend:
     def _take(self, i: int, envelope: tuple) -> None:
         kind, tag, body = envelope
         slot = self.slots[i]
-        if kind == "release":
-            slot.outgoing.release(tag)
+        if kind in ("ready", "release"):
+            slot.ready = True
+            if kind == "release":
+                slot.outgoing.release(tag)
             return
         _, what = self._what.pop(tag, (i, "a message"))
         if kind == "done":  # an owner added or removed
