@@ -1,7 +1,7 @@
 """`ray`: the owners on Ray actors, on this machine or on an existing Ray cluster.
 
-    server: Message -> actor.handle.remote(msg)  [tensors through Ray's object store]
-      -> actor: Worker.handle (the fit) -> Reply -> ray.wait / ray.get in `replies`
+    server: Message -> ship (tensors as numpy arrays) -> actor.handle.remote  [Ray's object store]
+      -> actor: unship -> Worker.handle (the fit) -> ship(Reply) -> ray.wait / ray.get / unship
 
 `address=None` starts a private Ray instance on this machine (its files under `temp_dir`,
 no dashboard, quiet logs) and shuts it down at close(); `address="HOST:PORT"` joins a
@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from colaft.backends import Message, Reply, Worker, WorkerError, WorkerLost, describe, register_backend
+from colaft.backends import Message, Reply, Worker, WorkerError, WorkerLost, describe, register_backend, wire
 from colaft.users import Owner
 
 CONNECT_SECONDS = 10.0
@@ -37,6 +38,44 @@ START_SECONDS = 120.0
 """How long the actors may take to start (import colaft, reserve a CPU) before giving up."""
 POLL_SECONDS = 0.5
 """Longest sleep while waiting for replies before looking at the actors again."""
+
+
+@dataclasses.dataclass
+class Shipment:
+    """An object with its tensors set aside as flat numpy arrays (colaft.backends.wire).
+
+    Ray moves numpy arrays through its object store without pickling their bytes; torch
+    tensors it pickles. Measured with 267 MiB of packets to an actor on 2 cores: 45 ms for
+    the round trip as numpy, 1.8-2.8 s as tensors.
+    """
+
+    payload: bytes
+    arrays: list  # of (nbytes,) uint8 numpy arrays
+
+
+def ship(obj) -> Shipment:
+    """Set the tensors of `obj` aside (moved to the CPU, each distinct view once)."""
+    arrays, index = [], {}
+
+    def place(t: torch.Tensor) -> tuple:
+        t = t.detach().cpu()
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in index:
+            index[key] = len(arrays)
+            arrays.append(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # any dtype, bfloat16 too
+        return index[key], t.dtype, tuple(t.shape)
+    return Shipment(wire.dumps(obj, place), arrays)
+
+
+def unship(shipment: Shipment):
+    """The object back, each tensor a writable copy (the arrays are read-only object-store memory)."""
+    def rebuild(descriptor: tuple) -> torch.Tensor:
+        i, dtype, shape = descriptor
+        with warnings.catch_warnings():  # "not writable": it is copied at once
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(shipment.arrays[i]).clone()  # (nbytes,) uint8
+        return flat.view(dtype).reshape(shape)
+    return wire.loads(shipment.payload, rebuild)
 
 
 class _Actor:
@@ -49,14 +88,14 @@ class _Actor:
     def pid(self) -> int:
         return os.getpid()
 
-    def add(self, owner: Owner) -> None:
-        self.worker.add(owner)
+    def add(self, owner: Shipment) -> None:
+        self.worker.add(unship(owner))
 
     def remove(self, user: str) -> None:
         self.worker.remove(user)
 
-    def handle(self, msg: Message) -> Any:
-        return self.worker.handle(msg)
+    def handle(self, msg: Shipment) -> Shipment:
+        return ship(self.worker.handle(unship(msg)))
 
 
 # ---------------------------------------------------------------- a private Ray instance
@@ -253,9 +292,10 @@ class RayBackend:
         return self.actors[self.where[user]]
 
     # ------------------------------------------------------------- sending
-    def _send(self, i: int, method: str, kind: str, what: str, *args) -> Any:
+    def _send(self, i: int, method: str, kind: str, what: str, obj) -> Any:
         start = time.perf_counter()
-        ref = getattr(self.actors[i], method).remote(*args)  # arguments go to the object store here
+        arg = obj if isinstance(obj, str) else ship(obj)
+        ref = getattr(self.actors[i], method).remote(arg)  # the argument goes to the object store here
         self.transfer_seconds += time.perf_counter() - start
         self.pending[ref] = (i, kind, what)
         return ref
@@ -272,10 +312,10 @@ class RayBackend:
         self._send(i, "remove", "done", f"removing user {user!r}", user)
 
     def submit(self, msg: Message) -> None:
-        self._send(self.where[msg.user], "handle", "reply", describe(msg), _on_cpu(msg))
+        self._send(self.where[msg.user], "handle", "reply", describe(msg), msg)
 
     def call(self, msg: Message) -> Any:
-        ref = self._send(self.where[msg.user], "handle", "call", describe(msg), _on_cpu(msg))
+        ref = self._send(self.where[msg.user], "handle", "call", describe(msg), msg)
         while ref in self.pending:
             self._collect(POLL_SECONDS)
         return self._calls.pop(ref)
@@ -311,6 +351,7 @@ class RayBackend:
             del self.pending[ref]
             try:
                 value = ray.get(ref)
+                value = unship(value) if isinstance(value, Shipment) else value
             except ray.exceptions.RayTaskError as e:  # the handler raised: a bug, not a lost actor
                 self._failure = WorkerError(f"a Ray actor failed on {what}:\n{e}")
                 raise self._failure from None
@@ -343,9 +384,3 @@ class RayBackend:
     def close(self) -> None:
         self._finalizer()
 
-
-def _on_cpu(msg: Message) -> Message:
-    """Packets leave the server's device before they are serialised."""
-    if not msg.packets:
-        return msg
-    return dataclasses.replace(msg, packets=[p.to("cpu") for p in msg.packets])

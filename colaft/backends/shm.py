@@ -16,12 +16,11 @@ whole interval, the server keeps snapshots.
 """
 from __future__ import annotations
 
-import io
-import pickle
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+
+from colaft.backends import wire
 
 _ALIGN = 64  # bytes; every storage starts aligned, so any dtype can view its region
 
@@ -41,59 +40,38 @@ class Packed:
     nbytes: int = 0  # tensor bytes copied
 
 
-class _Pickler(pickle.Pickler):
-    """Pickles tensors as references; `storages` lists what to copy where."""
+class _Storages:
+    """Where each storage of one message goes in the buffer; tensors sharing a storage share its bytes."""
 
-    def __init__(self, file):
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+    def __init__(self):
         self.storages: list[tuple[int, torch.UntypedStorage]] = []  # (offset in the buffer, storage)
-        self.offsets: dict[tuple, int] = {}  # storage -> offset: tensors sharing a storage share it
-        self.index: dict[int, int] = {}  # id(tensor) -> its number: the same tensor loads as one object
-        self.keep: list[torch.Tensor] = []  # keeps the ids above unique while pickling
+        self.offsets: dict[tuple, int] = {}
         self.size = 0
 
-    def persistent_id(self, obj):
-        if type(obj) not in (torch.Tensor, nn.Parameter) or not _plain(obj):
-            return None  # pickled as usual
-        seen = self.index.get(id(obj))
-        if seen is not None:
-            return ("same", seen)  # persistent ids bypass pickle's memo: keep identity ourselves
-        storage = obj.untyped_storage()
+    def place(self, t: torch.Tensor) -> tuple:
+        storage = t.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes(), str(storage.device))
         offset = self.offsets.get(key)
         if offset is None:
             offset = self.offsets[key] = self.size
             self.storages.append((offset, storage))
             self.size += _aligned(storage.nbytes())
-        self.index[id(obj)] = len(self.keep)
-        self.keep.append(obj)
-        return ("tensor", offset, storage.nbytes(), obj.dtype, tuple(obj.shape), obj.stride(), obj.storage_offset(),
-                obj.requires_grad, isinstance(obj, nn.Parameter))
+        return offset, storage.nbytes(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset()
 
 
-def _plain(t: torch.Tensor) -> bool:
-    return (t.layout == torch.strided and t.device.type != "meta" and not t.is_quantized and not t.is_nested
-            and not t.is_conj() and not t.is_neg())
+class _Regions:
+    """The receiving side of one message: each storage copied out of the buffer once."""
 
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, buffer: torch.Tensor | None):
-        super().__init__(file)
+    def __init__(self, buffer: torch.Tensor | None):
         self.buffer = buffer
         self.regions: dict[int, torch.Tensor] = {}  # offset -> this process's copy of the storage
-        self.tensors: list[torch.Tensor] = []
 
-    def persistent_load(self, pid):
-        if pid[0] == "same":
-            return self.tensors[pid[1]]
-        _, offset, nbytes, dtype, size, stride, storage_offset, requires_grad, is_param = pid
+    def rebuild(self, descriptor: tuple) -> torch.Tensor:
+        offset, nbytes, dtype, size, stride, storage_offset = descriptor
         region = self.regions.get(offset)
         if region is None:
             region = self.regions[offset] = self.buffer[offset:offset + nbytes].clone()  # (nbytes,) uint8
-        t = region.view(dtype).as_strided(size, stride, storage_offset)
-        t = nn.Parameter(t, requires_grad) if is_param else t.requires_grad_(requires_grad)
-        self.tensors.append(t)
-        return t
+        return region.view(dtype).as_strided(size, stride, storage_offset)
 
 
 class Outgoing:
@@ -108,19 +86,18 @@ class Outgoing:
 
     def pack(self, obj) -> Packed:
         """Pickle `obj`, its tensors (on any device) copied into a free shared buffer."""
-        file = io.BytesIO()
-        pickler = _Pickler(file)
-        pickler.dump(obj)
-        k = self._take(pickler.size) if pickler.storages else None  # may drop outgrown buffers
-        packed = Packed(file.getvalue(), forget=self.dropped)
+        where = _Storages()
+        payload = wire.dumps(obj, where.place)
+        k = self._take(where.size) if where.storages else None  # may drop outgrown buffers
+        packed = Packed(payload, forget=self.dropped)
         self.dropped = []
         if k is None:
             return packed
         buffer = self.buffers[k]
-        for offset, storage in pickler.storages:
+        for offset, storage in where.storages:
             source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)  # (nbytes,)
             buffer[offset:offset + storage.nbytes()].copy_(source)
-        packed.buffer, packed.nbytes = k, pickler.size
+        packed.buffer, packed.nbytes = k, where.size
         if k not in self.known:
             packed.shared = buffer
             self.known.add(k)
@@ -162,4 +139,4 @@ class Incoming:
         if packed.shared is not None:
             self.buffers[packed.buffer] = packed.shared
         buffer = self.buffers[packed.buffer] if packed.buffer is not None else None
-        return _Unpickler(io.BytesIO(packed.payload), buffer).load()
+        return wire.loads(packed.payload, _Regions(buffer).rebuild)
