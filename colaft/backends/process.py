@@ -86,13 +86,44 @@ def _serve(conn: Connection, threads: int) -> None:
 
 # ---------------------------------------------------------------- the server's side
 
-def _send_loop(conn: Connection, outbox: queue.SimpleQueue) -> None:
-    """Writes to one worker's pipe, so that the server never blocks on a worker busy with a fit."""
-    while (data := outbox.get()) is not None:
-        try:
-            conn.send_bytes(data)
-        except OSError:
-            return  # the worker is gone; the server notices from the pipe and the process
+class _Sender(threading.Thread):
+    """Packs and writes one worker's envelopes, in order, off the server's thread.
+
+    The server never blocks on a worker busy with a fit, and the copy of a step's packets
+    into shared memory (tens of ms for 100+ MiB) overlaps the server's next step instead of
+    delaying it.
+    """
+
+    def __init__(self, conn: Connection, outgoing: Outgoing):
+        super().__init__(daemon=True, name="colaft-fit-send")
+        self.conn, self.outgoing = conn, outgoing
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: str | None = None  # a packing failure, for the server to raise
+        self.seconds = 0.0  # spent packing
+        self.nbytes = 0  # tensor bytes packed
+
+    def put(self, envelope: bytes | memoryview | tuple | None) -> None:
+        """Packed bytes; (kind, tag, obj) to pack here; None: stop."""
+        self.queue.put(envelope)
+
+    def pack(self, kind: str, tag: int, obj: Any) -> bytes:
+        body = self.outgoing.pack(obj)
+        self.nbytes += body.nbytes
+        return ForkingPickler.dumps((kind, tag, body))  # a new shared buffer crosses as a file descriptor
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                if isinstance(item, tuple):  # to pack here
+                    start = time.perf_counter()
+                    item = self.pack(*item)
+                    self.seconds += time.perf_counter() - start
+                self.conn.send_bytes(item)
+            except OSError:
+                return  # the worker is gone; the server notices from the pipe and the process
+            except Exception:  # noqa: BLE001 - raised in the server by the next poll
+                self.error = traceback.format_exc()
+                return
 
 
 @dataclass
@@ -101,8 +132,7 @@ class _Slot:
 
     process: BaseProcess
     conn: Connection
-    outbox: queue.SimpleQueue
-    outgoing: Outgoing = field(default_factory=Outgoing)
+    sender: _Sender
     incoming: Incoming = field(default_factory=Incoming)
     users: set[str] = field(default_factory=set)
     ready: bool = False  # it has started (imported colaft) and said so
@@ -117,7 +147,7 @@ def _stop(slots: list[_Slot], grace: float = STOP_SECONDS) -> None:
     """
     for slot in slots:
         if slot.process.is_alive():
-            slot.outbox.put(pickle.dumps(("stop", 0, None)))
+            slot.sender.put(pickle.dumps(("stop", 0, None)))
     deadline = time.monotonic() + grace
     for slot in slots:
         started = slot.ready or (not slot.conn.closed and slot.conn.poll())  # "ready" is its first word
@@ -126,7 +156,7 @@ def _stop(slots: list[_Slot], grace: float = STOP_SECONDS) -> None:
             if slot.process.is_alive():
                 end()
                 slot.process.join(1.0)
-        slot.outbox.put(None)  # ends its sender thread
+        slot.sender.put(None)
         slot.conn.close()
     slots.clear()
 
@@ -162,8 +192,19 @@ class ProcessBackend:
         self._ready: list[Reply] = []
         self._failure: WorkerError | None = None
         self._tags = 0
-        self.transfer_seconds = 0.0  # server time packing and unpacking messages
-        self.sent_bytes = self.received_bytes = 0  # tensor bytes through shared memory
+        self._seconds = 0.0  # unpacking, and packing on this thread; see transfer_seconds
+        self._gone = 0.0  # packing time of replaced workers' senders
+        self.received_bytes = 0  # tensor bytes through shared memory
+
+    @property
+    def transfer_seconds(self) -> float:
+        """Time this process spent packing and unpacking messages (pushes are packed by the
+        sender threads, overlapping the server's next step)."""
+        return self._seconds + self._gone + sum(s.sender.seconds for s in self.slots)
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(s.sender.nbytes for s in self.slots)
 
     @property
     def pids(self) -> list[int]:
@@ -178,39 +219,43 @@ class ProcessBackend:
         process = self._ctx.Process(target=_serve, args=(there, self.threads), daemon=True, name="colaft-fit")
         process.start()
         there.close()  # the worker holds the only other end: its death reads as end of file here
-        outbox: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=_send_loop, args=(here, outbox), daemon=True, name="colaft-fit-send").start()
-        return _Slot(process, here, outbox)
+        sender = _Sender(here, Outgoing())
+        sender.start()
+        return _Slot(process, here, sender)
 
     # ------------------------------------------------------------- sending
-    def _post(self, i: int, kind: str, user: str, what: str, obj: Any) -> int:
-        slot = self.slots[i]
+    def _post(self, i: int, kind: str, what: str, obj: Any, here: bool = False) -> int:
+        """Queue an envelope for worker i; `here`: pack it now, on this thread (errors raise here)."""
+        sender = self.slots[i].sender
         self._tags += 1
-        start = time.perf_counter()
-        try:
-            body = slot.outgoing.pack(obj)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            raise ValueError(f"{what} cannot be sent to a worker process ({e}); the user's settings "
-                             "must be picklable: functions and classes importable, no lambdas") from e
-        slot.outbox.put(ForkingPickler.dumps((kind, self._tags, body)))
-        self.transfer_seconds += time.perf_counter() - start
-        self.sent_bytes += body.nbytes
+        if here:
+            start = time.perf_counter()
+            try:
+                sender.put(sender.pack(kind, self._tags, obj))
+            except (pickle.PicklingError, TypeError, AttributeError) as e:
+                raise ValueError(f"{what} cannot be sent to a worker process ({e}); the user's settings "
+                                 "must be picklable: functions and classes importable, no lambdas") from e
+            finally:
+                self._seconds += time.perf_counter() - start
+        else:
+            sender.put((kind, self._tags, obj))
         self._what[self._tags] = (i, what)
         return self._tags
 
     def add(self, owner: Owner) -> None:
         i = min(range(len(self.slots)), key=lambda i: len(self.slots[i].users))  # least loaded
-        self._post(i, "add", owner.user, f"the owner of user {owner.user!r}", owner)
+        self._post(i, "add", f"the owner of user {owner.user!r}", owner, here=True)
         self.slots[i].users.add(owner.user)
         self.where[owner.user] = i
 
     def remove(self, user: str) -> None:
         i = self.where.pop(user)
         self.slots[i].users.discard(user)
-        self._post(i, "remove", user, f"removing user {user!r}", user)
+        self._post(i, "remove", f"removing user {user!r}", user, here=True)
 
     def submit(self, msg: Message) -> None:
-        self._post(self.where[msg.user], "msg", msg.user, describe(msg), msg)
+        # packed by the sender thread: the packets are fresh tensors nobody changes meanwhile
+        self._post(self.where[msg.user], "msg", describe(msg), msg)
 
     # ------------------------------------------------------------- receiving
     def replies(self, block: bool) -> list[Reply]:
@@ -223,7 +268,7 @@ class ProcessBackend:
             self._poll(POLL_SECONDS)
 
     def call(self, msg: Message) -> Any:
-        tag = self._post(self.where[msg.user], "msg", msg.user, describe(msg), msg)
+        tag = self._post(self.where[msg.user], "msg", describe(msg), msg, here=True)
         self._calls[tag] = None
         try:
             while tag in self._what:
@@ -237,6 +282,11 @@ class ProcessBackend:
         """Read whatever the workers have sent, waiting up to `timeout` seconds for something."""
         if self._failure is not None:
             raise self._failure
+        for slot in self.slots:
+            if slot.sender.error:
+                self._failure = WorkerError(f"packing a message for worker process {slot.process.pid} "
+                                            f"failed:\n{slot.sender.error}")
+                raise self._failure
         waitables = [s.conn for s in self.slots] + [s.process.sentinel for s in self.slots]
         ready = set(wait(waitables, timeout))
         for i, slot in enumerate(self.slots):
@@ -257,7 +307,7 @@ class ProcessBackend:
         if kind in ("ready", "release"):
             slot.ready = True
             if kind == "release":
-                slot.outgoing.release(tag)
+                slot.sender.outgoing.release(tag)
             return
         _, what = self._what.pop(tag, (i, "a message"))
         if kind == "done":  # an owner added or removed
@@ -268,8 +318,8 @@ class ProcessBackend:
         start = time.perf_counter()
         value = slot.incoming.unpack(body)
         if body.buffer is not None:
-            slot.outbox.put(pickle.dumps(("release", body.buffer, None)))
-        self.transfer_seconds += time.perf_counter() - start
+            slot.sender.put(pickle.dumps(("release", body.buffer, None)))
+        self._seconds += time.perf_counter() - start
         self.received_bytes += body.nbytes
         if tag in self._calls:
             self._calls[tag] = value
@@ -286,6 +336,7 @@ class ProcessBackend:
             why = f"worker process {slot.process.pid} " + (
                 "closed its pipe" if slot.process.is_alive() else f"exited with code {slot.process.exitcode}")
             _stop([slot], grace=0.0)
+            self._gone += slot.sender.seconds
             self.slots[i] = self._start()
             for user in users:
                 self.where.pop(user, None)

@@ -16,6 +16,7 @@ whole interval, the server keeps snapshots.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -75,9 +76,14 @@ class _Regions:
 
 
 class Outgoing:
-    """The sending side of one link: shared buffers it owns, reused once the receiver releases them."""
+    """The sending side of one link: shared buffers it owns, reused once the receiver releases them.
+
+    `pack` and `release` may run on different threads (a sender thread packs, the thread that
+    reads the receiver's messages releases).
+    """
 
     def __init__(self):
+        self._lock = threading.Lock()
         self.buffers: dict[int, torch.Tensor] = {}  # id -> (capacity,) uint8 in shared memory
         self.free: set[int] = set()
         self.known: set[int] = set()  # buffers the receiver has mapped
@@ -88,9 +94,10 @@ class Outgoing:
         """Pickle `obj`, its tensors (on any device) copied into a free shared buffer."""
         where = _Storages()
         payload = wire.dumps(obj, where.place)
-        k = self._take(where.size) if where.storages else None  # may drop outgrown buffers
-        packed = Packed(payload, forget=self.dropped)
-        self.dropped = []
+        with self._lock:
+            k = self._take(where.size) if where.storages else None  # may drop outgrown buffers
+            packed = Packed(payload, forget=self.dropped)
+            self.dropped = []
         if k is None:
             return packed
         buffer = self.buffers[k]
@@ -98,15 +105,17 @@ class Outgoing:
             source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)  # (nbytes,)
             buffer[offset:offset + storage.nbytes()].copy_(source)
         packed.buffer, packed.nbytes = k, where.size
-        if k not in self.known:
-            packed.shared = buffer
-            self.known.add(k)
+        with self._lock:
+            if k not in self.known:
+                packed.shared = buffer
+                self.known.add(k)
         return packed
 
     def release(self, k: int) -> None:
         """The receiver has read buffer k: it may be reused."""
-        if k in self.buffers:
-            self.free.add(k)
+        with self._lock:
+            if k in self.buffers:
+                self.free.add(k)
 
     def _take(self, size: int) -> int:
         fitting = [k for k in self.free if self.buffers[k].numel() >= size]
