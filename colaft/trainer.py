@@ -10,6 +10,7 @@ and S = 0, the adapters follow ordinary backprop exactly, on every backend.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -72,7 +73,8 @@ class Trainer:
             device = str(fit_device) if fit_device is not None else self.backend.device
             self.fit_config = FitConfig(**fit_config, device=device)
             self.user_fit: dict[str, FitConfig] = {}
-            self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0, "packet_bytes_total": 0}
+            self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0, "packet_bytes_total": 0,
+                          "server_seconds": 0.0}
             self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
             self._sync_users()
         except BaseException:
@@ -123,7 +125,9 @@ class Trainer:
         """
         self.model.train()
         self._sync_users()
+        start = time.perf_counter()
         out = server_step(self.model, batch, self.loss_fn, users)
+        self.stats["server_seconds"] += time.perf_counter() - start
         by_user: dict[str, list] = {u: [] for u in out.user_losses}
         for p in out.packets:
             by_user[p.user].append(p if self.transfer_dtype is None else p.to(dtype=self.transfer_dtype))

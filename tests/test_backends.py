@@ -212,6 +212,33 @@ def test_delayed_inline_runs_exactly_s_steps_ahead(staleness):
         assert max_rel_err(states(trainer), states(plain)) == 0.0
 
 
+def test_one_step_late_updates_are_delayed_gradient_descent():
+    """S = 1 with linear adapters and SGD, against plain autograd: step t's gradient is taken
+    at the weights the server had (those after step t - 2) and applied to the owner's (after
+    step t - 1). For a linear adapter dg/dw does not depend on w, so ColA's fit is exactly that."""
+    factory, targets, _ = ARCHS["llama"]
+    cm = ColaModel(factory(), ColaConfig(target_modules=targets, adapter="linear"))
+    for i, adapter in enumerate(cm.adapters().values()):
+        randomize_(adapter, seed=i)
+    ref = Backprop(factory(), dict(cm.adapters()), make_opt("sgd", 0.0))  # its forward and gradients only
+    versions = [{n: {k: v.detach().clone() for k, v in a.state_dict().items()} for n, a in ref.adapters.items()}]
+    lr = 0.5
+    trainer = Trainer(cm, "sgd", lr=lr, backend=make_backend("inline", delayed=True), staleness=1)
+    for t in range(1, 7):
+        trainer.step(text_batch(t))
+        for n, a in ref.adapters.items():
+            a.load_state_dict(versions[max(0, t - 2)][n])  # the server's weights at step t
+            a.zero_grad(set_to_none=True)
+        ref.loss(text_batch(t)).backward()
+        versions.append({n: {k: versions[-1][n][k] - lr * p.grad for k, p in a.named_parameters()}
+                         for n, a in ref.adapters.items()})
+    trainer.flush()
+    want = {f"{n}.{k}": v for n, state in versions[-1].items() for k, v in state.items()}
+    assert max_rel_err(flat_state(cm.adapters()), want) <= 1e-6
+    assert max_rel_err(flat_state(cm.adapters()), {f"{n}.{k}": v for n, state in versions[-2].items()
+                                                    for k, v in state.items()}) > 1e-3  # it did move
+
+
 @pytest.mark.parametrize("remote", REMOTE, indirect=True)
 def test_staleness_one_sends_the_next_step_before_the_fit_is_done(remote):
     """With S = 1 the server returns from a step while its fit is still in flight; with one

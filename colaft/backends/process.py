@@ -1,6 +1,6 @@
 """`process`: the owners on a pool of local worker processes (torch.multiprocessing, spawn).
 
-    server: Message -> pack (tensors into shared memory) -> sender thread -> pipe
+    server: Message -> sender thread: pack (tensors into shared memory) -> pipe
       -> worker process: unpack -> Worker.handle (the fit) -> pack Reply -> pipe -> server: unpack
 
 Each user lives on one worker (the least loaded one when the user was added), so its

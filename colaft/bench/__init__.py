@@ -96,6 +96,7 @@ def offload_command(
     batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default: the task recipe's).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Token cap (default: the task recipe's).")] = None,
     eval_examples: Annotated[int, typer.Option(help="Held-out reviews evaluated after each run.")] = 512,
+    parts: Annotated[str, typer.Option(help="Comma-separated: throughput, staleness.")] = "throughput,staleness",
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
 ) -> None:
     """End-to-end throughput with the fits inline, on processes and on Ray (S = 0, 1), and loss vs staleness."""
@@ -107,7 +108,7 @@ def offload_command(
     settings = Settings(backends=[b.strip() for b in backends.split(",") if b.strip()], workers=workers,
                         threads=threads, block=block, rounds=rounds, steps=steps,
                         stalenesses=staleness or [0, 1, 2], batch_size=batch_size, max_length=max_length,
-                        eval_examples=eval_examples)
+                        eval_examples=eval_examples, parts=[p.strip() for p in parts.split(",") if p.strip()])
     start = time.perf_counter()
 
     def log(msg: str) -> None:

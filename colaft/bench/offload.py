@@ -56,6 +56,7 @@ class Settings:
     warmup: int = 1
     steps: int = 100  # training steps of each staleness run
     stalenesses: list[int] = field(default_factory=lambda: [0, 1, 2])
+    parts: list[str] = field(default_factory=lambda: ["throughput", "staleness"])
     eval_examples: int = 512
     seed: int = 0
 
@@ -143,7 +144,7 @@ def measure_throughput(task: Task, st: Settings, log: Callable[[str], None]) -> 
                    "x_server": (1 / r) if (r := timings.ratio(name, "server")) else None, "times": times}
             if name in trainers:
                 stats, steps = trainers[name].stats, trainers[name].stats["steps"]
-                row.update(steps=steps, wait_s=stats["wait_seconds"] / steps,
+                row.update(steps=steps, server_s=stats["server_seconds"] / steps, wait_s=stats["wait_seconds"] / steps,
                            transfer_ms=1e3 * stats["transfer_seconds"] / steps,
                            packet_mib=stats["packet_bytes_total"] / steps / 2**20,
                            update_mib=(stats["update_bytes"] + stats["snapshot_bytes"]) / steps / 2**20,
@@ -237,18 +238,20 @@ def run_offload(st: Settings, out: Path, command: str = "", log: Callable[[str],
     data = {"machine": info, "command": command, "settings": st.__dict__, "batches": len(task.batches),
             "rows_per_batch": _rows(task.batches[0])}
     local_ray = None
-    if "ray" in st.backends:
+    if "ray" in st.backends and "throughput" in st.parts:
         from colaft.backends.ray import start_local
         # one private instance for the Ray trainers (S = 0 and S = 1: two sets of actors)
         local_ray = start_local(num_cpus=max(os.cpu_count() or 1, 2 * st.workers))
     try:
-        log("throughput")
-        data["throughput"] = measure_throughput(task, st, log)
+        if "throughput" in st.parts:
+            log("throughput")
+            data["throughput"] = measure_throughput(task, st, log)
     finally:
         if local_ray is not None:
             local_ray.stop()
-    log("staleness")
-    data["staleness"] = measure_staleness(task, st, log)
+    if "staleness" in st.parts:
+        log("staleness")
+        data["staleness"] = measure_staleness(task, st, log)
     data["seconds"] = round(time.perf_counter() - start, 1)
     data["loadavg_end"] = harness.machine("cpu").get("loadavg")
     harness.write_report(out, "offload", report(data, st), data)
@@ -257,14 +260,13 @@ def run_offload(st: Settings, out: Path, command: str = "", log: Callable[[str],
 
 def targets_table(data: dict) -> harness.Table:
     t = harness.Table(["target", "configuration", "measured", "bound", "met"])
-    th = data["throughput"]
-    fit_ok = th["fit_s"] <= th["server_step_s"]
-    for name, row in th["rows"].items():
+    th = data.get("throughput")
+    for name, row in (th["rows"] if th else {}).items():
         if name.endswith("S=1") and row["x_server"] is not None:
-            met = ("yes" if row["x_server"] >= 0.9 else "no") + ("" if fit_ok else " (fit slower than the step)")
-            t.rows.append(["S=1 throughput / server step alone", name, round(row["x_server"], 3), ">= 0.9", met])
-    rows = data["staleness"]["rows"]
-    for name, row in rows.items():
+            slow = "" if th["fit_s"] <= th["server_step_s"] else " (the fit is slower than the step)"
+            t.rows.append(["S=1 throughput / server step alone", name, round(row["x_server"], 3), ">= 0.9",
+                           ("yes" if row["x_server"] >= 0.9 else "no") + slow])
+    for name, row in (data["staleness"]["rows"] if "staleness" in data else {}).items():
         if name.startswith("S=1") and "eval_loss_vs_s0" in row:
             rel = row["eval_loss_vs_s0"]
             t.rows.append(["S=1 held-out loss vs S=0", name, f"{100 * rel:+.2f}%", "within 2%",
@@ -272,42 +274,53 @@ def targets_table(data: dict) -> harness.Table:
     return t
 
 
-def report(data: dict, st: Settings) -> str:
-    th, sl = data["throughput"], data["staleness"]
-    tp = harness.Table(["configuration", "samples/s", "x server alone", "wait s/step", "transfer ms/step",
-                        "packets MiB/step", "updates+snapshots MiB/step"])
+def throughput_markdown(th: dict, st: Settings) -> list[str]:
+    t = harness.Table(["configuration", "samples/s", "x server alone", "server step s", "wait s/step",
+                       "transfer ms/step", "packets MiB/step", "updates+snapshots MiB/step"])
     for name, r in th["rows"].items():
-        tp.rows.append([name, r["samples_per_s"], r["x_server"], r.get("wait_s"), r.get("transfer_ms"),
-                        r.get("packet_mib"), r.get("update_mib")])
-    ts = harness.Table(["configuration", f"train loss (last 10 of {st.steps})", "held-out loss", "vs S=0",
-                        "held-out accuracy", "run (s)"])
+        server = th["server_step_s"] if name == "server" else r.get("server_s")
+        t.rows.append([name, r["samples_per_s"], r["x_server"], server, r.get("wait_s"), r.get("transfer_ms"),
+                       r.get("packet_mib"), r.get("update_mib")])
+    parts = [
+        "### Throughput", "",
+        f"Median over {st.rounds} interleaved rounds of blocks of {st.block} steps (each block ends when its last "
+        "fit is applied); 'x server alone' is the paired ratio to the server step alone "
+        f"({th['server_step_s']:.3f} s/step); 'server step s' is the server step's own time inside each trainer. "
+        f"One fit of one step's packets on one CPU thread: {th['fit_s']:.3f} s "
+        f"({th['fit_s'] / th['server_step_s']:.2f} x the server step).", "", t.markdown(), ""]
+    if th["errors"]:
+        parts += ["Errors: " + "; ".join(f"{k}: {v}" for k, v in th["errors"].items()), ""]
+    return parts
+
+
+def staleness_markdown(sl: dict, st: Settings) -> list[str]:
+    t = harness.Table(["configuration", f"train loss (last 10 of {st.steps})", "held-out loss", "vs S=0",
+                       "held-out accuracy", "run (s)"])
     for name, r in sl["rows"].items():
         vs = r.get("eval_loss_vs_s0")
-        ts.rows.append([name, r["train_loss_last10"], r["eval_loss"], None if vs is None else f"{100 * vs:+.2f}%",
-                        r["accuracy"], r["seconds"]])
-    same = sl["real_vs_delayed_max_abs_diff"]
+        t.rows.append([name, r["train_loss_last10"], r["eval_loss"], None if vs is None else f"{100 * vs:+.2f}%",
+                       r["accuracy"], r["seconds"]])
+    parts = [
+        "### Staleness", "",
+        f"{st.steps} steps each, the recipe's linear schedule with 5% warm-up, the same batches and dropout "
+        f"masks; held-out: {st.eval_examples} reviews. 'delayed inline': every update is applied exactly S "
+        "steps late (the most S allows).", "", t.markdown(), ""]
+    if sl["real_vs_delayed_max_abs_diff"] is not None:
+        parts += ["S=1 on worker processes vs delayed inline S=1: max |difference| of the final adapters "
+                  f"{sl['real_vs_delayed_max_abs_diff']:.3g}.", ""]
+    return parts
+
+
+def report(data: dict, st: Settings) -> str:
     parts = [
         "## Offloading the fit: throughput and staleness", "",
         f"Machine: {harness.describe(data['machine'])}; load average {data.get('loadavg_end')} at the end.",
         f"Command: `{data['command']}`", "",
-        f"Task: sc, {st.model}, lowrank rank 8 at all linear layers + head, AdamW lr from the recipe; "
+        f"Task: sc, {st.model}, lowrank rank 8 at all linear layers + head, AdamW at the recipe's lr; "
         f"{data['rows_per_batch']} rows per batch; server on {st.threads} torch thread(s), "
-        f"{st.workers} worker(s) of one thread. Whole run: {data['seconds']:.0f} s.", "",
-        "### Throughput", "",
-        f"Median over {st.rounds} interleaved rounds of blocks of {st.block} steps (each block ends when its last "
-        "fit is applied); 'x server alone' is the paired ratio to the server step alone "
-        f"({th['server_step_s']:.3f} s/step). One fit of one step's packets on one CPU thread: "
-        f"{th['fit_s']:.3f} s ({th['fit_s'] / th['server_step_s']:.2f} x the server step).", "",
-        tp.markdown(), "",
-        "### Staleness", "",
-        f"{st.steps} steps each, the recipe's linear schedule with 5% warm-up, the same batches and dropout "
-        f"masks; held-out: {st.eval_examples} reviews. 'delayed inline': every update is applied exactly S "
-        "steps late (the most S allows).", "",
-        ts.markdown(), ""]
-    if same is not None:
-        parts += [f"S=1 on worker processes vs delayed inline S=1: max |difference| of the final adapters "
-                  f"{same:.3g}.", ""]
-    parts += ["### Targets", "", targets_table(data).markdown(), ""]
-    if th["errors"]:
-        parts += ["Errors: " + "; ".join(f"{k}: {v}" for k, v in th["errors"].items()), ""]
-    return "\n".join(parts)
+        f"{st.workers} worker(s) of one thread. Whole run: {data['seconds']:.0f} s.", ""]
+    if "throughput" in data:
+        parts += throughput_markdown(data["throughput"], st)
+    if "staleness" in data:
+        parts += staleness_markdown(data["staleness"], st)
+    return "\n".join(parts + ["### Targets", "", targets_table(data).markdown(), ""])
