@@ -95,6 +95,7 @@ def offload_command(
     staleness: Annotated[list[int] | None, typer.Option(help="Staleness bounds to train with (repeatable).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default: the task recipe's).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Token cap (default: the task recipe's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the task recipe's).")] = None,
     eval_examples: Annotated[int, typer.Option(help="Held-out reviews evaluated after each run.")] = 512,
     parts: Annotated[str, typer.Option(help="Comma-separated: throughput, staleness.")] = "throughput,staleness",
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
@@ -107,7 +108,7 @@ def offload_command(
         eval_examples, staleness = min(eval_examples, 32), staleness or [0, 1]
     settings = Settings(backends=[b.strip() for b in backends.split(",") if b.strip()], workers=workers,
                         threads=threads, block=block, rounds=rounds, steps=steps,
-                        stalenesses=staleness or [0, 1, 2], batch_size=batch_size, max_length=max_length,
+                        stalenesses=staleness or [0, 1, 2], batch_size=batch_size, max_length=max_length, lr=lr,
                         eval_examples=eval_examples, parts=[p.strip() for p in parts.split(",") if p.strip()])
     start = time.perf_counter()
 

@@ -48,6 +48,7 @@ class Settings:
     model: str = "minilm-l6"
     batch_size: int | None = None  # None: the task recipe's
     max_length: int | None = None
+    lr: float | None = None  # None: the task recipe's
     backends: list[str] = field(default_factory=lambda: ["inline", "process", "ray"])
     workers: int = 1
     threads: int = 1  # the server's torch threads
@@ -87,8 +88,8 @@ def load_task(st: Settings) -> Task:
     batches = list(loop.loader(job.encode(train, max_length), job, batch_size, shuffle=True, seed=st.seed))
     held_out = list(loop.loader(job.encode(held[:st.eval_examples], max_length), job, 2 * batch_size,
                                 shuffle=False))
-    return Task(job, base, ColaConfig(target_modules=recipe.targets, adapter="lowrank"), recipe.lr, batches,
-                held_out)
+    return Task(job, base, ColaConfig(target_modules=recipe.targets, adapter="lowrank"), st.lr or recipe.lr,
+                batches, held_out)
 
 
 def _cola(task: Task, seed: int) -> ColaModel:
@@ -235,7 +236,7 @@ def run_offload(st: Settings, out: Path, command: str = "", log: Callable[[str],
     info = harness.machine("cpu")
     log(f"loading the sc task ({st.model})")
     task = load_task(st)
-    data = {"machine": info, "command": command, "settings": st.__dict__, "batches": len(task.batches),
+    data = {"machine": info, "command": command, "settings": st.__dict__, "lr": task.lr, "batches": len(task.batches),
             "rows_per_batch": _rows(task.batches[0])}
     local_ray = None
     if "ray" in st.backends and "throughput" in st.parts:
@@ -316,7 +317,7 @@ def report(data: dict, st: Settings) -> str:
         "## Offloading the fit: throughput and staleness", "",
         f"Machine: {harness.describe(data['machine'])}; load average {data.get('loadavg_end')} at the end.",
         f"Command: `{data['command']}`", "",
-        f"Task: sc, {st.model}, lowrank rank 8 at all linear layers + head, AdamW at the recipe's lr; "
+        f"Task: sc, {st.model}, lowrank rank 8 at all linear layers + head, AdamW at lr {data['lr']:g}; "
         f"{data['rows_per_batch']} rows per batch; server on {st.threads} torch thread(s), "
         f"{st.workers} worker(s) of one thread. Whole run: {data['seconds']:.0f} s.", ""]
     if "throughput" in data:
