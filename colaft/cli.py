@@ -84,6 +84,14 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run folder. (default: runs/<timestamp>)")] = None,
     export_peft: Annotated[Optional[Path], typer.Option(help="Also export the adapters as a PEFT folder here.")] = None,
     eval_every: Annotated[int, typer.Option(help="Evaluate every so many steps (0: before and after only).")] = 0,
+    backend: Annotated[str, typer.Option(help="Where the fits run: inline | process | ray.")] = "inline",
+    workers: Annotated[Optional[int], typer.Option(
+        help="Worker processes or Ray actors. (default: the idle cores less the server's threads)")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="HOST:PORT of a running Ray cluster (default: a private Ray instance on this machine).")] = None,
+    staleness: Annotated[int, typer.Option(
+        help="Server steps a fit may lag behind (0: synchronous, exactly backprop).")] = 0,
+    transfer_dtype: Annotated[str, typer.Option(help="Precision of the packets sent: float32 | bfloat16.")] = "float32",
 ) -> None:
     """Fine-tune a frozen model with ColA and report held-out metrics before and after."""
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
@@ -94,7 +102,10 @@ def train(
     if user_field and users is not None:
         raise ValueError("--user-field and --users both make users: give one")
     multi = bool(user_field) or users is not None
+    backend_options = _backend_options(backend, workers, ray_address, staleness, transfer_dtype)
     _set_threads()
+    if backend == "process" or (backend == "ray" and ray_address is None):  # local workers: leave them cores
+        torch.set_num_threads(max(1, torch.get_num_threads() - (workers or 1)))
     torch.manual_seed(seed)
 
     # The task's recipe fills every option left out; everything that can reject the input
@@ -129,7 +140,8 @@ def train(
     user_steps = {u: max(1, counted.get(u, 0)) for u in names or [first]}  # 0: no training row survived encoding
     trainer = Trainer(cola_model, optimizer=optimizer, lr=resolved["lr"], weight_decay=weight_decay,
                       scheduler=scheduler, warmup_ratio=warmup, total_steps=user_steps[first], interval=interval,
-                      fit_steps=fit_steps)
+                      fit_steps=fit_steps, backend=backend, backend_options=backend_options, staleness=staleness,
+                      transfer_dtype=_TRANSFER_DTYPES[transfer_dtype])
     for user in names[1:]:  # the same adapter config and fit settings as the first user
         if init_adapter:  # every user starts from the PEFT adapter
             cola_model.load_peft(init_adapter, user=user)
@@ -153,8 +165,34 @@ def train(
         print(f"trained {steps} steps in {result['train_seconds']:.0f} s")
 
     built = [(out, write)] + ([(export_peft, cola_model.export_peft)] if export_peft else [])
-    _build_atomically(built)
+    try:
+        _build_atomically(built)
+    except BaseException:
+        trainer.close(wait=False)  # stop the workers at once
+        raise
+    trainer.close()
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
+
+
+_TRANSFER_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: packets leave as the server made them
+
+
+def _backend_options(backend: str, workers: int | None, ray_address: str | None, staleness: int,
+                     transfer_dtype: str) -> dict:
+    """Check the offload options together (before anything is loaded); the backend's keyword arguments."""
+    from colaft.backends import BACKENDS
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if transfer_dtype not in _TRANSFER_DTYPES:
+        raise ValueError(f"--transfer-dtype {transfer_dtype!r}: use one of {', '.join(_TRANSFER_DTYPES)}")
+    if staleness < 0:
+        raise ValueError(f"--staleness must be >= 0, not {staleness}")
+    if workers is not None and (backend == "inline" or workers < 1):
+        raise ValueError("--workers: a number >= 1, with --backend process or ray")
+    if ray_address is not None and backend != "ray":
+        raise ValueError("--ray-address needs --backend ray")
+    options = {} if workers is None else {"workers": workers}
+    return options | ({"address": ray_address} if ray_address else {})
 
 
 def _plural(n: int, noun: str) -> str:

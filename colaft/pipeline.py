@@ -11,12 +11,20 @@ carries the owner's whole state (a snapshot) and the pipeline keeps the messages
 the last snapshot: when a worker dies, its users' owners are rebuilt from their snapshots
 and the messages replayed; replies already seen are dropped by number, updates by version,
 so no update is lost or applied twice.
+
+Figures kept in `stats` (the Trainer's): wait_seconds (blocked on the staleness bound),
+send_seconds (handing messages to the backend; inline: the fits themselves),
+transfer_seconds (the backend serialising and deserialising, from the backend),
+update_bytes and snapshot_bytes (tensor bytes that came back), recoveries, skipped_fits.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from colaft.backends import Backend, Message, Reply, WorkerLost
 from colaft.packets import Packet
@@ -54,8 +62,8 @@ class Pipeline:
         self.backend, self.apply, self.staleness = backend, apply, staleness
         self.tracks: dict[str, _Track] = {}
         self.stats = stats if stats is not None else {}
-        for k, v in {"recoveries": 0, "wait_seconds": 0.0, "send_seconds": 0.0, "update_bytes": 0,
-                     "skipped_fits": 0}.items():
+        for k, v in {"recoveries": 0, "wait_seconds": 0.0, "send_seconds": 0.0, "transfer_seconds": 0.0,
+                     "update_bytes": 0, "snapshot_bytes": 0, "skipped_fits": 0}.items():
             self.stats.setdefault(k, v)
 
     def add(self, owner: Owner, rebuild: Callable[[], Owner]) -> None:
@@ -85,18 +93,25 @@ class Pipeline:
 
     def state(self, user: str) -> dict:
         """The owner's whole state, once every message sent to it is answered."""
-        self.settle(0, users=[user])
-        return self.backend.call(Message("state", user))
+        return self._call(Message("state", user))
 
     def load_state(self, user: str, state: dict) -> None:
         """Replace the owner's whole state (a checkpoint's), once its messages are answered."""
-        self.settle(0, users=[user])
-        self.backend.call(Message("load", user, state=state))
+        self._call(Message("load", user, state=state))
         track = self.tracks[user]
         track.version, track.log = state["version"], []
         if self.backend.recoverable:
             track.snapshot = state
         track.lr = state["optimizer"]["param_groups"][0]["lr"]
+
+    def _call(self, msg: Message) -> Any:
+        """A synchronous request after the user's messages; asked again if a worker is lost meanwhile."""
+        while True:
+            self.settle(0, users=[msg.user])
+            try:
+                return self.backend.call(msg)
+            except WorkerLost as lost:
+                self._recover(lost.users)
 
     def _send(self, msg: Message) -> None:
         track = self.tracks[msg.user]
@@ -107,6 +122,7 @@ class Pipeline:
         start = time.perf_counter()
         self.backend.submit(msg)
         self.stats["send_seconds"] += time.perf_counter() - start
+        self.stats["transfer_seconds"] = getattr(self.backend, "transfer_seconds", 0.0)
 
     # ------------------------------------------------------------- replies
     def settle(self, staleness: int | None = None, users: list[str] | None = None) -> None:
@@ -118,6 +134,7 @@ class Pipeline:
         while any(t.outstanding > bound for t in tracks):
             self._receive(block=True)
         self.stats["wait_seconds"] += time.perf_counter() - start
+        self.stats["transfer_seconds"] = getattr(self.backend, "transfer_seconds", 0.0)
 
     def _receive(self, block: bool) -> None:
         try:
@@ -137,6 +154,7 @@ class Pipeline:
         if update is None:
             return
         if update.snapshot is not None:
+            self.stats["snapshot_bytes"] += tensor_bytes(update.snapshot)
             track.snapshot = update.snapshot
             track.log = [m for m in track.log if m.seq > reply.seq]
         track.lr = update.lr
@@ -162,5 +180,23 @@ class Pipeline:
             for msg in track.log:
                 self.backend.submit(msg)
 
-    def close(self) -> None:
-        self.backend.close()
+    def close(self, wait: bool = True) -> None:
+        """Stop the backend; with `wait`, once the fits in flight are answered and applied."""
+        try:
+            if wait:
+                self.settle(0)
+        finally:
+            self.backend.close()
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in nested dicts, lists, tuples and packets (a snapshot, a message)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Packet):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

@@ -10,6 +10,7 @@ and S = 0, the adapters follow ordinary backprop exactly, on every backend.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -41,7 +42,9 @@ class Trainer:
         loss_fn: `loss_fn(output, batch)` for models that return no `.loss` (per-row losses,
             shape (B,), for batches of several users).
         fit_device, fit_dtype: where and in what precision the owners' adapters train.
-        backend: "inline" | "process" | "ray" (colaft.backends), or a backend instance.
+        backend: "inline" | "process" | "ray" (colaft.backends), or a backend instance (which
+            the trainer then closes); `backend_options` go to the named backend's constructor
+            (workers=, threads=; for ray also address="HOST:PORT", temp_dir=).
         staleness: S; the server may run up to S steps ahead of a user's fits (0: synchronous, exact).
         transfer_dtype: cast packets to this dtype (e.g. torch.bfloat16) before they leave the server.
     These are every user's defaults; `add_user` sets a user's own.
@@ -52,26 +55,30 @@ class Trainer:
                  total_steps: int | None = None, interval: int = 1, fit_steps: int = 1,
                  loss_fn: LossFn | None = None, fit_device: str | torch.device | None = None,
                  fit_dtype: torch.dtype = torch.float32, optimizer_kwargs: Mapping | None = None,
-                 backend: str | Backend = "inline", staleness: int = 0, transfer_dtype: torch.dtype | None = None):
+                 backend: str | Backend = "inline", staleness: int = 0, transfer_dtype: torch.dtype | None = None,
+                 backend_options: Mapping | None = None):
         if interval < 1 or fit_steps < 1:
             raise ValueError("interval and fit_steps must be >= 1")
         dtype_name = {v: k for k, v in DTYPES.items()}.get(fit_dtype)
         if dtype_name is None:
             raise ValueError(f"fit_dtype {fit_dtype}: use one of {', '.join(DTYPES)}")
         self.model, self.loss_fn, self.transfer_dtype = model, loss_fn, transfer_dtype
-        self.backend = make_backend(backend)
-        self.fit_config = FitConfig(
-            optimizer=optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=dict(optimizer_kwargs or {}),
-            scheduler=scheduler, warmup_ratio=warmup_ratio, total_steps=total_steps, interval=interval,
-            fit_steps=fit_steps, device=str(fit_device) if fit_device is not None else self.backend.device,
-            dtype=dtype_name)
-        self.user_fit: dict[str, FitConfig] = {}
-        self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0}
-        self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
+        fit_config = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                          optimizer_kwargs=dict(optimizer_kwargs or {}), scheduler=scheduler,
+                          warmup_ratio=warmup_ratio, total_steps=total_steps, interval=interval, fit_steps=fit_steps,
+                          dtype=dtype_name)
+        FitConfig(**fit_config)  # refuse bad settings before a backend starts workers
+        self.backend = make_backend(backend, **dict(backend_options or {}))
         try:
+            device = str(fit_device) if fit_device is not None else self.backend.device
+            self.fit_config = FitConfig(**fit_config, device=device)
+            self.user_fit: dict[str, FitConfig] = {}
+            self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0, "packet_bytes_total": 0,
+                          "server_seconds": 0.0}
+            self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
             self._sync_users()
         except BaseException:
-            self.close()
+            self.backend.close()
             raise
 
     # ------------------------------------------------------------- users
@@ -118,12 +125,15 @@ class Trainer:
         """
         self.model.train()
         self._sync_users()
+        start = time.perf_counter()
         out = server_step(self.model, batch, self.loss_fn, users)
+        self.stats["server_seconds"] += time.perf_counter() - start
         by_user: dict[str, list] = {u: [] for u in out.user_losses}
         for p in out.packets:
             by_user[p.user].append(p if self.transfer_dtype is None else p.to(dtype=self.transfer_dtype))
         self.stats["steps"] += 1
         self.stats["packet_bytes"] = sum(p.nbytes for ps in by_user.values() for p in ps)
+        self.stats["packet_bytes_total"] += self.stats["packet_bytes"]
         self.last_user_losses = out.user_losses
         for user, packets in by_user.items():
             self.pipeline.push(user, packets)
@@ -149,15 +159,15 @@ class Trainer:
     def interval(self) -> int:
         return self.fit_config.interval
 
-    def close(self) -> None:
-        """Stop the backend's workers (after the fits in flight)."""
-        self.pipeline.close()
+    def close(self, wait: bool = True) -> None:
+        """Stop the backend's workers; with `wait`, after the fits in flight are applied."""
+        self.pipeline.close(wait)
 
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(wait=exc_type is None)  # after an error, stop at once
 
     # ------------------------------------------------------------- the owners, in this process
     def owner(self, user: str | None = None) -> Owner:

@@ -144,6 +144,17 @@ class Owner:
                                               for name, a in self.adapters.items()}
         return Update(self.user, self.version, states, result.rows, self.lr, self.state() if self.snapshots else None)
 
+    # ------------------------------------------------------------- pickling (owners sent to workers)
+    def __getstate__(self) -> dict:
+        # Rebuilt on arrival rather than pickled attribute by attribute: a torch LR scheduler
+        # wraps optimizer.step, which pickling drops (torch then warns in every worker).
+        return {"user": self.user, "adapters": self.adapters, "config": self.config, "snapshots": self.snapshots,
+                "state": self.state()}
+
+    def __setstate__(self, d: dict) -> None:
+        self.__init__(d["user"], d["adapters"], d["config"], d["snapshots"])
+        self.load_state(d["state"])
+
     # ------------------------------------------------------------- whole state (snapshots, checkpoints)
     def state(self) -> dict:
         """Everything that determines the owner's future: adapters, optimizer, scheduler, buffer, version."""

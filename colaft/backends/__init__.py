@@ -48,6 +48,11 @@ class WorkerLost(RuntimeError):
         self.users = users
 
 
+class WorkerError(RuntimeError):
+    """A worker raised while handling a message (a bug in a fit, a bad packet); the text holds
+    the worker's traceback. Not recoverable by replaying: the same message would fail again."""
+
+
 class Worker:
     """What runs on every worker: the owners placed there and the handling of messages."""
 
@@ -74,6 +79,12 @@ class Worker:
         raise ValueError(f"unknown message kind {msg.kind!r}")
 
 
+def describe(msg: Message) -> str:
+    """The message in words, for errors: 'push #3 of user 'a''."""
+    number = f" #{msg.seq}" if msg.kind in ("push", "flush") else ""
+    return f"{msg.kind}{number} of user {msg.user!r}"
+
+
 class Backend(Protocol):
     """The transport between the server and the owners."""
 
@@ -81,6 +92,8 @@ class Backend(Protocol):
     """Whether a worker can be lost (then owners send snapshots, so that their work can be redone)."""
     device: str | None
     """Where the workers' owners train (None: where the server's adapters are)."""
+    transfer_seconds: float
+    """Server time spent serialising messages and deserialising replies so far (0 in process)."""
 
     def add(self, owner: Owner) -> None:
         """Place `owner` on a worker (its user's messages go there from now on)."""
@@ -96,10 +109,15 @@ class Backend(Protocol):
 
         Raises:
             WorkerLost: a worker died; its replacement hosts no owner yet.
+            WorkerError: a worker raised; the backend is not usable any more.
         """
 
     def call(self, msg: Message) -> Any:
-        """A synchronous request (state, load), answered after the user's earlier messages."""
+        """A synchronous request (state, load), answered after the user's earlier messages.
+
+        Raises:
+            WorkerLost, WorkerError: as `replies`; the call was not answered.
+        """
 
     def close(self) -> None:
         """Stop every worker; nothing is left running."""
@@ -125,5 +143,5 @@ def make_backend(spec: str | Backend, **options) -> Backend:
     return BACKENDS[spec](**options)
 
 
-# The built-in backends register themselves on import.
-from colaft.backends import inline  # noqa: E402,F401
+# The built-in backends register themselves on import (ray is imported only when used).
+from colaft.backends import inline, process, ray  # noqa: E402,F401

@@ -10,12 +10,18 @@ class InlineBackend:
     """Owners in this process, on `device` (a torch device; None: where the server's adapters are).
 
     A fit runs inside `submit`, so the server waits for it: staleness buys nothing here.
+    With `delayed`, every reply is held until the pipeline has to wait for it, so the server
+    runs exactly S steps ahead, the most staleness S allows, deterministically: a way to
+    study staleness without workers. (A remote backend with one user and S = 1 does exactly
+    the same, since no fit is back before the settle that follows its push; with more users
+    or S >= 2, replies that are back early are applied early.)
     """
 
     recoverable = False
+    transfer_seconds = 0.0  # nothing is serialised: owners get the server's tensors
 
-    def __init__(self, device: str | None = None):
-        self.device = device
+    def __init__(self, device: str | None = None, delayed: bool = False):
+        self.device, self.delayed = device, delayed
         self.worker = Worker()
         self._replies: list[Reply] = []
 
@@ -29,6 +35,8 @@ class InlineBackend:
         self._replies.append(self.worker.handle(msg))
 
     def replies(self, block: bool) -> list[Reply]:
+        if self.delayed:  # only what the pipeline waits for: the oldest reply
+            return [self._replies.pop(0)] if block and self._replies else []
         out, self._replies = self._replies, []
         return out
 

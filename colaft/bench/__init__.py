@@ -83,6 +83,43 @@ def server_command(
     typer.echo(f"report: {out / 'server.md'}")
 
 
+@bench_app.command("offload")
+def offload_command(
+    quick: Annotated[bool, typer.Option(help="Small batches, few steps and rounds: a smoke test.")] = False,
+    backends: Annotated[str, typer.Option(help="Comma-separated: inline, process, ray.")] = "inline,process,ray",
+    workers: Annotated[int, typer.Option(help="Worker processes or Ray actors per trainer.")] = 1,
+    threads: Annotated[int, typer.Option(help="The server's torch threads.")] = 1,
+    block: Annotated[int, typer.Option(help="Steps per timed block.")] = 6,
+    rounds: Annotated[int, typer.Option(help="Timed rounds (one block of every configuration each).")] = 5,
+    steps: Annotated[int, typer.Option(help="Training steps of each staleness run.")] = 100,
+    staleness: Annotated[list[int] | None, typer.Option(help="Staleness bounds to train with (repeatable).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default: the task recipe's).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Token cap (default: the task recipe's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the task recipe's).")] = None,
+    eval_examples: Annotated[int, typer.Option(help="Held-out reviews evaluated after each run.")] = 512,
+    parts: Annotated[str, typer.Option(help="Comma-separated: throughput, staleness.")] = "throughput,staleness",
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
+) -> None:
+    """End-to-end throughput with the fits inline, on processes and on Ray (S = 0, 1), and loss vs staleness."""
+    from colaft.bench.offload import Settings, run_offload
+
+    if quick:
+        steps, rounds, block, batch_size, max_length = min(steps, 4), min(rounds, 2), min(block, 2), 8, 16
+        eval_examples, staleness = min(eval_examples, 32), staleness or [0, 1]
+    settings = Settings(backends=[b.strip() for b in backends.split(",") if b.strip()], workers=workers,
+                        threads=threads, block=block, rounds=rounds, steps=steps,
+                        stalenesses=staleness or [0, 1, 2], batch_size=batch_size, max_length=max_length, lr=lr,
+                        eval_examples=eval_examples, parts=[p.strip() for p in parts.split(",") if p.strip()])
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
+
+    run_offload(settings, out, command=_command_line("offload"), log=log)
+    typer.echo((out / "offload.md").read_text())
+    typer.echo(f"report: {out / 'offload.md'}")
+
+
 @bench_app.command("users")
 def users_command(
     model: Annotated[str, typer.Option(
