@@ -17,6 +17,7 @@ import psutil
 import pytest
 import torch
 from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, randomize_, text_batch
+from test_users import build_users
 from tiny_models import review_records, tiny_bert_dir, write_jsonl  # noqa: F401
 
 from colaft import ColaConfig, ColaModel, Packet, Trainer
@@ -134,17 +135,7 @@ def kill(backend, user: str) -> None:
 
 
 def build(users=("user.0", "user.1"), seed: int = 0) -> ColaModel:
-    factory, targets, _ = ARCHS["llama"]
-    cm = None
-    for i, user in enumerate(users):
-        config = ColaConfig(target_modules=targets, **KINDS[user])
-        if cm is None:
-            cm = ColaModel(factory(), config, user=user)
-        else:
-            cm.add_user(user, config)
-        for j, adapter in enumerate(cm.user_adapters(user).values()):
-            randomize_(adapter, seed=seed + 100 * i + j)
-    return cm
+    return build_users("llama", list(users), [KINDS[u] for u in users], seed)
 
 
 def batch(step: int, users: list[str]) -> tuple[dict, list[str]]:

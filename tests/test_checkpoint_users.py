@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from colaft import ColaConfig, ColaModel, Trainer, checkpoint, peft_io
 from conftest import ARCHS, flat_state, randomize_
-from test_users import KINDS, batch_of, rows
+from test_users import KINDS, batch_of, build_users, rows
 
 # free-form ids: dots, slashes, spaces, unicode, a case-only clash, names of root files, PEFT's "lora_" prefix
 IDS = ["user.0", "a/b c", "ünï", "User.0", "colaft_users.json", "..", "a"]
@@ -18,18 +18,7 @@ LOWRANK = [dict(adapter="lowrank", rank=8), dict(adapter="lowrank", rank=4, alph
 
 
 def build(arch: str, ids: list[str], kinds=KINDS, seed: int = 0) -> ColaModel:
-    """`ids` as users of a fresh base, adapter settings cycling through `kinds`, every adapter randomised."""
-    factory, targets, _ = ARCHS[arch]
-    cm = None
-    for i, user in enumerate(ids):
-        config = ColaConfig(target_modules=targets, **kinds[i % len(kinds)])
-        if cm is None:
-            cm = ColaModel(factory(), config, user=user)
-        else:
-            cm.add_user(user, config)
-        for j, adapter in enumerate(cm.user_adapters(user).values()):
-            randomize_(adapter, seed=seed + 100 * i + j)
-    return cm.eval()
+    return build_users(arch, ids, kinds, seed).eval()
 
 
 def logits(cm, batch: dict, users: list[str] | None = None, **kw) -> torch.Tensor:

@@ -18,19 +18,24 @@ def users_of(k: int) -> list[str]:
     return [f"user.{i}" for i in range(k)]  # a dot too: ids are free-form
 
 
-def build(arch: str, k: int, kinds=KINDS) -> ColaModel:
-    """A model with `k` users of mixed adapter types, every adapter randomised (non-zero, distinct)."""
+def build_users(arch: str, users: list[str], kinds=KINDS, seed: int = 0) -> ColaModel:
+    """`users` on a fresh base, adapter settings cycling through `kinds`, every adapter randomised (distinct)."""
     factory, targets, _ = ARCHS[arch]
     cm = None
-    for i, user in enumerate(users_of(k)):
+    for i, user in enumerate(users):
         config = ColaConfig(target_modules=targets, **kinds[i % len(kinds)])
         if cm is None:
             cm = ColaModel(factory(), config, user=user)
         else:
             cm.add_user(user, config)
         for j, adapter in enumerate(cm.user_adapters(user).values()):
-            randomize_(adapter, seed=100 * i + j)
+            randomize_(adapter, seed=seed + 100 * i + j)
     return cm
+
+
+def build(arch: str, k: int, kinds=KINDS) -> ColaModel:
+    """A model with `k` users of mixed adapter types."""
+    return build_users(arch, users_of(k), kinds)
 
 
 def batch_of(arch: str, seed: int, rows: int) -> dict:
