@@ -45,9 +45,24 @@ class Trainer:
         backend: "inline" | "process" | "ray" (colaft.backends), or a backend instance (which
             the trainer then closes); `backend_options` go to the named backend's constructor
             (workers=, threads=; for ray also address="HOST:PORT", temp_dir=).
-        staleness: S; the server may run up to S steps ahead of a user's fits (0: synchronous, exact).
-        transfer_dtype: cast packets to this dtype (e.g. torch.bfloat16) before they leave the server.
+        staleness: S; the server may run up to S steps ahead of a user's fits (0: synchronous,
+            exact). S = 1 overlaps the fits with the next server step; each update is then used
+            one step late, which costs accuracy at high learning rates (measured on the main
+            job, MiniLM-L6, 150 steps: held-out loss +7% at lr 1e-3, +0.4% at lr 5e-4; see
+            BENCHMARKS.md).
+        transfer_dtype: cast packets to this dtype before they leave the server (the owner
+            fits in its own precision). torch.bfloat16 halves the bytes of float32 packets;
+            measured on the main job (MiniLM-L6, 100 and 150 steps) the losses and held-out
+            accuracy were unchanged to the 3 digits reported (held-out loss within 1e-4).
+
     These are every user's defaults; `add_user` sets a user's own.
+
+    `stats` holds: steps, version (updates applied), skipped_fits, packet_bytes (the last
+    step) and packet_bytes_total, update_bytes and snapshot_bytes (tensor bytes back from
+    the owners; snapshots only with process or ray), server_seconds (in the server step),
+    send_seconds (handing messages to the backend; inline: including the fits),
+    transfer_seconds (serialising and deserialising in this process), wait_seconds (blocked
+    by the staleness bound) and recoveries (lost workers replaced).
     """
 
     def __init__(self, model: ColaModel, optimizer: str | Callable = "adamw", lr: float = 3e-4,

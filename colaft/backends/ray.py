@@ -181,13 +181,18 @@ def check_reachable(address: str, timeout: float = CONNECT_SECONDS) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
         raise ConnectionError(f"no Ray cluster reachable at {address} ({e.strerror or e}); {hint}") from None
+    if address.startswith("ray://"):
+        return  # a Ray Client server, not the cluster's GCS: ray.init talks to it
     try:
         from ray._raylet import InnerGcsClient  # not public API: without it, ray.init's own retries apply
     except ImportError:
         return
     try:
-        InnerGcsClient.standalone(address.removeprefix("ray://"), None, int(timeout * 1000))
+        InnerGcsClient.standalone(address, None, int(timeout * 1000))
     except Exception as e:  # noqa: BLE001 - RpcError, AuthenticationError, ...
+        if type(e).__name__ == "AuthenticationError":
+            raise ConnectionError(f"the Ray cluster at {address} refuses this process's token ({e}); set "
+                                  "RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN here") from None
         raise ConnectionError(f"no Ray cluster reachable at {address}: it answers, but not as Ray "
                               f"({type(e).__name__}: {e}); {hint}") from None
 

@@ -118,7 +118,7 @@ def _blocks(task: Task, st: Settings) -> list[list[dict]]:
 def measure_throughput(task: Task, st: Settings, log: Callable[[str], None]) -> dict:
     """Seconds per block of every configuration, interleaved; samples per second and ratios."""
     blocks = _blocks(task, st)
-    cola = _cola(task, st.seed)
+    cola = _cola(task, st.seed).train()  # as Trainer.step runs it: dropout on (from_pretrained gives eval mode)
     runs: dict[str, Callable[[list[dict]], None]] = {"server": lambda b: [server_step(cola, x) for x in b]}
     trainers: dict[str, Trainer] = {}
     configs = [(b, s) for b in st.backends for s in ((0,) if b == "inline" else (0, 1))]  # inline: S buys nothing
