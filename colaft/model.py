@@ -180,7 +180,7 @@ class ColaModel(nn.Module):
 
     @contextmanager
     def recording(self):
-        """Sites append a Call (x, h) to the yielded list while inside."""
+        """Sites append a Call (x, edge of h) to the yielded list while inside."""
         calls: list[Call] = []
         for s in self.sites.values():
             s.recorder = calls

@@ -3,7 +3,7 @@
 A site replaces its module's `forward` (an instance attribute, removed on detach) with
     h = f(x) + g(dropout(x))      unmerged: the adapter runs, parameters frozen, input not detached
     h = f(x; W + delta_W)         merged: the base weight is never written, the sum is a temporary
-While the server records, each call appends (site, x, h) so that the server can take
+While the server records, each call appends (site, x, the edge of h) so that the server can take
 dL/dh and emit the packet (x, dL/dh). The base weights are never modified by a site.
 
 An embedding that scales its own output (`embed_scale`: BART's and mBART's scaled word
@@ -118,7 +118,6 @@ class Call:
     """One call of a site during a recorded forward."""
     site: "Site"
     x: torch.Tensor  # the adapter's input (after dropout), detached
-    h: torch.Tensor  # the site's output, in the graph
     edge: GradientEdge | None  # where h entered the graph: dL/dh even if the model later modifies h in place
     route: Route | None  # the rows' users; None: every row is the site's only user's
 
@@ -277,7 +276,7 @@ class Site(nn.Module):
             if not h.requires_grad and torch.is_grad_enabled():  # first site: nothing upstream needs a gradient
                 h = _Root.apply(h.detach(), torch.ones((), requires_grad=True))
             edge = get_gradient_edge(h) if h.requires_grad else None  # None: recorded without grad
-            self.recorder.append(Call(self, x_in.detach(), h, edge, route))
+            self.recorder.append(Call(self, x_in.detach(), edge, route))  # not h: keep no output alive
         return h
 
     # ------------------------------------------------------------- packets
