@@ -26,7 +26,7 @@ import torch
 import typer
 from pydantic import ValidationError
 
-from colaft import ColaConfig, ColaModel, Trainer
+from colaft import ColaConfig, ColaModel, Trainer, baselines
 from colaft import data as datasets
 from colaft import loop
 from colaft.model import DEFAULT_USER
@@ -58,6 +58,9 @@ def train(
         help="Column naming each record's user (chatterbot: topic): one adapter set per user.")] = None,
     users: Annotated[Optional[int], typer.Option(help="Deal the records out to this many users (by --seed).")] = None,
     mode: Annotated[str, typer.Option(help="personal | collaborative (rows see the users' mean delta)")] = "personal",
+    method: Annotated[str, typer.Option(
+        help="cola, or a backprop baseline: full | lora | adalora | ia3 | prompt | prefix | ptuning "
+             "(PEFT's; they use --rank, --alpha, --dropout, --hidden).")] = "cola",
     targets: Annotated[Optional[str], typer.Option(
         help="Adapter sites: comma-separated module names, a regex, or all-linear. (default: the task's)")] = None,
     adapter: Annotated[str, typer.Option(help="lowrank | linear | mlp")] = "lowrank",
@@ -92,6 +95,7 @@ def train(
     staleness: Annotated[int, typer.Option(
         help="Server steps a fit may lag behind (0: synchronous, exactly backprop).")] = 0,
     transfer_dtype: Annotated[str, typer.Option(help="Precision of the packets sent: float32 | bfloat16.")] = "float32",
+    save_adapters: Annotated[bool, typer.Option(help="Write the trained adapters (or weights) to the run.")] = True,
 ) -> None:
     """Fine-tune a frozen model with ColA and report held-out metrics before and after."""
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
@@ -102,6 +106,7 @@ def train(
     if user_field and users is not None:
         raise ValueError("--user-field and --users both make users: give one")
     multi = bool(user_field) or users is not None
+    _check_method(method, task, multi, backend, staleness, interval, fit_steps, merge, init_adapter, export_peft)
     backend_options = _backend_options(backend, workers, ray_address, staleness, transfer_dtype)
     _set_threads()
     if backend == "process" or (backend == "ray" and ray_address is None):  # local workers: leave them cores
@@ -126,8 +131,6 @@ def train(
     names = sorted({r["user"] for r in records}) if multi else []
     base = job.load(resolved["model"], records, seed)
     first = names[0] if names else DEFAULT_USER
-    cola_model = ColaModel.from_peft(base, init_adapter, user=first) if init_adapter else \
-        ColaModel(base, config, user=first)
     batches = loop.loader(job.encode(train_records, resolved["max_length"]), job, resolved["batch_size"],
                           shuffle=True, seed=seed)
     eval_batches = list(loop.loader(job.encode(held_out, resolved["max_length"]), job, 2 * resolved["batch_size"],
@@ -138,28 +141,38 @@ def train(
     # A user's schedule runs over the steps that hold its rows: its owner fits on those only.
     counted = loop.user_steps(batches, steps) if multi else {first: steps}
     user_steps = {u: max(1, counted.get(u, 0)) for u in names or [first]}  # 0: no training row survived encoding
-    trainer = Trainer(cola_model, optimizer=optimizer, lr=resolved["lr"], weight_decay=weight_decay,
-                      scheduler=scheduler, warmup_ratio=warmup, total_steps=user_steps[first], interval=interval,
-                      fit_steps=fit_steps, backend=backend, backend_options=backend_options, staleness=staleness,
-                      transfer_dtype=_TRANSFER_DTYPES[transfer_dtype])
-    for user in names[1:]:  # the same adapter config and fit settings as the first user
-        if init_adapter:  # every user starts from the PEFT adapter
-            cola_model.load_peft(init_adapter, user=user)
-        trainer.add_user(user, total_steps=user_steps[user])
-    cola_model.set_mode(mode)
+    fit = dict(optimizer=optimizer, lr=resolved["lr"], weight_decay=weight_decay, scheduler=scheduler,
+               warmup_ratio=warmup, total_steps=user_steps[first])
+    if method != "cola":
+        cola_model = baselines.build(method, base, task, config.target_modules, rank, alpha, dropout, steps, hidden)
+        trainer = baselines.BackpropTrainer(cola_model, **fit)
+    else:
+        cola_model = ColaModel.from_peft(base, init_adapter, user=first) if init_adapter else \
+            ColaModel(base, config, user=first)
+        trainer = Trainer(cola_model, **fit, interval=interval, fit_steps=fit_steps, backend=backend,
+                          backend_options=backend_options, staleness=staleness,
+                          transfer_dtype=_TRANSFER_DTYPES[transfer_dtype])
+        for user in names[1:]:  # the same adapter config and fit settings as the first user
+            if init_adapter:  # every user starts from the PEFT adapter
+                cola_model.load_peft(init_adapter, user=user)
+            trainer.add_user(user, total_steps=user_steps[user])
+        cola_model.set_mode(mode)
     if multi:
         resolved["user_steps"] = user_steps
     print(f"task {task}: {resolved['model']} on {resolved['data']} ({len(train_records)} train, "
-          f"{len(held_out)} held out); " + (f"{_plural(len(names), 'user')}, {mode} mode; " if multi else "") +
-          f"{len(cola_model.sites)} sites, "
-          f"{cola_model.adapter_parameters():,} adapter parameters; {steps} steps, "
+          f"{len(held_out)} held out); " + (f"{_plural(len(names), 'user')}, {mode} mode; " if multi else "")
+          + (f"{len(cola_model.sites)} sites, {cola_model.adapter_parameters():,} adapter parameters; "
+             if method == "cola" else f"{method} by backprop, {cola_model.trainable_parameters():,} trainable "
+                                      "parameters; ") + f"{steps} steps, "
           f"{_plural(torch.get_num_threads(), 'CPU thread')}")
 
     def write(run: Path) -> None:
         result = loop.train(trainer, cola_model, job, batches, eval_batches, steps, run, eval_every)
-        cola_model.save_pretrained(run / "adapters")  # several users: a subfolder each
-        (run / "run.json").write_text(json.dumps({"options": options, "resolved": resolved,
-                                                  "cola_config": cola_model.config.to_dict(), **result}, indent=2))
+        if save_adapters:
+            cola_model.save_pretrained(run / "adapters")  # several users: a subfolder each
+        (run / "run.json").write_text(json.dumps(
+            {"options": options, "resolved": resolved, "cola_config": cola_model.config.to_dict() if method == "cola" else None,
+             "trainable_parameters": trainer_parameters(cola_model), **result}, indent=2))
         print(f"held-out before: {loop.describe(result['before'])}")
         print(f"held-out after:  {loop.describe(result['after'])}")
         print(f"trained {steps} steps in {result['train_seconds']:.0f} s")
@@ -193,6 +206,28 @@ def _backend_options(backend: str, workers: int | None, ray_address: str | None,
         raise ValueError("--ray-address needs --backend ray")
     options = {} if workers is None else {"workers": workers}
     return options | ({"address": ray_address} if ray_address else {})
+
+
+def _check_method(method: str, task: str, multi: bool, backend: str, staleness: int, interval: int, fit_steps: int,
+                  merge: bool, init_adapter, export_peft) -> None:
+    """Backprop baselines train one model in this process: refuse the options only ColA has."""
+    if method == "cola":
+        return
+    if method not in baselines.METHODS:
+        raise ValueError(f"--method {method!r}: use cola or one of {', '.join(baselines.METHODS)}")
+    if method != "full" and task not in baselines.TASK_TYPES:
+        raise ValueError(f"--method {method}: PEFT methods run on the tasks {', '.join(baselines.TASK_TYPES)}; "
+                         f"task {task} compares ColA with --method full")
+    colas = {"--user-field/--users": multi, "--backend": backend != "inline", "--staleness": staleness,
+             "--interval": interval != 1, "--fit-steps": fit_steps != 1, "--merge": merge,
+             "--init-adapter": init_adapter, "--export-peft": export_peft}
+    if given := [name for name, value in colas.items() if value]:
+        raise ValueError(f"{', '.join(given)}: options of ColA, not of --method {method}")
+
+
+def trainer_parameters(model) -> int:
+    """Parameters that train: ColA's adapters, or a baseline's trainable weights."""
+    return model.adapter_parameters() if isinstance(model, ColaModel) else model.trainable_parameters()
 
 
 def _plural(n: int, noun: str) -> str:
@@ -239,7 +274,9 @@ def _build_atomically(targets: list[tuple[Path, Callable[[Path], None]]]) -> Non
 
 from colaft.serve.commands import serve, users  # noqa: E402  (light: their heavy imports are inside)
 
-COMMANDS: dict[str, Callable] = {"train": train, "serve": serve, "users": users}
+from colaft.experiment import experiment  # noqa: E402
+
+COMMANDS: dict[str, Callable] = {"train": train, "experiment": experiment, "serve": serve, "users": users}
 """Command name -> function; typer turns the signature into options."""
 
 

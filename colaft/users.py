@@ -71,6 +71,18 @@ class FitConfig:
         return dataclasses.replace(self, **changes)
 
 
+def optimizer_and_schedule(params: list[nn.Parameter], config: FitConfig):
+    """The optimizer of `params` and its learning-rate schedule, as `config` sets them; the
+    schedule counts optimizer steps: fit_steps per fit, one fit every `interval` server steps."""
+    opt = config.optimizer if callable(config.optimizer) else OPTIMIZERS[config.optimizer]
+    optimizer = opt(params, lr=config.lr, weight_decay=config.weight_decay, **config.optimizer_kwargs)
+    if callable(config.scheduler):
+        return optimizer, config.scheduler(optimizer)
+    fits = math.ceil(config.total_steps / config.interval) * config.fit_steps if config.total_steps else None
+    return optimizer, get_scheduler(config.scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * (fits or 0)),
+                                    num_training_steps=fits)
+
+
 @dataclass
 class Update:
     """An owner's answer to a fit: new weights (None when the fit was skipped) and their version."""
@@ -101,10 +113,8 @@ class Owner:
     def __init__(self, user: str, adapters: Mapping[str, nn.Module], config: FitConfig, snapshots: bool = False):
         self.user, self.config, self.snapshots = user, config, snapshots
         self.adapters = {name: self._copy(a, config) for name, a in adapters.items()}
-        params = [p for a in self.adapters.values() for p in a.parameters()]
-        opt = config.optimizer if callable(config.optimizer) else OPTIMIZERS[config.optimizer]
-        self.optimizer = opt(params, lr=config.lr, weight_decay=config.weight_decay, **config.optimizer_kwargs)
-        self.scheduler = self._scheduler(config)
+        self.optimizer, self.scheduler = optimizer_and_schedule(
+            [p for a in self.adapters.values() for p in a.parameters()], config)
         self.pending: list[Packet] = []
         self.pending_steps = 0
         self.version = 0
@@ -113,13 +123,6 @@ class Owner:
     def _copy(adapter: nn.Module, config: FitConfig) -> nn.Module:
         device = config.device or next(adapter.parameters()).device
         return copy.deepcopy(adapter).to(device, DTYPES[config.dtype]).requires_grad_(True)
-
-    def _scheduler(self, config: FitConfig):
-        if callable(config.scheduler):
-            return config.scheduler(self.optimizer)
-        fits = math.ceil(config.total_steps / config.interval) * config.fit_steps if config.total_steps else None
-        return get_scheduler(config.scheduler, self.optimizer, num_warmup_steps=round(config.warmup_ratio * (fits or 0)),
-                             num_training_steps=fits)
 
     @property
     def lr(self) -> float:

@@ -29,6 +29,8 @@ class Recipe:
     epochs: int = 1
     max_steps: int | None = None
     """Cap on training steps; None trains `epochs` full epochs."""
+    metric: str = "accuracy"
+    """The held-out metric that ranks runs (colaft experiment picks learning rates by it)."""
 
 
 class Task(Protocol):

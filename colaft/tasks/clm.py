@@ -23,7 +23,7 @@ class CausalLM:
 
     fields = ("question", "answer")
     recipe = Recipe(model="smollm2-135m", data="chatterbot", targets=["q_proj", "v_proj"],
-                    lr=1e-3, batch_size=8, max_length=128, max_steps=60)
+                    lr=1e-3, batch_size=8, max_length=128, max_steps=60, metric="loss")
     rouge_examples = 8
     """Held-out examples whose greedy answer is scored with ROUGE-L."""
     max_new_tokens = 32

@@ -1,0 +1,257 @@
+"""`colaft experiment`: ColA and the backprop baselines on one budget, over seeds; tables and curves.
+
+    methods x learning rates (on the first seed) -> the best rate of each method by the task's metric
+    methods x seeds at that rate -> one `colaft train` run each, in its own process
+    -> results.json (every run), results.md (mean ± spread per method), curves.png
+
+Every run is a plain `colaft train` run folder under runs/, so that each can be looked at,
+evaluated or reproduced alone; a finished run is kept, so a stopped experiment resumes
+where it stopped. Runs use one CPU thread each and `--jobs` run side by side.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from colaft.tasks import get_task
+
+METHODS: dict[str, list[str]] = {
+    "full": ["--method", "full"],
+    "lora": ["--method", "lora"],
+    "adalora": ["--method", "adalora"],
+    "ia3": ["--method", "ia3"],
+    "prompt": ["--method", "prompt"],
+    "prefix": ["--method", "prefix"],
+    "ptuning": ["--method", "ptuning"],
+    "cola-lowrank": ["--adapter", "lowrank"],
+    "cola-lowrank-merged": ["--adapter", "lowrank", "--merge"],
+    "cola-linear": ["--adapter", "linear"],
+    "cola-linear-merged": ["--adapter", "linear", "--merge"],
+    "cola-mlp": ["--adapter", "mlp"],
+}
+"""Method name -> its `colaft train` options. Merged ColA runs the server on W + ΔW: the same
+updates as unmerged (to round-off), at the base model's forward cost."""
+
+_LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+def experiment(
+    task: Annotated[str, typer.Option(help="sc | clm | ic")] = "sc",
+    methods: Annotated[str, typer.Option(
+        help=f"Comma-separated, or all: {', '.join(METHODS)}. (ic: full and the cola ones)")] = "all",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (split, initialisation, data order).")] = "0,1,2",
+    lrs: Annotated[str, typer.Option(
+        help="Learning rates tried on the first seed; each method keeps its best by the task's metric.")] = "1e-3",
+    lrs_from: Annotated[Optional[Path], typer.Option(
+        help="Take each method's learning rate from this experiment's results.json instead.")] = None,
+    merged_seeds: Annotated[int, typer.Option(
+        help="Seeds for the merged ColA methods (their updates equal the unmerged ones').")] = 0,
+    model: Annotated[Optional[str], typer.Option(help="(default: the task's)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps of every run. (default: the task's)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="(default: the task's)")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="(default: the task's)")] = None,
+    eval_every: Annotated[int, typer.Option(help="Held-out evaluation every so many steps (curves).")] = 0,
+    jobs: Annotated[int, typer.Option(help="Runs side by side, one CPU thread each.")] = 2,
+    out: Annotated[Path, typer.Option(help="Experiment folder (reused: finished runs are kept).")] = Path("experiments/sc"),
+    train_option: Annotated[Optional[list[str]], typer.Option(
+        help="Further `colaft train` option for every run, e.g. --train-option=--warmup=0.1 (repeatable).")] = None,
+) -> int:
+    """Train every method on the same budget and seeds; write results.json, results.md and curves.png."""
+    job = get_task(task)
+    names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    if unknown := [m for m in names if m not in METHODS]:
+        raise ValueError(f"--methods: unknown {', '.join(unknown)}; methods: {', '.join(METHODS)}")
+    if task == "ic":  # PEFT's methods are for transformers; a CNN compares with full training
+        names = [m for m in names if m == "full" or m.startswith("cola")]
+    seed_list = [int(s) for s in seeds.split(",")]
+    rates = [float(r) for r in lrs.split(",")]
+    if jobs < 1 or not seed_list or not rates or any(r <= 0 for r in rates):
+        raise ValueError("--jobs, --seeds and --lrs need at least one value; learning rates > 0")
+    chosen_before = json.loads(lrs_from.read_text())["lrs"] if lrs_from else {}
+    if missing := [m for m in names if lrs_from and m not in chosen_before]:
+        raise ValueError(f"--lrs-from {lrs_from} has no learning rate for {', '.join(missing)}")
+    common = ["--task", task] + sum(([f"--{k}", str(v)] for k, v in
+                                     {"model": model, "max-steps": steps, "batch-size": batch_size,
+                                      "max-length": max_length, "eval-every": eval_every}.items() if v), [])
+    common += list(train_option or []) + ["--no-save-adapters"]
+    out.mkdir(parents=True, exist_ok=True)
+    pool = _Runs(out, common, jobs)
+
+    # 1. learning rates: each method's best on the first seed (or another experiment's choice)
+    if chosen_before:
+        chosen = {m: chosen_before[m] for m in names}
+        sweep: dict[str, dict[str, float]] = {}
+    else:
+        results = pool.run([(m, lr, seed_list[0]) for m in names for lr in rates], "learning rates" if len(rates) > 1
+                           else "runs")
+        sweep = {m: {_lr(lr): _metric(results[(m, lr, seed_list[0])], job.recipe.metric) for lr in rates}
+                 for m in names}
+        chosen = {m: _best(sweep[m], job.recipe.metric) for m in names}
+    # 2. every seed at the chosen rate
+    grid = [(m, chosen[m], s) for m in names
+            for s in (seed_list[:max(1, merged_seeds)] if m.endswith("-merged") and merged_seeds else seed_list)]
+    results = pool.run(grid, "seeds")
+    runs = [{"method": m, "lr": lr, "seed": s, **_summary(results[(m, lr, s)])} for m, lr, s in grid]
+    report = {"task": task, "metric": job.recipe.metric, "seeds": seed_list, "lrs_tried": rates,
+              "train_options": common, "lrs": chosen, "sweep": sweep, "runs": runs}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(table(report))
+    curves(out, runs, job.recipe.metric)
+    print(table(report))
+    failed = [r for r in runs if r.get("error")]
+    print(f"results in {out}/results.md, results.json and curves.png" +
+          (f"; {len(failed)} runs failed (see their logs)" if failed else ""))
+    return 1 if failed else 0
+
+
+class _Runs:
+    """Runs `colaft train` for (method, lr, seed) in subprocesses, `jobs` at a time, once each."""
+
+    def __init__(self, out: Path, common: list[str], jobs: int):
+        self.out, self.common, self.jobs = out, common, jobs
+
+    def folder(self, method: str, lr: float, seed: int) -> Path:
+        return self.out / "runs" / method / f"lr{_lr(lr)}-seed{seed}"
+
+    def command(self, method: str, lr: float, seed: int) -> list[str]:
+        return [sys.executable, "-m", "colaft.cli", "train", *self.common, *METHODS[method], "--lr", str(lr),
+                "--seed", str(seed), "--out", str(self.folder(method, lr, seed))]
+
+    def run(self, keys: Sequence[tuple[str, float, int]], what: str) -> dict[tuple, dict]:
+        keys = list(dict.fromkeys(keys))
+        todo = [k for k in keys if not (self.folder(*k) / "run.json").exists()]
+        with ThreadPoolExecutor(self.jobs) as executor, \
+                tqdm(total=len(keys), initial=len(keys) - len(todo), desc=what, unit="run") as bar:
+            for key, _ in zip(todo, executor.map(self._one, todo)):
+                bar.set_postfix_str(f"{key[0]} lr {key[1]:g} seed {key[2]}")
+                bar.update()
+        return {k: self._result(k) for k in keys}
+
+    def _one(self, key: tuple[str, float, int]) -> None:
+        log = self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            f.write(shlex.join(self.command(*key)) + "\n")
+            f.flush()
+            code = subprocess.run(self.command(*key), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        (self.out / "logs" / f"{log.stem}.wall").write_text(f"{time.perf_counter() - start:.1f} {code}\n")
+
+    def _result(self, key: tuple[str, float, int]) -> dict:
+        run = self.folder(*key) / "run.json"
+        if not run.exists():
+            log = self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}.log"
+            tail = log.read_text().strip().splitlines()[-1:] if log.exists() else ["not run"]
+            return {"error": tail[0] if tail else "failed", "log": str(log)}
+        result = json.loads(run.read_text())
+        wall = self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}.wall"
+        result["wall_seconds"] = float(wall.read_text().split()[0]) if wall.exists() else None
+        result["folder"] = str(self.folder(*key))
+        return result
+
+
+def _lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def _metric(result: dict, metric: str) -> float:
+    return result["after"][metric] if "after" in result else math.nan
+
+
+def _best(by_lr: dict[str, float], metric: str) -> float:
+    """The learning rate of the best finished run (NaN, a failed or diverged run, never wins)."""
+    finite = {lr: v for lr, v in by_lr.items() if math.isfinite(v)}
+    if not finite:
+        return float(next(iter(by_lr)))
+    pick = min if metric in _LOWER_IS_BETTER else max
+    return float(pick(finite, key=finite.get))
+
+
+def _summary(result: dict) -> dict:
+    if "error" in result:
+        return result
+    return {"before": result["before"], "after": result["after"], "train_seconds": result["train_seconds"],
+            "wall_seconds": result["wall_seconds"], "trainable_parameters": result.get("trainable_parameters"),
+            "folder": result["folder"]}
+
+
+def table(report: dict) -> str:
+    """Markdown: one row per method, each held-out metric's mean ± standard deviation over seeds."""
+    by_method: dict[str, list[dict]] = {}
+    for run in report["runs"]:
+        by_method.setdefault(run["method"], []).append(run)
+    done = [r for r in report["runs"] if "after" in r]
+    metrics = [k for k in (done[0]["after"] if done else {}) if k != "users"]
+    lines = ["| method | trainable params | lr | seeds | " + " | ".join(metrics) + " | train s (median) |",
+             "|---|---:|---:|---:|" + "---:|" * (len(metrics) + 1)]
+    for method, runs in by_method.items():
+        ok = [r for r in runs if "after" in r]
+        if not ok:
+            lines.append(f"| {method} | | {runs[0]['lr']:g} | 0 | " + " | ".join("failed" for _ in metrics) + " | |")
+            continue
+        cells = [_mean_spread([r["after"][k] for r in ok]) for k in metrics]
+        lines.append(f"| {method} | {ok[0]['trainable_parameters'] or 0:,} | {runs[0]['lr']:g} | {len(ok)} | "
+                     + " | ".join(cells) + f" | {statistics.median(r['train_seconds'] for r in ok):.0f} |")
+    before = done[0]["before"] if done else {}
+    lines.append(f"\nBefore training (seed {done[0]['seed'] if done else '-'}): "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in before.items() if k != "users"))
+    if report["sweep"]:
+        rates = report["lrs_tried"]
+        lines += ["", f"Learning rates tried on seed {report['seeds'][0]} (held-out {report['metric']}; "
+                      "the best is kept):", "", "| method | " + " | ".join(_lr(r) for r in rates) + " |",
+                  "|---|" + "---:|" * len(rates)]
+        lines += [f"| {m} | " + " | ".join(f"{v[_lr(r)]:.4f}" for r in rates) + " |" for m, v in report["sweep"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def curves(out: Path, runs: list[dict], metric: str) -> None:
+    """curves.png: each method's training loss (mean over seeds, smoothed) and held-out `metric`."""
+    fig = Figure(figsize=(14, 5), dpi=100)
+    train_ax, eval_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    by_method: dict[str, list[dict]] = {}
+    for run in runs:
+        if "folder" in run:
+            by_method.setdefault(run["method"], []).append(run)
+    colors = [f"C{i}" for i in range(10)] + ["black", "tab:olive", "tab:cyan"]
+    for (method, mine), color in zip(by_method.items(), colors):
+        histories = [[json.loads(line) for line in open(Path(r["folder"]) / "metrics.jsonl")] for r in mine]
+        losses = [[h["loss"] for h in hist if h["split"] == "train"] for hist in histories]
+        length = min(map(len, losses))
+        mean = [statistics.mean(seq[i] for seq in losses) for i in range(length)]
+        window = max(1, length // 10)
+        smooth = [statistics.mean(mean[max(0, i - window + 1):i + 1]) for i in range(length)]
+        style = "--" if method.endswith("-merged") else "-"
+        train_ax.plot(range(1, length + 1), smooth, style, color=color, label=method)
+        evals = [[(h["step"], h[metric]) for h in hist if h["split"] == "eval"] for hist in histories]
+        points = min(map(len, evals))
+        eval_ax.plot([evals[0][i][0] for i in range(points)],
+                     [statistics.mean(e[i][1] for e in evals) for i in range(points)], "o" + style, color=color,
+                     label=method, markersize=3)
+    train_ax.set(xlabel="step", ylabel="training loss (mean over seeds, smoothed)", title="training")
+    eval_ax.set(xlabel="step", ylabel=f"held-out {metric} (mean over seeds)", title="held-out")
+    for ax in (train_ax, eval_ax):
+        ax.grid(alpha=0.3)
+    eval_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out / "curves.png")
