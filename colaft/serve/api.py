@@ -134,8 +134,9 @@ def create_app(service: Service) -> FastAPI:
         return _error(e.status_code, str(e.detail))
 
     # ------------------------------------------------------------- who is asking
-    def owned(s, cls, object_id: str, user: User, what: str, param: str | None = None):
-        row = s.get(cls, object_id)
+    def owned(s, cls, object_id: str, user: User, what: str, param: str | None = None, lock: bool = False):
+        """The user's row, or a 404. `lock`: held until the transaction ends (the caller acts on what it read)."""
+        row = s.get(cls, object_id, with_for_update=lock)
         if row is None or row.user_id != user.id:  # someone else's id answers like a missing one
             raise APIError(404, f"No such {what}: {object_id}", param, "not_found")
         return row
@@ -210,7 +211,7 @@ def create_app(service: Service) -> FastAPI:
     @app.delete("/v1/files/{file_id}")
     def delete_file(user: Me, file_id: str):
         with db.session() as s:
-            row = owned(s, File, file_id, user, "file")
+            row = owned(s, File, file_id, user, "file", lock=True)  # no job may start on it meanwhile
             busy = s.scalar(select(Job.id).where(Job.status.in_(ACTIVE),
                                                  (Job.training_file == file_id) | (Job.validation_file == file_id))
                             .limit(1))
@@ -237,11 +238,12 @@ def create_app(service: Service) -> FastAPI:
         except ValueError as e:
             raise APIError(422, f"colaft.targets: {e}", "colaft.targets", "invalid_value") from None
         with db.session() as s:
-            train = _data_file(s, owned(s, File, body.training_file, user, "file", "training_file"), engine,
-                               "training_file")
+            # locked: a concurrent delete of the file waits for this job's row, then sees it
+            train = _data_file(s, owned(s, File, body.training_file, user, "file", "training_file", lock=True),
+                               engine, "training_file")
             if body.validation_file:
-                valid = _data_file(s, owned(s, File, body.validation_file, user, "file", "validation_file"),
-                                   engine, "validation_file")
+                valid = _data_file(s, owned(s, File, body.validation_file, user, "file", "validation_file",
+                                            lock=True), engine, "validation_file")
                 if train.labels is not None and not set(valid.labels) <= set(train.labels):
                     raise APIError(422, "validation_file: it has labels the training file lacks: "
                                         f"{sorted(set(valid.labels) - set(train.labels), key=str)[:5]}",
@@ -296,7 +298,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     def cancel_job(user: Me, job_id: str):
         with db.session() as s:
-            job = owned(s, Job, job_id, user, "fine-tuning job")
+            job = owned(s, Job, job_id, user, "fine-tuning job", lock=True)  # the engine may be finishing it
             if job.status in FINAL:
                 raise APIError(409, f"the job has already {'been ' if job.status == 'cancelled' else ''}"
                                     f"{job.status}", "job_id", "job_finished")

@@ -341,7 +341,8 @@ class Engine:
         log.info("%s: step %d: %d jobs, %d rows, %s mode, %.3f s", self.id, self.steps, len(runs),
                  len(batch["users"]), mode, seconds)
         with self.db.session() as s:  # jobs cancelled during the step get no more events
-            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status == "running")))
+            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status == "running")
+                                 .with_for_update()))
             for r in runs:
                 if r.job_id not in live:
                     continue
@@ -401,7 +402,7 @@ class Engine:
         if run.saved_step != run.step:
             self._checkpoint(run, listed=True)
         with self.db.session() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, job_id, with_for_update=True)  # a cancel waits for this transaction
             if job.status != "running":  # cancelled during the last step
                 self.runs.pop(job_id, None)
                 return
