@@ -111,7 +111,8 @@ class Trainer:
 
     def remove_user(self, user: str) -> None:
         """Stop the user's owner (after its fits in flight) and free its adapters on the server."""
-        self.pipeline.remove(user)
+        if user in self.pipeline.tracks:  # a user loaded into the model has no owner before the next step
+            self.pipeline.remove(user)
         self.user_fit.pop(user, None)
         self.model.remove_user(user)
 

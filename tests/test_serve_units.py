@@ -137,3 +137,91 @@ def test_serve_refuses_bad_options_before_loading_anything(capsys, tmp_path):
         assert message in capsys.readouterr().err
     assert main(["users", "remove", "x", "--data-dir", str(tmp_path / "d")]) == 1
     assert "unknown action" in capsys.readouterr().err
+
+
+def test_the_database_keeps_no_nan_and_cuts_long_messages(tmp_path):
+    """A diverged loss (NaN) is stored as null (PostgreSQL's JSON, and the API's, have no NaN);
+    an event message past its column's length is cut, not refused by PostgreSQL."""
+    from colaft.serve.db import MESSAGE_CHARS, Database, Event, Job, User
+
+    db = Database(f"sqlite:///{tmp_path / 'colaft.db'}")
+    try:
+        with db.session() as s:
+            s.add(User(id="user-1", name="u", key_hash="0" * 64))
+            s.flush()  # the rows no relationship orders: each before the one that points at it
+            s.add(Job(id="ftjob-1", user_id="user-1", model="m", training_file="file-1", hyperparameters={},
+                      options={}, seed=0, status="running"))
+            s.flush()
+            db.add_event(s, "ftjob-1", "x" * (MESSAGE_CHARS + 10), type="metrics",
+                         data={"train_loss": float("nan"), "more": [float("inf"), 1.5]})
+        with db.read() as s:
+            event = s.query(Event).one()
+        assert len(event.message) == MESSAGE_CHARS and event.message.endswith("...")
+        assert event.data == {"train_loss": None, "more": [None, 1.5]}
+    finally:
+        db.close()
+
+
+def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, tiny_llama_dir):  # noqa: F811
+    """With max_loaded_adapters=2, four finished jobs keep at most two adapter sets loaded (least
+    recently used out); an unloaded job's adapters reload from disk equal, answering the same."""
+    from tiny_models import QA
+
+    from colaft.serve.db import Database, File, Job, User
+    from colaft.serve.inference import Request
+    from colaft.serve.scheduler import Engine, Settings
+    from colaft.serve.schemas import ColaftOptions
+
+    data = tmp_path / "data"
+    (data / "files").mkdir(parents=True)
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    (data / "files" / "file-1").write_bytes(lines(*records))
+    db = Database(f"sqlite:///{data / 'colaft.db'}")
+    engine = Engine("llama", str(tiny_llama_dir), "clm", db, Settings(data_dir=data, max_loaded_adapters=2))
+    options = {**ColaftOptions(max_length=64).model_dump(), "targets": engine.task.recipe.targets}
+    jobs = [f"ftjob-{i}" for i in range(4)]
+    with db.session() as s:
+        s.add(User(id="user-1", name="u", key_hash="0" * 64))
+        s.flush()
+        s.add(File(id="file-1", user_id="user-1", filename="chat.jsonl", purpose="fine-tune", bytes=1,
+                   format="chat", rows=len(records)))
+        for i, job_id in enumerate(jobs):
+            s.add(Job(id=job_id, user_id="user-1", model="llama", training_file="file-1", seed=i, status="queued",
+                      hyperparameters={"n_epochs": 2, "batch_size": 3, "learning_rate_multiplier": 50},
+                      options=options))
+    try:
+        for job_id in jobs:  # all four train in the same batches and finish at the same step
+            engine._admit(job_id)
+        while engine.runs:
+            engine._tick()
+        with db.read() as s:
+            assert [s.get(Job, j).status for j in jobs] == ["succeeded"] * 4
+
+        def loaded() -> list[str]:
+            assert set(engine.cola.users) == set(engine.finished)  # nothing else holds adapters
+            return list(engine.finished)
+
+        def ask(job_id: str) -> str:
+            future = engine.infer(Request(job_id, "personal", messages=[{"role": "user", "content": "who are you"}],
+                                          max_tokens=6))
+            engine._serve()  # what the engine's thread does between steps
+            assert len(loaded()) <= 2
+            return future.result(timeout=0).text
+
+        def weights(job_id: str) -> dict:
+            return {f"{site}.{k}": v.clone() for site, a in engine.cola.user_adapters(job_id).items()
+                    for k, v in a.state_dict().items()}
+
+        assert loaded() == jobs[2:]  # the first two finished were unloaded at once
+        first = {j: (ask(j), weights(j)) for j in jobs[2:]}
+        assert ask(jobs[0]) and loaded() == [jobs[3], jobs[0]]  # job 2, least recently used, is out
+        ask(jobs[1])
+        assert loaded() == [jobs[0], jobs[1]]
+        for j in jobs[2:]:
+            assert ask(j) == first[j][0]
+            again = weights(j)
+            assert again.keys() == first[j][1].keys() and all(torch.equal(again[k], first[j][1][k]) for k in again)
+        assert loaded() == jobs[2:]
+    finally:
+        engine._shutdown()
+        db.close()

@@ -58,6 +58,9 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 past it).")] = 100.0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint each running job every so many steps.")] = 20,
     num_labels: Annotated[int, typer.Option(help="Outputs of a classification model's head.")] = 2,
+    max_loaded_adapters: Annotated[int, typer.Option(
+        help="Finished jobs' adapters kept loaded per base model for inference; the least recently used "
+             "past this are unloaded and loaded from disk again when asked for.")] = 8,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Serve fine-tuning (OpenAI-shaped API) and inference on one or more base models."""
@@ -69,8 +72,9 @@ def serve(
     from colaft.serve.db import File
     from colaft.serve.scheduler import Engine, Settings, default_backend
 
-    if checkpoint_every < 1 or num_labels < 2 or max_upload_mb <= 0:
-        raise ValueError("--checkpoint-every >= 1, --num-labels >= 2 and --max-upload-mb > 0, please")
+    if checkpoint_every < 1 or num_labels < 2 or max_upload_mb <= 0 or max_loaded_adapters < 1:
+        raise ValueError("--checkpoint-every >= 1, --num-labels >= 2, --max-upload-mb > 0 and "
+                         "--max-loaded-adapters >= 1, please")
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
@@ -84,8 +88,8 @@ def serve(
     _set_threads()
     db = _database(data_dir, database_url)
     settings = Settings(data_dir=data_dir.resolve(), backend=backend, backend_options=options,
-                        checkpoint_every=checkpoint_every,
-                        num_labels=num_labels)
+                        checkpoint_every=checkpoint_every, num_labels=num_labels,
+                        max_loaded_adapters=max_loaded_adapters)
     _remove_orphans(db, settings.data_dir, File)
     engines = {}
     for model_id, source in specs:

@@ -4,16 +4,24 @@ Embedded SQLite by default (`<data-dir>/colaft.db`); any SQLAlchemy URL works
 (`--database-url postgresql+psycopg://...` with its driver installed). Every change is one
 transaction, committed before the API answers, so a killed server loses nothing it
 acknowledged. Ids are OpenAI-shaped strings ("file-...", "ftjob-..."); times are Unix seconds.
+
+Written for both SQLite and PostgreSQL (tested on both): times and byte counts are 64-bit
+(PostgreSQL's INTEGER ends in 2038 and at 2 GiB), text is cut to its column's length, JSON
+holds no NaN (PostgreSQL rejects it), and a row that is read, checked and then changed is
+read with `with_for_update()` (PostgreSQL's READ COMMITTED would otherwise let two writers
+both act on the old value; SQLite's write lock, taken at BEGIN, already serialises them).
 """
 from __future__ import annotations
 
+import json
+import math
 import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, create_engine, event, select
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ACTIVE = ("validating_files", "queued", "running")
@@ -29,6 +37,25 @@ def now() -> int:
     return int(time.time())
 
 
+MESSAGE_CHARS = 2000
+"""Longest event message stored (Event.message); longer ones are cut."""
+
+
+def _finite(value):
+    """`value` with every NaN or infinity (a diverged loss) replaced by None: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _to_json(value) -> str:
+    return json.dumps(_finite(value), allow_nan=False)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -38,7 +65,7 @@ class User(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # sha256 hex of the API key
-    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
 class File(Base):
@@ -47,8 +74,8 @@ class File(Base):
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
     filename: Mapped[str] = mapped_column(String(500))
     purpose: Mapped[str] = mapped_column(String(50))
-    bytes: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     format: Mapped[str] = mapped_column(String(20))  # "chat" | "classification" | "results"
     rows: Mapped[int] = mapped_column(Integer)
     labels: Mapped[list[Any] | None] = mapped_column(default=None)  # classification: the distinct labels, sorted
@@ -72,10 +99,10 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64), default=None)
     meta: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # the API's "metadata"
     status: Mapped[str] = mapped_column(String(20), index=True)
-    created_at: Mapped[int] = mapped_column(Integer, default=now)
-    finished_at: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(600), default=None)
-    trained_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     labels: Mapped[list[Any] | None] = mapped_column(default=None)  # classification: head output i is labels[i]
@@ -99,10 +126,10 @@ class Event(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # order of writing
     id: Mapped[str] = mapped_column(String(64), unique=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
-    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     level: Mapped[str] = mapped_column(String(10), default="info")
     type: Mapped[str] = mapped_column(String(10), default="message")  # "message" | "metrics"
-    message: Mapped[str] = mapped_column(String(2000))
+    message: Mapped[str] = mapped_column(String(MESSAGE_CHARS))
     data: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
     def to_api(self) -> dict:
@@ -116,7 +143,7 @@ class Checkpoint(Base):
     id: Mapped[str] = mapped_column(String(64), unique=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     step: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[int] = mapped_column(Integer, default=now)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     metrics: Mapped[dict[str, Any]]
     path: Mapped[str] = mapped_column(String(1000))  # relative to the data folder
     listed: Mapped[int] = mapped_column(Integer, default=1)  # 0: kept for resuming only
@@ -133,7 +160,12 @@ class Database:
 
     def __init__(self, url: str):
         sqlite = url.startswith("sqlite")
-        self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {})
+        self.url = url
+        if sqlite:
+            self.engine = create_engine(url, json_serializer=_to_json,
+                                        connect_args={"check_same_thread": False, "timeout": 30})
+        else:  # a database server may restart under us: test each pooled connection before use
+            self.engine = create_engine(url, json_serializer=_to_json, pool_pre_ping=True)
         if sqlite:
             @event.listens_for(self.engine, "connect")
             def _pragmas(connection, _):
@@ -166,6 +198,8 @@ class Database:
 
     def add_event(self, s: Session, job_id: str, message: str, level: str = "info", type: str = "message",
                   data: dict | None = None) -> Event:
+        if len(message) > MESSAGE_CHARS:
+            message = message[:MESSAGE_CHARS - 3] + "..."
         e = Event(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data,
                   created_at=now())
         s.add(e)

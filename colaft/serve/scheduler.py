@@ -1,7 +1,6 @@
 """Training as a service: one Engine (a thread) per base model, every job a user of its ColaModel.
 
-    queued job -> admit: the task encodes the job's file (rows tagged with the job id as
-                  user); Trainer.add_user(job, its ColaConfig, its FitConfig)
+    queued job -> admit (colaft.serve.jobs: a job's life, its checkpoints and its end)
     each tick  -> every running job's next `batch_size` rows, all jobs' rows collated into
                   ONE batch -> trainer.step(batch): one forward and backward for all jobs,
                   each job's fit on its own rows (on the configured backend)
@@ -19,32 +18,32 @@ which other jobs share its batches).
 
 The HTTP event loop never waits for this thread: the API only writes the database and
 hands job ids, cancellations and inference requests over through thread-safe queues.
+
+Finished jobs' adapters are loaded for inference on demand and unloaded least recently
+used first past `max_loaded_adapters` (personal jobs only: a collaborative job's delta is
+part of the mean every collaborative job sees, so it stays while the server runs).
 """
 from __future__ import annotations
 
 import logging
 import math
 import queue
-import shutil
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from colaft import ColaConfig, ColaModel, Trainer
 from colaft.backends import BACKENDS, make_backend
-from colaft.checkpoint import load_owner, save_owner
-from colaft.serve import files as datafiles
-from colaft.serve.db import ACTIVE, Checkpoint, Database, File, Job, new_id, now
+from colaft.serve.db import ACTIVE, Database, Job
+from colaft.serve.jobs import LISTED, JobLifecycle, Run
 from colaft.tasks import get_task
 
 log = logging.getLogger("colaft.serve")
-LISTED = 3
-"""Checkpoints the API shows per job: the ends of its last epochs."""
 
 
 def default_backend() -> str:
@@ -65,40 +64,12 @@ class Settings:
     num_labels: int = 2
     """Classification heads have this many outputs; a job may use up to that many labels."""
     max_inference_batch: int = 32
+    max_loaded_adapters: int = 8
+    """Finished personal jobs whose adapters stay loaded for inference; the least recently
+    used one past this is unloaded, and loaded from disk again when next asked for."""
 
 
-@dataclass
-class Run:
-    """A running job, in memory."""
-
-    job_id: str
-    mode: str
-    features: list[dict]  # encoded training rows, each with "user" = job id
-    eval_features: list[dict]
-    batch_size: int
-    n_epochs: int
-    seed: int
-    step: int = 0
-    tokens: int = 0
-    saved_step: int = -1  # the step of the newest checkpoint
-    losses: list[float] = field(default_factory=list)  # this epoch's step losses
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.features) / self.batch_size)
-
-    @property
-    def total_steps(self) -> int:
-        return self.n_epochs * self.steps_per_epoch
-
-    def next_rows(self) -> list[dict]:
-        """The rows of this job's next step: epoch by epoch, each shuffled by (seed, epoch)."""
-        epoch, i = divmod(self.step, self.steps_per_epoch)
-        order = torch.randperm(len(self.features), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return [self.features[j] for j in order[i * self.batch_size:(i + 1) * self.batch_size].tolist()]
-
-
-class Engine:
+class Engine(JobLifecycle):
     """The base model `model_id` (task "clm" or "sc"), its ColaModel, Trainer and training thread."""
 
     def __init__(self, model_id: str, source: str, task: str, db: Database, settings: Settings):
@@ -113,6 +84,8 @@ class Engine:
         self.trainer: Trainer | None = None
         self.runs: dict[str, Run] = {}
         self.modes: dict[str, str] = {}  # job id -> mode, for every job whose adapters are loaded
+        # finished personal jobs whose adapters are loaded, least recently used first
+        self.finished: OrderedDict[str, None] = OrderedDict()
         self._labels: dict[str, list] = {}  # classification job id -> its labels (index = head output)
         self._admits: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -170,16 +143,22 @@ class Engine:
         self._shutdown()
 
     def _startup(self) -> None:
-        """Load the adapters of finished jobs; queue unfinished ones (running ones resume from a checkpoint)."""
+        """Load the adapters of the collaborative finished jobs (their deltas make the mean) and of
+        the most recently finished personal ones; queue unfinished jobs (running ones resume
+        from a checkpoint). Other finished jobs load when a request first asks for them."""
         with self.db.read() as s:
             jobs = list(s.scalars(select(Job).where(Job.model == self.id).order_by(Job.created_at)))
-        for job in jobs:
-            if job.status == "succeeded":
+        done = sorted((j for j in jobs if j.status == "succeeded"), key=lambda j: (j.finished_at or 0, j.created_at))
+        personal = [j for j in done if j.options["mode"] != "collaborative"]
+        warm = {j.id for j in personal[len(personal) - self.settings.max_loaded_adapters:]}
+        for job in done:
+            if job.options["mode"] == "collaborative" or job.id in warm:
                 try:
                     self._load_finished(job.id, job.options["mode"])
                 except Exception:
                     log.exception("%s: adapters of %s could not be loaded", self.id, job.id)
-            elif job.status in ACTIVE:
+        for job in jobs:
+            if job.status in ACTIVE:
                 self._admits.put(job.id)
 
     def _shutdown(self) -> None:
@@ -207,11 +186,27 @@ class Engine:
         elif job_id not in self.cola.users:
             self.cola.load_adapters(folder, user=job_id)
         self.modes[job_id] = mode
+        self.used(job_id)
+
+    def used(self, job_id: str) -> None:
+        """A finished job's adapters were just loaded or asked for: the last to be unloaded."""
+        if job_id not in self.runs and self.modes.get(job_id) != "collaborative":
+            self.finished[job_id] = None
+            self.finished.move_to_end(job_id)
+
+    def unload_unused(self) -> None:
+        """Unload the least recently used finished personal jobs' adapters past max_loaded_adapters.
+        Called between batches, never inside one, so a batch may briefly hold more."""
+        while len(self.finished) > self.settings.max_loaded_adapters:
+            job_id, _ = self.finished.popitem(last=False)
+            self._remove_user(job_id)
+            log.info("%s: unloaded the adapters of %s (least recently used)", self.id, job_id)
 
     def _backend(self):
         return make_backend(self.settings.backend, **self.settings.backend_options)
 
     def _remove_user(self, job_id: str) -> None:
+        self.finished.pop(job_id, None)
         self.modes.pop(job_id, None)
         self._labels.pop(job_id, None)
         if self.cola is not None and job_id in self.cola.users:
@@ -225,97 +220,6 @@ class Engine:
             self.cola.set_mode("collaborative", {u: float(self.modes.get(u) == "collaborative") for u in self.cola.users})
         else:
             self.cola.set_mode("personal")
-
-    # ------------------------------------------------------------- jobs
-    def _take_admits(self) -> None:
-        while True:
-            try:
-                job_id = self._admits.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                self._admit(job_id)
-            except Exception as e:
-                log.exception("%s: job %s could not start", self.id, job_id)
-                self._fail(job_id, "internal_error", f"the job could not start: {type(e).__name__}")
-
-    def _admit(self, job_id: str) -> None:
-        with self.db.read() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.status not in ACTIVE or job_id in self.runs:
-                return
-            train_file = s.get(File, job.training_file)
-            valid_file = s.get(File, job.validation_file) if job.validation_file else None
-            resume = job.status == "running"
-            checkpoint = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id)
-                                  .order_by(Checkpoint.step.desc()).limit(1)) if resume else None
-        options, hyper = job.options, job.hyperparameters
-        try:
-            features = self._encode(job_id, train_file, options["max_length"])
-            eval_features = self._encode(job_id, valid_file, options["max_length"]) if valid_file else []
-        except (ValueError, OSError) as e:
-            self._fail(job_id, "invalid_training_file", str(e), "training_file")
-            return
-        run = Run(job_id, options["mode"], features, eval_features, hyper["batch_size"], hyper["n_epochs"], job.seed)
-        config = ColaConfig(target_modules=options["targets"], adapter=options["adapter"], rank=options["rank"],
-                            alpha=options["alpha"], hidden=options["hidden"])
-        fit = {"optimizer": "adamw", "lr": self.task.recipe.lr * hyper["learning_rate_multiplier"],
-               "scheduler": "linear", "total_steps": run.total_steps, "interval": options["interval"]}
-        if options["fit_device"]:
-            fit["fit_device"] = options["fit_device"]
-        with torch.random.fork_rng(devices=[]):  # the adapters' initialisation comes from the job's seed alone
-            torch.manual_seed(job.seed)
-            self._add_user(job_id, config, fit)
-        self.modes[job_id] = run.mode
-        if checkpoint is not None and (self.settings.data_dir / checkpoint.path).is_dir():
-            load_owner(self.trainer, job_id, self.settings.data_dir / checkpoint.path)
-            run.step = run.saved_step = checkpoint.step
-            run.tokens = checkpoint.metrics.get("trained_tokens", 0)
-        self.runs[job_id] = run
-        with self.db.session() as s:
-            started = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                                .values(status="running", total_steps=run.total_steps)).rowcount
-            if started and resume:
-                self.db.add_event(s, job_id, f"Resumed from the checkpoint at step {run.step} after a restart"
-                                  if run.step else "Restarted from step 0 after a restart (no checkpoint yet)")
-            elif started:
-                self.db.add_event(s, job_id, f"Fine-tuning job started: {run.total_steps} steps "
-                                  f"({run.n_epochs} epochs of {run.steps_per_epoch})")
-        if not started:  # cancelled meanwhile
-            self._drop(job_id)
-            return
-        log.info("%s: job %s running (%d steps)", self.id, job_id, run.total_steps)
-        if run.step >= run.total_steps:  # killed after its last checkpoint, before it was marked done
-            self._finish(run)
-
-    def _encode(self, job_id: str, file: File, max_length: int) -> list[dict]:
-        path = self.settings.data_dir / "files" / file.id
-        fmt, records, _ = datafiles.parse(path.read_bytes())
-        records = datafiles.task_records(fmt, records, file.labels)
-        return [{**f, "user": job_id} for f in self.task.encode(records, max_length)]
-
-    def _take_cancels(self) -> None:
-        while True:
-            try:
-                job_id = self._cancels.get_nowait()
-            except queue.Empty:
-                return
-            if job_id in self.runs:
-                self._drop(job_id)
-                log.info("%s: job %s cancelled", self.id, job_id)
-
-    def _drop(self, job_id: str) -> None:
-        self.runs.pop(job_id, None)
-        self._remove_user(job_id)
-
-    def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
-        self._drop(job_id)
-        with self.db.session() as s:
-            failed = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
-                status="failed", finished_at=now(), error={"code": code, "message": message, "param": param})).rowcount
-            if failed:
-                self.db.add_event(s, job_id, f"Fine-tuning job failed: {message}", level="error")
-        log.warning("%s: job %s failed: %s", self.id, job_id, code)
 
     # ------------------------------------------------------------- training
     def _tick(self) -> None:
@@ -341,7 +245,8 @@ class Engine:
         log.info("%s: step %d: %d jobs, %d rows, %s mode, %.3f s", self.id, self.steps, len(runs),
                  len(batch["users"]), mode, seconds)
         with self.db.session() as s:  # jobs cancelled during the step get no more events
-            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status == "running")))
+            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status == "running")
+                                 .with_for_update()))
             for r in runs:
                 if r.job_id not in live:
                     continue
@@ -367,80 +272,6 @@ class Engine:
             if r.step % r.steps_per_epoch == 0:
                 r.losses = []  # the checkpoints' train_loss is the mean over their epoch
 
-    def _checkpoint(self, run: Run, listed: bool) -> None:
-        """Save the job's adapters and owner. `listed`: the end of one of the last LISTED epochs,
-        shown by the API (as OpenAI does); the others only let a restarted server resume, and
-        only the newest of them is kept."""
-        relative = Path("jobs") / run.job_id / "checkpoints" / f"step-{run.step:07d}"
-        save_owner(self.trainer, run.job_id, self.settings.data_dir / relative)
-        run.saved_step = run.step
-        metrics = {"train_loss": sum(run.losses) / len(run.losses) if run.losses else None,
-                   "trained_tokens": run.tokens}
-        with self.db.session() as s:
-            old = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == run.job_id, Checkpoint.listed == 0,
-                                                          Checkpoint.step < run.step)))
-            s.add(Checkpoint(id=new_id("ftckpt"), job_id=run.job_id, step=run.step, metrics=metrics,
-                             path=str(relative), listed=int(listed), created_at=now()))
-            for c in old:
-                s.delete(c)
-            if listed:
-                self.db.add_event(s, run.job_id, f"Checkpoint created at step {run.step}")
-        for c in old:
-            shutil.rmtree(self.settings.data_dir / c.path, ignore_errors=True)
-
-    def _finish(self, run: Run) -> None:
-        job_id = run.job_id
-        self.trainer.flush([job_id])
-        folder = self.settings.data_dir / "jobs" / job_id
-        metrics = self._evaluate(run) if run.eval_features else {}
-        self.cola.save_pretrained(folder / "adapter", user=job_id)
-        try:
-            self.cola.export_peft(folder / "peft", user=job_id)
-        except ValueError as e:  # e.g. mlp adapters: PEFT's LoRA cannot hold them
-            log.info("%s: job %s has no PEFT form: %s", self.id, job_id, e)
-        if run.saved_step != run.step:
-            self._checkpoint(run, listed=True)
-        with self.db.session() as s:
-            job = s.get(Job, job_id)
-            if job.status != "running":  # cancelled during the last step
-                self.runs.pop(job_id, None)
-                return
-            results = self._results_file(s, job, run)
-            job.status, job.finished_at = "succeeded", now()
-            job.fine_tuned_model = f"ft:{self.id}:{job_id}"
-            job.trained_tokens = run.tokens
-            job.result_files = [results]
-            if metrics:
-                shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                self.db.add_event(s, job_id, f"Validation: {shown}", type="metrics",
-                                  data={"step": run.step, **{f"valid_{k}": v for k, v in metrics.items()
-                                                             if isinstance(v, float)}})
-            self.db.add_event(s, job_id, f"New fine-tuned model created: {job.fine_tuned_model}")
-            self.db.add_event(s, job_id, "The job has successfully completed")
-        self.runs.pop(job_id, None)  # its adapters stay in the ColaModel, for inference
-        log.info("%s: job %s succeeded", self.id, job_id)
-
-    def _evaluate(self, run: Run) -> dict:
-        self.set_mode(run.mode)
-        size = 2 * run.batch_size
-        batches = [self.task.collate(run.eval_features[i:i + size]) for i in range(0, len(run.eval_features), size)]
-        metrics = self.task.evaluate(self.cola, batches)
-        return {k: v for k, v in metrics.items() if k != "users"}
-
-    def _results_file(self, s, job: Job, run: Run) -> str:
-        """A CSV of the job's step losses, as a file of its owner (purpose fine-tune-results)."""
-        from colaft.serve.db import Event
-        events = s.scalars(select(Event).where(Event.job_id == job.id, Event.type == "metrics")
-                           .order_by(Event.seq))
-        lines = ["step,train_loss"] + [f"{e.data['step']},{e.data['train_loss']}" for e in events
-                                       if e.data and "train_loss" in e.data]
-        data = ("\n".join(lines) + "\n").encode()
-        file_id = new_id("file")
-        datafiles.write_atomic(self.settings.data_dir / "files" / file_id, data)
-        s.add(File(id=file_id, user_id=job.user_id, filename=f"{job.id}-results.csv", purpose="fine-tune-results",
-                   bytes=len(data), format="results", rows=len(lines) - 1, created_at=now()))
-        return file_id
-
     # ------------------------------------------------------------- inference
     def _serve(self) -> None:
         from colaft.serve.inference import serve_requests
@@ -452,6 +283,7 @@ class Engine:
                 break
         if requests:
             serve_requests(self, requests)
+            self.unload_unused()
 
     def job_labels(self, job_id: str) -> list:
         """A classification job's labels, in the order of the head's outputs."""
@@ -461,9 +293,11 @@ class Engine:
         return self._labels[job_id]
 
     def ensure_adapters(self, job_id: str, mode: str) -> None:
-        """A finished job's adapters in the ColaModel (loaded from disk after a restart)."""
+        """A finished job's adapters in the ColaModel (loaded from disk after a restart or an unload)."""
         if self.cola is None or job_id not in self.cola.users:
             self._load_finished(job_id, mode)
+        else:
+            self.used(job_id)
 
 
 def _fit_config_names(fit: dict) -> dict:

@@ -1,0 +1,70 @@
+"""What every router shares: the service, the calling user, OpenAI-shaped errors, ownership, pages."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+
+from colaft.serve import auth
+from colaft.serve.db import Database, User
+from colaft.serve.scheduler import Engine, Settings
+
+
+@dataclass
+class Service:
+    """Everything the handlers share."""
+
+    settings: Settings
+    db: Database
+    engines: dict[str, Engine]
+    max_upload_bytes: int
+    started_at: int
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def error_response(status: int, message: str, param=None, code=None, type="invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status)
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+def current_user(request: Request) -> User:
+    """The user whose key the request carries (401 otherwise)."""
+    user = auth.authenticate(request.app.state.service.db, request.headers.get("authorization"))
+    if user is None:
+        raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>' "
+                            "(keys come from 'colaft users add NAME')", code="invalid_api_key")
+    return user
+
+
+Me = Annotated[User, Depends(current_user)]
+TheService = Annotated[Service, Depends(service_of)]
+
+
+def owned(s, cls, object_id: str, user: User, what: str, param: str | None = None, lock: bool = False):
+    """The user's row, or a 404. `lock`: held until the transaction ends (the caller acts on what it read)."""
+    row = s.get(cls, object_id, with_for_update=lock)
+    if row is None or row.user_id != user.id:  # someone else's id answers like a missing one
+        raise APIError(404, f"No such {what}: {object_id}", param, "not_found")
+    return row
+
+
+def page(items: Sequence[dict], after: str | None, limit: int) -> dict:
+    """A cursor page of `items` (already in order): those after the one with id `after`."""
+    if after is not None:
+        ids = [i["id"] for i in items]
+        if after not in ids:
+            raise APIError(404, f"No such object to list after: {after}", "after", "not_found")
+        items = items[ids.index(after) + 1:]
+    return {"object": "list", "data": list(items[:limit]), "has_more": len(items) > limit}

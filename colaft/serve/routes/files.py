@@ -1,0 +1,84 @@
+"""/v1/files: upload (checked line by line), list, read, delete (not while a job uses the file)."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import File as FileParam
+from fastapi.responses import Response
+from sqlalchemy import select
+
+from colaft.serve import files as datafiles
+from colaft.serve.db import ACTIVE, File, Job, new_id, now
+from colaft.serve.routes.common import APIError, Me, TheService, owned, page
+
+router = APIRouter()
+
+
+@router.post("/v1/files")
+def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileParam()],
+                purpose: Annotated[str, Form()]):
+    if purpose != "fine-tune":
+        raise APIError(422, f"purpose {purpose!r}: this server takes only 'fine-tune'", "purpose",
+                       "invalid_value")
+    data = file.file.read(service.max_upload_bytes + 1)
+    if len(data) > service.max_upload_bytes:
+        raise APIError(413, f"the upload is larger than the limit of {service.max_upload_bytes} bytes",
+                       "file", "file_too_large")
+    try:
+        fmt, records, labels = datafiles.parse(data)
+    except datafiles.DataError as e:
+        raise APIError(400, f"{file.filename}: {e}", "file", "invalid_file") from None
+    file_id = new_id("file")
+    path = service.settings.data_dir / "files" / file_id
+    datafiles.write_atomic(path, data)  # on disk before the row that points at it
+    try:
+        with service.db.session() as s:
+            row = File(id=file_id, user_id=user.id, filename=(file.filename or "upload.jsonl")[:500],
+                       purpose=purpose, bytes=len(data), format=fmt, rows=len(records), labels=labels,
+                       created_at=now())
+            s.add(row)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return row.to_api()
+
+
+@router.get("/v1/files")
+def list_files(user: Me, service: TheService, purpose: str | None = None, after: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 10000, order: Literal["asc", "desc"] = "desc"):
+    with service.db.read() as s:
+        query = select(File).where(File.user_id == user.id)
+        if purpose:
+            query = query.where(File.purpose == purpose)
+        rows = list(s.scalars(query.order_by(File.created_at, File.id)))
+    return page([f.to_api() for f in (rows if order == "asc" else rows[::-1])], after, limit)
+
+
+@router.get("/v1/files/{file_id}")
+def get_file(user: Me, service: TheService, file_id: str):
+    with service.db.read() as s:
+        return owned(s, File, file_id, user, "file").to_api()
+
+
+@router.get("/v1/files/{file_id}/content")
+def file_content(user: Me, service: TheService, file_id: str):
+    with service.db.read() as s:
+        row = owned(s, File, file_id, user, "file")
+    data = (service.settings.data_dir / "files" / row.id).read_bytes()
+    return Response(data, media_type="text/csv" if row.format == "results" else "application/jsonl")
+
+
+@router.delete("/v1/files/{file_id}")
+def delete_file(user: Me, service: TheService, file_id: str):
+    with service.db.session() as s:
+        row = owned(s, File, file_id, user, "file", lock=True)  # no job may start on it meanwhile
+        busy = s.scalar(select(Job.id).where(Job.status.in_(ACTIVE),
+                                             (Job.training_file == file_id) | (Job.validation_file == file_id))
+                        .limit(1))
+        if busy is not None:
+            raise APIError(409, f"file {file_id} is used by the {s.get(Job, busy).status} job {busy}; "
+                                "cancel it or wait until it ends", "file_id", "file_in_use")
+        s.delete(row)
+    (service.settings.data_dir / "files" / file_id).unlink(missing_ok=True)  # after the row is gone
+    return {"id": file_id, "object": "file", "deleted": True}

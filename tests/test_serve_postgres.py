@@ -1,0 +1,153 @@
+"""`colaft serve --database-url postgresql+psycopg://...` end to end, on a private PostgreSQL cluster.
+
+The test starts its own cluster (initdb into a temporary folder, trust authentication,
+listening on a free loopback port and a socket in that folder) and stops it at the end;
+it touches no other PostgreSQL. initdb refuses to run as root, so as root the cluster runs
+as the `postgres` user (runuser). Skipped only where no PostgreSQL server binaries exist.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from serve_helpers import CHAT, REPO, Server, upload, wait_for, wait_job
+from tiny_models import tiny_llama_dir  # noqa: F401
+
+psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
+
+
+def _pg_bin() -> Path | None:
+    """The folder of PostgreSQL's server binaries (initdb, pg_ctl), or None."""
+    found = shutil.which("initdb") or shutil.which("pg_ctl")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+class Cluster:
+    """A throwaway PostgreSQL cluster: its data, socket and log in one temporary folder."""
+
+    def __init__(self, bin_dir: Path, port: int):
+        self.bin, self.port = bin_dir, port
+        self.as_user = None
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            try:
+                self.as_user = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root and there is no 'postgres' user to run the cluster as")
+        self.dir = Path(tempfile.mkdtemp(prefix="colaft-pg-"))  # not under pytest's root-only tmp folder
+        if self.as_user:
+            os.chown(self.dir, self.as_user.pw_uid, self.as_user.pw_gid)
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self.as_user:
+            command = ["runuser", "-u", self.as_user.pw_name, "--", *command]
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> str:
+        """Start it and create the database `colaft`; returns its SQLAlchemy URL."""
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "colaft", "-E", "UTF8", "--no-sync")
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-t", "60", "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        with psycopg.connect(f"postgresql://colaft@127.0.0.1:{self.port}/postgres", autocommit=True) as c:
+            c.execute("CREATE DATABASE colaft")
+        return f"postgresql+psycopg://colaft@127.0.0.1:{self.port}/colaft"
+
+    def stop(self) -> None:
+        if (self.dir / "data" / "postmaster.pid").exists():
+            try:
+                self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "-t", "60", "stop")
+            except subprocess.CalledProcessError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    bin_dir = _pg_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine: apt-get install postgresql")
+    from serve_helpers import free_port
+    cluster = Cluster(bin_dir, free_port())
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def _users_add(url: str, data: Path, name: str) -> str:
+    """`colaft users add NAME --database-url URL`, the real command; returns the printed key."""
+    out = subprocess.run([sys.executable, "-c", "import sys; from colaft.cli import main; sys.exit(main())",
+                          "users", "add", name, "--database-url", url, "--data-dir", str(data)],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_postgres_holds_everything_across_a_sigkill(postgres_url, tmp_path, tiny_llama_dir):  # noqa: F811
+    import openai
+
+    data = tmp_path / "data"
+    key = _users_add(postgres_url, data, "erin")
+    srv = Server(data, [f"llama={tiny_llama_dir}"], "--database-url", postgres_url, "--checkpoint-every", "5").start()
+    try:
+        client = srv.client(key)
+        f = upload(client, CHAT)
+        done = wait_job(client, client.fine_tuning.jobs.create(model="llama", training_file=f.id, seed=1,
+                                                               hyperparameters={"n_epochs": 2}).id)
+        assert done.status == "succeeded", done.error
+        done_events = [e.id for e in client.fine_tuning.jobs.list_events(done.id, limit=1000)]
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(done.id, limit=1000)]
+        assert messages[0] == "The job has successfully completed" and messages[-1].startswith("Created")
+        assert [e.id for e in client.fine_tuning.jobs.list_events(done.id, limit=3, after=done_events[1]).data] == \
+            done_events[2:5]  # the cursor pages through PostgreSQL's event order
+        assert client.files.content(done.result_files[0]).text.startswith("step,train_loss\n1,")
+        answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4,
+                                                messages=[{"role": "user", "content": "who are you"}])
+
+        # cancel (a locked read-modify-write on PostgreSQL) and a file in use
+        busy = client.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={"n_epochs": 500})
+        wait_job(client, busy.id, 60, until=("running",))
+        with pytest.raises(openai.ConflictError):
+            client.files.delete(f.id)
+        assert client.fine_tuning.jobs.cancel(busy.id).status == "cancelled"
+
+        long = client.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={"n_epochs": 60})
+        wait_for(lambda: any(e.message.startswith("Step 12/") for e in
+                             client.fine_tuning.jobs.list_events(long.id, limit=30).data), 120)
+        before = [e.id for e in client.fine_tuning.jobs.list_events(long.id, limit=10000)]
+        srv.stop(signal.SIGKILL)
+
+        client = srv.start().client(key)
+        assert {x.id for x in client.files.list()} == {f.id, *done.result_files}
+        assert client.fine_tuning.jobs.retrieve(busy.id).status == "cancelled"
+        assert [e.id for e in client.fine_tuning.jobs.list_events(done.id, limit=1000)] == done_events
+        assert client.chat.completions.create(
+            model=done.fine_tuned_model, max_tokens=4, messages=[{"role": "user", "content": "who are you"}]
+        ).choices[0].message.content == answer.choices[0].message.content
+        finished = wait_job(client, long.id, 240)
+        assert finished.status == "succeeded", finished.error
+        events = list(client.fine_tuning.jobs.list_events(long.id, limit=10000))
+        assert set(before) <= {e.id for e in events}
+        resumed = [e.message for e in events if e.message.startswith("Resumed from the checkpoint at step")]
+        assert len(resumed) == 1 and int(resumed[0].split("step ")[1].split()[0]) >= 10
+        steps = [e.data["step"] for e in events[::-1] if e.type == "metrics"]
+        assert steps[-1] == 120 and sorted(set(steps)) == list(range(1, 121))
+    finally:
+        srv.stop()
+    # it all lived in PostgreSQL: no SQLite file beside the data, and the rows are there
+    assert not (data / "colaft.db").exists()
+    with psycopg.connect(postgres_url.replace("+psycopg", "")) as c:
+        assert c.execute("SELECT count(*) FROM jobs").fetchone()[0] == 3
+        assert c.execute("SELECT count(*) FROM events WHERE job_id = %s", (long.id,)).fetchone()[0] == len(events)
