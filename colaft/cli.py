@@ -67,6 +67,8 @@ def train(
     rank: Annotated[int, typer.Option(help="Rank of lowrank adapters.")] = 8,
     alpha: Annotated[float, typer.Option(help="lowrank scale is alpha / rank.")] = 16.0,
     dropout: Annotated[float, typer.Option(help="Dropout on the adapters' input.")] = 0.0,
+    bias: Annotated[bool, typer.Option(help="Adapters also learn a bias delta (linear: then ColA trains what "
+                                            "full training does).")] = False,
     hidden: Annotated[int, typer.Option(help="Hidden width of mlp adapters.")] = 128,
     merge: Annotated[bool, typer.Option(help="Run the server on W + delta_W (mergeable adapters).")] = False,
     optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd")] = "adamw",
@@ -121,7 +123,7 @@ def train(
                 "lr": recipe.lr if lr is None else lr, "batch_size": batch_size or recipe.batch_size,
                 "max_length": max_length or recipe.max_length}
     config = ColaConfig(target_modules=parse_targets(targets) if targets else recipe.targets, adapter=adapter,
-                        rank=rank, alpha=alpha, dropout=dropout, hidden=hidden, merge=merge)
+                        rank=rank, alpha=alpha, dropout=dropout, hidden=hidden, merge=merge, bias=bias)
     fields = {"text": text_field, "label": label_field, "image": image_field, "question": question_field,
               "answer": answer_field}
     records = datasets.load(resolved["data"], {k: v for k, v in fields.items() if v}, job.fields, user_field)

@@ -206,7 +206,7 @@ def table(report: dict) -> str:
             continue
         cells = [_mean_spread([r["after"][k] for r in ok]) for k in metrics]
         lines.append(f"| {method} | {ok[0]['trainable_parameters'] or 0:,} | {runs[0]['lr']:g} | {len(ok)} | "
-                     + " | ".join(cells) + f" | {statistics.median(r['train_seconds'] for r in ok):.0f} |")
+                     + " | ".join(cells) + f" | {statistics.median(r['train_seconds'] for r in ok):.1f} |")
     before = done[0]["before"] if done else {}
     lines.append(f"\nBefore training (seed {done[0]['seed'] if done else '-'}): "
                  + ", ".join(f"{k} {v:.4f}" for k, v in before.items() if k != "users"))
