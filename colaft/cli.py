@@ -57,7 +57,9 @@ def train(
     user_field: Annotated[Optional[str], typer.Option(
         help="Column naming each record's user (chatterbot: topic): one adapter set per user.")] = None,
     users: Annotated[Optional[int], typer.Option(help="Deal the records out to this many users (by --seed).")] = None,
-    mode: Annotated[str, typer.Option(help="personal | collaborative (rows see the users' mean delta)")] = "personal",
+    mode: Annotated[str, typer.Option(
+        help="personal | collaborative (rows see the users' mean delta) | shared (one adapter trained on "
+             "every user's rows, metrics still per user: the baseline of collaboration)")] = "personal",
     method: Annotated[str, typer.Option(
         help="cola, or a backprop baseline: full | lora | adalora | ia3 | prompt | prefix | ptuning "
              "(PEFT's; they use --rank, --alpha, --dropout, --hidden).")] = "cola",
@@ -130,11 +132,19 @@ def train(
     if users is not None:
         records = datasets.assign_users(records, users, seed)
     train_records, held_out = datasets.split(records, 0.1, seed)  # every user keeps held-out rows
+    if mode == "shared" and not multi:
+        raise ValueError("--mode shared needs users (--user-field or --users) to report on")
     names = sorted({r["user"] for r in records}) if multi else []
+    shared, evaluated = mode == "shared", None  # shared: one adapter; users only group the metrics
+    if shared:
+        names, multi, mode = [], False, "personal"
     base = job.load(resolved["model"], records, seed)
     first = names[0] if names else DEFAULT_USER
     batches = loop.loader(job.encode(train_records, resolved["max_length"]), job, resolved["batch_size"],
                           shuffle=True, seed=seed)
+    if shared:  # training batches without users: every row trains the one adapter
+        collate = batches.collate_fn
+        batches.collate_fn = lambda features: {k: v for k, v in collate(features).items() if k != "users"}
     eval_batches = list(loop.loader(job.encode(held_out, resolved["max_length"]), job, 2 * resolved["batch_size"],
                                     shuffle=False))
     if max_steps is None and epochs is None:
@@ -159,6 +169,8 @@ def train(
                 cola_model.load_peft(init_adapter, user=user)
             trainer.add_user(user, total_steps=user_steps[user])
         cola_model.set_mode(mode)
+    if shared:
+        evaluated = loop.OneAdapter(cola_model)
     if multi:
         resolved["user_steps"] = user_steps
     print(f"task {task}: {resolved['model']} on {resolved['data']} ({len(train_records)} train, "
@@ -169,7 +181,7 @@ def train(
           f"{_plural(torch.get_num_threads(), 'CPU thread')}")
 
     def write(run: Path) -> None:
-        result = loop.train(trainer, cola_model, job, batches, eval_batches, steps, run, eval_every)
+        result = loop.train(trainer, evaluated or cola_model, job, batches, eval_batches, steps, run, eval_every)
         if save_adapters:
             cola_model.save_pretrained(run / "adapters")  # several users: a subfolder each
         (run / "run.json").write_text(json.dumps(

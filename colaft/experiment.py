@@ -42,9 +42,14 @@ METHODS: dict[str, list[str]] = {
     "cola-linear": ["--adapter", "linear"],
     "cola-linear-merged": ["--adapter", "linear", "--merge"],
     "cola-mlp": ["--adapter", "mlp"],
+    # with users (--user-field or --users): the collaboration experiment
+    "users-personal": ["--mode", "personal"],
+    "users-collaborative": ["--mode", "collaborative"],
+    "users-shared": ["--mode", "shared"],
 }
 """Method name -> its `colaft train` options. Merged ColA runs the server on W + ΔW: the same
-updates as unmerged (to round-off), at the base model's forward cost."""
+updates as unmerged (to round-off), at the base model's forward cost. The users-* methods
+need users: each user alone, the users' mean delta, one adapter for all (metrics per user)."""
 
 _LOWER_IS_BETTER = {"loss", "perplexity"}
 
@@ -52,7 +57,10 @@ _LOWER_IS_BETTER = {"loss", "perplexity"}
 def experiment(
     task: Annotated[str, typer.Option(help="sc | clm | ic")] = "sc",
     methods: Annotated[str, typer.Option(
-        help=f"Comma-separated, or all: {', '.join(METHODS)}. (ic: full and the cola ones)")] = "all",
+        help=f"Comma-separated, or all (all but users-*): {', '.join(METHODS)}. "
+             "(ic: full and the cola ones)")] = "all",
+    user_field: Annotated[Optional[str], typer.Option(help="Users for the users-* methods: this column.")] = None,
+    users: Annotated[Optional[int], typer.Option(help="Users for the users-* methods: deal the data out.")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (split, initialisation, data order).")] = "0,1,2",
     lrs: Annotated[str, typer.Option(
         help="Learning rates tried on the first seed; each method keeps its best by the task's metric.")] = "1e-3",
@@ -72,9 +80,13 @@ def experiment(
 ) -> int:
     """Train every method on the same budget and seeds; write results.json, results.md and curves.png."""
     job = get_task(task)
-    names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    names = [m for m in METHODS if not m.startswith("users-")] if methods == "all" else \
+        [m.strip() for m in methods.split(",") if m.strip()]
     if unknown := [m for m in names if m not in METHODS]:
         raise ValueError(f"--methods: unknown {', '.join(unknown)}; methods: {', '.join(METHODS)}")
+    with_users = any(m.startswith("users-") for m in names)
+    if with_users != (bool(user_field) or users is not None) or (user_field and users is not None):
+        raise ValueError("the users-* methods, and only they, need users: --user-field or --users (one of them)")
     if task == "ic":  # PEFT's methods are for transformers; a CNN compares with full training
         names = [m for m in names if m == "full" or m.startswith("cola")]
     seed_list = [int(s) for s in seeds.split(",")]
@@ -86,7 +98,8 @@ def experiment(
         raise ValueError(f"--lrs-from {lrs_from} has no learning rate for {', '.join(missing)}")
     common = ["--task", task] + sum(([f"--{k}", str(v)] for k, v in
                                      {"model": model, "max-steps": steps, "batch-size": batch_size,
-                                      "max-length": max_length, "eval-every": eval_every}.items() if v), [])
+                                      "max-length": max_length, "eval-every": eval_every,
+                                      "user-field": user_field, "users": users}.items() if v), [])
     common += list(train_option or []) + ["--no-save-adapters"]
     out.mkdir(parents=True, exist_ok=True)
     pool = _Runs(out, common, jobs)
@@ -216,7 +229,23 @@ def table(report: dict) -> str:
                       "the best is kept):", "", "| method | " + " | ".join(_lr(r) for r in rates) + " |",
                   "|---|" + "---:|" * len(rates)]
         lines += [f"| {m} | " + " | ".join(f"{v[_lr(r)]:.4f}" for r in rates) + " |" for m, v in report["sweep"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _users_table(by_method, report["metric"])) + "\n"
+
+
+def _users_table(by_method: dict[str, list[dict]], metric: str) -> list[str]:
+    """Per user: held-out `metric` before and after each method (mean over seeds)."""
+    after = {m: [r["after"]["users"] for r in runs if "users" in r.get("after", {})] for m, runs in by_method.items()}
+    after = {m: per_seed for m, per_seed in after.items() if per_seed}
+    if not after:
+        return []
+    before = next(r["before"]["users"] for runs in by_method.values() for r in runs if "before" in r)
+    users = sorted(before)
+    lines = ["", f"Held-out {metric} per user (mean over seeds):", "",
+             "| user | before | " + " | ".join(after) + " |", "|---|---:|" + "---:|" * len(after)]
+    for u in users:
+        cells = [f"{statistics.mean(s[u][metric] for s in per_seed if u in s):.4f}" for per_seed in after.values()]
+        lines.append(f"| {u} | {before[u][metric]:.4f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _mean_spread(values: list[float]) -> str:

@@ -71,6 +71,21 @@ def user_steps(batches: DataLoader, steps: int) -> dict[str, int]:
     return {u: counts[u] for u in sorted(set(users))}
 
 
+class OneAdapter(torch.nn.Module):
+    """A ColaModel with one user seen by every row: held-out batches of several users then run
+    through that one adapter while the task still reports each user's metrics (--mode shared)."""
+
+    def __init__(self, cola_model):
+        super().__init__()
+        self.cola_model, self.model = cola_model, cola_model.model
+
+    def forward(self, *args, users=None, **kwargs):
+        return self.cola_model(*args, **kwargs)
+
+    def generate(self, *args, users=None, **kwargs):
+        return self.cola_model.generate(*args, **kwargs)
+
+
 def describe(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users")
 
