@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -27,8 +28,7 @@ import typer
 from pydantic import ValidationError
 
 from colaft import ColaConfig, ColaModel, Trainer, baselines
-from colaft import data as datasets
-from colaft import loop
+from colaft import loop, runs
 from colaft.model import DEFAULT_USER
 from colaft.tasks import TASKS, get_task
 
@@ -107,46 +107,34 @@ def train(
     for folder in (out, export_peft):
         if folder is not None and folder.exists():
             raise ValueError(f"{str(folder)!r} already exists; choose another folder")
-    if user_field and users is not None:
-        raise ValueError("--user-field and --users both make users: give one")
-    multi = bool(user_field) or users is not None
-    _check_method(method, task, multi, backend, staleness, interval, fit_steps, merge, init_adapter, export_peft)
+    setup = runs.plan(options)  # the task's recipe fills every option left out
+    _check_method(method, task, setup.multi, backend, staleness, interval, fit_steps, merge, init_adapter,
+                  export_peft)
+    if mode not in ("personal", "collaborative", "shared"):
+        raise ValueError(f"--mode {mode!r}: use one of personal, collaborative, shared")
+    if mode == "shared" and not setup.multi:
+        raise ValueError("--mode shared needs users (--user-field or --users) to report on")
     backend_options = _backend_options(backend, workers, ray_address, staleness, transfer_dtype)
     _set_threads()
     if backend == "process" or (backend == "ray" and ray_address is None):  # local workers: leave them cores
         torch.set_num_threads(max(1, torch.get_num_threads() - (workers or 1)))
     torch.manual_seed(seed)
 
-    # The task's recipe fills every option left out; everything that can reject the input
-    # runs before anything is written.
-    job = get_task(task)
+    # Everything that can reject the input runs before anything is written.
+    job, resolved, multi = setup.task, setup.resolved, setup.multi
     recipe = job.recipe
-    resolved = {"model": model or recipe.model, "data": data or recipe.data,
-                "lr": recipe.lr if lr is None else lr, "batch_size": batch_size or recipe.batch_size,
-                "max_length": max_length or recipe.max_length}
     config = ColaConfig(target_modules=parse_targets(targets) if targets else recipe.targets, adapter=adapter,
                         rank=rank, alpha=alpha, dropout=dropout, hidden=hidden, merge=merge, bias=bias)
-    fields = {"text": text_field, "label": label_field, "image": image_field, "question": question_field,
-              "answer": answer_field}
-    records = datasets.load(resolved["data"], {k: v for k, v in fields.items() if v}, job.fields, user_field)
-    if users is not None:
-        records = datasets.assign_users(records, users, seed)
-    train_records, held_out = datasets.split(records, 0.1, seed)  # every user keeps held-out rows
-    if mode == "shared" and not multi:
-        raise ValueError("--mode shared needs users (--user-field or --users) to report on")
-    names = sorted({r["user"] for r in records}) if multi else []
-    shared, evaluated = mode == "shared", None  # shared: one adapter; users only group the metrics
+    runs.load(setup)  # records, users, the held-out split, the base model
+    names, train_records, held_out = setup.names, setup.train, setup.held_out
+    shared, evaluated = mode == "shared", None  # shared: one adapter; the users only group the metrics
     if shared:
         names, multi, mode = [], False, "personal"
-    base = job.load(resolved["model"], records, seed)
     first = names[0] if names else DEFAULT_USER
-    batches = loop.loader(job.encode(train_records, resolved["max_length"]), job, resolved["batch_size"],
-                          shuffle=True, seed=seed)
+    batches, eval_batches = runs.train_batches(setup), runs.eval_batches(setup)
     if shared:  # training batches without users: every row trains the one adapter
         collate = batches.collate_fn
         batches.collate_fn = lambda features: {k: v for k, v in collate(features).items() if k != "users"}
-    eval_batches = list(loop.loader(job.encode(held_out, resolved["max_length"]), job, 2 * resolved["batch_size"],
-                                    shuffle=False))
     if max_steps is None and epochs is None:
         max_steps, epochs = recipe.max_steps, recipe.epochs
     resolved["steps"] = steps = loop.plan_steps(len(batches), epochs or 1, max_steps)
@@ -156,11 +144,11 @@ def train(
     fit = dict(optimizer=optimizer, lr=resolved["lr"], weight_decay=weight_decay, scheduler=scheduler,
                warmup_ratio=warmup, total_steps=user_steps[first])
     if method != "cola":
-        cola_model = baselines.build(method, base, task, config.target_modules, rank, alpha, dropout, steps, hidden)
+        cola_model = baselines.build(method, setup.base, task, config.target_modules, rank, alpha, dropout, steps, hidden)
         trainer = baselines.BackpropTrainer(cola_model, **fit)
     else:
-        cola_model = ColaModel.from_peft(base, init_adapter, user=first) if init_adapter else \
-            ColaModel(base, config, user=first)
+        cola_model = ColaModel.from_peft(setup.base, init_adapter, user=first) if init_adapter else \
+            ColaModel(setup.base, config, user=first)
         trainer = Trainer(cola_model, **fit, interval=interval, fit_steps=fit_steps, backend=backend,
                           backend_options=backend_options, staleness=staleness,
                           transfer_dtype=_TRANSFER_DTYPES[transfer_dtype])
@@ -199,6 +187,95 @@ def train(
         raise
     trainer.close()
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
+
+
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder written by colaft train.")],
+    data: Annotated[Optional[str], typer.Option(
+        help="Evaluate on all of this dataset or FILE.jsonl / FILE.csv (read with the run's field and user "
+             "options) instead of the run's held-out split.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="(default: twice the run's, as its evaluation)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the metrics to this JSON file.")] = None,
+) -> None:
+    """Evaluate a run's saved adapters: on its held-out split (its "after" metrics) or on --data."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, not {batch_size}")
+    _set_threads()
+    saved, setup, cola_model = runs.reopen(run)  # the run's task, records, split and base model
+    records = setup.held_out if data is None else runs.read_records(setup, data)
+    batches = runs.eval_batches(setup, records, batch_size)
+    rows = sum(len(b["labels"]) for b in batches)
+    where = "held-out" if data is None else data
+    print(f"run {run}: task {setup.task_name}, {setup.resolved['model']} on {setup.resolved['data']}; "
+          f"evaluating on {where} ({_plural(rows, 'row')})" +
+          (f"; {_plural(len(setup.names), 'user')}, {saved['options'].get('mode')} mode" if setup.multi else ""))
+    metrics = setup.task.evaluate(cola_model, batches)
+    print(f"{where}: {loop.describe(metrics)}")
+    if "users" in metrics:
+        trained = Counter(r["user"] for r in setup.train)
+        evaluated = Counter(u for b in batches for u in b["users"])
+        table = loop.users_table(None, metrics, {u: (trained[u], evaluated[u]) for u in sorted(trained | evaluated)},
+                                 counts=("train rows", "held-out rows" if data is None else "rows"))
+        print(table, end="")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"run": str(run), "data": where, "rows": rows,
+                                   "batch_size": batch_size or 2 * setup.resolved["batch_size"],
+                                   "metrics": metrics}, indent=2) + "\n")
+        print(f"metrics written to {out}")
+
+
+def generate(
+    prompt: Annotated[list[str], typer.Option(
+        help="A prompt; repeat for several, answered in one batch. -: one prompt per line of stdin.")],
+    adapter: Annotated[Optional[Path], typer.Option(
+        help="A run folder of colaft train, its adapters/ folder, or a PEFT adapter folder (--export-peft). "
+             "(default: none, the base model answers)")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Base model: smollm2-135m | a model folder. (default: the run's)")] = None,
+    user: Annotated[Optional[str], typer.Option(help="Whose adapters answer (runs with several users).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample the answer, or take the likeliest "
+                                                                    "token each step.")] = False,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (with --sample).")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the sampling.")] = 0,
+) -> None:
+    """Answer prompts with a causal LM and a run's adapters, formatted with the model's chat template."""
+    from colaft.serve.commands import model_task
+
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
+    if temperature is not None and (not sample or temperature <= 0):
+        raise ValueError("--temperature: a number > 0, with --sample")
+    found = runs.find_adapters(adapter) if adapter is not None else None
+    if found is None and user is not None:
+        raise ValueError("--user picks whose adapters answer: give --adapter too")
+    model = model or (found and found.model)
+    if not model:
+        raise ValueError("--model: name the base model (" +
+                         (f"{str(adapter)!r} does not name one)" if found else "or give --adapter RUN_DIR)"))
+    task = (found.task if found and found.task else None) or ("ic" if model in ("cnn", "mlp") else model_task(model))
+    if task != "clm":
+        raise ValueError(f"generate answers prompts with a causal LM (task clm), not an {task} model: "
+                         "evaluate it with colaft eval RUN_DIR")
+    chosen = found.pick(user) if found else None
+    questions = [line for p in prompt for line in (sys.stdin.read().splitlines() if p == "-" else [p]) if line.strip()]
+    if not questions:
+        raise ValueError("--prompt: nothing to answer")
+    _set_threads()
+    job = get_task("clm")
+    base = job.load(model, [], seed)
+    answerer = found.attach(base, chosen) if found else base
+    torch.manual_seed(seed)
+    answers = job.generate(answerer, job.prompt_ids(questions), users=[chosen] * len(questions) if found else None,
+                           max_new_tokens=max_new_tokens, do_sample=sample,
+                           **({"temperature": temperature} if temperature is not None else {}))
+    print(f"{model}" + (f" with the adapters of {chosen!r} from {adapter}" if found else " (no adapters)"),
+          file=sys.stderr)
+    if len(questions) == 1:
+        print(answers[0].strip())
+    else:  # each answer under its prompt
+        print("\n\n".join(f"> {q}\n{a.strip()}" for q, a in zip(questions, answers)))
 
 
 _TRANSFER_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: packets leave as the server made them
@@ -290,7 +367,8 @@ from colaft.serve.commands import serve, users  # noqa: E402  (light: their heav
 
 from colaft.experiment import experiment  # noqa: E402
 
-COMMANDS: dict[str, Callable] = {"train": train, "experiment": experiment, "serve": serve, "users": users}
+COMMANDS: dict[str, Callable] = {"train": train, "eval": evaluate, "generate": generate, "experiment": experiment,
+                                  "serve": serve, "users": users}
 """Command name -> function; typer turns the signature into options."""
 
 

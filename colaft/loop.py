@@ -161,17 +161,21 @@ def _rows_per_user(batches: DataLoader, eval_batches: list[dict]) -> dict[str, t
     return {u: (train[u], held_out[u]) for u in sorted(train.keys() | held_out.keys())}
 
 
-def users_table(before: dict, after: dict, rows: dict[str, tuple[int, int]]) -> str:
-    """A markdown table: each user's rows and held-out metrics before -> after, then all users'."""
+def users_table(before: dict | None, after: dict, rows: dict[str, tuple[int, int]],
+                counts: tuple[str, str] = ("train rows", "held-out rows")) -> str:
+    """A markdown table: each user's rows and held-out metrics before -> after, then all users'.
+
+    `before` None: the `after` metrics alone. `rows`: user -> the two row counts named by `counts`.
+    """
     names = [k for k in after if k in next(iter(after["users"].values()))]  # the metrics users have
-    lines = ["| user | train rows | held-out rows | " + " | ".join(names) + " |",
+    lines = [f"| user | {counts[0]} | {counts[1]} | " + " | ".join(names) + " |",
              "|---|---:|---:|" + "---:|" * len(names)]
 
-    def cells(b: dict, a: dict) -> str:
-        return " | ".join(f"{b[k]:.4f} -> {a[k]:.4f}" for k in names)
-    for user, (n_train, n_held_out) in rows.items():
-        b, a = before["users"].get(user), after["users"].get(user)
-        lines.append(f"| {user} | {n_train} | {n_held_out} | " +
+    def cells(b: dict | None, a: dict) -> str:
+        return " | ".join((f"{b[k]:.4f} -> " if b is not None else "") + f"{a[k]:.4f}" for k in names)
+    for user, (n_first, n_second) in rows.items():
+        b, a = (before or {}).get("users", {}).get(user), after["users"].get(user)
+        lines.append(f"| {user} | {n_first} | {n_second} | " +
                      (cells(b, a) if a is not None else " | ".join(["-"] * len(names))) + " |")
     totals = [sum(r) for r in zip(*rows.values())]
     lines.append(f"| all | {totals[0]} | {totals[1]} | {cells(before, after)} |")

@@ -74,6 +74,9 @@ def test_every_baseline_trains_a_classifier_and_a_causal_lm_through_the_cli(
         assert run["after"]["loss"] != run["before"]["loss"]  # it trained
         saved = {p.name for p in (out / "adapters").iterdir()}
         assert ("model.safetensors" in saved) if method == "full" else ("adapter_model.safetensors" in saved)
+        assert main(["eval", str(out), "--out", str(tmp_path / f"{task}.json")]) == 0  # the saved model reloads
+        again = json.loads((tmp_path / f"{task}.json").read_text())["metrics"]
+        assert again["loss"] == pytest.approx(run["after"]["loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -104,6 +107,9 @@ def test_shared_mode_trains_one_adapter_and_reports_every_user(tiny_llama_dir, q
     assert set(run["after"]["users"]) == {"films", "maths"}
     assert not (out / "adapters" / "colaft_users.json").exists()  # one adapter set, the single-user layout
     assert "| films |" in (out / "users.md").read_text()
+    assert main(["eval", str(out), "--out", str(tmp_path / "m.json")]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert again["users"]["films"]["loss"] == pytest.approx(run["after"]["users"]["films"]["loss"], abs=1e-6)
 
 
 def test_experiment_picks_rates_runs_seeds_resumes_and_shows_linear_cola_is_full_training(tmp_path, capsys):

@@ -187,7 +187,7 @@ BAD_INPUT = [
     (["--users", "2", "--user-field", "sentiment"], "--user-field and --users both make users: give one"),
     (["--users", "0"], "cannot deal 48 records out to 0 users"),
     (["--users", "30"], "users 'user19', 'user20', 'user21', 'user22', 'user23' and 7 more have a single record"),
-    (["--users", "2", "--mode", "shared"], "mode 'shared': use one of personal, collaborative"),
+    (["--users", "2", "--mode", "team"], "--mode 'team': use one of personal, collaborative, shared"),
 ]
 
 

@@ -126,12 +126,23 @@ class CausalLM:
         answers = self.generate(cola_model, prompts, users=None if None in users else users)
         return sum(scorer.score(r, a)["rougeL"].fmeasure for r, a in zip(references, answers)) / len(answers)
 
+    def prompt_ids(self, questions: list[str | list[dict]]) -> list[list[int]]:
+        """Token ids of the prompts a model answers (`prompt`), as `encode` makes them."""
+        return [self.tokenizer(self.prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
+
     @torch.no_grad()
-    def generate(self, cola_model: nn.Module, prompts: list[list[int]], users: list[str] | None = None) -> list[str]:
-        """Greedy answers to token-id prompts, in one batch, through the adapters (of `users[i]` for row i)."""
-        cola_model.eval()
+    def generate(self, model: nn.Module, prompts: list[list[int]], users: list[str] | None = None,
+                 max_new_tokens: int | None = None, **options) -> list[str]:
+        """Answers to token-id prompts, in one batch, through the adapters (of `users[i]` for row i).
+
+        Greedy unless `options` (transformers' generation options, e.g. do_sample=True,
+        temperature=0.7) say otherwise. `model`: a ColaModel, or a plain causal LM (no `users`).
+        """
+        model.eval()
         # Left padding keeps every prompt's last token at the end, where generation continues.
         batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
-        out = cola_model.generate(**batch, users=users, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                  pad_token_id=self.tokenizer.pad_token_id)  # (B, T + new)
+        routed = {} if users is None else {"users": users}
+        out = model.generate(**batch, **routed, **({"do_sample": False} | options),
+                             max_new_tokens=max_new_tokens or self.max_new_tokens,
+                             pad_token_id=self.tokenizer.pad_token_id)  # (B, T + new)
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
