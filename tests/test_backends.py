@@ -86,7 +86,18 @@ def test_ray_backend_starts_and_stops_its_own_instance(tmp_path, monkeypatch):
     assert ray.is_initialized() and new_children() - before and backend.temp_dir.is_dir()
     trainer = Trainer(build(["user.0"]), backend=backend)
     trainer.step(text_batch(0))
+    # a second backend in the process (a service's second model) shares the instance: whichever
+    # closes first, the other's actors go on, and the last to close stops Ray
+    other = Trainer(build(["user.1"]), backend=ray_backend.RayBackend(workers=1))
+    assert other.backend.temp_dir == backend.temp_dir
     trainer.close()
+    assert ray.is_initialized()
+    other.step(text_batch(1))
+    other.flush()
+    assert other.stats["version"] == 1
+    with pytest.raises(ValueError, match="already runs Ray locally"):
+        ray_backend.RayBackend(workers=1, address="127.0.0.1:1")
+    other.close()
     assert not ray.is_initialized()
     deadline = time.monotonic() + 10
     while new_children() - before and time.monotonic() < deadline:

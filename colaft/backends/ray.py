@@ -20,6 +20,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import warnings
 import weakref
@@ -199,6 +200,48 @@ def check_reachable(address: str, timeout: float = CONNECT_SECONDS) -> None:
 
 # ---------------------------------------------------------------- the backend
 
+class _Session:
+    """The Ray session that colaft's backends in this process started (a private instance or a
+    joined cluster), shared by all of them: the last one to close shuts it down, so that one
+    backend closing (a service's model going idle) never stops another's actors."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.holders, self.address, self.folder = 0, None, None
+        self.stop: Callable[[], None] | None = None
+
+    def check(self, address: str | None) -> None:
+        """Refuse a second session: Ray has one per process."""
+        if self.holders and address != self.address:
+            where = "locally" if self.address is None else f"at {self.address}"
+            raise ValueError(f"this process already runs Ray {where}; one Ray session per process, "
+                             f"not also {address or 'a local one'}")
+
+    def join(self, address: str | None, start: Callable[[], tuple[Callable[[], None], Path | None]]):
+        """(release, the private instance's folder); `start` runs for the first holder only."""
+        with self.lock:
+            if not self.holders:
+                self.stop, self.folder = start()
+                self.address = address
+            self.check(address)
+            self.holders += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self.lock:
+                if released.is_set():
+                    return
+                released.set()
+                self.holders -= 1
+                if not self.holders:
+                    stop, self.stop = self.stop, None
+                    stop()
+        return release, self.folder
+
+
+_SESSION = _Session()
+
+
 @dataclasses.dataclass
 class _Held:
     """What close() (or the finalizer of a forgotten backend) releases."""
@@ -243,7 +286,8 @@ class RayBackend:
 
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, not {workers}")
-        if address is not None:
+        _SESSION.check(address)
+        if address is not None and not _SESSION.holders:
             check_reachable(address, connect_timeout)
         self.threads = threads
         self._held = _Held()
@@ -257,14 +301,16 @@ class RayBackend:
         self.transfer_seconds = 0.0  # server time submitting messages and fetching replies
         self.temp_dir: Path | None = None  # a private instance's files
         try:
-            if ray.is_initialized():
+            if ray.is_initialized() and not _SESSION.holders:
                 pass  # someone else's session (a notebook's, a test's): use it and leave it running
-            elif address is None:
-                local = start_local(temp_dir, num_cpus=max(os.cpu_count() or 1, workers or 1))
-                self._held.stop_ray, self.temp_dir = local.stop, local.folder
             else:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-                self._held.stop_ray = ray.shutdown
+                def start() -> tuple[Callable[[], None], Path | None]:
+                    if address is None:
+                        local = start_local(temp_dir, num_cpus=max(os.cpu_count() or 1, workers or 1))
+                        return local.stop, local.folder
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+                    return ray.shutdown, None
+                self._held.stop_ray, self.temp_dir = _SESSION.join(address, start)
             if workers is None:
                 from colaft.backends.process import default_workers
                 workers = default_workers() if address is None else max(1, int(ray.available_resources().get("CPU", 1)))
