@@ -233,7 +233,11 @@ def test_collaborative_jobs_train_beside_personal_ones(server, alice, bob):
 def test_a_user_sees_and_touches_only_its_own(server, alice, bob):
     f = upload(alice, CHAT, "secret-alice.jsonl")
     job = alice.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={"n_epochs": 1})
+    # bob trains at the same time, so his events exist whatever ran before on this worker
+    bobs_job = bob.fine_tuning.jobs.create(model="llama", training_file=upload(bob, CHAT, "bob.jsonl").id,
+                                           hyperparameters={"n_epochs": 1})
     job = wait_job(alice, job.id)
+    wait_job(bob, bobs_job.id)
     for call in (lambda: bob.files.retrieve(f.id), lambda: bob.files.content(f.id), lambda: bob.files.delete(f.id),
                  lambda: bob.fine_tuning.jobs.retrieve(job.id), lambda: bob.fine_tuning.jobs.cancel(job.id),
                  lambda: list(bob.fine_tuning.jobs.list_events(job.id)),
