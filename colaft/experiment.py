@@ -108,12 +108,14 @@ def experiment(
     if chosen_before:
         chosen = {m: chosen_before[m] for m in names}
         sweep: dict[str, dict[str, float]] = {}
-    else:
-        results = pool.run([(m, lr, seed_list[0]) for m in names for lr in rates], "learning rates" if len(rates) > 1
+    else:  # a merged method updates as its unmerged one does: it takes that one's rate untried
+        tried = [m for m in names if m.removesuffix("-merged") == m or m.removesuffix("-merged") not in names]
+        results = pool.run([(m, lr, seed_list[0]) for m in tried for lr in rates], "learning rates" if len(rates) > 1
                            else "runs")
         sweep = {m: {_lr(lr): _metric(results[(m, lr, seed_list[0])], job.recipe.metric) for lr in rates}
-                 for m in names}
-        chosen = {m: _best(sweep[m], job.recipe.metric) for m in names}
+                 for m in tried}
+        chosen = {m: _best(sweep[m], job.recipe.metric) for m in tried}
+        chosen |= {m: chosen[m.removesuffix("-merged")] for m in names if m not in chosen}
     # 2. every seed at the chosen rate
     grid = [(m, chosen[m], s) for m in names
             for s in (seed_list[:max(1, merged_seeds)] if m.endswith("-merged") and merged_seeds else seed_list)]
