@@ -159,7 +159,7 @@ class _Runs:
     def _one(self, key: tuple[str, float, int]) -> None:
         log = self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}  # logs as they come
         start = time.perf_counter()
         with open(log, "w") as f:
             f.write(shlex.join(self.command(*key)) + "\n")
