@@ -144,7 +144,8 @@ def train(
     fit = dict(optimizer=optimizer, lr=resolved["lr"], weight_decay=weight_decay, scheduler=scheduler,
                warmup_ratio=warmup, total_steps=user_steps[first])
     if method != "cola":
-        cola_model = baselines.build(method, setup.base, task, config.target_modules, rank, alpha, dropout, steps, hidden)
+        cola_model = baselines.build(method, setup.base, task, config.target_modules, rank, alpha, dropout, steps,
+                                     hidden)
         trainer = baselines.BackpropTrainer(cola_model, **fit)
     else:
         cola_model = ColaModel.from_peft(setup.base, init_adapter, user=first) if init_adapter else \
@@ -172,8 +173,9 @@ def train(
         result = loop.train(trainer, evaluated or cola_model, job, batches, eval_batches, steps, run, eval_every)
         if save_adapters:
             cola_model.save_pretrained(run / "adapters")  # several users: a subfolder each
+        cola_config = cola_model.config.to_dict() if method == "cola" else None
         (run / "run.json").write_text(json.dumps(
-            {"options": options, "resolved": resolved, "cola_config": cola_model.config.to_dict() if method == "cola" else None,
+            {"options": options, "resolved": resolved, "cola_config": cola_config,
              "trainable_parameters": trainer_parameters(cola_model), **result}, indent=2))
         print(f"held-out before: {loop.describe(result['before'])}")
         print(f"held-out after:  {loop.describe(result['after'])}")

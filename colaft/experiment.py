@@ -74,7 +74,8 @@ def experiment(
     max_length: Annotated[Optional[int], typer.Option(help="(default: the task's)")] = None,
     eval_every: Annotated[int, typer.Option(help="Held-out evaluation every so many steps (curves).")] = 0,
     jobs: Annotated[int, typer.Option(help="Runs side by side, one CPU thread each.")] = 2,
-    out: Annotated[Path, typer.Option(help="Experiment folder (reused: finished runs are kept).")] = Path("experiments/sc"),
+    out: Annotated[Path, typer.Option(
+        help="Experiment folder (reused: finished runs are kept).")] = Path("experiments/sc"),
     train_option: Annotated[Optional[list[str]], typer.Option(
         help="Further `colaft train` option for every run, e.g. --train-option=--warmup=0.1 (repeatable).")] = None,
 ) -> int:
@@ -230,7 +231,8 @@ def table(report: dict) -> str:
         lines += ["", f"Learning rates tried on seed {report['seeds'][0]} (held-out {report['metric']}; "
                       "the best is kept):", "", "| method | " + " | ".join(_lr(r) for r in rates) + " |",
                   "|---|" + "---:|" * len(rates)]
-        lines += [f"| {m} | " + " | ".join(f"{v[_lr(r)]:.4f}" for r in rates) + " |" for m, v in report["sweep"].items()]
+        lines += [f"| {m} | " + " | ".join(f"{v[_lr(r)]:.4f}" for r in rates) + " |"
+                  for m, v in report["sweep"].items()]
     return "\n".join(lines + _users_table(by_method, report["metric"])) + "\n"
 
 

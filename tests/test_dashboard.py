@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import REVIEWS, Server, add_user, upload, wait_for, wait_job
+from serve_helpers import REVIEWS, Server, add_user, upload, wait_job
 from tiny_models import tiny_bert_dir  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
