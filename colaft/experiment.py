@@ -74,13 +74,14 @@ def experiment(
     max_length: Annotated[Optional[int], typer.Option(help="(default: the task's)")] = None,
     eval_every: Annotated[int, typer.Option(help="Held-out evaluation every so many steps (curves).")] = 0,
     jobs: Annotated[int, typer.Option(help="Runs side by side, one CPU thread each.")] = 2,
-    out: Annotated[Path, typer.Option(
-        help="Experiment folder (reused: finished runs are kept).")] = Path("experiments/sc"),
+    out: Annotated[Optional[Path], typer.Option(
+        help="Experiment folder (reused: finished runs are kept). (default: experiments/TASK)")] = None,
     train_option: Annotated[Optional[list[str]], typer.Option(
         help="Further `colaft train` option for every run, e.g. --train-option=--warmup=0.1 (repeatable).")] = None,
 ) -> int:
     """Train every method on the same budget and seeds; write results.json, results.md and curves.png."""
     job = get_task(task)
+    out = out or Path("experiments") / task
     names = [m for m in METHODS if not m.startswith("users-")] if methods == "all" else \
         [m.strip() for m in methods.split(",") if m.strip()]
     if unknown := [m for m in names if m not in METHODS]:
