@@ -116,7 +116,8 @@ def experiment(
                            else "runs")
         sweep = {m: {_lr(lr): _metric(results[(m, lr, seed_list[0])], job.recipe.metric) for lr in rates}
                  for m in tried}
-        chosen = {m: _best(sweep[m], job.recipe.metric) for m in tried}
+        losses = {m: {_lr(lr): _metric(results[(m, lr, seed_list[0])], "loss") for lr in rates} for m in tried}
+        chosen = {m: _best(sweep[m], job.recipe.metric, losses[m]) for m in tried}
         chosen |= {m: chosen[m.removesuffix("-merged")] for m in names if m not in chosen}
     # 2. every seed at the chosen rate
     grid = [(m, chosen[m], s) for m in names
@@ -190,13 +191,14 @@ def _metric(result: dict, metric: str) -> float:
     return result["after"][metric] if "after" in result else math.nan
 
 
-def _best(by_lr: dict[str, float], metric: str) -> float:
-    """The learning rate of the best finished run (NaN, a failed or diverged run, never wins)."""
+def _best(by_lr: dict[str, float], metric: str, losses: dict[str, float]) -> float:
+    """The learning rate of the best finished run (NaN, a failed or diverged run, never wins);
+    a tie (short runs that all predict the majority class) goes to the lower held-out loss."""
     finite = {lr: v for lr, v in by_lr.items() if math.isfinite(v)}
     if not finite:
         return float(next(iter(by_lr)))
-    pick = min if metric in _LOWER_IS_BETTER else max
-    return float(pick(finite, key=finite.get))
+    sign = 1 if metric in _LOWER_IS_BETTER else -1
+    return float(min(finite, key=lambda lr: (sign * finite[lr], losses.get(lr, math.inf))))
 
 
 def _summary(result: dict) -> dict:
