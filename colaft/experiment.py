@@ -216,8 +216,8 @@ def table(report: dict) -> str:
         by_method.setdefault(run["method"], []).append(run)
     done = [r for r in report["runs"] if "after" in r]
     metrics = [k for k in (done[0]["after"] if done else {}) if k != "users"]
-    lines = ["| method | trainable params | lr | seeds | " + " | ".join(metrics) + " | train s (median) |",
-             "|---|---:|---:|---:|" + "---:|" * (len(metrics) + 1)]
+    lines = ["| method | trainable params | lr | seeds | " + " | ".join(metrics) + " | train s | run s |",
+             "|---|---:|---:|---:|" + "---:|" * (len(metrics) + 2)]
     for method, runs in by_method.items():
         ok = [r for r in runs if "after" in r]
         if not ok:
@@ -225,7 +225,12 @@ def table(report: dict) -> str:
             continue
         cells = [_mean_spread([r["after"][k] for r in ok]) for k in metrics]
         lines.append(f"| {method} | {ok[0]['trainable_parameters'] or 0:,} | {runs[0]['lr']:g} | {len(ok)} | "
-                     + " | ".join(cells) + f" | {statistics.median(r['train_seconds'] for r in ok):.1f} |")
+                     + " | ".join(cells) + f" | {statistics.median(r['train_seconds'] for r in ok):.1f} | "
+                     f"{statistics.median(r['wall_seconds'] or math.nan for r in ok):.0f} |")
+    walls = [r["wall_seconds"] for r in done if r.get("wall_seconds")]
+    lines.append(f"\nMedians over seeds: training steps (train s) and the whole run with loading and both "
+                 f"evaluations (run s), one CPU thread each. {len(done)} runs here took {sum(walls) / 60:.0f} "
+                 "CPU-thread minutes in all.")
     before = done[0]["before"] if done else {}
     lines.append(f"\nBefore training (seed {done[0]['seed'] if done else '-'}): "
                  + ", ".join(f"{k} {v:.4f}" for k, v in before.items() if k != "users"))
