@@ -2,7 +2,7 @@
 
     GET  /v1/fine_tuning/jobs/{id}/fit/state          the owner's state (adapters, optimizer,
                                                       schedule, version) + how to build it
-    GET  /v1/fine_tuning/jobs/{id}/fit/packets?after=SEQ&wait=S
+    GET  /v1/fine_tuning/jobs/{id}/fit/packets?after=SEQ&version=V&wait=S
                                                       the server's packets (x, dL/dh) of the
                                                       job's steps after SEQ (long poll)
          -> Owner.push(packets) on this CPU: a fit every `interval` steps (colaft.users)
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Optional
 
 import httpx
@@ -57,10 +57,10 @@ class Summary:
     fit_seconds: float = 0.0
     wall_seconds: float = 0.0
     start_version: int = 0
-    extra: dict = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        return [f"job {self.job}: {self.status}" + (f", model {self.fine_tuned_model}" if self.fine_tuned_model else ""),
+        model = f", model {self.fine_tuned_model}" if self.fine_tuned_model else ""
+        return [f"job {self.job}: {self.status}{model}",
                 f"  {self.messages} messages fitted into versions {self.start_version}..{self.version} "
                 f"({self.updates} updates pushed, {self.duplicates} duplicates skipped, {self.resyncs} resyncs)",
                 f"  pulled {self.bytes_pulled / 1e6:.2f} MB, pushed {self.bytes_pushed / 1e6:.2f} MB; "
@@ -181,7 +181,7 @@ class Client:
         self.say(f"job {self.job}: fitting on {self.device} from version {owner.version} (step {seq}); "
                  f"interval {owner.config.interval}, staleness {self.meta['staleness']}")
         while True:
-            params = {"after": seq, "wait": self.wait}
+            params = {"after": seq, "version": owner.version, "wait": self.wait}
             if self.compress:
                 params["compress"] = "gzip"
             r = self._request("GET", "/fit/packets", params=params)

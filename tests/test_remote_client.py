@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 
 import pytest
@@ -198,3 +197,31 @@ def test_only_the_owner_pulls_and_pushes(server):
         r = h.post("/v1/fine_tuning/jobs", json={"model": "llama", "training_file": server_job.training_file,
                                                  "colaft": {"staleness": 2}})
         assert r.status_code == 422 and "client-fit" in r.json()["error"]["message"]
+
+
+def test_channel_gates_the_job_on_its_fits_in_flight():
+    """The engine's view without a server: S = 1, I = 2; an accepted update counts as in flight
+    until the engine takes it; a client at a version the server does not hold must resync."""
+    from colaft.serve.fits import Channel, Refused
+
+    state = {"adapters": {"s": {"w": torch.zeros(2, 2)}}, "optimizer": {}, "scheduler": {}, "version": 0,
+             "pending": [], "pending_steps": 0}
+    woken = []
+    ch = Channel("job", interval=2, staleness=1, state=state, seq=0, info={}, wake=lambda: woken.append(1))
+    assert ch.runnable(60)
+    ch.offer("push", [])
+    ch.offer("push", [])  # message 2 ends a fit
+    assert ch.fits_in_flight() == 1 and ch.runnable(60)
+    ch.offer("push", [])
+    ch.offer("push", [])  # a second fit in flight: past S = 1
+    assert ch.fits_in_flight() == 2 and not ch.runnable(60)
+    with pytest.raises(Refused, match="fetch fit/state"):
+        ch.pull(after=4, wait=0, version=3)  # e.g. the server went back to a checkpoint
+    with pytest.raises(Refused) as e:
+        ch.push(1, 4, {**state, "version": 1}, False)  # message 2 is the next fit, not 4
+    assert e.value.code == "unexpected_update"
+    ch.push(1, 2, {**state, "version": 1}, False)
+    assert woken and ch.fits_in_flight() == 2  # accepted, not yet applied by the engine
+    assert [a.version for a in ch.take_updates()] == [1] and ch.fits_in_flight() == 1 and ch.runnable(60)
+    assert [m.seq for m in ch.pull(after=2, wait=0, version=1)[0]] == [3, 4]
+    assert not ch.runnable(-1)  # its client not seen within the timeout: the job waits

@@ -70,7 +70,8 @@ class Channel:
     def __init__(self, job_id: str, interval: int, staleness: int, state: dict, seq: int, info: dict,
                  wake: Callable[[], None]):
         self.job_id, self.interval, self.staleness, self.info, self.wake = job_id, interval, staleness, info, wake
-        self.shapes = {site: {k: tuple(v.shape) for k, v in params.items()} for site, params in state["adapters"].items()}
+        self.shapes = {site: {k: tuple(v.shape) for k, v in params.items()}
+                       for site, params in state["adapters"].items()}
         self.cond = threading.Condition()
         self.state = state  # the snapshot: the owner after the last accepted update
         self.version = state["version"]  # accepted versions (the engine applies them in order)
@@ -135,18 +136,20 @@ class Channel:
         self.last_seen = time.monotonic()
         self.connected = True
 
-    def pull(self, after: int, wait: float) -> tuple[list[_Message], bool]:
-        """The messages after `after`, waiting up to `wait` s for one; (messages, job over)."""
+    def pull(self, after: int, wait: float, version: int | None = None) -> tuple[list[_Message], bool]:
+        """The messages after `after`, waiting up to `wait` s for one; (messages, job over).
+        `version`: the client's; one the server does not hold (the server went back to a
+        checkpoint, another client pushed meanwhile) makes the client start again from fit/state."""
         deadline = time.monotonic() + wait
         with self.cond:
             while True:
                 self.seen()
                 if self.final is not None:
                     return [], True
-                if not self.acked <= after <= self.sent:
-                    raise Refused("resync", f"the server holds messages {self.acked + 1}..{self.sent} "
-                                            f"after version {self.version}, not after {after}: "
-                                            "fetch fit/state and start from it")
+                if not self.acked <= after <= self.sent or (version is not None and version != self.version):
+                    raise Refused("resync", f"the server holds version {self.version} and messages "
+                                            f"{self.acked + 1}..{self.sent}, not version {version} after "
+                                            f"message {after}: fetch fit/state and start from it")
                 if self.sent > after:
                     return [self.messages[s] for s in range(after + 1, self.sent + 1)], False
                 left = deadline - time.monotonic()

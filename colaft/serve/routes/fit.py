@@ -4,8 +4,9 @@ its state and packets and brings its updates (colaft.serve.fits holds the server
     GET  .../fit/state                  safetensors: the owner's state after the last applied
                                         update, with what the client needs to build the owner
     GET  .../fit/packets?after=SEQ      safetensors packets of the messages after SEQ (long
-         &wait=S[&compress=gzip]        poll: 204 after S s with nothing new); the header
-                                        X-Colaft-Messages lists [seq, kind, packets] per message
+         &version=V&wait=S              poll: 204 after S s with nothing new); the header
+         [&compress=gzip]               X-Colaft-Messages lists [seq, kind, packets] per message;
+                                        409 resync when SEQ or V is not where the server is
     POST .../fit/updates                safetensors: the owner's state at the new version;
                                         409 duplicate_update / unexpected_update / job_finished
 
@@ -65,12 +66,13 @@ def fit_state(user: Me, service: TheService, job_id: str):
 
 @router.get(PREFIX + "/packets")
 def fit_packets(user: Me, service: TheService, job_id: str, after: Annotated[int, Query(ge=0)],
-                wait: Annotated[float, Query(ge=0, le=60)] = 20.0, compress: Literal["gzip", "none"] = "none"):
+                wait: Annotated[float, Query(ge=0, le=60)] = 20.0, compress: Literal["gzip", "none"] = "none",
+                version: Annotated[int | None, Query(ge=0)] = None):
     job, engine, channel = _channel(service, user, job_id)
     if channel is None:
         return _over(job)
     try:
-        messages, over = channel.pull(after, wait)
+        messages, over = channel.pull(after, wait, version)
     except Refused as e:
         raise APIError(409, str(e), "after", e.code) from None
     if over:
