@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 
 import colaft
@@ -456,14 +458,15 @@ OWNER_TENSORS = "owner.safetensors"
 OWNER_STATE = "owner_state.json"
 
 
-def save_owner(trainer, user: str, directory: str | Path) -> None:
+def save_owner(trainer, user: str, directory: str | Path, state: dict | None = None) -> None:
     """One user's server adapters and owner (optimizer, scheduler, buffered packets, version), atomically.
 
     What a service needs to resume one user's training while other users train on: the
     directory is also a one-user adapter checkpoint (`load_adapters(..., user=)` reads it).
     The RNG is shared by all users and is not saved (it matters only with dropout).
+    `state`: the owner's state when the owner runs outside the trainer (a remote user).
     """
-    state = trainer.owner_state(user)
+    state = dict(trainer.owner_state(user) if state is None else state)
     pending = state.pop("pending")
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(state, "", tensors)
@@ -477,6 +480,12 @@ def save_owner(trainer, user: str, directory: str | Path) -> None:
 def load_owner(trainer, user: str, directory: str | Path) -> None:
     """Restore a `save_owner` checkpoint into `trainer`'s user `user` (added already, with the
     same ColaConfig and interval); everything is checked before anything is changed."""
+    trainer.pipeline.load_state(user, read_owner(trainer, user, directory))
+
+
+def read_owner(trainer, user: str, directory: str | Path) -> dict:
+    """Check a `save_owner` checkpoint against `trainer`'s user `user`, load its server adapters
+    and return the owner's state (for a remote user, whose owner the trainer does not hold)."""
     path = _require(directory, CONFIG, ADAPTERS, OWNER_TENSORS, OWNER_STATE, PENDING)
     model = trainer.model
     model._check_users([user])
@@ -492,4 +501,30 @@ def load_owner(trainer, user: str, directory: str | Path) -> None:
     _check_states(model.user_adapters(user), state["adapters"], f"{path} (owner adapters of {user!r})")
     state["pending"] = [Packet(p.site, p.x, p.grad, user) for p in packets_from_bytes((path / PENDING).read_bytes())]
     _load_states(model.user_adapters(user), saved.states)
-    trainer.pipeline.load_state(user, state)
+    return state
+
+
+def state_to_bytes(state: Mapping, meta: Mapping | None = None) -> bytes:
+    """An owner's whole state (no buffered packets) as safetensors; `meta` rides in its JSON header.
+    No pickle: what travels between a server and a fit client is tensors and JSON only."""
+    if state.get("pending") or state.get("pending_steps"):
+        raise ValueError("a state with buffered packets does not travel this way (use packets_to_bytes)")
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode({k: v for k, v in state.items() if k != "pending"}, "", tensors)
+    return save_bytes(tensors, metadata={"state": json.dumps(encoded), "meta": json.dumps(dict(meta or {}))})
+
+
+def state_from_bytes(data: bytes) -> tuple[dict, dict]:
+    """(state, meta) of `state_to_bytes`; raises ValueError on anything else."""
+    try:
+        tensors = load_bytes(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+        state = _decode(json.loads(header["state"]), tensors)
+        meta = json.loads(header["meta"])
+    except Exception as e:  # safetensors raises its own error types; so does a truncated header
+        raise ValueError(f"not an owner state: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not {"adapters", "optimizer", "scheduler", "version"} <= state.keys() \
+            or state.get("pending_steps", 0) != 0:
+        raise ValueError("not an owner state without buffered packets")
+    state["pending"], state["pending_steps"] = [], 0
+    return state, meta

@@ -368,9 +368,10 @@ def _build_atomically(targets: list[tuple[Path, Callable[[Path], None]]]) -> Non
 from colaft.serve.commands import serve, users  # noqa: E402  (light: their heavy imports are inside)
 
 from colaft.experiment import experiment  # noqa: E402
+from colaft.remote import client  # noqa: E402
 
 COMMANDS: dict[str, Callable] = {"train": train, "eval": evaluate, "generate": generate, "experiment": experiment,
-                                  "serve": serve, "users": users}
+                                  "serve": serve, "users": users, "client": client}
 """Command name -> function; typer turns the signature into options."""
 
 

@@ -88,6 +88,7 @@ class Trainer:
             device = str(fit_device) if fit_device is not None else self.backend.device
             self.fit_config = FitConfig(**fit_config, device=device)
             self.user_fit: dict[str, FitConfig] = {}
+            self.remote: dict[str, Callable[[list], None]] = {}  # user -> where its packets go (add_remote_user)
             self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0, "packet_bytes_total": 0,
                           "server_seconds": 0.0}
             self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
@@ -109,10 +110,30 @@ class Trainer:
         self.user_fit[user] = fit_config
         self._start_owner(user)
 
+    def add_remote_user(self, user: str, config: ColaConfig | None = None,
+                        sink: Callable[[list], None] | None = None, **fit) -> Owner:
+        """A user whose owner runs outside this trainer (a service's fit client on the user's device).
+
+        Every step hands the user's packets to `sink(packets)` instead of a backend, and
+        never waits for its fits: whoever runs the owner decides when the user's rows may
+        enter a batch, and brings its updates back with `apply_update`. A user the model
+        already has (its first) loses its owner here. Returns a fresh Owner of the user's
+        adapters and FitConfig, whose `state()` is what the remote owner starts from.
+        """
+        fit_config = self.fit_config.replace(**fit)
+        if user not in self.model.users:
+            self.model.add_user(user, config)
+        elif user in self.pipeline.tracks:
+            self.pipeline.remove(user)
+        self.user_fit[user] = fit_config
+        self.remote[user] = sink
+        return Owner(user, self.model.user_adapters(user), fit_config)
+
     def remove_user(self, user: str) -> None:
         """Stop the user's owner (after its fits in flight) and free its adapters on the server."""
         if user in self.pipeline.tracks:  # a user loaded into the model has no owner before the next step
             self.pipeline.remove(user)
+        self.remote.pop(user, None)
         self.user_fit.pop(user, None)
         self.model.remove_user(user)
 
@@ -126,7 +147,7 @@ class Trainer:
     def _sync_users(self) -> None:
         """Owners for users added to the model directly; none for users it no longer has."""
         for user in self.model.users:
-            if user not in self.pipeline.tracks:
+            if user not in self.pipeline.tracks and user not in self.remote:
                 self._start_owner(user)
         for user in list(self.pipeline.tracks):
             if user not in self.model.users:
@@ -152,7 +173,10 @@ class Trainer:
         self.stats["packet_bytes_total"] += self.stats["packet_bytes"]
         self.last_user_losses = out.user_losses
         for user, packets in by_user.items():
-            self.pipeline.push(user, packets)
+            if user in self.remote:
+                self.remote[user](packets)
+            else:
+                self.pipeline.push(user, packets)
         self.pipeline.settle()
         return out.loss.item()
 
@@ -161,6 +185,13 @@ class Trainer:
 
         `users`: only theirs (a user whose training ends while others go on)."""
         self.pipeline.flush(users)
+
+    def apply_update(self, update: Update) -> None:
+        """Load a remote user's update into the server's adapters (its owner runs elsewhere)."""
+        if update.user not in self.remote:
+            raise ValueError(f"user {update.user!r} is not a remote user: its updates come through the pipeline")
+        if update.states is not None:
+            self._apply(update)
 
     def _apply(self, update: Update) -> None:
         self.model.load_adapter_state(update.states, user=update.user)

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from colaft.serve.routes import dashboard, files, inference, jobs
+from colaft.serve.routes import dashboard, files, fit, inference, jobs
 from colaft.serve.routes.common import APIError, Service, error_response
 
 __all__ = ["APIError", "Service", "create_app"]
@@ -59,7 +59,7 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="colaft", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
     app.add_middleware(UploadLimit, limit=service.max_upload_bytes)
-    for router in (files.router, jobs.router, inference.router, dashboard.router):
+    for router in (files.router, jobs.router, fit.router, inference.router, dashboard.router):
         app.include_router(router)
 
     # ------------------------------------------------------------- errors

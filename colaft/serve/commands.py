@@ -61,6 +61,9 @@ def serve(
     max_loaded_adapters: Annotated[int, typer.Option(
         help="Finished jobs' adapters kept loaded per base model for inference; the least recently used "
              "past this are unloaded and loaded from disk again when asked for.")] = 8,
+    client_timeout: Annotated[float, typer.Option(
+        help="A client-fit job whose `colaft client` has not pulled for so many seconds waits (other jobs "
+             "go on) until it is back.")] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Serve fine-tuning (OpenAI-shaped API) and inference on one or more base models."""
@@ -72,9 +75,10 @@ def serve(
     from colaft.serve.db import File
     from colaft.serve.scheduler import Engine, Settings, default_backend
 
-    if checkpoint_every < 1 or num_labels < 2 or max_upload_mb <= 0 or max_loaded_adapters < 1:
-        raise ValueError("--checkpoint-every >= 1, --num-labels >= 2, --max-upload-mb > 0 and "
-                         "--max-loaded-adapters >= 1, please")
+    if checkpoint_every < 1 or num_labels < 2 or max_upload_mb <= 0 or max_loaded_adapters < 1 \
+            or client_timeout <= 0:
+        raise ValueError("--checkpoint-every >= 1, --num-labels >= 2, --max-upload-mb > 0, "
+                         "--max-loaded-adapters >= 1 and --client-timeout > 0, please")
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
@@ -89,7 +93,7 @@ def serve(
     db = _database(data_dir, database_url)
     settings = Settings(data_dir=data_dir.resolve(), backend=backend, backend_options=options,
                         checkpoint_every=checkpoint_every, num_labels=num_labels,
-                        max_loaded_adapters=max_loaded_adapters)
+                        max_loaded_adapters=max_loaded_adapters, client_timeout=client_timeout)
     _remove_orphans(db, settings.data_dir, File)
     engines = {}
     for model_id, source in specs:

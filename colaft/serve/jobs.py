@@ -25,9 +25,11 @@ import torch
 from sqlalchemy import select, update
 
 from colaft import ColaConfig
-from colaft.checkpoint import load_owner, save_owner
+from colaft.checkpoint import load_owner, read_owner, save_owner
 from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, Checkpoint, Event, File, Job, new_id, now
+from colaft.serve.fits import Channel, client_info
+from colaft.users import Update
 
 log = logging.getLogger("colaft.serve")
 LISTED = 3
@@ -49,6 +51,12 @@ class Run:
     tokens: int = 0
     saved_step: int = -1  # the step of the newest checkpoint
     losses: list[float] = field(default_factory=list)  # this epoch's step losses
+    # client-fit jobs (colaft.serve.fits): the engine never waits for their fits
+    client: bool = False
+    due: tuple[bool, dict] | None = None  # a checkpoint (listed, metrics) waiting for the fits in flight
+    finishing: bool = False  # the last step is done; the last updates are awaited
+    waiting: bool = False  # the client is gone; the job's rows left the batches
+    seen_client: bool = False  # a client has connected since the job was admitted
 
     @property
     def steps_per_epoch(self) -> int:
@@ -103,14 +111,24 @@ class JobLifecycle:
                "scheduler": "linear", "total_steps": run.total_steps, "interval": options["interval"]}
         if options["fit_device"]:
             fit["fit_device"] = options["fit_device"]
+        run.client = options.get("fit", "server") == "client"
         with torch.random.fork_rng(devices=[]):  # the adapters' initialisation comes from the job's seed alone
             torch.manual_seed(job.seed)
-            self._add_user(job_id, config, fit)
+            if run.client:
+                state = self._add_client(job_id, config, fit).state()
+            else:
+                self._add_user(job_id, config, fit)
         self.modes[job_id] = run.mode
         if checkpoint is not None and (self.settings.data_dir / checkpoint.path).is_dir():
-            load_owner(self.trainer, job_id, self.settings.data_dir / checkpoint.path)
+            if run.client:
+                state = read_owner(self.trainer, job_id, self.settings.data_dir / checkpoint.path)
+            else:
+                load_owner(self.trainer, job_id, self.settings.data_dir / checkpoint.path)
             run.step = run.saved_step = checkpoint.step
             run.tokens = checkpoint.metrics.get("trained_tokens", 0)
+        if run.client:
+            self.channels[job_id] = Channel(job_id, options["interval"], options.get("staleness", 0), state, run.step,
+                                            client_info(self.cola, self.trainer, job_id), self._wake.set)
         self.runs[job_id] = run
         with self.db.session() as s:
             started = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
@@ -121,12 +139,53 @@ class JobLifecycle:
             elif started:
                 self.db.add_event(s, job_id, f"Fine-tuning job started: {run.total_steps} steps "
                                   f"({run.n_epochs} epochs of {run.steps_per_epoch})")
+            if started and run.client:
+                self.db.add_event(s, job_id, f"Its fits run on your device: run `colaft client --job {job_id}` "
+                                  "(the job waits while no client is there)", data={"fit_client": "expected"})
         if not started:  # cancelled meanwhile
             self._drop(job_id)
             return
         log.info("%s: job %s running (%d steps)", self.id, job_id, run.total_steps)
         if run.step >= run.total_steps:  # killed after its last checkpoint, before it was marked done
             self._finish(run)
+
+    # ------------------------------------------------------------- client-fit jobs
+    def _may_step(self, run: Run) -> bool:
+        """A server-fit job always; a client-fit job while its fits in flight are within its
+        staleness bound, its client was seen lately and no checkpoint waits for its fits."""
+        if not run.client:
+            return True
+        channel = self.channels[run.job_id]
+        if run.finishing or not channel.runnable(self.settings.client_timeout):
+            return False
+        return run.due is None or channel.pending_steps > 0  # at a fit boundary a due checkpoint comes first
+
+    def _client_jobs(self) -> None:
+        """Between steps: apply the updates clients brought, take due checkpoints, end jobs whose
+        last update came, and say in the events when a job waits for its client or resumes."""
+        for job_id, channel in list(self.channels.items()):
+            run = self.runs.get(job_id)
+            if run is None:
+                continue
+            for accepted in channel.take_updates():
+                self.trainer.apply_update(Update(job_id, accepted.version, accepted.states))
+            gone = channel.gone(self.settings.client_timeout)
+            if gone != run.waiting or (channel.connected and not run.seen_client):
+                with self.db.session() as s:
+                    if gone and not run.waiting:
+                        self.db.add_event(s, job_id, f"Waiting for the fit client: none has pulled for "
+                                          f"{self.settings.client_timeout:g} s; the job's steps pause while "
+                                          "other jobs go on", level="warn", data={"fit_client": "waiting"})
+                    elif not gone and channel.connected and (run.waiting or not run.seen_client):
+                        text = "The fit client is back" if run.seen_client else "The fit client connected"
+                        self.db.add_event(s, job_id, text + (": training resumes" if run.waiting else ""),
+                                          data={"fit_client": "connected"})
+                run.waiting = gone
+                run.seen_client = run.seen_client or channel.connected
+            if run.due is not None and channel.idle():
+                self._checkpoint(run, *run.due)
+            if run.finishing and channel.idle():
+                self._finish(run)
 
     def _encode(self, job_id: str, file: File, max_length: int) -> list[dict]:
         path = self.settings.data_dir / "files" / file.id
@@ -144,12 +203,15 @@ class JobLifecycle:
                 self._drop(job_id)
                 log.info("%s: job %s cancelled", self.id, job_id)
 
-    def _drop(self, job_id: str) -> None:
+    def _drop(self, job_id: str, status: str = "cancelled") -> None:
         self.runs.pop(job_id, None)
+        channel = self.channels.pop(job_id, None)
+        if channel is not None:
+            channel.close(status)
         self._remove_user(job_id)
 
     def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
-        self._drop(job_id)
+        self._drop(job_id, "failed")
         with self.db.session() as s:
             failed = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
                 status="failed", finished_at=now(), error={"code": code, "message": message, "param": param})).rowcount
@@ -157,15 +219,23 @@ class JobLifecycle:
                 self.db.add_event(s, job_id, f"Fine-tuning job failed: {message}", level="error")
         log.warning("%s: job %s failed: %s", self.id, job_id, code)
 
-    def _checkpoint(self, run: Run, listed: bool) -> None:
+    def _checkpoint(self, run: Run, listed: bool, metrics: dict | None = None) -> None:
         """Save the job's adapters and owner. `listed`: the end of one of the last LISTED epochs,
         shown by the API (as OpenAI does); the others only let a restarted server resume, and
-        only the newest of them is kept."""
+        only the newest of them is kept. A client-fit job's checkpoint waits until no fit of
+        it is in flight (`_client_jobs` takes it then): the server holds its owner's state
+        only as of the last update."""
+        metrics = metrics or {"train_loss": sum(run.losses) / len(run.losses) if run.losses else None,
+                              "trained_tokens": run.tokens}
+        channel = self.channels.get(run.job_id)
+        if channel is not None and not channel.idle():
+            run.due = (listed or (run.due is not None and run.due[0]), metrics)
+            return
+        run.due = None
         relative = Path("jobs") / run.job_id / "checkpoints" / f"step-{run.step:07d}"
-        save_owner(self.trainer, run.job_id, self.settings.data_dir / relative)
+        save_owner(self.trainer, run.job_id, self.settings.data_dir / relative,
+                   state=channel.state if channel is not None else None)
         run.saved_step = run.step
-        metrics = {"train_loss": sum(run.losses) / len(run.losses) if run.losses else None,
-                   "trained_tokens": run.tokens}
         with self.db.session() as s:
             old = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == run.job_id, Checkpoint.listed == 0,
                                                           Checkpoint.step < run.step)))
@@ -180,7 +250,16 @@ class JobLifecycle:
 
     def _finish(self, run: Run) -> None:
         job_id = run.job_id
-        self.trainer.flush([job_id])
+        channel = self.channels.get(job_id)
+        if channel is None:
+            self.trainer.flush([job_id])
+        else:  # the client fits the partial interval; the job ends once every update is applied
+            if not run.finishing:
+                run.finishing = True
+                if channel.pending_steps:
+                    channel.offer("flush", [])
+            if not channel.idle():
+                return
         folder = self.settings.data_dir / "jobs" / job_id
         metrics = self._evaluate(run) if run.eval_features else {}
         self.cola.save_pretrained(folder / "adapter", user=job_id)
@@ -193,7 +272,7 @@ class JobLifecycle:
         with self.db.session() as s:
             job = s.get(Job, job_id, with_for_update=True)  # a cancel waits for this transaction
             if job.status != "running":  # cancelled during the last step
-                self.runs.pop(job_id, None)
+                self._drop(job_id)
                 return
             results = self._results_file(s, job, run)
             job.status, job.finished_at = "succeeded", now()
@@ -208,6 +287,9 @@ class JobLifecycle:
             self.db.add_event(s, job_id, f"New fine-tuned model created: {job.fine_tuned_model}")
             self.db.add_event(s, job_id, "The job has successfully completed")
         self.runs.pop(job_id, None)
+        if channel is not None:
+            self.channels.pop(job_id, None)
+            channel.close("succeeded")
         self.used(job_id)  # its adapters stay in the ColaModel for inference, until unused
         self.unload_unused()
         log.info("%s: job %s succeeded", self.id, job_id)

@@ -40,6 +40,7 @@ from sqlalchemy import select
 from colaft import ColaConfig, ColaModel, Trainer
 from colaft.backends import BACKENDS, make_backend
 from colaft.serve.db import ACTIVE, Database, Job
+from colaft.serve.fits import Channel
 from colaft.serve.jobs import LISTED, JobLifecycle, Run
 from colaft.tasks import get_task
 
@@ -67,6 +68,9 @@ class Settings:
     max_loaded_adapters: int = 8
     """Finished personal jobs whose adapters stay loaded for inference; the least recently
     used one past this is unloaded, and loaded from disk again when next asked for."""
+    client_timeout: float = 30.0
+    """A client-fit job whose client has not pulled for this many seconds waits (its rows
+    leave the batches) until the client is back."""
 
 
 class Engine(JobLifecycle):
@@ -83,6 +87,7 @@ class Engine(JobLifecycle):
         self.cola: ColaModel | None = None
         self.trainer: Trainer | None = None
         self.runs: dict[str, Run] = {}
+        self.channels: dict[str, Channel] = {}  # client-fit jobs (colaft.serve.fits), read by the API too
         self.modes: dict[str, str] = {}  # job id -> mode, for every job whose adapters are loaded
         # finished personal jobs whose adapters are loaded, least recently used first
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -133,12 +138,12 @@ class Engine(JobLifecycle):
                 self._take_cancels()
                 self._take_admits()
                 self._serve()
-                if self.runs:
-                    self._tick()
+                self._client_jobs()
+                if self.runs and self._tick():
                     continue
             except Exception:  # e.g. the database went away for a moment: keep serving
                 log.exception("%s: the engine's loop failed; going on", self.id)
-            self._wake.wait(1.0)
+            self._wake.wait(0.5 if self.runs else 1.0)  # a client's push or pull wakes it sooner
             self._wake.clear()
         self._shutdown()
 
@@ -163,6 +168,8 @@ class Engine(JobLifecycle):
 
     def _shutdown(self) -> None:
         for run in list(self.runs.values()):
+            if run.client and not self.channels[run.job_id].idle():
+                continue  # its owner's state is with its client: resume from the last checkpoint
             try:
                 self._checkpoint(run, listed=False)
             except Exception:
@@ -177,6 +184,17 @@ class Engine(JobLifecycle):
             self.trainer = Trainer(self.cola, backend=self._backend(), **fit)
         else:
             self.trainer.add_user(job_id, config, **_fit_config_names(fit))
+
+    def _add_client(self, job_id: str, config: ColaConfig, fit: dict):
+        """A client-fit job's user: adapters on the server, its owner handed to the client
+        (returned, fresh); its packets go to its channel, never to the backend."""
+        def sink(packets, job_id=job_id):
+            self.channels[job_id].offer("push", packets)
+        if self.cola is None:
+            self.cola = ColaModel(self.base, config, user=job_id)
+            self.trainer = Trainer(self.cola, backend=self._backend(), **fit)
+            return self.trainer.add_remote_user(job_id, sink=sink, **_fit_config_names(fit))
+        return self.trainer.add_remote_user(job_id, config, sink, **_fit_config_names(fit))
 
     def _load_finished(self, job_id: str, mode: str) -> None:
         folder = self.settings.data_dir / "jobs" / job_id / "adapter"
@@ -222,16 +240,20 @@ class Engine(JobLifecycle):
             self.cola.set_mode("personal")
 
     # ------------------------------------------------------------- training
-    def _tick(self) -> None:
+    def _tick(self) -> bool:
+        """One step per mode over the jobs that may step; False when none may (all wait for clients)."""
+        stepped = False
         for mode in ("personal", "collaborative"):
-            runs = [r for r in self.runs.values() if r.mode == mode]
+            runs = [r for r in self.runs.values() if r.mode == mode and self._may_step(r)]
             if runs:
+                stepped = True
                 try:
                     self._step(runs, mode)
                 except Exception as e:
                     log.exception("%s: a step of %d jobs failed", self.id, len(runs))
                     for r in runs:
                         self._fail(r.job_id, "internal_error", f"training stopped: {type(e).__name__}")
+        return stepped
 
     def _step(self, runs: list[Run], mode: str) -> None:
         rows = {r.job_id: r.next_rows() for r in runs}

@@ -50,6 +50,12 @@ class ColaftOptions(BaseModel):
     """Where the fit runs (a torch device, e.g. "cpu", "cuda:0"; None: where the server's adapters are)."""
     max_length: Annotated[int, Field(ge=8, le=32768)] = 128
     """Token cap per example."""
+    fit: Literal["server", "client"] = "server"
+    """Where the job's adapters are fitted: on the server's backend, or on the user's device by
+    `colaft client --job ID` (the job waits while no client is there; other jobs go on)."""
+    staleness: Annotated[int, Field(ge=0, le=64)] = 0
+    """A client-fit job's S: server steps it may run ahead of its client's updates (0: synchronous,
+    the adapters of a server-fit job exactly)."""
 
     @field_validator("adapter")
     @classmethod
@@ -78,6 +84,14 @@ class ColaftOptions(BaseModel):
         if v is not None and not v:
             raise ValueError("targets is empty")
         return v
+
+    @model_validator(mode="after")
+    def _client_options(self):
+        if self.fit == "server" and self.staleness:
+            raise ValueError("staleness is a setting of client-fit jobs (\"fit\": \"client\")")
+        if self.fit == "client" and self.fit_device is not None:
+            raise ValueError("fit_device is where the server fits: a client-fit job fits where `colaft client` runs")
+        return self
 
     @model_validator(mode="after")
     def _collaborative_merges(self):

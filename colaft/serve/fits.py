@@ -1,0 +1,225 @@
+"""The server's side of a job whose fits run on the user's device (`"fit": "client"`).
+
+    engine step t -> channel.offer(packets of the job's rows)   message #t, kept until fitted
+    client        -> GET  .../fit/packets?after=SEQ  (long poll) -> the messages after SEQ
+                  -> Owner.push / flush on its own CPU
+                  -> POST .../fit/updates (version v, seq, the owner's whole state)
+    channel       -> accepts v once (v = the applied version + 1, seq = the next fit's message),
+                     keeps the state as the job's snapshot, drops the messages it covers
+    engine        -> applies accepted updates between steps; the job's rows enter a batch
+                     only while its fits in flight are within the staleness bound and its
+                     client was seen lately: otherwise the job waits and other jobs go on
+
+Nothing here blocks the engine's thread: the engine asks `runnable()` before forming a
+batch and takes accepted updates with `take_updates()`. The HTTP handlers wait on the
+channel's condition (long polls), never on the engine. A client that dies loses nothing:
+it starts again from the snapshot (the state after the last applied update) and is sent
+the messages after it again; a duplicate or stale push is refused (409), so no update is
+applied twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from colaft.packets import Packet, packets_to_bytes
+
+
+@dataclass
+class _Message:
+    seq: int
+    kind: str  # "push" (one step's packets) | "flush" (fit the partial interval at the job's end)
+    packets: list[Packet]
+    ends_fit: bool  # the owner fits on this message (so an update must answer it)
+
+
+@dataclass
+class Accepted:
+    """An update the channel accepted; the engine loads `states` (None: a skipped fit)."""
+
+    version: int
+    seq: int
+    states: dict[str, dict[str, torch.Tensor]] | None
+
+
+class Refused(Exception):
+    """A pull or push the channel cannot take: `code` says why (the API answers 409)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Channel:
+    """One client-fit job's messages, snapshot and versions, shared by the engine and the API.
+
+    Args:
+        job_id: the job (its user id on the ColaModel).
+        interval, staleness: the job's I and S.
+        state: the owner's state to start from (no buffered packets), at `version` and
+            covering the messages up to `seq`.
+        info: how the client builds the owner (sites, ColaConfig, FitConfig; see `client_info`).
+        wake: called when an update is accepted (wakes the engine).
+    """
+
+    def __init__(self, job_id: str, interval: int, staleness: int, state: dict, seq: int, info: dict,
+                 wake: Callable[[], None]):
+        self.job_id, self.interval, self.staleness, self.info, self.wake = job_id, interval, staleness, info, wake
+        self.shapes = {site: {k: tuple(v.shape) for k, v in params.items()}
+                       for site, params in state["adapters"].items()}
+        self.cond = threading.Condition()
+        self.state = state  # the snapshot: the owner after the last accepted update
+        self.version = state["version"]  # accepted versions (the engine applies them in order)
+        self.acked = self.sent = seq  # messages covered by the snapshot; messages offered
+        self.since_fit = 0  # pushes offered since the last fit point
+        self.messages: dict[int, _Message] = {}
+        self.accepted: list[Accepted] = []
+        self.last_seen = time.monotonic()  # the client's last pull or push (admission counts as one)
+        self.connected = False  # a client has pulled since the job was admitted
+        self.final: str | None = None  # the job's status once it is over
+        self.bytes_sent = 0
+        self._cache: dict[tuple, bytes] = {}
+
+    # ------------------------------------------------------------- the engine's side
+    def offer(self, kind: str, packets: list[Packet]) -> None:
+        """A new message: one step's packets ("push"), or "flush" at the end of the job."""
+        with self.cond:
+            self.since_fit += kind == "push"
+            ends_fit = self.since_fit >= self.interval or (kind == "flush" and self.since_fit > 0)
+            if ends_fit:
+                self.since_fit = 0
+            self.sent += 1
+            self.messages[self.sent] = _Message(self.sent, kind, packets, ends_fit)
+            self.cond.notify_all()
+
+    @property
+    def pending_steps(self) -> int:
+        """Pushes offered after the last fit point (a flush makes the owner fit them)."""
+        return self.since_fit
+
+    def fits_in_flight(self) -> int:
+        """Fits sent and not yet answered, plus answered ones the engine has not applied yet."""
+        with self.cond:
+            return sum(m.ends_fit for m in self.messages.values()) + len(self.accepted)
+
+    def runnable(self, timeout: float) -> bool:
+        """May the job's rows enter the next batch: its fits in flight within the bound, its client seen lately."""
+        return self.fits_in_flight() <= self.staleness and not self.gone(timeout)
+
+    def gone(self, timeout: float) -> bool:
+        return time.monotonic() - self.last_seen > timeout
+
+    def take_updates(self) -> list[Accepted]:
+        with self.cond:
+            out, self.accepted = self.accepted, []
+            return out
+
+    def idle(self) -> bool:
+        """Every message is answered and every accepted update taken: the snapshot is the whole truth."""
+        with self.cond:
+            return self.acked == self.sent and not self.accepted
+
+    def close(self, status: str) -> None:
+        """The job is over (`status`): long polls return, and pulls say so from now on."""
+        with self.cond:
+            self.final = status
+            self.messages.clear()
+            self.cond.notify_all()
+
+    # ------------------------------------------------------------- the API's side
+    def seen(self) -> None:
+        self.last_seen = time.monotonic()
+        self.connected = True
+
+    def pull(self, after: int, wait: float, version: int | None = None) -> tuple[list[_Message], bool]:
+        """The messages after `after`, waiting up to `wait` s for one; (messages, job over).
+        `version`: the client's; one the server does not hold (the server went back to a
+        checkpoint, another client pushed meanwhile) makes the client start again from fit/state."""
+        deadline = time.monotonic() + wait
+        with self.cond:
+            while True:
+                self.seen()
+                if self.final is not None:
+                    return [], True
+                if not self.acked <= after <= self.sent or (version is not None and version != self.version):
+                    raise Refused("resync", f"the server holds version {self.version} and messages "
+                                            f"{self.acked + 1}..{self.sent}, not version {version} after "
+                                            f"message {after}: fetch fit/state and start from it")
+                if self.sent > after:
+                    return [self.messages[s] for s in range(after + 1, self.sent + 1)], False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return [], False
+                self.cond.wait(min(left, 5.0))  # wake now and then: a waiting client counts as seen
+
+    def body(self, messages: list[_Message]) -> bytes:
+        """The messages' packets, serialised once (colaft.packets' safetensors form)."""
+        key = tuple(m.seq for m in messages)
+        with self.cond:
+            data = self._cache.get(key)
+        if data is None:
+            data = packets_to_bytes([p for m in messages for p in m.packets])
+            with self.cond:
+                self._cache = {key: data}  # a retried pull gets the same bytes; older ones are dropped
+        return data
+
+    def push(self, version: int, seq: int, state: dict, skipped: bool) -> None:
+        """Accept the update `version` answering message `seq`, or raise Refused."""
+        with self.cond:
+            self.seen()
+            if self.final is not None:
+                raise Refused("job_finished", f"the job has {self.final}: no update is taken")
+            if version <= self.version:
+                raise Refused("duplicate_update", f"version {version} is already applied (the server holds "
+                                                  f"version {self.version}); it is not applied again")
+            fits = [m.seq for m in self.messages.values() if m.ends_fit]
+            if version != self.version + 1 or not fits or seq != fits[0]:
+                expected = f"version {self.version + 1} answering message {fits[0]}" if fits else \
+                    f"no update before message {self.acked + 1} is fitted"
+                raise Refused("unexpected_update", f"version {version} for message {seq}: the server expects "
+                                                   f"{expected}; fetch fit/state and start from it")
+            if int(state["version"]) != version:
+                raise Refused("unexpected_update", f"the state is at version {state['version']}, not {version}")
+            self._check(state)
+            self.version, self.acked, self.state = version, seq, state
+            for s in [s for s in self.messages if s <= seq]:
+                del self.messages[s]
+            self.accepted.append(Accepted(version, seq, None if skipped else state["adapters"]))
+            self.cond.notify_all()
+        self.wake()
+
+    def _check(self, state: dict) -> None:
+        adapters = state["adapters"]
+        if not isinstance(adapters, dict) or adapters.keys() != self.shapes.keys():
+            raise Refused("invalid_update", "the state's adapters are not this job's sites")
+        for site, shapes in self.shapes.items():
+            got = adapters[site]
+            if not isinstance(got, dict) or got.keys() != shapes.keys() or any(
+                    not isinstance(got[k], torch.Tensor) or tuple(got[k].shape) != shape
+                    or not got[k].is_floating_point() for k, shape in shapes.items()):
+                raise Refused("invalid_update", f"the state's adapter at {site} does not fit this job's")
+
+    def status(self, timeout: float) -> dict:
+        with self.cond:
+            return {"version": self.version, "seq": self.acked, "sent": self.sent,
+                    "fits_in_flight": sum(m.ends_fit for m in self.messages.values()),
+                    "client": "waiting" if self.gone(timeout) else "connected" if self.connected else "not yet seen",
+                    "seconds_since_seen": round(time.monotonic() - self.last_seen, 1)}
+
+
+def client_info(cola, trainer, user: str) -> dict:
+    """What a client needs to build the user's Owner: each site's spec and adapter, the
+    ColaConfig and the FitConfig (its device is the client's choice)."""
+    sites = {}
+    for name, adapter in cola.user_adapters(user).items():
+        site = cola.site(name)
+        sites[name] = {"spec": dataclasses.asdict(site.spec), "head": site.is_head,
+                       "bias": getattr(adapter, "bias", None) is not None}
+    fit = dataclasses.asdict(trainer.user_fit[user])
+    fit.pop("device")
+    return {"sites": sites, "cola_config": cola.user_configs[user].to_dict(), "fit_config": fit}

@@ -1,0 +1,227 @@
+"""Jobs whose fits run on the user's device: `colaft client` against the real `colaft serve`.
+
+One server (tiny Llama, inline backend, a 3 s client timeout) for the module. The reference
+of every exactness check is the same job (same file, seed and hyperparameters) with its fits
+on the server's backend: synchronous staleness 0 gives the same adapter to round-off.
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from serve_helpers import CHAT, REPO, Server, add_user, upload, wait_for, wait_job
+from tiny_models import tiny_llama_dir  # noqa: F401
+
+from colaft.checkpoint import state_from_bytes, state_to_bytes
+from colaft.packets import packets_from_bytes
+from colaft.remote import Client, build_owner
+
+HYPER = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 5}  # 12 rows: 6 steps
+TIMEOUT = 3.0  # --client-timeout of the test server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_llama_dir):  # noqa: F811
+    data = tmp_path_factory.mktemp("remote") / "data"
+    keys = {name: add_user(data, name) for name in ("alice", "bob")}
+    srv = Server(data, [f"llama={tiny_llama_dir}"], "--backend", "inline", "--client-timeout", str(TIMEOUT)).start()
+    srv.keys = keys
+    srv.openai = {name: srv.client(key) for name, key in keys.items()}
+    yield srv
+    srv.stop()
+
+
+def create(server, user: str, fit: str = "server", hyper=HYPER, seed: int = 5, **colaft):
+    client = server.openai[user]
+    f = upload(client, CHAT, f"{user}.jsonl")
+    return client.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters=hyper, seed=seed,
+                                          extra_body={"colaft": {"fit": fit, **colaft}})
+
+
+def adapter(server, user: str, job_id: str) -> dict[str, torch.Tensor]:
+    with server.http(server.keys[user]) as h:
+        r = h.get(f"/v1/fine_tuning/jobs/{job_id}/adapter?format=colaft")
+    assert r.status_code == 200, r.text
+    return st_load(zipfile.ZipFile(io.BytesIO(r.content)).read("adapters.safetensors"))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert any(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)  # it did train
+
+
+def messages(server, user: str, job_id: str) -> list[str]:
+    return [e.message for e in server.openai[user].fine_tuning.jobs.list_events(job_id, limit=1000)][::-1]
+
+
+def start_client(server, user: str, job_id: str) -> subprocess.Popen:
+    """`colaft client` in its own process (group), as a user would run it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLAFT_API_KEY": server.keys[user]}
+    return subprocess.Popen([sys.executable, "-c", "import sys; from colaft.cli import main; sys.exit(main())",
+                             "client", "--server", server.url, "--job", job_id, "--wait", "2"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """The job with its fits on the server (inline backend), trained once for the module."""
+    job = wait_job(server.openai["alice"], create(server, "alice").id, 120)
+    assert job.status == "succeeded", job.error
+    return adapter(server, "alice", job.id)
+
+
+def test_client_fit_job_equals_server_fit_job(server, reference):
+    job = create(server, "alice", "client")
+    assert job.model_extra["colaft"]["fit"] == "client"
+    proc = start_client(server, "alice", job.id)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert f"job {job.id}: succeeded, model ft:llama:{job.id}" in out
+    assert "6 messages fitted into versions 0..6 (6 updates pushed, 0 duplicates skipped, 0 resyncs)" in out
+    assert wait_job(server.openai["alice"], job.id).status == "succeeded"
+    assert_same(adapter(server, "alice", job.id), reference)
+    events = messages(server, "alice", job.id)
+    assert any("colaft client --job" in m for m in events)
+    assert any(m.startswith("The fit client connected") for m in events)
+
+
+def test_interval_and_staleness_on_the_client(server):
+    """I = 4 over 6 steps (a flush at the end) and S = 1: the Python API's Client finishes the job."""
+    job = create(server, "alice", "client", seed=9, interval=4, staleness=1)
+    summary = Client(server.url, server.keys["alice"], job.id, wait=2, quiet=True).run()
+    assert summary.status == "succeeded" and summary.messages == 7 and summary.updates == 2  # 6 pushes + flush
+    assert wait_job(server.openai["alice"], job.id).status == "succeeded"
+
+
+def test_server_fit_job_goes_on_while_the_client_job_waits_and_the_client_resumes(server, reference):
+    """Two users: bob's client-fit job (client SIGKILLed mid-job, restarted later) and alice's
+    server-fit job, which never waits for bob's client. Bob's adapter is the undisturbed one."""
+    long_hyper = {**HYPER, "n_epochs": 4}  # 12 steps
+    bob_job = create(server, "bob", "client", hyper=long_hyper)
+    proc = start_client(server, "bob", bob_job.id)
+    wait_for(lambda: any(e.type == "metrics" and e.data["step"] >= 3
+                         for e in server.openai["bob"].fine_tuning.jobs.list_events(bob_job.id, limit=100)), 60, 0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-job, possibly mid-fit or mid-push
+    proc.wait(10)
+    step_at_kill = _last_step(server, bob_job.id)
+    alice_job = create(server, "alice", hyper=long_hyper, seed=6)  # server fits, started while bob's waits
+    done = wait_job(server.openai["alice"], alice_job.id, 120)
+    assert done.status == "succeeded", done.error
+    wait_for(lambda: "Waiting for the fit client" in " ".join(messages(server, "bob", bob_job.id)), 30)
+    assert server.openai["bob"].fine_tuning.jobs.retrieve(bob_job.id).status == "running"
+    assert _last_step(server, bob_job.id) <= step_at_kill + 1  # S = 0: at most the step in flight ran
+
+    proc = start_client(server, "bob", bob_job.id)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert wait_job(server.openai["bob"], bob_job.id).status == "succeeded"
+    events = messages(server, "bob", bob_job.id)
+    assert "The fit client is back: training resumes" in events
+    steps = [e.data["step"] for e in server.openai["bob"].fine_tuning.jobs.list_events(bob_job.id, limit=1000)
+             if e.type == "metrics"][::-1]
+    assert steps == list(range(1, 13))  # every step once
+    undisturbed = create(server, "bob", "client", hyper=long_hyper)
+    assert Client(server.url, server.keys["bob"], undisturbed.id, wait=2, quiet=True).run().status == "succeeded"
+    assert_same(adapter(server, "bob", bob_job.id), adapter(server, "bob", undisturbed.id))
+
+
+def _last_step(server, job_id: str) -> int:
+    return max((e.data["step"] for e in server.openai["bob"].fine_tuning.jobs.list_events(job_id, limit=100)
+                if e.type == "metrics"), default=0)
+
+
+def test_duplicate_and_stale_pushes_are_refused_and_not_applied(server, reference):
+    job = create(server, "alice", "client")
+    with server.http(server.keys["alice"]) as h:
+        base = f"/v1/fine_tuning/jobs/{job.id}/fit"
+        r = wait_for(lambda: (r := h.get(base + "/state")).status_code == 200 and r)
+        state, meta = state_from_bytes(r.content)
+        assert (meta["version"], meta["seq"]) == (0, 0)
+        owner = build_owner(job.id, meta, state)
+        r = h.get(base + "/packets", params={"after": 0, "wait": 10})
+        assert r.status_code == 200
+        update = owner.push(packets_from_bytes(r.content))
+        first = state_to_bytes(owner.state(), {"version": 1, "seq": 1})
+        assert h.post(base + "/updates", content=first).status_code == 200
+        for body, code in [(first, "duplicate_update"),  # the same push again
+                           (state_to_bytes(state, {"version": 0, "seq": 1}), "duplicate_update"),  # older
+                           (state_to_bytes({**owner.state(), "version": 3}, {"version": 3, "seq": 1}),
+                            "unexpected_update"),  # skips versions
+                           (state_to_bytes({**owner.state(), "version": 2}, {"version": 2, "seq": 1}),
+                            "unexpected_update")]:  # message 1 is answered already
+            r = h.post(base + "/updates", content=body)
+            assert r.status_code == 409 and r.json()["error"]["code"] == code, r.text
+        assert h.post(base + "/updates", content=b"not safetensors").status_code == 400
+        _, meta = state_from_bytes(h.get(base + "/state").content)
+        assert (meta["version"], meta["seq"]) == (1, 1)  # applied once
+        assert update.version == 1
+    # the real client takes over from version 1 and ends with the reference adapter
+    summary = Client(server.url, server.keys["alice"], job.id, wait=2, quiet=True).run()
+    assert summary.status == "succeeded" and (summary.start_version, summary.version) == (1, 6)
+    assert_same(adapter(server, "alice", job.id), reference)
+
+
+def test_only_the_owner_pulls_and_pushes(server):
+    job = create(server, "alice", "client", seed=11)
+    base = f"/v1/fine_tuning/jobs/{job.id}/fit"
+    with server.http(server.keys["bob"]) as h:
+        for method, path in [("GET", "/state"), ("GET", "/packets?after=0&wait=0"), ("POST", "/updates")]:
+            r = h.request(method, base + path, content=b"x" if method == "POST" else None)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+    for key in (None, "sk-colaft-wrong"):
+        with server.http(key) as h:
+            for method, path in [("GET", "/state"), ("GET", "/packets?after=0"), ("POST", "/updates")]:
+                assert h.request(method, base + path).status_code == 401
+    with pytest.raises(ValueError, match="404"):  # the CLI says so and exits non-zero
+        from colaft.remote import ClientError
+        try:
+            Client(server.url, server.keys["bob"], job.id, quiet=True).run()
+        except ClientError as e:
+            raise ValueError(str(e)) from None
+    server.openai["alice"].fine_tuning.jobs.cancel(job.id)
+    server_job = create(server, "alice", seed=12)  # a server-fit job has no fit endpoints
+    with server.http(server.keys["alice"]) as h:
+        r = h.get(f"/v1/fine_tuning/jobs/{server_job.id}/fit/state")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "not_a_client_job"
+    with server.http(server.keys["alice"]) as h:
+        r = h.post("/v1/fine_tuning/jobs", json={"model": "llama", "training_file": server_job.training_file,
+                                                 "colaft": {"staleness": 2}})
+        assert r.status_code == 422 and "client-fit" in r.json()["error"]["message"]
+
+
+def test_channel_gates_the_job_on_its_fits_in_flight():
+    """The engine's view without a server: S = 1, I = 2; an accepted update counts as in flight
+    until the engine takes it; a client at a version the server does not hold must resync."""
+    from colaft.serve.fits import Channel, Refused
+
+    state = {"adapters": {"s": {"w": torch.zeros(2, 2)}}, "optimizer": {}, "scheduler": {}, "version": 0,
+             "pending": [], "pending_steps": 0}
+    woken = []
+    ch = Channel("job", interval=2, staleness=1, state=state, seq=0, info={}, wake=lambda: woken.append(1))
+    assert ch.runnable(60)
+    ch.offer("push", [])
+    ch.offer("push", [])  # message 2 ends a fit
+    assert ch.fits_in_flight() == 1 and ch.runnable(60)
+    ch.offer("push", [])
+    ch.offer("push", [])  # a second fit in flight: past S = 1
+    assert ch.fits_in_flight() == 2 and not ch.runnable(60)
+    with pytest.raises(Refused, match="fetch fit/state"):
+        ch.pull(after=4, wait=0, version=3)  # e.g. the server went back to a checkpoint
+    with pytest.raises(Refused) as e:
+        ch.push(1, 4, {**state, "version": 1}, False)  # message 2 is the next fit, not 4
+    assert e.value.code == "unexpected_update"
+    ch.push(1, 2, {**state, "version": 1}, False)
+    assert woken and ch.fits_in_flight() == 2  # accepted, not yet applied by the engine
+    assert [a.version for a in ch.take_updates()] == [1] and ch.fits_in_flight() == 1 and ch.runnable(60)
+    assert [m.seq for m in ch.pull(after=2, wait=0, version=1)[0]] == [3, 4]
+    assert not ch.runnable(-1)  # its client not seen within the timeout: the job waits
