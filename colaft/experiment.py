@@ -175,11 +175,11 @@ class _Runs:
         if not run.exists():
             log = self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}.log"
             tail = log.read_text().strip().splitlines()[-1:] if log.exists() else ["not run"]
-            return {"error": tail[0] if tail else "failed", "log": str(log)}
+            return {"error": tail[0] if tail else "failed", "log": str(log.relative_to(self.out))}
         result = json.loads(run.read_text())
         wall = self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}.wall"
         result["wall_seconds"] = float(wall.read_text().split()[0]) if wall.exists() else None
-        result["folder"] = str(self.folder(*key))
+        result["folder"] = str(self.folder(*key).relative_to(self.out))  # results.json moves with its folder
         return result
 
 
@@ -276,7 +276,7 @@ def curves(out: Path, runs: list[dict], metric: str) -> None:
             by_method.setdefault(run["method"], []).append(run)
     colors = [f"C{i}" for i in range(10)] + ["black", "tab:olive", "tab:cyan"]
     for (method, mine), color in zip(by_method.items(), colors):
-        histories = [[json.loads(line) for line in open(Path(r["folder"]) / "metrics.jsonl")] for r in mine]
+        histories = [[json.loads(line) for line in open(out / r["folder"] / "metrics.jsonl")] for r in mine]
         losses = [[h["loss"] for h in hist if h["split"] == "train"] for hist in histories]
         length = min(map(len, losses))
         mean = [statistics.mean(seq[i] for seq in losses) for i in range(length)]
