@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
+from colaft.server import element_losses
 from colaft.users import FitConfig, optimizer_and_schedule
 
 METHODS = ("full", "lora", "adalora", "ia3", "prompt", "prefix", "ptuning")
@@ -125,6 +127,11 @@ class BackpropTrainer:
         users = users or batch.pop("users", None)
         out = self.model(**batch, users=users)
         out.loss.backward()
+        loss = out.loss.item()
+        if self._adalora:  # its loss holds an orthogonality penalty: report the task's loss, as the others do
+            with torch.no_grad():
+                losses, weights = element_losses(self.model.model, out, batch)
+                loss = ((losses * weights).sum() / weights.sum()).item()
         self.optimizer.step()
         self.scheduler.step()
         self.steps += 1
@@ -132,7 +139,7 @@ class BackpropTrainer:
             self.model.net.base_model.update_and_allocate(self.steps)
         self.optimizer.zero_grad(set_to_none=True)
         self.stats["steps"] = self.stats["version"] = self.steps
-        return out.loss.item()
+        return loss
 
     @property
     def lr(self) -> float:
