@@ -86,6 +86,9 @@ def test_ray_backend_starts_and_stops_its_own_instance(tmp_path, monkeypatch):
     assert ray.is_initialized() and new_children() - before and backend.temp_dir.is_dir()
     trainer = Trainer(build(["user.0"]), backend=backend)
     trainer.step(text_batch(0))
+    # its workers run at the server's priority (Ray's default, nice 15, starves the fits the
+    # server waits for whenever other work keeps the cores busy)
+    assert psutil.Process(ray.get(backend.actors[0].pid.remote())).nice() == os.nice(0)
     # a second backend in the process (a service's second model) shares the instance: whichever
     # closes first, the other's actors go on, and the last to close stops Ray
     other = Trainer(build(["user.1"]), backend=ray_backend.RayBackend(workers=1))

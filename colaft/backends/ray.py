@@ -159,8 +159,10 @@ def start_local(temp_dir: str | Path | None = None, num_cpus: int | None = None)
 
     try:
         # "local": a new instance even if RAY_ADDRESS or another local instance is around
+        # worker_niceness: Ray starts workers at nice 15, so that an owner's fit, which the server
+        # waits for, starves whenever the server's own threads keep the cores busy
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, _temp_dir=str(folder))
+                 logging_level=logging.ERROR, _temp_dir=str(folder), _system_config={"worker_niceness": 0})
     except BaseException:
         stop()
         raise
