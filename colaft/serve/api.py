@@ -89,7 +89,9 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     def health():
         return {"status": "ok", "models": list(service.engines),
-                "ready": all(e.ready.is_set() for e in service.engines.values())}
+                "ready": all(e.ready.is_set() for e in service.engines.values()),
+                "training": {m: {"steps": e.steps, "rows": e.rows, "step_seconds": round(e.step_seconds, 6),
+                                 "running_jobs": len(e.runs)} for m, e in service.engines.items()}}
 
     return app
 

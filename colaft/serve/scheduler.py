@@ -99,7 +99,9 @@ class Engine(JobLifecycle):
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=f"colaft-engine-{model_id}", daemon=True)
         self.ready = threading.Event()
-        self.steps = 0
+        self.steps = 0  # training steps taken since the server started (each mode's batch counts one)
+        self.rows = 0  # rows trained in them
+        self.step_seconds = 0.0  # time inside Trainer.step
 
     # ------------------------------------------------------------- called from the API's threads
     def start(self) -> None:
@@ -264,6 +266,8 @@ class Engine(JobLifecycle):
         seconds = time.perf_counter() - start
         losses = self.trainer.last_user_losses
         self.steps += 1
+        self.rows += len(batch["users"])
+        self.step_seconds += seconds
         log.info("%s: step %d: %d jobs, %d rows, %s mode, %.3f s", self.id, self.steps, len(runs),
                  len(batch["users"]), mode, seconds)
         with self.db.session() as s:  # jobs cancelled during the step get no more events
