@@ -82,6 +82,7 @@ class Sample:
 class Recorder:
     samples: list[Sample] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    wall_zero: float = field(default_factory=lambda: time.time() - time.perf_counter())
 
     async def call(self, http: httpx.AsyncClient, kind: str, phase: str, method: str, url: str, **kw):
         t0 = time.perf_counter()
@@ -149,7 +150,9 @@ class ServerProcess:
     def __init__(self, data: Path, model: str, backend: str, log: Path, extra: tuple[str, ...] = ()):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        here = str(Path(__file__).resolve().parents[2])  # the server runs this colaft, however it is installed
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "colaft.cli", "serve", "--model", f"bench={model}", "--backend", backend,
@@ -319,8 +322,14 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
                 (tmp / "clients.json").write_text(json.dumps(client_jobs))
                 clients = subprocess.Popen([sys.executable, "-c", "from colaft.bench.serve_load import clients_main; "
                                             "clients_main()", str(tmp / "clients.json")], stdout=subprocess.PIPE,
-                                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH":
+                                                           str(Path(__file__).resolve().parents[2])},
                                            start_new_session=True)
+            # the first steps start the backend and add every job's owner: wait them out, then warm up
+            first = health(server.url)["steps"]
+            deadline = time.monotonic() + settings.ramp_timeout
+            while health(server.url)["steps"] < first + 3 and time.monotonic() < deadline:
+                time.sleep(0.5)
             time.sleep(settings.warmup)
             windows = []
             for p in range(settings.pairs):
@@ -346,7 +355,11 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
                 os.killpg(clients.pid, signal.SIGKILL)
                 clients.wait(10)
             server.stop()
-            server_log = (tmp / "server.log").read_text()[-4000:]
+            server_log = (tmp / "server.log").read_text()
+            if settings.log_level != "warning":  # asked for the server's log: keep it whole, next to the report
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "serve-server.log").write_text(server_log)
+            server_log = server_log[-4000:]
     data = _summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log)
     write_report(out, "serve", markdown(data), data)
     return data
@@ -367,6 +380,7 @@ def _stats(samples: list[Sample]) -> dict:
 
 def _summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log) -> dict:
     load_windows = [w for w in windows if w["phase"] == "load"]
+    t_zero = min((x.start for x in rec.samples), default=0.0)
     in_load = [s for s in rec.samples if s.phase == "load"]
     load_seconds = sum(w["seconds"] for w in load_windows)
     by_kind = {}
@@ -401,6 +415,10 @@ def _summarise(settings, info, command, rec, windows, ramp_seconds, client_resul
                     "status_p99_under_100ms": status["p99_ms"] is not None and status["p99_ms"] < 100,
                     "throughput_within_20pct": ratio is not None and ratio >= 0.8},
         "clients": client_results, "server_log_tail": server_log,
+        "wall_zero": rec.wall_zero + t_zero,  # Unix time of the first request (to match the server's log)
+        "slowest": [{"kind": x.kind, "phase": x.phase, "at_s": round(x.start - t_zero, 3), "ms": round(1000 * x.seconds, 1),
+                     "status": x.status} for phase in ("ramp", "load")
+                    for x in sorted((y for y in rec.samples if y.phase == phase), key=lambda y: -y.seconds)[:15]],
     }
 
 
