@@ -180,8 +180,11 @@ def serve_command(
         help="tiny (2-layer, 64-wide Llama, random weights), a built-in model or a folder.")] = "tiny",
     backend: Annotated[str, typer.Option(help="The server's backend for server fits.")] = "process",
     think: Annotated[float, typer.Option(help="Seconds (±50%) a user waits between requests under load.")] = 1.0,
-    window: Annotated[float, typer.Option(help="Seconds of each quiet or load window.")] = 10.0,
-    pairs: Annotated[int, typer.Option(help="(quiet, load) window pairs.")] = 2,
+    window: Annotated[float, typer.Option(help="Seconds of each quiet or load window.")] = 15.0,
+    pairs: Annotated[int, typer.Option(help="(quiet, load) window pairs, in ABBA order.")] = 3,
+    checkpoint_every: Annotated[int, typer.Option(help="The server's --checkpoint-every.")] = 1000,
+    log_level: Annotated[str, typer.Option(
+        help="The server's log level; other than warning, its whole log is kept as serve-server.log.")] = "warning",
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
 ) -> None:
     """The service under load: many users' requests while training runs, vs the same jobs with no traffic."""
@@ -192,7 +195,8 @@ def serve_command(
         users, window, pairs, warmup = min(users, 8), min(window, 3.0), 1, 1.0
         client_every = client_every and min(client_every, 4)
     settings = Settings(users=users, client_every=client_every, model=model, backend=backend, think=think,
-                        window=window, pairs=pairs, warmup=warmup)
+                        window=window, pairs=pairs, warmup=warmup, checkpoint_every=checkpoint_every,
+                        log_level=log_level)
     start = time.perf_counter()
 
     def log(msg: str) -> None:

@@ -57,12 +57,15 @@ class Settings:
     staleness: int = 1
     think: float = 1.0
     """Seconds a user waits between its requests in the load windows."""
-    window: float = 10.0
-    pairs: int = 2
+    window: float = 15.0
+    pairs: int = 3
     """(quiet, load) window pairs."""
     warmup: float = 5.0
     """Seconds of training between the ramp and the first window."""
     ramp_timeout: float = 300.0
+    checkpoint_every: int = 1000
+    """The server's --checkpoint-every. Large by default: a checkpoint pass over all jobs at once
+    (64 jobs: ~2 s of the engine) landing in one window and not the other would swamp the ratio."""
     log_level: str = "warning"
     """The server's log level (its log's tail is kept in the JSON report)."""
     upload_every: int = 10
@@ -242,36 +245,53 @@ async def _ramp(url: str, keys: list[str], settings: Settings, rec: Recorder) ->
     return await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
 
 
-async def _poll(url: str, key: str, job: str, i: int, settings: Settings, rec: Recorder, stop: asyncio.Event):
-    rnd = random.Random(i)
+async def _poll(h: httpx.AsyncClient, job: str, i: int, settings: Settings, rec: Recorder, stop: asyncio.Event,
+                pause: random.Random):
     n = 0
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
-        await asyncio.sleep(rnd.uniform(0, settings.think))  # spread the users' first requests
-        while not stop.is_set():
-            n += 1
-            if n % 2:
-                await rec.call(h, "status", "load", "GET", f"/v1/fine_tuning/jobs/{job}")
-            else:
-                await rec.call(h, "events", "load", "GET", f"/v1/fine_tuning/jobs/{job}/events",
-                               params={"limit": 20})
-            if settings.upload_every and n % settings.upload_every == 0:
-                await asyncio.sleep(rnd.uniform(0.5, 1.5) * settings.think)
-                await rec.call(h, "upload", "load", "POST", "/v1/files", data={"purpose": "fine-tune"},
-                               files={"file": (f"more{i}.jsonl", _records(i + n, settings.rows))})
-                await asyncio.sleep(rnd.uniform(0.5, 1.5) * settings.think)
-                await rec.call(h, "files", "load", "GET", "/v1/files")
-            await asyncio.sleep(rnd.uniform(0.5, 1.5) * settings.think)
+    await asyncio.sleep(pause.uniform(0, settings.think))  # spread the users' first requests
+    while not stop.is_set():
+        n += 1
+        if n % 2:
+            await rec.call(h, "status", "load", "GET", f"/v1/fine_tuning/jobs/{job}")
+        else:
+            await rec.call(h, "events", "load", "GET", f"/v1/fine_tuning/jobs/{job}/events", params={"limit": 20})
+        if settings.upload_every and n % settings.upload_every == 0:
+            await asyncio.sleep(pause.uniform(0.5, 1.5) * settings.think)
+            await rec.call(h, "upload", "load", "POST", "/v1/files", data={"purpose": "fine-tune"},
+                           files={"file": (f"more{i}.jsonl", _records(i + n, settings.rows))})
+            await asyncio.sleep(pause.uniform(0.5, 1.5) * settings.think)
+            await rec.call(h, "files", "load", "GET", "/v1/files")
+        await asyncio.sleep(pause.uniform(0.5, 1.5) * settings.think)
 
 
-async def _load_window(url: str, keys: list[str], jobs: list[str], settings: Settings, rec: Recorder) -> dict:
-    stop = asyncio.Event()
-    before, t0 = await asyncio.to_thread(health, url), time.perf_counter()
-    tasks = [asyncio.create_task(_poll(url, k, j, i, settings, rec, stop)) for i, (k, j) in enumerate(zip(keys, jobs))]
-    await asyncio.sleep(settings.window)
-    after, t1 = await asyncio.to_thread(health, url), time.perf_counter()
-    stop.set()
-    await asyncio.gather(*tasks)
-    return _window("load", before, after, t1 - t0, t0, t1)
+async def _windows(url: str, keys: list[str], jobs: list[str], settings: Settings, rec: Recorder,
+                   log: Callable[[str], None]) -> list[dict]:
+    """The (quiet, load) pairs, ABBA order. Every user's connection is opened once, before the
+    first window, so that no window starts with 64 connections being set up at once."""
+    clients = [httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=60) for k in keys]
+    pauses = [random.Random(i) for i in range(len(keys))]
+    windows = []
+    try:
+        for p in range(settings.pairs):
+            for phase in (("quiet", "load") if p % 2 == 0 else ("load", "quiet")):
+                stop = asyncio.Event()
+                before, t0 = await asyncio.to_thread(health, url), time.perf_counter()
+                tasks = [] if phase == "quiet" else [
+                    asyncio.create_task(_poll(h, j, i, settings, rec, stop, pauses[i]))
+                    for i, (h, j) in enumerate(zip(clients, jobs))]
+                await asyncio.sleep(settings.window)
+                after, t1 = await asyncio.to_thread(health, url), time.perf_counter()
+                stop.set()
+                await asyncio.gather(*tasks)
+                w = _window(phase, before, after, t1 - t0, t0, t1)
+                w["pair"] = p
+                windows.append(w)
+                log(f"pair {p} {phase:5}: {w['steps']} steps, {w['rows_per_s']:.1f} rows/s, "
+                    f"{w['steps_per_s']:.2f} steps/s")
+    finally:
+        for h in clients:
+            await h.aclose()
+    return windows
 
 
 def _window(phase: str, before: dict, after: dict, seconds: float, t0: float, t1: float) -> dict:
@@ -279,13 +299,6 @@ def _window(phase: str, before: dict, after: dict, seconds: float, t0: float, t1
     return {"phase": phase, "seconds": seconds, "steps": steps, "rows": rows, "steps_per_s": steps / seconds,
             "rows_per_s": rows / seconds, "step_seconds": after["step_seconds"] - before["step_seconds"],
             "running_jobs": after["running_jobs"], "t0": t0, "t1": t1}
-
-
-def _quiet_window(url: str, settings: Settings) -> dict:
-    before, t0 = health(url), time.perf_counter()
-    time.sleep(settings.window)
-    after, t1 = health(url), time.perf_counter()
-    return _window("quiet", before, after, t1 - t0, t0, t1)
 
 
 # ---------------------------------------------------------------- the run
@@ -303,7 +316,8 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
         db = Database(f"sqlite:///{data / 'colaft.db'}")
         keys = [auth.add_user(db, f"user{i}")[1] for i in range(settings.users)]
         db.close()
-        server = ServerProcess(data, model, settings.backend, tmp / "server.log", ("--log-level", settings.log_level))
+        server = ServerProcess(data, model, settings.backend, tmp / "server.log", ("--log-level", settings.log_level,
+                                                                                 "--checkpoint-every", str(settings.checkpoint_every)))
         clients = None
         try:
             t = time.perf_counter()
@@ -331,15 +345,7 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
             while health(server.url)["steps"] < first + 3 and time.monotonic() < deadline:
                 time.sleep(0.5)
             time.sleep(settings.warmup)
-            windows = []
-            for p in range(settings.pairs):
-                for phase in (("quiet", "load") if p % 2 == 0 else ("load", "quiet")):
-                    w = _quiet_window(server.url, settings) if phase == "quiet" else \
-                        asyncio.run(_load_window(server.url, keys, jobs, settings, rec))
-                    w["pair"] = p
-                    windows.append(w)
-                    log(f"pair {p} {phase:5}: {w['steps']} steps, {w['rows_per_s']:.1f} rows/s, "
-                        f"{w['steps_per_s']:.2f} steps/s")
+            windows = asyncio.run(_windows(server.url, keys, jobs, settings, rec, log))
             for key, job in zip(keys, jobs):
                 r = httpx.post(f"{server.url}/v1/fine_tuning/jobs/{job}/cancel",
                                headers={"Authorization": f"Bearer {key}"}, timeout=60)
@@ -433,7 +439,8 @@ def markdown(data: dict) -> str:
         f"{s['batch_size']}); {n_client} of the jobs fit on their client (staleness {s['staleness']}), the others "
         f"on the server ({s['backend']} backend). Load windows: every user polls its job's status and events, "
         f"uploads and lists files, {s['think']:g} s (±50%) between requests; quiet windows: no API traffic, the "
-        f"same jobs. {s['pairs']} (quiet, load) pairs of {s['window']:g} s.", "",
+        f"same jobs. {s['pairs']} (quiet, load) pairs of {s['window']:g} s, in ABBA order; the server checkpoints every "
+        f"{s['checkpoint_every']} steps.", "",
         f"- requests: {req['total']} in all, **{req['failed']} failed**; {req['load_rps']:.1f} requests/s in "
         f"the load windows" if req["load_rps"] else f"- requests: {req['total']}, {req['failed']} failed",
         f"- status calls in the load windows (GET /v1/fine_tuning/jobs/ID): p50 {st['p50_ms']:.1f} ms, "
