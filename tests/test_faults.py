@@ -96,7 +96,9 @@ def test_a_killed_server_resumes_client_and_server_fit_jobs_exactly(tmp_path, ti
             assert wait_job(client, job.id, 120).status == "succeeded"
         fitter.join(60)
         (summary,) = summaries
-        assert summary.status == "succeeded" and summary.resyncs >= 1  # it went back to the checkpoint
+        # the client resyncs to the server's state when it had fitted past the checkpoint the
+        # server came back at (not when the kill fell just after a checkpoint): no assertion on it
+        assert summary.status == "succeeded"
         assert_same(adapter_of(srv, key, client_job.id), adapter_of(srv, key, ref_client_job.id))
         assert_same(adapter_of(srv, key, server_job.id), adapter_of(srv, key, ref_server_job.id))
         for job, total in ((client_job, TOTAL), (server_job, 3 * LONG["n_epochs"])):
