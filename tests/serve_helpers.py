@@ -55,8 +55,9 @@ class Server:
         self.log = data_dir.parent / f"{data_dir.name}-server.log"
         self.proc = None
 
-    def start(self, timeout: float = 120.0) -> "Server":
-        self.port = free_port()
+    def start(self, timeout: float = 120.0, port: int | None = None) -> "Server":
+        """`port`: the same one again (a client that outlives the server finds it there), else a free one."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-c", "import sys; from colaft.cli import main; sys.exit(main())", "serve",
                 *[a for m in self.models for a in ("--model", m)], "--data-dir", str(self.data_dir),

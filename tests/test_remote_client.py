@@ -225,3 +225,28 @@ def test_channel_gates_the_job_on_its_fits_in_flight():
     assert [a.version for a in ch.take_updates()] == [1] and ch.fits_in_flight() == 1 and ch.runnable(60)
     assert [m.seq for m in ch.pull(after=2, wait=0, version=1)[0]] == [3, 4]
     assert not ch.runnable(-1)  # its client not seen within the timeout: the job waits
+
+
+def test_waiting_clients_do_not_hold_up_other_requests(server):
+    """More long polls waiting at once than anyio's default 40 threads: a status call still answers at once."""
+    import concurrent.futures
+    import time
+
+    job = create(server, "alice", "client", seed=13)
+    base = f"/v1/fine_tuning/jobs/{job.id}/fit/packets"
+    with server.http(server.keys["alice"]) as h:
+        wait_for(lambda: h.get(base, params={"after": 0, "wait": 10}).status_code == 200)  # step 1's packets
+    polls = 48
+
+    def poll(_):  # S = 0: no step 2 before step 1's update, so each waits its 4 s
+        with server.http(server.keys["alice"]) as h:
+            return h.get(base, params={"after": 1, "version": 0, "wait": 4}).status_code
+    with concurrent.futures.ThreadPoolExecutor(polls) as pool:
+        waiting = [pool.submit(poll, i) for i in range(polls)]
+        time.sleep(1.0)  # every poll is in
+        t = time.perf_counter()
+        assert server.openai["alice"].fine_tuning.jobs.retrieve(job.id).status == "running"
+        seconds = time.perf_counter() - t
+        assert [f.result() for f in waiting] == [204] * polls
+    assert seconds < 2.0, seconds  # not behind the polls' 4 s
+    server.openai["alice"].fine_tuning.jobs.cancel(job.id)

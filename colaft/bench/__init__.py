@@ -168,3 +168,40 @@ def users_command(
     data = run_users(settings, out, command=_command_line("users"), log=log)
     typer.echo(summary(data))
     typer.echo(f"report: {out / ('users-' + data['model'].replace(':', '_').replace(',', '_').replace('=', '-'))}.md")
+
+
+@bench_app.command("serve")
+def serve_command(
+    quick: Annotated[bool, typer.Option(help="8 users, short windows: a smoke test.")] = False,
+    users: Annotated[int, typer.Option(help="Simulated users, each with its own API key and job.")] = 64,
+    client_every: Annotated[int, typer.Option(
+        help="Every so many users' jobs fit on the user's client (colaft.remote.Client); 0: none.")] = 8,
+    model: Annotated[str, typer.Option(
+        help="tiny (2-layer, 64-wide Llama, random weights), a built-in model or a folder.")] = "tiny",
+    backend: Annotated[str, typer.Option(help="The server's backend for server fits.")] = "process",
+    think: Annotated[float, typer.Option(help="Seconds (±50%) a user waits between requests under load.")] = 1.0,
+    window: Annotated[float, typer.Option(help="Seconds of each quiet or load window.")] = 15.0,
+    pairs: Annotated[int, typer.Option(help="(quiet, load) window pairs, in ABBA order.")] = 3,
+    checkpoint_every: Annotated[int, typer.Option(help="The server's --checkpoint-every.")] = 1000,
+    log_level: Annotated[str, typer.Option(
+        help="The server's log level; other than warning, its whole log is kept as serve-server.log.")] = "warning",
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
+) -> None:
+    """The service under load: many users' requests while training runs, vs the same jobs with no traffic."""
+    from colaft.bench.serve_load import Settings, run_serve, summary
+
+    warmup = 5.0
+    if quick:
+        users, window, pairs, warmup = min(users, 8), min(window, 3.0), 1, 1.0
+        client_every = client_every and min(client_every, 4)
+    settings = Settings(users=users, client_every=client_every, model=model, backend=backend, think=think,
+                        window=window, pairs=pairs, warmup=warmup, checkpoint_every=checkpoint_every,
+                        log_level=log_level)
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
+
+    data = run_serve(settings, out, command=_command_line("serve"), log=log)
+    typer.echo(summary(data))
+    typer.echo(f"report: {out / 'serve.md'}")

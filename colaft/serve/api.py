@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +27,11 @@ from colaft.serve.routes import dashboard, files, fit, inference, jobs
 from colaft.serve.routes.common import APIError, Service, error_response
 
 __all__ = ["APIError", "Service", "create_app"]
+
+HTTP_THREADS = 256
+"""Threads that run the plain-function handlers. A client-fit job's long poll (fit/packets, up
+to 60 s) holds one while it waits; with anyio's default of 40, 40 waiting clients would leave
+every other request (a status call) queued behind them."""
 
 _TYPE_TAG = re.compile(r"[-\[]|^(int|float|str|bool|list|dict)$")
 
@@ -51,6 +57,7 @@ class UploadLimit:
 def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = HTTP_THREADS
         for engine in service.engines.values():
             engine.start()
         yield
@@ -89,7 +96,9 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     def health():
         return {"status": "ok", "models": list(service.engines),
-                "ready": all(e.ready.is_set() for e in service.engines.values())}
+                "ready": all(e.ready.is_set() for e in service.engines.values()),
+                "training": {m: {"steps": e.steps, "rows": e.rows, "step_seconds": round(e.step_seconds, 6),
+                                 "running_jobs": len(e.runs)} for m, e in service.engines.items()}}
 
     return app
 

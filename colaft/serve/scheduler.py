@@ -47,6 +47,10 @@ from colaft.tasks import get_task
 log = logging.getLogger("colaft.serve")
 
 
+CHECKPOINTS_PER_STEP = 4
+"""Periodic (resume-only) checkpoints taken after one training step at most; the rest wait."""
+
+
 def default_backend() -> str:
     """"process" when that backend is installed (fits off the server's process), else "inline"."""
     return "process" if "process" in BACKENDS else "inline"
@@ -92,6 +96,7 @@ class Engine(JobLifecycle):
         # finished personal jobs whose adapters are loaded, least recently used first
         self.finished: OrderedDict[str, None] = OrderedDict()
         self._labels: dict[str, list] = {}  # classification job id -> its labels (index = head output)
+        self._due: OrderedDict[str, None] = OrderedDict()  # jobs whose periodic checkpoint waits its turn
         self._admits: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -99,7 +104,9 @@ class Engine(JobLifecycle):
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=f"colaft-engine-{model_id}", daemon=True)
         self.ready = threading.Event()
-        self.steps = 0
+        self.steps = 0  # training steps taken since the server started (each mode's batch counts one)
+        self.rows = 0  # rows trained in them
+        self.step_seconds = 0.0  # time inside Trainer.step
 
     # ------------------------------------------------------------- called from the API's threads
     def start(self) -> None:
@@ -264,6 +271,8 @@ class Engine(JobLifecycle):
         seconds = time.perf_counter() - start
         losses = self.trainer.last_user_losses
         self.steps += 1
+        self.rows += len(batch["users"])
+        self.step_seconds += seconds
         log.info("%s: step %d: %d jobs, %d rows, %s mode, %.3f s", self.id, self.steps, len(runs),
                  len(batch["users"]), mode, seconds)
         with self.db.session() as s:  # jobs cancelled during the step get no more events
@@ -290,9 +299,20 @@ class Engine(JobLifecycle):
             elif r.step % r.steps_per_epoch == 0 and r.step >= r.total_steps - (LISTED - 1) * r.steps_per_epoch:
                 self._checkpoint(r, listed=True)
             elif r.step % self.settings.checkpoint_every == 0:
-                self._checkpoint(r, listed=False)
+                self._due[r.job_id] = None
             if r.step % r.steps_per_epoch == 0:
                 r.losses = []  # the checkpoints' train_loss is the mean over their epoch
+        self._periodic_checkpoints()
+
+    def _periodic_checkpoints(self) -> None:
+        """At most CHECKPOINTS_PER_STEP of the due periodic checkpoints after a step, oldest first:
+        jobs created together fall due together (64 at once stopped training for ~2 s); the
+        others wait a step or more, and are taken at the step they have reached then."""
+        for _ in range(min(CHECKPOINTS_PER_STEP, len(self._due))):
+            job_id, _ = self._due.popitem(last=False)
+            run = self.runs.get(job_id)
+            if run is not None and run.saved_step != run.step:
+                self._checkpoint(run, listed=False)
 
     # ------------------------------------------------------------- inference
     def _serve(self) -> None:
