@@ -8,6 +8,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +32,12 @@ def _command_line(section: str) -> str:
     """The command as a user would type it, however it was started (colaft, python -m, a test)."""
     args = sys.argv[sys.argv.index(section) + 1:] if section in sys.argv else []
     return shlex.join(["colaft", "bench", section, *args])
+
+
+def _timed_log() -> Callable[[str], None]:
+    """Progress lines stamped with the seconds since the command started."""
+    start = time.perf_counter()
+    return lambda msg: typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
 
 
 @bench_app.command("server")
@@ -72,11 +79,7 @@ def server_command(
                         memory_runs=memory_runs, memory_steps=memory_steps, jobs=jobs, fit_repeats=fit_repeats,
                         max_seconds=max_seconds, budget=budget, threads=threads,
                         configs=only.split(",") if only else None)
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
-
+    log = _timed_log()
     data = run_server(model or ["smollm2-135m", "minilm-l6"], settings, out,
                       command=_command_line("server"), log=log)
     typer.echo(summary(data))
@@ -110,11 +113,7 @@ def offload_command(
                         threads=threads, block=block, rounds=rounds, steps=steps,
                         stalenesses=staleness or [0, 1, 2], batch_size=batch_size, max_length=max_length, lr=lr,
                         eval_examples=eval_examples, parts=[p.strip() for p in parts.split(",") if p.strip()])
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
-
+    log = _timed_log()
     run_offload(settings, out, command=_command_line("offload"), log=log)
     typer.echo((out / "offload.md").read_text())
     typer.echo(f"report: {out / 'offload.md'}")
@@ -160,11 +159,7 @@ def users_command(
                         seq_len=seq_len, ks=k_list, rank=rank, layout=layout, collaborative=collaborative,
                         types=types, peft=peft, rounds=rounds, warmup=warmup, memory_runs=memory_runs,
                         memory_steps=memory_steps, jobs=jobs, max_seconds=max_seconds, threads=threads)
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
-
+    log = _timed_log()
     data = run_users(settings, out, command=_command_line("users"), log=log)
     typer.echo(summary(data))
     typer.echo(f"report: {out / ('users-' + data['model'].replace(':', '_').replace(',', '_').replace('=', '-'))}.md")
@@ -197,11 +192,7 @@ def serve_command(
     settings = Settings(users=users, client_every=client_every, model=model, backend=backend, think=think,
                         window=window, pairs=pairs, warmup=warmup, checkpoint_every=checkpoint_every,
                         log_level=log_level)
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}")
-
+    log = _timed_log()
     data = run_serve(settings, out, command=_command_line("serve"), log=log)
     typer.echo(summary(data))
     typer.echo(f"report: {out / 'serve.md'}")
