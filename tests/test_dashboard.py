@@ -85,7 +85,10 @@ def test_dashboard_shows_only_the_key_holders_jobs_live(server):
             points = page.evaluate(POINTS, job.id)
             steps = [e.data["step"] for e in alice.fine_tuning.jobs.list_events(job.id, limit=1000).data
                      if e.type == "metrics" and e.data and "train_loss" in e.data]
-            assert [s for s, _ in points] == sorted(steps) and len(points) > early
+            assert [s for s, _ in points] == sorted(steps)
+            # the curve grew after the first look, unless the job had already ended by then (a
+            # busy machine): its status, seen changing without a reload above, shows the updates
+            assert len(points) > early or status_then == "succeeded"
             assert page.locator("#chart canvas").count() >= 1  # uPlot drew it
             expect(page.locator(".u-legend")).to_contain_text("validation loss")
             expect(page.locator("#events")).to_contain_text("The job has successfully completed")
