@@ -115,9 +115,7 @@ class BackpropTrainer:
         self.fit_config = FitConfig(**fit)
         self.optimizer, self.scheduler = optimizer_and_schedule(
             [p for p in model.net.parameters() if p.requires_grad], self.fit_config)
-        self._adalora = getattr(model.net, "peft_type", None) == "ADALORA" or \
-            type(getattr(model.net, "base_model", None)).__name__ == "AdaLoraModel"
-        self.steps = 0
+        self._adalora = type(getattr(model.net, "base_model", None)).__name__ == "AdaLoraModel"
         self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0, "packet_bytes_total": 0}
         self.last_user_losses: dict[str, float] = {}
 
@@ -134,11 +132,10 @@ class BackpropTrainer:
                 loss = ((losses * weights).sum() / weights.sum()).item()
         self.optimizer.step()
         self.scheduler.step()
-        self.steps += 1
+        self.stats["steps"] = self.stats["version"] = self.stats["steps"] + 1
         if self._adalora:  # AdaLoRA reallocates its ranks from this step's gradients
-            self.model.net.base_model.update_and_allocate(self.steps)
+            self.model.net.base_model.update_and_allocate(self.stats["steps"])
         self.optimizer.zero_grad(set_to_none=True)
-        self.stats["steps"] = self.stats["version"] = self.steps
         return loss
 
     @property

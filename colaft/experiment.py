@@ -145,6 +145,10 @@ class _Runs:
     def folder(self, method: str, lr: float, seed: int) -> Path:
         return self.out / "runs" / method / f"lr{_lr(lr)}-seed{seed}"
 
+    def log(self, key: tuple[str, float, int], suffix: str) -> Path:
+        """A run's output (.log) or its wall time and exit status (.wall)."""
+        return self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}{suffix}"
+
     def command(self, method: str, lr: float, seed: int) -> list[str]:
         return [sys.executable, "-m", "colaft.cli", "train", *self.common, *METHODS[method], "--lr", str(lr),
                 "--seed", str(seed), "--out", str(self.folder(method, lr, seed))]
@@ -160,7 +164,7 @@ class _Runs:
         return {k: self._result(k) for k in keys}
 
     def _one(self, key: tuple[str, float, int]) -> None:
-        log = self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}.log"
+        log = self.log(key, ".log")
         log.parent.mkdir(parents=True, exist_ok=True)
         env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}  # logs as they come
         start = time.perf_counter()
@@ -168,16 +172,16 @@ class _Runs:
             f.write(shlex.join(self.command(*key)) + "\n")
             f.flush()
             code = subprocess.run(self.command(*key), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        (self.out / "logs" / f"{log.stem}.wall").write_text(f"{time.perf_counter() - start:.1f} {code}\n")
+        self.log(key, ".wall").write_text(f"{time.perf_counter() - start:.1f} {code}\n")
 
     def _result(self, key: tuple[str, float, int]) -> dict:
         run = self.folder(*key) / "run.json"
         if not run.exists():
-            log = self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}.log"
+            log = self.log(key, ".log")
             tail = log.read_text().strip().splitlines()[-1:] if log.exists() else ["not run"]
             return {"error": tail[0] if tail else "failed", "log": str(log.relative_to(self.out))}
         result = json.loads(run.read_text())
-        wall = self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}.wall"
+        wall = self.log(key, ".wall")
         result["wall_seconds"] = float(wall.read_text().split()[0]) if wall.exists() else None
         result["folder"] = str(self.folder(*key).relative_to(self.out))  # results.json moves with its folder
         return result
