@@ -3,6 +3,7 @@
     methods x learning rates (on the first seed) -> the best rate of each method by the task's metric
     methods x seeds at that rate -> one `colaft train` run each, in its own process
     -> results.json (every run), results.md (mean ± spread per method), curves.png
+       (and with users: a per-user table in results.md, users.png)
 
 Every run is a plain `colaft train` run folder under runs/, so that each can be looked at,
 evaluated or reproduced alone; a finished run is kept, so a stopped experiment resumes
@@ -79,7 +80,8 @@ def experiment(
     train_option: Annotated[Optional[list[str]], typer.Option(
         help="Further `colaft train` option for every run, e.g. --train-option=--warmup=0.1 (repeatable).")] = None,
 ) -> int:
-    """Train every method on the same budget and seeds; write results.json, results.md and curves.png."""
+    """Train every method on the same budget and seeds; write results.json, results.md and curves.png
+    (users.png with users)."""
     job = get_task(task)
     out = out or Path("experiments") / task
     names = [m for m in METHODS if not m.startswith("users-")] if methods == "all" else \
@@ -129,9 +131,10 @@ def experiment(
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(table(report))
     curves(out, runs, job.recipe.metric)
+    plots = "curves.png" + (" and users.png" if users_plot(out, runs, job.recipe.metric) else "")
     print(table(report))
     failed = [r for r in runs if r.get("error")]
-    print(f"results in {out}/results.md, results.json and curves.png" +
+    print(f"results in {out}/results.md, results.json and {plots}" +
           (f"; {len(failed)} runs failed (see their logs)" if failed else ""))
     return 1 if failed else 0
 
@@ -248,20 +251,62 @@ def table(report: dict) -> str:
     return "\n".join(lines + _users_table(by_method, report["metric"])) + "\n"
 
 
+def _per_user(by_method: dict[str, list[dict]], metric: str) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Held-out `metric` per user, mean over seeds: before training, and after each method
+    (methods without per-user metrics left out; both empty without users)."""
+    def mean(per_seed: list[dict]) -> dict[str, float]:
+        users = sorted({u for s in per_seed for u in s})
+        return {u: statistics.mean(s[u][metric] for s in per_seed if u in s) for u in users}
+    runs = [r for rs in by_method.values() for r in rs if "users" in r.get("after", {})]
+    first = {r["seed"]: r for r in reversed(runs)}  # the seed's held-out split: the same before any method
+    after = {m: mean([r["after"]["users"] for r in rs if "users" in r.get("after", {})]) for m, rs in by_method.items()}
+    return mean([r["before"]["users"] for r in first.values()]), {m: v for m, v in after.items() if v}
+
+
 def _users_table(by_method: dict[str, list[dict]], metric: str) -> list[str]:
-    """Per user: held-out `metric` before and after each method (mean over seeds)."""
-    after = {m: [r["after"]["users"] for r in runs if "users" in r.get("after", {})] for m, runs in by_method.items()}
-    after = {m: per_seed for m, per_seed in after.items() if per_seed}
+    """Per user: held-out `metric` before and after each method, and how many users each method serves best."""
+    before, after = _per_user(by_method, metric)
     if not after:
         return []
-    before = next(r["before"]["users"] for runs in by_method.values() for r in runs if "before" in r)
-    users = sorted(before)
-    lines = ["", f"Held-out {metric} per user (mean over seeds):", "",
+    sign = 1 if metric in _LOWER_IS_BETTER else -1
+    best = {u: min(after, key=lambda m: sign * after[m].get(u, sign * math.inf)) for u in before}
+    lines = ["", f"Held-out {metric} per user (mean over seeds; before: the same held-out rows untrained; "
+                 "* the best method for that user):", "",
              "| user | before | " + " | ".join(after) + " |", "|---|---:|" + "---:|" * len(after)]
-    for u in users:
-        cells = [f"{statistics.mean(s[u][metric] for s in per_seed if u in s):.4f}" for per_seed in after.values()]
-        lines.append(f"| {u} | {before[u][metric]:.4f} | " + " | ".join(cells) + " |")
+    for u in before:
+        cells = [f"{v[u]:.4f}" + ("*" if best[u] == m else "") if u in v else "" for m, v in after.items()]
+        lines.append(f"| {u} | {before[u]:.4f} | " + " | ".join(cells) + " |")
+    lines.append("| best for | | " + " | ".join(f"{sum(b == m for b in best.values())} of {len(best)} users"
+                                              for m in after) + " |")
     return lines
+
+
+def users_plot(out: Path, runs: list[dict], metric: str) -> bool:
+    """users.png: each user's held-out `metric` after each method, less before (mean over seeds)."""
+    by_method: dict[str, list[dict]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    before, after = _per_user(by_method, metric)
+    if not after:
+        return False
+    users = list(before)
+    fig = Figure(figsize=(9, 0.32 * len(users) * len(after) ** 0.5 + 1.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    height = 0.8 / len(after)
+    for i, (method, values) in enumerate(after.items()):
+        ax.barh([j + (i - (len(after) - 1) / 2) * height for j in range(len(users))],
+                [values.get(u, math.nan) - before[u] for u in users], height, label=method, color=f"C{i}")
+    ax.set_yticks(range(len(users)), users, fontsize="small")
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    better = "lower" if metric in _LOWER_IS_BETTER else "higher"
+    ax.set(xlabel=f"held-out {metric} after training minus before (mean over seeds; {better} is better)",
+           title=f"each user's held-out {metric}")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "users.png")
+    return True
 
 
 def _mean_spread(values: list[float]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 
 import pytest
 import torch
@@ -138,6 +139,26 @@ def test_experiment_picks_rates_runs_seeds_resumes_and_shows_linear_cola_is_full
     assert main(args) == 0  # everything is done: nothing runs again
     assert [w.stat().st_mtime_ns for w in sorted((out / "logs").glob("*.wall"))] == stamps
     assert json.loads((out / "results.json").read_text())["runs"] == report["runs"]
+
+
+def test_collaboration_experiment_reports_every_user_for_every_mode(tiny_llama_dir, qa, tmp_path):  # noqa: F811
+    out = tmp_path / "users"
+    assert main(["experiment", "--task", "clm", "--model", str(tiny_llama_dir), "--train-option", f"--data={qa}",
+                 "--user-field", "topic", "--methods", "users-personal,users-collaborative,users-shared",
+                 "--seeds", "0,1", "--steps", "2", "--batch-size", "4", "--jobs", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["seed"]) for r in report["runs"]} == {(m, s) for m in ("users-personal",
+            "users-collaborative", "users-shared") for s in (0, 1)}
+    for run in report["runs"]:
+        assert set(run["after"]["users"]) == set(run["before"]["users"]) == {"films", "maths"}
+    lines = (out / "results.md").read_text().splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[lines.index(next(
+        line for line in lines if line.startswith("Held-out loss per user"))):]}
+    mean = statistics.mean(r["after"]["users"]["films"]["loss"] for r in report["runs"]
+                           if r["method"] == "users-shared")
+    assert f"{mean:.4f}" in rows["films"]
+    assert rows["best for"].count(" of 2 users") == 3 and rows["films"].count("*") == 1
+    assert (out / "users.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_experiment_refuses_unknown_methods_and_users_methods_without_users(tmp_path, capsys):
