@@ -276,6 +276,9 @@ def _users_table(by_method: dict[str, list[dict]], metric: str) -> list[str]:
     for u in before:
         cells = [f"{v[u]:.4f}" + ("*" if best[u] == m else "") if u in v else "" for m, v in after.items()]
         lines.append(f"| {u} | {before[u]:.4f} | " + " | ".join(cells) + " |")
+    # every user counts once here; the overall table above weighs users by their held-out tokens or rows
+    lines.append(f"| mean over users | {statistics.mean(before.values()):.4f} | "
+                 + " | ".join(f"{statistics.mean(v.values()):.4f}" for v in after.values()) + " |")
     lines.append("| best for | | " + " | ".join(f"{sum(b == m for b in best.values())} of {len(best)} users"
                                               for m in after) + " |")
     return lines

@@ -158,6 +158,9 @@ def test_collaboration_experiment_reports_every_user_for_every_mode(tiny_llama_d
                            if r["method"] == "users-shared")
     assert f"{mean:.4f}" in rows["films"]
     assert rows["best for"].count(" of 2 users") == 3 and rows["films"].count("*") == 1
+    maths = statistics.mean(r["after"]["users"]["maths"]["loss"] for r in report["runs"]
+                            if r["method"] == "users-shared")
+    assert rows["mean over users"].endswith(f" | {(mean + maths) / 2:.4f} |")  # shared is the last column
     assert (out / "users.png").read_bytes()[:4] == b"\x89PNG"
 
 
