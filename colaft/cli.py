@@ -60,6 +60,9 @@ def train(
     mode: Annotated[str, typer.Option(
         help="personal | collaborative (rows see the users' mean delta) | shared (one adapter trained on "
              "every user's rows, metrics still per user: the baseline of collaboration)")] = "personal",
+    user_weights: Annotated[str, typer.Option(
+        help="collaborative mode: each user's delta counts equally (equal), or by its training rows (rows).")
+    ] = "equal",
     method: Annotated[str, typer.Option(
         help="cola, or a backprop baseline: full | lora | adalora | ia3 | prompt | prefix | ptuning "
              "(PEFT's; they use --rank, --alpha, --dropout, --hidden).")] = "cola",
@@ -114,6 +117,8 @@ def train(
         raise ValueError(f"--mode {mode!r}: use one of personal, collaborative, shared")
     if mode == "shared" and not setup.multi:
         raise ValueError("--mode shared needs users (--user-field or --users) to report on")
+    if user_weights not in ("equal", "rows") or (user_weights == "rows" and mode != "collaborative"):
+        raise ValueError(f"--user-weights {user_weights!r}: equal, or rows with --mode collaborative")
     backend_options = _backend_options(backend, workers, ray_address, staleness, transfer_dtype)
     _set_threads()
     if backend == "process" or (backend == "ray" and ray_address is None):  # local workers: leave them cores
@@ -157,7 +162,9 @@ def train(
             if init_adapter:  # every user starts from the PEFT adapter
                 cola_model.load_peft(init_adapter, user=user)
             trainer.add_user(user, total_steps=user_steps[user])
-        cola_model.set_mode(mode)
+        # rows: a user with more data weighs more in the delta every row sees (a weighted mean)
+        rows = Counter(f["user"] for f in batches.dataset)
+        cola_model.set_mode(mode, {u: float(rows[u]) for u in names} if user_weights == "rows" else None)
     if shared:
         evaluated = loop.OneAdapter(cola_model)
     if multi:

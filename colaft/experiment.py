@@ -46,11 +46,13 @@ METHODS: dict[str, list[str]] = {
     # with users (--user-field or --users): the collaboration experiment
     "users-personal": ["--mode", "personal"],
     "users-collaborative": ["--mode", "collaborative"],
+    "users-collaborative-rows": ["--mode", "collaborative", "--user-weights", "rows"],
     "users-shared": ["--mode", "shared"],
 }
 """Method name -> its `colaft train` options. Merged ColA runs the server on W + ΔW: the same
 updates as unmerged (to round-off), at the base model's forward cost. The users-* methods
-need users: each user alone, the users' mean delta, one adapter for all (metrics per user)."""
+need users: each user alone, the users' mean delta (or weighted by their training rows), one
+adapter for all (metrics per user)."""
 
 _LOWER_IS_BETTER = {"loss", "perplexity"}
 

@@ -141,6 +141,28 @@ def test_experiment_picks_rates_runs_seeds_resumes_and_shows_linear_cola_is_full
     assert json.loads((out / "results.json").read_text())["runs"] == report["runs"]
 
 
+def test_collaborative_mode_weighs_users_by_their_training_rows(tiny_llama_dir, tmp_path, capsys):  # noqa: F811
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a, "topic": t}
+                                             for t, copies in (("films", 3), ("maths", 1)) for q, a in QA * copies])
+    out = tmp_path / "rows"
+    assert main(["train", "--task", "clm", "--model", str(tiny_llama_dir), "--data", str(qa), "--user-field", "topic",
+                 "--mode", "collaborative", "--user-weights", "rows", "--batch-size", "4", "--max-steps", "2",
+                 "--out", str(out)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): int(line.split(" | ")[1]) for line in
+            (out / "users.md").read_text().splitlines()[2:] if not line.startswith("| all")}
+    assert rows["films"] > 2 * rows["maths"] > 0
+    saved = json.loads((out / "adapters" / "colaft_users.json").read_text())
+    assert saved["mode"] == "collaborative" and saved["weights"] == {u: float(n) for u, n in rows.items()}
+    reopened = ColaModel.from_pretrained(get_task("clm").load(str(tiny_llama_dir), [], 0), out / "adapters")
+    assert reopened.mode == "collaborative" and reopened.weights == saved["weights"]
+    refused = tmp_path / "refused"
+    capsys.readouterr()
+    assert main(["train", "--task", "clm", "--model", str(tiny_llama_dir), "--data", str(qa), "--user-field", "topic",
+                 "--user-weights", "rows", "--out", str(refused)]) == 1  # personal mode has no weights
+    assert "--user-weights 'rows': equal, or rows with --mode collaborative" in capsys.readouterr().err
+    assert not refused.exists()
+
+
 def test_collaboration_experiment_reports_every_user_for_every_mode(tiny_llama_dir, qa, tmp_path):  # noqa: F811
     out = tmp_path / "users"
     assert main(["experiment", "--task", "clm", "--model", str(tiny_llama_dir), "--train-option", f"--data={qa}",
