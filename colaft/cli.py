@@ -162,11 +162,11 @@ def train(
             if init_adapter:  # every user starts from the PEFT adapter
                 cola_model.load_peft(init_adapter, user=user)
             trainer.add_user(user, total_steps=user_steps[user])
+        weights = None
         if user_weights == "rows":  # a user with more data weighs more in the mean delta every row sees
             rows = Counter(f["user"] for f in batches.dataset)
-            cola_model.set_mode(mode, {u: float(rows[u]) for u in names})
-        else:
-            cola_model.set_mode(mode)
+            weights = {u: float(rows[u]) for u in names}
+        cola_model.set_mode(mode, weights)
     if shared:
         evaluated = loop.OneAdapter(cola_model)
     if multi:

@@ -220,9 +220,7 @@ def _summary(result: dict) -> dict:
 
 def table(report: dict) -> str:
     """Markdown: one row per method, each held-out metric's mean ± standard deviation over seeds."""
-    by_method: dict[str, list[dict]] = {}
-    for run in report["runs"]:
-        by_method.setdefault(run["method"], []).append(run)
+    by_method = _by_method(report["runs"])
     done = [r for r in report["runs"] if "after" in r]
     metrics = [k for k in (done[0]["after"] if done else {}) if k != "users"]
     lines = ["| method | trainable params | lr | seeds | " + " | ".join(metrics) + " | train s | run s |",
@@ -288,10 +286,7 @@ def _users_table(by_method: dict[str, list[dict]], metric: str) -> list[str]:
 
 def users_plot(out: Path, runs: list[dict], metric: str) -> bool:
     """users.png: each user's held-out `metric` after each method, less before (mean over seeds)."""
-    by_method: dict[str, list[dict]] = {}
-    for run in runs:
-        by_method.setdefault(run["method"], []).append(run)
-    before, after = _per_user(by_method, metric)
+    before, after = _per_user(_by_method(runs), metric)
     if not after:
         return False
     users = list(before)
@@ -314,6 +309,14 @@ def users_plot(out: Path, runs: list[dict], metric: str) -> bool:
     return True
 
 
+def _by_method(runs: list[dict]) -> dict[str, list[dict]]:
+    """method -> its runs, methods in the order they first appear."""
+    by_method: dict[str, list[dict]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    return by_method
+
+
 def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -324,10 +327,7 @@ def curves(out: Path, runs: list[dict], metric: str) -> None:
     """curves.png: each method's training loss (mean over seeds, smoothed) and held-out `metric`."""
     fig = Figure(figsize=(14, 5), dpi=100)
     train_ax, eval_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    by_method: dict[str, list[dict]] = {}
-    for run in runs:
-        if "folder" in run:
-            by_method.setdefault(run["method"], []).append(run)
+    by_method = _by_method([r for r in runs if "folder" in r])  # finished runs: their histories
     colors = [f"C{i}" for i in range(10)] + ["black", "tab:olive", "tab:cyan"]
     for (method, mine), color in zip(by_method.items(), colors):
         histories = [[json.loads(line) for line in open(out / r["folder"] / "metrics.jsonl")] for r in mine]
