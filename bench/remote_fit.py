@@ -4,7 +4,7 @@
 
 Starts `colaft serve --model MODEL --backend inline` on a free loopback port in a temporary
 folder, then trains the same job (README's chat pairs, batch 8, same seed) three times, one
-after the other: fits on the server, fits by `colaft.remote.Client` in this process, and the
+after the other: fits on the server, fits by `colaft.client.Client` in this process, and the
 same with gzip-compressed packets. Prints each job's seconds from creation to success,
 the bytes pulled per step and whether the adapters agree.
 """
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from colaft.remote import Client
+    from colaft.client import Client
     from colaft.serve import auth
     from colaft.serve.db import Database
 
@@ -54,7 +54,7 @@ def main() -> None:
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         log = open(Path(tmp) / "server.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "colaft.cli", "serve", "--model", args.model, "--backend",
+        proc = subprocess.Popen([sys.executable, "-m", "colaft.app.cli", "serve", "--model", args.model, "--backend",
                                  "inline", "--data-dir", str(data), "--port", str(port), "--log-level", "warning"],
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})

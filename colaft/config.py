@@ -13,6 +13,9 @@ from pydantic.dataclasses import dataclass
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
+DEFAULT_USER = "default"
+"""The id of a model's only user when none is named."""
+
 
 @dataclass(config=ConfigDict(extra="forbid"))
 class ColaConfig:

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from colaft.adapters import build_adapter, is_mergeable
-from colaft.config import ColaConfig
+from colaft.config import DEFAULT_USER, ColaConfig
+from colaft.io import adapters as adapter_io
+from colaft.io import peft as peft_io
 from colaft.routing import Route
 from colaft.sites import Call, Site, select_sites, site_spec
 
@@ -19,7 +21,6 @@ def _key(site_name: str) -> str:
     return site_name.replace(".", "/")  # ModuleDict keys may not contain dots
 
 
-DEFAULT_USER = "default"
 MODES = ("personal", "collaborative")
 
 
@@ -91,7 +92,7 @@ class ColaModel(nn.Module):
 
     def remove_user(self, user: str) -> None:
         """Detach a user's adapters and free them; sites left with no adapter are removed."""
-        self._check_users([user])
+        self.check_users([user])
         for key, site in list(self.sites.items()):
             if user in site.keys:
                 site.remove(user)
@@ -100,7 +101,7 @@ class ColaModel(nn.Module):
                 del self.sites[key]
         del self.user_configs[user]
 
-    def _check_users(self, users) -> None:
+    def check_users(self, users) -> None:
         unknown = sorted({u for u in users if u not in self.user_configs}, key=str)
         if unknown:
             raise ValueError(f"unknown user(s) {', '.join(map(repr, unknown[:5]))}; users: "
@@ -113,7 +114,7 @@ class ColaModel(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
         if weights:
-            self._check_users(weights)
+            self.check_users(weights)
             if any(w < 0 for w in weights.values()) or not sum(weights.get(u, 1.0) for u in self.users) > 0:
                 raise ValueError("collaborative weights must be >= 0 with a positive sum")
         if mode == "collaborative" and self.config.dropout > 0:
@@ -131,7 +132,7 @@ class ColaModel(nn.Module):
         """
         if users is not None:
             users = list(users)
-            self._check_users([u for u in users if u is not None])
+            self.check_users([u for u in users if u is not None])
         route = Route(users) if users else None
         for s in self.sites.values():
             s.route = route
@@ -143,7 +144,7 @@ class ColaModel(nn.Module):
 
     def user_adapters(self, user: str) -> dict[str, nn.Module]:
         """Site name -> the server's (frozen) adapter of `user`."""
-        self._check_users([user])
+        self.check_users([user])
         return {s.name: s.get(user) for s in self.sites.values() if user in s.keys}
 
     @property
@@ -230,38 +231,65 @@ class ColaModel(nn.Module):
             s.merge_into_base()
         return self.unload()
 
-    # ------------------------------------------------------------- disk (colaft.checkpoint, colaft.peft_io)
+    # ------------------------------------------------------------- disk (colaft.io)
     def save_pretrained(self, directory: str | Path, user: str | None = None) -> None:
         """Save every user's adapters and ColaConfig, and the mode (atomic); `user`: that user's alone."""
-        from colaft import checkpoint
-        checkpoint.save_adapters(self, directory, user)
+        adapter_io.save_adapters(self, directory, user)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path, user: str | None = None) -> "ColaModel":
-        """`model` with the saved users' adapters and the mode; `user`: that user alone (from a
-        one-user checkpoint: its adapters, under the id `user`)."""
-        from colaft import checkpoint
-        return checkpoint.load_adapters(model, directory, user)
+    def from_pretrained(cls, model: nn.Module, directory: str | Path, user: str | None = None) -> ColaModel:
+        """`model` (the base model they were trained on) with the users saved in `directory` and the mode.
+
+        `user`: that user alone (from a one-user checkpoint: its adapters, under the id `user`).
+        Raises FileNotFoundError for a missing or incomplete checkpoint and ValueError when it
+        does not fit `model` (which is then left without sites).
+        """
+        saved, mode = adapter_io.read_users(directory, user)
+        cola = None
+        try:
+            for s in saved:
+                try:
+                    config = ColaConfig.from_dict(s.config)
+                    if cola is None:
+                        cola = cls(model, config, user=s.user)
+                    else:
+                        cola.add_user(s.user, config)
+                except ValueError as e:
+                    raise ValueError(f"{s.source} does not fit this model: {e}") from e
+                adapter_io.check_states(cola.user_adapters(s.user), s.states, s.source)
+            if mode:
+                cola.set_mode(mode["mode"], mode["weights"])
+        except BaseException:
+            if cola is not None:
+                cola.unload()
+            raise
+        for s in saved:
+            adapter_io.load_states(cola.user_adapters(s.user), s.states)
+        return cola
 
     def load_adapters(self, directory: str | Path, user: str | None = None) -> None:
         """Add the saved users (or `user` alone) to this model, or replace their weights if they exist."""
-        from colaft import checkpoint
-        checkpoint.load_adapters_into(self, directory, user)
+        adapter_io.load_adapters_into(self, directory, user)
 
     def export_peft(self, directory: str | Path, user: str | None = None) -> None:
         """Write `user`'s low-rank adapters (default: every user's) as a PEFT LoRA adapter directory."""
-        from colaft import peft_io
         peft_io.export_peft(self, directory, user)
 
     def load_peft(self, directory: str | Path, user: str | None = None) -> None:
         """Start `user`'s adapters (default: the only user's; created if new) from a PEFT LoRA adapter."""
-        from colaft import peft_io
         peft_io.load_peft(self, directory, user)
 
     @classmethod
-    def from_peft(cls, model: nn.Module, directory: str | Path, user: str = DEFAULT_USER) -> "ColaModel":
-        from colaft import peft_io
-        return peft_io.from_peft(model, directory, user)
+    def from_peft(cls, model: nn.Module, directory: str | Path, user: str = DEFAULT_USER) -> ColaModel:
+        """A ColaModel on `model`, its one user built from a PEFT LoRA adapter's config and weights."""
+        peft_config, weights = peft_io.read_peft(directory)
+        cola = cls(model, peft_io.config_of(peft_config, weights), user=user)
+        try:
+            peft_io.load_into(cola, user, peft_config, weights, directory)
+        except ValueError:
+            cola.unload()
+            raise
+        return cola
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from torch import nn
 
 from colaft.backends import Backend, make_backend
 from colaft.config import ColaConfig
+from colaft.io import state as state_io
 from colaft.model import ColaModel
 from colaft.pipeline import Pipeline
 from colaft.server import LossFn, server_step
@@ -244,9 +245,7 @@ class Trainer:
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory) -> None:
         """Adapters, optimizers, schedulers, RNG and buffered packets of every user: resuming is bit-exact."""
-        from colaft import checkpoint
-        checkpoint.save_trainer(self, directory)
+        state_io.save_trainer(self, directory)
 
     def load_checkpoint(self, directory) -> None:
-        from colaft import checkpoint
-        checkpoint.load_trainer(self, directory)
+        state_io.load_trainer(self, directory)

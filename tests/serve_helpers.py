@@ -59,7 +59,7 @@ class Server:
         """`port`: the same one again (a client that outlives the server finds it there), else a free one."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-c", "import sys; from colaft.cli import main; sys.exit(main())", "serve",
+        args = [sys.executable, "-c", "import sys; from colaft.app.cli import main; sys.exit(main())", "serve",
                 *[a for m in self.models for a in ("--model", m)], "--data-dir", str(self.data_dir),
                 "--port", str(self.port), *self.options]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -25,7 +25,7 @@ from colaft.backends import BACKENDS, WorkerError, make_backend
 from colaft.backends import ray as ray_backend
 from colaft.backends.process import ProcessBackend
 from colaft.backends.shm import Incoming, Outgoing
-from colaft.cli import main
+from colaft.app.cli import main
 
 REMOTE = ["process", "ray"]
 KINDS = {"user.0": dict(adapter="lowrank", rank=4), "user.1": dict(adapter="linear"),

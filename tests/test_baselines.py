@@ -11,7 +11,7 @@ import torch
 from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
 
 from colaft import ColaModel, Trainer, baselines, data, loop
-from colaft.cli import main
+from colaft.app.cli import main
 from colaft.tasks import get_task
 
 FIELDS = ["--text-field", "review", "--label-field", "sentiment"]

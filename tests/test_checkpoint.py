@@ -1,4 +1,4 @@
-"""colaft.checkpoint: adapter save/load, atomic writes, bit-exact resume, PEFT LoRA export/import."""
+"""colaft.io: adapter save/load, atomic writes, bit-exact resume, PEFT LoRA export/import."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,10 @@ from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification)
 
-from colaft import ColaConfig, ColaModel, Trainer, checkpoint, peft_io
+from colaft import ColaConfig, ColaModel, Trainer
+from colaft.io import adapters as adapter_io
+from colaft.io import peft as peft_io
+from colaft.io import state as state_io
 
 VOCAB = 64
 # CUDA, where there is one: its RNG (dropout) and device moves must round-trip too
@@ -99,7 +102,7 @@ def no_sites_left(model: nn.Module) -> bool:
 def test_save_load_round_trip_is_exact(tmp_path, name, adapter):
     cola = trained(name, adapter)
     cola.save_pretrained(tmp_path / "ckpt")
-    meta = json.loads((tmp_path / "ckpt" / checkpoint.CONFIG).read_text())
+    meta = json.loads((tmp_path / "ckpt" / adapter_io.CONFIG).read_text())
     assert meta["config"] == cola.config.to_dict()
     assert meta["sites"] == list(cola.adapters())
     loaded = ColaModel.from_pretrained(tiny(name), tmp_path / "ckpt").eval()
@@ -111,31 +114,31 @@ def test_save_load_round_trip_is_exact(tmp_path, name, adapter):
 
 def test_load_errors_are_clear_and_leave_the_model_clean(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
-        checkpoint.load_adapters(tiny("gpt2"), tmp_path / "nowhere")
+        ColaModel.from_pretrained(tiny("gpt2"), tmp_path / "nowhere")
     cola = trained("gpt2", steps=1)
     cola.save_pretrained(tmp_path / "ckpt")
 
     other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32))
     with pytest.raises(ValueError, match=r"only in the checkpoint: \['transformer.h.1.attn.c_attn'"):
-        checkpoint.load_adapters(other, tmp_path / "ckpt")
+        ColaModel.from_pretrained(other, tmp_path / "ckpt")
     assert no_sites_left(other)
 
     wider = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=2, vocab_size=VOCAB, n_positions=32))
     with pytest.raises(ValueError, match=r"lora_A.weight is \(4, 32\) in the checkpoint, \(4, 48\) in the model"):
-        checkpoint.load_adapters(wider, tmp_path / "ckpt")
+        ColaModel.from_pretrained(wider, tmp_path / "ckpt")
     assert no_sites_left(wider)
 
     with pytest.raises(ValueError, match="does not fit this model: target 'c_attn' matches no module"):
-        checkpoint.load_adapters(tiny("llama"), tmp_path / "ckpt")
+        ColaModel.from_pretrained(tiny("llama"), tmp_path / "ckpt")
 
-    (tmp_path / "ckpt" / checkpoint.ADAPTERS).unlink()
-    with pytest.raises(FileNotFoundError, match=f"missing {checkpoint.ADAPTERS}"):
-        checkpoint.load_adapters(tiny("gpt2"), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / adapter_io.ADAPTERS).unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing {adapter_io.ADAPTERS}"):
+        ColaModel.from_pretrained(tiny("gpt2"), tmp_path / "ckpt")
 
 
 # ---------------------------------------------------------------- atomic writes
 
-def crash_on_call(monkeypatch, n: int, module=checkpoint) -> None:
+def crash_on_call(monkeypatch, n: int, module) -> None:
     """Make the n-th safetensors write of `module` die half way, as a full disk or a kill would."""
     calls = []
 
@@ -151,13 +154,13 @@ def crash_on_call(monkeypatch, n: int, module=checkpoint) -> None:
     monkeypatch.setattr(module, "save_file", writer)
 
 
-@pytest.mark.parametrize("writer,n_files", [("adapters", 1), ("trainer", 2), ("peft", 1)])
-def test_a_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, writer, n_files):
+@pytest.mark.parametrize("writer", ["adapters", "trainer", "peft"])
+def test_a_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, writer):
     cola = trained("gpt2", steps=1)
     trainer = Trainer(cola, lr=5e-2)
-    save = {"adapters": lambda d: checkpoint.save_adapters(cola, d), "trainer": lambda d: trainer.save_checkpoint(d),
+    save = {"adapters": lambda d: adapter_io.save_adapters(cola, d), "trainer": lambda d: trainer.save_checkpoint(d),
             "peft": lambda d: peft_io.export_peft(cola, d)}[writer]
-    reader = peft_io.from_peft if writer == "peft" else checkpoint.load_adapters
+    reader = ColaModel.from_peft if writer == "peft" else ColaModel.from_pretrained
 
     def load(d):
         return reader(tiny("gpt2"), d).adapters()
@@ -169,8 +172,8 @@ def test_a_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, write
                            old["transformer.h.0.attn.c_attn"].lora_B.weight)
 
     with monkeypatch.context() as m:
-        # the last file: all others are complete by then
-        crash_on_call(m, n_files, peft_io if writer == "peft" else checkpoint)
+        # the last tensor file: all others are complete by then
+        crash_on_call(m, 1, {"adapters": adapter_io, "trainer": state_io, "peft": peft_io}[writer])
         with pytest.raises(OSError, match="disk full"):
             save(tmp_path / "ckpt")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left
@@ -184,7 +187,7 @@ def test_a_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, write
 def test_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a checkpoint"):
-        checkpoint.save_adapters(trained("gpt2", steps=1), tmp_path)
+        adapter_io.save_adapters(trained("gpt2", steps=1), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -267,7 +270,7 @@ def test_export_peft_loads_in_peft_with_the_same_outputs(tmp_path, name, device)
     expected = outputs(cola, name)
     assert not torch.allclose(expected, outputs(tiny(name, device), name), atol=1e-3)
     assert (outputs(peft_model, name) - expected).abs().max() <= 1e-5
-    back = peft_io.from_peft(tiny(name, device), tmp_path / "peft").eval()  # and back again
+    back = ColaModel.from_peft(tiny(name, device), tmp_path / "peft").eval()  # and back again
     assert (outputs(back, name) - expected).abs().max() <= 1e-5
 
 
@@ -314,7 +317,7 @@ def test_load_peft_starts_from_peft_weights(tmp_path, name, device):
     peft_model, directory = peft_dir(tmp_path, name, device)
     expected = outputs(peft_model, name)
     assert not torch.allclose(expected, outputs(tiny(name, device), name), atol=1e-3)
-    cola = peft_io.from_peft(tiny(name, device), directory).eval()
+    cola = ColaModel.from_peft(tiny(name, device), directory).eval()
     assert (outputs(cola, name) - expected).abs().max() <= 1e-5
     config = ColaConfig(target_modules=TARGETS[name], rank=4, alpha=8, heads=HEADS.get(name, []))
     cola = ColaModel(tiny(name, device), config)
@@ -324,7 +327,7 @@ def test_load_peft_starts_from_peft_weights(tmp_path, name, device):
 
 def test_load_peft_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
-        peft_io.from_peft(tiny("gpt2"), tmp_path)
+        ColaModel.from_peft(tiny("gpt2"), tmp_path)
     _, directory = peft_dir(tmp_path / "a", "gpt2")
     for config, error in [(dict(rank=8, alpha=8), "r=4, lora_alpha=8 does not fit adapter='lowrank', rank=8"),
                           (dict(rank=4, alpha=16), "alpha=16"),
@@ -335,7 +338,7 @@ def test_load_peft_errors(tmp_path):
             cola.load_peft(directory)
     _, directory = peft_dir(tmp_path / "b", "gpt2", use_rslora=True)
     with pytest.raises(ValueError, match="lacks: use_rslora"):
-        peft_io.from_peft(tiny("gpt2"), directory)
+        ColaModel.from_peft(tiny("gpt2"), directory)
 
 
 @pytest.mark.parametrize("conv, message", [

@@ -7,7 +7,10 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from colaft import ColaConfig, ColaModel, Trainer, checkpoint, peft_io
+from colaft import ColaConfig, ColaModel, Trainer
+from colaft.io import adapters as adapter_io
+from colaft.io import peft as peft_io
+from colaft.io import state as state_io
 from conftest import ARCHS, flat_state, randomize_
 from test_users import KINDS, batch_of, build_users, rows
 
@@ -53,13 +56,13 @@ def test_every_user_round_trips_exactly(tmp_path, arch):
     cm.set_mode("collaborative", weights)
     cm.save_pretrained(tmp_path / "ckpt")
 
-    index = json.loads((tmp_path / "ckpt" / checkpoint.USERS).read_text())
+    index = json.loads((tmp_path / "ckpt" / adapter_io.USERS).read_text())
     assert [e["user"] for e in index["users"]] == IDS and index["mode"] == "collaborative"
     folders = [e["folder"] for e in index["users"]]
     assert len({f.lower() for f in folders}) == len(IDS)  # distinct, even ignoring case
-    assert all(f not in (".", "..", checkpoint.USERS) and "/" not in f for f in folders)
+    assert all(f not in (".", "..", adapter_io.USERS) and "/" not in f for f in folders)
     for entry in index["users"]:
-        meta = json.loads((tmp_path / "ckpt" / entry["folder"] / checkpoint.CONFIG).read_text())
+        meta = json.loads((tmp_path / "ckpt" / entry["folder"] / adapter_io.CONFIG).read_text())
         assert meta["user"] == entry["user"] and meta["config"] == cm.user_configs[entry["user"]].to_dict()
 
     loaded = ColaModel.from_pretrained(ARCHS[arch][0](), tmp_path / "ckpt").eval()
@@ -79,14 +82,14 @@ def test_every_user_round_trips_exactly(tmp_path, arch):
 def test_one_user_keeps_the_single_user_layout(tmp_path):
     cm = build("llama", ["alice"])
     cm.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [checkpoint.ADAPTERS, checkpoint.CONFIG]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [adapter_io.ADAPTERS, adapter_io.CONFIG]
     assert ColaModel.from_pretrained(ARCHS["llama"][0](), tmp_path / "ckpt").users == ["alice"]
 
     # a checkpoint written before users had ids loads as the user "default"
-    meta = json.loads((tmp_path / "ckpt" / checkpoint.CONFIG).read_text())
+    meta = json.loads((tmp_path / "ckpt" / adapter_io.CONFIG).read_text())
     for key in ("user", "mode", "weights"):
         del meta[key]
-    (tmp_path / "ckpt" / checkpoint.CONFIG).write_text(json.dumps(meta))
+    (tmp_path / "ckpt" / adapter_io.CONFIG).write_text(json.dumps(meta))
     old = ColaModel.from_pretrained(ARCHS["llama"][0](), tmp_path / "ckpt")
     assert old.users == ["default"]
     assert all(torch.equal(v, flat_state(cm.adapters())[k]) for k, v in flat_state(old.adapters()).items())
@@ -98,7 +101,7 @@ def test_one_users_adapters_load_into_a_model_with_other_users(tmp_path):
     arch = "bert"
     source = build(arch, ["user.0", "user.1", "user.2"])
     source.save_pretrained(tmp_path / "one", user="user.1")  # that user alone: the single-user layout
-    meta = json.loads((tmp_path / "one" / checkpoint.CONFIG).read_text())
+    meta = json.loads((tmp_path / "one" / adapter_io.CONFIG).read_text())
     assert meta["user"] == "user.1" and "mode" not in meta
     source.save_pretrained(tmp_path / "all")
 
@@ -150,9 +153,9 @@ def test_failed_loads_leave_the_model_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="does not fit this model"):
         ColaModel.from_pretrained(other, tmp_path / "all")
     assert not any("forward" in m.__dict__ for m in other.modules())  # no site left behind
-    index = json.loads((tmp_path / "all" / checkpoint.USERS).read_text())
-    (tmp_path / "all" / index["users"][2]["folder"] / checkpoint.ADAPTERS).unlink()
-    with pytest.raises(FileNotFoundError, match=f"missing {checkpoint.ADAPTERS}"):
+    index = json.loads((tmp_path / "all" / adapter_io.USERS).read_text())
+    (tmp_path / "all" / index["users"][2]["folder"] / adapter_io.ADAPTERS).unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing {adapter_io.ADAPTERS}"):
         server.load_adapters(tmp_path / "all", user="user.0")
 
 
@@ -169,8 +172,8 @@ def test_a_failed_save_of_many_users_keeps_the_old_checkpoint(tmp_path, monkeypa
             raise OSError("disk full")
         save_file(tensors, path, metadata)
 
-    save_file = checkpoint.save_file
-    monkeypatch.setattr(checkpoint, "save_file", failing)
+    save_file = adapter_io.save_file
+    monkeypatch.setattr(adapter_io, "save_file", failing)
     with pytest.raises(OSError, match="disk full"):
         cm.save_pretrained(tmp_path / "ckpt")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

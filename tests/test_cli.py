@@ -9,7 +9,7 @@ import pytest
 from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
 
 from colaft import ColaModel, data, loop
-from colaft.cli import main, parse_targets
+from colaft.app.cli import main, parse_targets
 from colaft.tasks import get_task
 
 FIELDS = ["--text-field", "review", "--label-field", "sentiment"]
@@ -240,7 +240,7 @@ def test_existing_out_folder_is_refused(tiny_args, tmp_path, capsys):
 @pytest.mark.slow
 def test_console_script_exit_status(tmp_path):
     # A fresh interpreter: imports torch and transformers, ~5 s on an idle machine.
-    result = subprocess.run([sys.executable, "-m", "colaft.cli", "train", "--data", str(tmp_path / "x.csv"),
+    result = subprocess.run([sys.executable, "-m", "colaft.app.cli", "train", "--data", str(tmp_path / "x.csv"),
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f"colaft: error: data file '{tmp_path / 'x.csv'}' does not exist"

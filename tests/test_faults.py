@@ -14,7 +14,7 @@ from serve_helpers import CHAT, Server, add_user, upload, wait_for, wait_job
 from test_remote_client import adapter, assert_same
 from tiny_models import tiny_llama_dir  # noqa: F401
 
-from colaft.remote import Client
+from colaft.client import Client
 
 HYPER = {"n_epochs": 8, "batch_size": 4, "learning_rate_multiplier": 5}  # 12 rows: 24 steps
 TOTAL = 24

@@ -8,7 +8,7 @@ import pytest
 from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
 
 from colaft import data
-from colaft.cli import main
+from colaft.app.cli import main
 from colaft.tasks import get_task
 
 FIELDS = ["--text-field", "review", "--label-field", "sentiment"]

@@ -19,9 +19,9 @@ from safetensors.torch import load as st_load
 from serve_helpers import CHAT, REPO, Server, add_user, upload, wait_for, wait_job
 from tiny_models import tiny_llama_dir  # noqa: F401
 
-from colaft.checkpoint import state_from_bytes, state_to_bytes
+from colaft.io.tensors import state_from_bytes, state_to_bytes
 from colaft.packets import packets_from_bytes
-from colaft.remote import Client, build_owner
+from colaft.client import Client, build_owner
 
 HYPER = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 5}  # 12 rows: 6 steps
 TIMEOUT = 3.0  # --client-timeout of the test server
@@ -66,7 +66,7 @@ def messages(server, user: str, job_id: str) -> list[str]:
 def start_client(server, user: str, job_id: str) -> subprocess.Popen:
     """`colaft client` in its own process (group), as a user would run it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLAFT_API_KEY": server.keys[user]}
-    return subprocess.Popen([sys.executable, "-c", "import sys; from colaft.cli import main; sys.exit(main())",
+    return subprocess.Popen([sys.executable, "-c", "import sys; from colaft.app.cli import main; sys.exit(main())",
                              "client", "--server", server.url, "--job", job_id, "--wait", "2"],
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -183,7 +183,7 @@ def test_only_the_owner_pulls_and_pushes(server):
             for method, path in [("GET", "/state"), ("GET", "/packets?after=0"), ("POST", "/updates")]:
                 assert h.request(method, base + path).status_code == 401
     with pytest.raises(ValueError, match="404"):  # the CLI says so and exits non-zero
-        from colaft.remote import ClientError
+        from colaft.client import ClientError
         try:
             Client(server.url, server.keys["bob"], job.id, quiet=True).run()
         except ClientError as e:

@@ -45,7 +45,7 @@ def bob(server):
 # ------------------------------------------------------------------ users and keys
 
 def test_users_cli_prints_the_key_once_and_stores_only_its_hash(server, capsys):
-    from colaft.cli import main
+    from colaft.app.cli import main
 
     assert main(["users", "add", "carol", "--data-dir", str(server.data_dir)]) == 0
     out, err = capsys.readouterr()

@@ -87,7 +87,7 @@ def postgres_url():
 
 def _users_add(url: str, data: Path, name: str) -> str:
     """`colaft users add NAME --database-url URL`, the real command; returns the printed key."""
-    out = subprocess.run([sys.executable, "-c", "import sys; from colaft.cli import main; sys.exit(main())",
+    out = subprocess.run([sys.executable, "-c", "import sys; from colaft.app.cli import main; sys.exit(main())",
                           "users", "add", name, "--database-url", url, "--data-dir", str(data)],
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                          timeout=120)

@@ -10,7 +10,7 @@ from conftest import text_batch, tiny_llama
 from tiny_models import tiny_llama_dir  # noqa: F401
 
 from colaft import ColaConfig, ColaModel, Trainer
-from colaft.checkpoint import load_owner, save_owner
+from colaft.io.state import load_owner, save_owner
 from colaft.serve import files
 from colaft.server import server_step
 from colaft.tasks import get_task
@@ -122,7 +122,7 @@ def test_clm_trains_on_the_last_answer_of_a_conversation(tiny_llama_dir):  # noq
 
 
 def test_serve_refuses_bad_options_before_loading_anything(capsys, tmp_path):
-    from colaft.cli import main
+    from colaft.app.cli import main
     from colaft.serve.commands import parse_model
 
     assert parse_model("smollm2-135m") == ("smollm2-135m", "smollm2-135m")

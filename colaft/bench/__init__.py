@@ -23,11 +23,6 @@ def _sections() -> None:
     """Benchmarks of colaft; each section writes its report under --out."""
 
 
-def _default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _command_line(section: str) -> str:
     """The command as a user would type it, however it was started (colaft, python -m, a test)."""
     args = sys.argv[sys.argv.index(section) + 1:] if section in sys.argv else []
@@ -74,7 +69,8 @@ def server_command(
 
     if quick:
         model, rounds, memory_runs, jobs, fit_repeats = model or ["tiny"], min(rounds, 3), 1, 2, 1
-    settings = Settings(device=device or _default_device(), dtypes=dtype or ["float32"], targets=targets,
+    from colaft.runtime import default_device
+    settings = Settings(device=device or default_device(), dtypes=dtype or ["float32"], targets=targets,
                         batch_size=batch_size, seq_len=seq_len, rank=rank, rounds=rounds, warmup=warmup,
                         memory_runs=memory_runs, memory_steps=memory_steps, jobs=jobs, fit_repeats=fit_repeats,
                         max_seconds=max_seconds, budget=budget, threads=threads,
@@ -155,7 +151,8 @@ def users_command(
     if quick:
         model, rounds, memory_runs, jobs = "tiny", min(rounds, 2), 1, 2
         batch_size, seq_len, k_list = 8, 8, [k for k in k_list if k <= 4] or [1, 2, 4]
-    settings = Settings(model=model, device=device or _default_device(), dtype=dtype, batch_size=batch_size,
+    from colaft.runtime import default_device
+    settings = Settings(model=model, device=device or default_device(), dtype=dtype, batch_size=batch_size,
                         seq_len=seq_len, ks=k_list, rank=rank, layout=layout, collaborative=collaborative,
                         types=types, peft=peft, rounds=rounds, warmup=warmup, memory_runs=memory_runs,
                         memory_steps=memory_steps, jobs=jobs, max_seconds=max_seconds, threads=threads)
@@ -170,7 +167,7 @@ def serve_command(
     quick: Annotated[bool, typer.Option(help="8 users, short windows: a smoke test.")] = False,
     users: Annotated[int, typer.Option(help="Simulated users, each with its own API key and job.")] = 64,
     client_every: Annotated[int, typer.Option(
-        help="Every so many users' jobs fit on the user's client (colaft.remote.Client); 0: none.")] = 8,
+        help="Every so many users' jobs fit on the user's client (colaft.client.Client); 0: none.")] = 8,
     model: Annotated[str, typer.Option(
         help="tiny (2-layer, 64-wide Llama, random weights), a built-in model or a folder.")] = "tiny",
     backend: Annotated[str, typer.Option(help="The server's backend for server fits.")] = "process",

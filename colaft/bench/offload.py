@@ -76,7 +76,7 @@ class Task:
 
 def load_task(st: Settings) -> Task:
     from colaft import data as datasets
-    from colaft import loop
+    from colaft.app import loop
     from colaft.tasks import get_task
 
     job = get_task("sc")

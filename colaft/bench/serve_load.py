@@ -3,7 +3,7 @@
     start `colaft serve` (a subprocess, its own process group, a free loopback port)
     ramp:  every simulated user (its own API key) uploads a file and creates a job at once
            while the first jobs already train; every `client_every`-th job fits on its
-           client (colaft.remote.Client threads in a second subprocess, like users' devices)
+           client (colaft.client.Client threads in a second subprocess, like users' devices)
     windows, alternating (quiet, load), (load, quiet), ...:
            quiet: no API traffic, the same jobs train (and the fit clients run)
            load:  every user polls its job's status and events, lists and uploads files,
@@ -158,7 +158,7 @@ class ServerProcess:
                "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "colaft.cli", "serve", "--model", f"bench={model}", "--backend", backend,
+            [sys.executable, "-m", "colaft.app.cli", "serve", "--model", f"bench={model}", "--backend", backend,
              "--data-dir", str(data), "--port", str(self.port),
              "--client-timeout", "120", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -188,10 +188,10 @@ class ServerProcess:
 
 
 def clients_main() -> None:
-    """The fit clients' process: one colaft.remote.Client thread per (url, key, job) of the JSON file argv[1]."""
+    """The fit clients' process: one colaft.client.Client thread per (url, key, job) of the JSON file argv[1]."""
     import torch
 
-    from colaft.remote import Client
+    from colaft.client import Client
 
     torch.set_num_threads(1)
     jobs = json.loads(Path(sys.argv[1]).read_text())

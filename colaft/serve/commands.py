@@ -1,4 +1,4 @@
-"""The `colaft serve` and `colaft users` commands (registered in colaft.cli.COMMANDS)."""
+"""The `colaft serve` and `colaft users` commands (registered in colaft.app.cli.COMMANDS)."""
 from __future__ import annotations
 
 import gc
@@ -74,7 +74,7 @@ def serve(
     import uvicorn
 
     from colaft.backends import BACKENDS
-    from colaft.cli import _set_threads
+    from colaft.runtime import set_threads
     from colaft.serve.api import Service, create_app
     from colaft.serve.db import File
     from colaft.serve.scheduler import Engine, Settings, default_backend
@@ -93,7 +93,7 @@ def serve(
     if len({i for i, _ in specs}) != len(specs):
         raise ValueError("two --model options have the same id: name them ID=NAME_OR_DIR")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _set_threads()
+    set_threads()
     db = _database(data_dir, database_url)
     settings = Settings(data_dir=data_dir.resolve(), backend=backend, backend_options=options,
                         checkpoint_every=checkpoint_every, num_labels=num_labels,

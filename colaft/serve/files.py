@@ -12,7 +12,6 @@ A file that breaks a rule is refused whole, with the line that broke it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
@@ -97,19 +96,3 @@ def task_records(fmt: str, records: list[dict], labels: list | None = None) -> l
         return [{"question": r["prompt"], "answer": r["completion"]} for r in records]
     index = {label: i for i, label in enumerate(labels)}
     return [{"text": r["text"], "label": index[r["label"]]} for r in records]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that the file is either whole or absent, even after a kill."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,7 +25,8 @@ import torch
 from sqlalchemy import select, update
 
 from colaft import ColaConfig
-from colaft.checkpoint import load_owner, read_owner, save_owner
+from colaft.io.state import load_owner, read_owner, save_owner
+from colaft.io.files import write_atomic
 from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, Checkpoint, Event, File, Job, new_id, now
 from colaft.serve.fits import Channel, client_info
@@ -309,7 +310,7 @@ class JobLifecycle:
                                        if e.data and "train_loss" in e.data]
         data = ("\n".join(lines) + "\n").encode()
         file_id = new_id("file")
-        datafiles.write_atomic(self.settings.data_dir / "files" / file_id, data)
+        write_atomic(self.settings.data_dir / "files" / file_id, data)
         s.add(File(id=file_id, user_id=job.user_id, filename=f"{job.id}-results.csv", purpose="fine-tune-results",
                    bytes=len(data), format="results", rows=len(lines) - 1, created_at=now()))
         return file_id

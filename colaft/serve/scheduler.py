@@ -9,7 +9,7 @@
                   job's adapters are saved, exported and it succeeds
     between ticks: inference requests, batched across adapters (colaft.serve.inference)
 
-Why a tick and not colaft.loop.train: that loop runs a fixed DataLoader for a fixed set of
+Why a tick and not colaft.app.loop.train: that loop runs a fixed DataLoader for a fixed set of
 users and steps. Here jobs arrive, finish and are cancelled between any two steps, and the
 thread also answers inference and writes events and checkpoints; so the tick only forms the
 batch and calls the library's Trainer.step (same encode, collate, step and loss

@@ -8,6 +8,7 @@ from fastapi import File as FileParam
 from fastapi.responses import Response
 from sqlalchemy import select
 
+from colaft.io.files import write_atomic
 from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, File, Job, new_id, now
 from colaft.serve.routes.common import APIError, Me, TheService, owned, page
@@ -31,7 +32,7 @@ def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileP
         raise APIError(400, f"{file.filename}: {e}", "file", "invalid_file") from None
     file_id = new_id("file")
     path = service.settings.data_dir / "files" / file_id
-    datafiles.write_atomic(path, data)  # on disk before the row that points at it
+    write_atomic(path, data)  # on disk before the row that points at it
     try:
         with service.db.session() as s:
             row = File(id=file_id, user_id=user.id, filename=(file.filename or "upload.jsonl")[:500],

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from colaft.checkpoint import state_from_bytes, state_to_bytes
+from colaft.io.tensors import state_from_bytes, state_to_bytes
 from colaft.serve.db import FINAL, Job
 from colaft.serve.fits import Refused
 from colaft.serve.routes.common import APIError, Me, Service, TheService, owned

@@ -155,7 +155,7 @@ class _Runs:
         return self.out / "logs" / f"{key[0]}-lr{_lr(key[1])}-seed{key[2]}{suffix}"
 
     def command(self, method: str, lr: float, seed: int) -> list[str]:
-        return [sys.executable, "-m", "colaft.cli", "train", *self.common, *METHODS[method], "--lr", str(lr),
+        return [sys.executable, "-m", "colaft.app.cli", "train", *self.common, *METHODS[method], "--lr", str(lr),
                 "--seed", str(seed), "--out", str(self.folder(method, lr, seed))]
 
     def run(self, keys: Sequence[tuple[str, float, int]], what: str) -> dict[tuple, dict]:

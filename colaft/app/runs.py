@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from colaft import ColaModel
 from colaft import data as datasets
-from colaft import loop
-from colaft.checkpoint import CONFIG, USERS
+from colaft.app import loop
+from colaft.io.adapters import CONFIG, USERS
 from colaft.tasks import Task, get_task
 
 FIELDS = ("text", "label", "image", "question", "answer")
@@ -123,12 +123,12 @@ def reopen(folder: Path) -> tuple[dict, Setup, nn.Module]:
         raise ValueError(f"{str(folder)!r} saved no adapters (trained with --no-save-adapters)")
     method = run["options"].get("method", "cola")
     if method == "full":
-        from colaft.baselines import Backprop
+        from colaft.app.baselines import Backprop
         return run, setup, Backprop(type(setup.base).from_pretrained(folder / "adapters"))
     if method != "cola":
         import peft
 
-        from colaft.baselines import Backprop
+        from colaft.app.baselines import Backprop
         # AdaLoRA's forward with labels needs its trainable adapter (for a loss that evaluation ignores)
         return run, setup, Backprop(peft.PeftModel.from_pretrained(setup.base, folder / "adapters",
                                                                    is_trainable=method == "adalora"))
@@ -165,7 +165,7 @@ class Adapters:
         """`base` with the adapters: every saved user (and the mode) from a colaft checkpoint, `user`'s from PEFT."""
         if not self.peft:
             return ColaModel.from_pretrained(base, self.path)
-        from colaft.peft_io import PEFT_USERS  # peft: imported only when needed
+        from colaft.io.peft import PEFT_USERS  # peft: imported only when needed
         names = {u: n for n, u in _read_json(self.path / PEFT_USERS).get("adapters", {}).items()} \
             if (self.path / PEFT_USERS).is_file() else {}
         folder = self.path if names.get(user, "default") == "default" else self.path / names[user]
@@ -190,7 +190,7 @@ def find_adapters(path: Path) -> Adapters:
             found.model, found.task = run["resolved"].get("model"), run["options"].get("task")
         return found
     if (path / "adapter_config.json").is_file():
-        from colaft.peft_io import PEFT_USERS
+        from colaft.io.peft import PEFT_USERS
         users = list(_read_json(path / PEFT_USERS)["adapters"].values()) if (path / PEFT_USERS).is_file() \
             else ["default"]
         return Adapters(path, True, users, _read_json(path / "adapter_config.json").get("base_model_name_or_path"))

@@ -1,35 +1,26 @@
-"""The `colaft` command: plain typed functions, registered in one table (COMMANDS).
+"""`colaft train`: fine-tune a model on a task and write a run folder.
 
-`colaft train` with no arguments is the main job: ColA low-rank fine-tuning of MiniLM-L6 on
-Rotten Tomatoes, printing held-out accuracy before and after.
+With no arguments it is the main job: ColA low-rank fine-tuning of MiniLM-L6 on Rotten
+Tomatoes, printing held-out accuracy before and after.
 """
 from __future__ import annotations
 
-import os
-
-# Our models and data are installed locally; never reach for the Hugging Face hub. Set
-# before transformers is imported, which reads it once.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import json
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
-import psutil
 import torch
 import typer
-from pydantic import ValidationError
 
-from colaft import ColaConfig, ColaModel, Trainer, baselines
-from colaft import loop, runs
-from colaft.model import DEFAULT_USER
+from colaft import ColaConfig, ColaModel, Trainer
+from colaft.app import baselines, loop, runs
+from colaft.config import DEFAULT_USER
+from colaft.io.files import build_atomically
+from colaft.runtime import set_threads
 from colaft.tasks import TASKS, get_task
 
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
@@ -120,7 +111,7 @@ def train(
     if user_weights not in ("equal", "rows") or (user_weights == "rows" and mode != "collaborative"):
         raise ValueError(f"--user-weights {user_weights!r}: equal, or rows with --mode collaborative")
     backend_options = _backend_options(backend, workers, ray_address, staleness, transfer_dtype)
-    _set_threads()
+    set_threads()
     if backend == "process" or (backend == "ray" and ray_address is None):  # local workers: leave them cores
         torch.set_num_threads(max(1, torch.get_num_threads() - (workers or 1)))
     torch.manual_seed(seed)
@@ -192,101 +183,12 @@ def train(
 
     built = [(out, write)] + ([(export_peft, cola_model.export_peft)] if export_peft else [])
     try:
-        _build_atomically(built)
+        build_atomically(built)
     except BaseException:
         trainer.close(wait=False)  # stop the workers at once
         raise
     trainer.close()
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
-
-
-def evaluate(
-    run: Annotated[Path, typer.Argument(help="A run folder written by colaft train.")],
-    data: Annotated[Optional[str], typer.Option(
-        help="Evaluate on all of this dataset or FILE.jsonl / FILE.csv (read with the run's field and user "
-             "options) instead of the run's held-out split.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="(default: twice the run's, as its evaluation)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Also write the metrics to this JSON file.")] = None,
-) -> None:
-    """Evaluate a run's saved adapters: on its held-out split (its "after" metrics) or on --data."""
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, not {batch_size}")
-    _set_threads()
-    saved, setup, cola_model = runs.reopen(run)  # the run's task, records, split and base model
-    records = setup.held_out if data is None else runs.read_records(setup, data)
-    batches = runs.eval_batches(setup, records, batch_size)
-    rows = sum(len(b["labels"]) for b in batches)
-    where = "held-out" if data is None else data
-    print(f"run {run}: task {setup.task_name}, {setup.resolved['model']} on {setup.resolved['data']}; "
-          f"evaluating on {where} ({_plural(rows, 'row')})" +
-          (f"; {_plural(len(setup.names), 'user')}, {saved['options'].get('mode')} mode" if setup.multi else ""))
-    metrics = setup.task.evaluate(cola_model, batches)
-    print(f"{where}: {loop.describe(metrics)}")
-    if "users" in metrics:
-        trained = Counter(r["user"] for r in setup.train)
-        evaluated = Counter(u for b in batches for u in b["users"])
-        table = loop.users_table(None, metrics, {u: (trained[u], evaluated[u]) for u in sorted(trained | evaluated)},
-                                 counts=("train rows", "held-out rows" if data is None else "rows"))
-        print(table, end="")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"run": str(run), "data": where, "rows": rows,
-                                   "batch_size": batch_size or 2 * setup.resolved["batch_size"],
-                                   "metrics": metrics}, indent=2) + "\n")
-        print(f"metrics written to {out}")
-
-
-def generate(
-    prompt: Annotated[list[str], typer.Option(
-        help="A prompt; repeat for several, answered in one batch. -: one prompt per line of stdin.")],
-    adapter: Annotated[Optional[Path], typer.Option(
-        help="A run folder of colaft train, its adapters/ folder, or a PEFT adapter folder (--export-peft). "
-             "(default: none, the base model answers)")] = None,
-    model: Annotated[Optional[str], typer.Option(
-        help="Base model: smollm2-135m | a model folder. (default: the run's)")] = None,
-    user: Annotated[Optional[str], typer.Option(help="Whose adapters answer (runs with several users).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
-    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample the answer, or take the likeliest "
-                                                                    "token each step.")] = False,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (with --sample).")] = None,
-    seed: Annotated[int, typer.Option(help="Seeds the sampling.")] = 0,
-) -> None:
-    """Answer prompts with a causal LM and a run's adapters, formatted with the model's chat template."""
-    from colaft.serve.commands import model_task
-
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
-    if temperature is not None and (not sample or temperature <= 0):
-        raise ValueError("--temperature: a number > 0, with --sample")
-    found = runs.find_adapters(adapter) if adapter is not None else None
-    if found is None and user is not None:
-        raise ValueError("--user picks whose adapters answer: give --adapter too")
-    model = model or (found and found.model)
-    if not model:
-        raise ValueError("--model: name the base model (" +
-                         (f"{str(adapter)!r} does not name one)" if found else "or give --adapter RUN_DIR)"))
-    task = (found.task if found and found.task else None) or ("ic" if model in ("cnn", "mlp") else model_task(model))
-    if task != "clm":
-        raise ValueError(f"generate answers prompts with a causal LM (task clm), not an {task} model: "
-                         "evaluate it with colaft eval RUN_DIR")
-    chosen = found.pick(user) if found else None
-    questions = [line for p in prompt for line in (sys.stdin.read().splitlines() if p == "-" else [p]) if line.strip()]
-    if not questions:
-        raise ValueError("--prompt: nothing to answer")
-    _set_threads()
-    job = get_task("clm")
-    base = job.load(model, [], seed)
-    answerer = found.attach(base, chosen) if found else base
-    torch.manual_seed(seed)
-    answers = job.generate(answerer, job.prompt_ids(questions), users=[chosen] * len(questions) if found else None,
-                           max_new_tokens=max_new_tokens, do_sample=sample,
-                           **({"temperature": temperature} if temperature is not None else {}))
-    print(f"{model}" + (f" with the adapters of {chosen!r} from {adapter}" if found else " (no adapters)"),
-          file=sys.stderr)
-    if len(questions) == 1:
-        print(answers[0].strip())
-    else:  # each answer under its prompt
-        print("\n\n".join(f"> {q}\n{a.strip()}" for q, a in zip(questions, answers)))
 
 
 _TRANSFER_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: packets leave as the server made them
@@ -336,100 +238,3 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _set_threads() -> None:
-    """Intra-op threads: torch's default (physical cores), capped by the CPUs this process may
-    use (affinity, cgroup quota) and by the cores other processes leave idle right now. A
-    thread waiting for a busy core stalls every parallel op: on 2 cores with one kept busy
-    elsewhere, the main job ran 3.4x slower with 2 threads than with 1. OMP_NUM_THREADS wins."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:  # cgroup v2: "max 100000" or "<quota> <period>"
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        allowed = min(allowed, max(1, int(quota) // int(period))) if quota != "max" else allowed
-    except (OSError, ValueError):
-        pass
-    idle = round((psutil.cpu_count() or allowed) * (1 - psutil.cpu_percent(interval=0.2) / 100))
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), allowed, idle)))
-
-
-def _build_atomically(targets: list[tuple[Path, Callable[[Path], None]]]) -> None:
-    """Fill each folder in a hidden temporary sibling; rename all into place only if every
-    one was built, so a failure or Ctrl-C leaves no half-done run behind."""
-    made_parents = [p for p in {t.parent.resolve() for t, _ in targets} if not p.exists()]
-    temps = []
-    try:
-        for target, build in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temps.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)))
-            build(temps[-1])
-        for (target, _), tmp in zip(targets, temps):
-            tmp.rename(target)
-    except BaseException:
-        for tmp in temps:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for parent in sorted(made_parents, reverse=True):  # only folders we created, if left empty
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
-        raise
-
-
-from colaft.serve.commands import serve, users  # noqa: E402  (light: their heavy imports are inside)
-
-from colaft.experiment import experiment  # noqa: E402
-from colaft.remote import client  # noqa: E402
-
-COMMANDS: dict[str, Callable] = {"train": train, "eval": evaluate, "generate": generate, "experiment": experiment,
-                                  "serve": serve, "users": users, "client": client}
-"""Command name -> function; typer turns the signature into options."""
-
-
-_OPTION_OF_FIELD = {"target_modules": "targets"}  # ColaConfig fields named differently on the command line
-
-
-def _message(error: Exception) -> str:
-    """One line for the user: pydantic errors name the option, everything else is flattened."""
-    if isinstance(error, ValidationError):
-        text = "; ".join(_validation_line(e) for e in error.errors())
-    elif isinstance(error, typer.TyperException):
-        text = error.format_message()
-    else:
-        text = str(error)
-    return " ".join(text.split())
-
-
-def _validation_line(e: dict) -> str:
-    message = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
-    if not e["loc"]:  # a check across fields
-        return message
-    field = ".".join(map(str, e["loc"]))
-    return f"--{_OPTION_OF_FIELD.get(field, field).replace('_', '-')}: {message}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `colaft` console script; returns the exit status."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # e.g. "newly initialised head": expected here
-    transformers.utils.logging.disable_progress_bar()
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                      help="ColA: fine-tune frozen models with Gradient Learning.")
-    app.callback()(lambda: None)  # a group even with one command, so `colaft train` names it
-    for name, command in COMMANDS.items():
-        app.command(name)(command)
-    from colaft.bench import bench_app  # its own sub-commands: colaft bench server, ...
-    app.add_typer(bench_app, name="bench")
-    try:
-        result = app(args=argv, prog_name="colaft", standalone_mode=False)
-        return result if isinstance(result, int) else 0
-    except (ValueError, OSError, typer.TyperException) as error:
-        if message := _message(error):  # empty when bare `colaft` has just printed the help
-            print(f"colaft: error: {message}", file=sys.stderr)
-        return error.exit_code if isinstance(error, typer.TyperException) else 1
-    except (KeyboardInterrupt, typer.Abort):
-        print("colaft: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@
     POST /v1/fine_tuning/jobs/{id}/fit/updates        the new version: the owner's whole state
 
 Everything on the wire is safetensors (tensors and JSON, never pickle): packets in
-colaft.packets' form, states in colaft.checkpoint's. The server keeps the state of the last
+colaft.packets' form, states in colaft.io.tensors'. The server keeps the state of the last
 update it applied, so a client that is killed and started again resumes from there and
 is sent the packets after it again; a push the server already has answers 409
 duplicate_update and is simply skipped, any other mismatch (the server restarted from a
@@ -27,7 +27,7 @@ import httpx
 import typer
 
 from colaft.adapters import SiteSpec, build_adapter
-from colaft.checkpoint import state_from_bytes, state_to_bytes
+from colaft.io.tensors import state_from_bytes, state_to_bytes
 from colaft.config import ColaConfig
 from colaft.model import _HeadConfig
 from colaft.packets import packets_from_bytes
@@ -262,7 +262,7 @@ def client(
     """Fit a service job's adapters on this machine: pull its packets, fit, push the updates, until it ends."""
     import os
 
-    from colaft.cli import _set_threads
+    from colaft.runtime import set_threads
 
     key = api_key or os.environ.get("COLAFT_API_KEY")
     if not key:
@@ -270,7 +270,7 @@ def client(
     if key.startswith("@"):
         with open(key[1:]) as f:
             key = f.read().strip()
-    _set_threads()
+    set_threads()
     try:
         summary = Client(server, key, job, wait, compress, patience, device).run()
     except ClientError as e:

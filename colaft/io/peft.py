@@ -6,7 +6,8 @@
         dir/<adapter name>/  every other user's adapter
         dir/colaft_peft_users.json  {"adapters": {adapter name: user id}} (PEFT names are safe, ids free-form)
 
-Task heads become PEFT `modules_to_save`, holding the merged weight W + delta_W.
+Task heads become PEFT `modules_to_save`, holding the merged weight W + delta_W. The model is
+handed in (`cola_model`: a ColaModel); `ColaModel.from_peft` builds one from `read_peft`.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from colaft.adapters.lowrank import LowRankEmbedding, LowRankLinear
-from colaft.checkpoint import States, _atomic_dir, _check_states, _load_states, _write_json, safe_names
-from colaft.config import ColaConfig
-from colaft.model import DEFAULT_USER, ColaModel
+from colaft.config import DEFAULT_USER, ColaConfig
+from colaft.io.adapters import States, check_states, load_states, safe_names
+from colaft.io.files import atomic_dir, write_json
 from colaft.sites import Site
 
 PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix (peft.utils.save_and_load)
@@ -58,7 +59,7 @@ def _merged_head(site: Site, adapter: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{site.name}.{k}": v for k, v in out.items()}
 
 
-def _peft_adapter(cola_model: ColaModel, user: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def _peft_adapter(cola_model, user: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """`user`'s adapters as a PEFT LoRA config and its weights; ValueError if PEFT cannot hold them."""
     tensors, targets, heads = {}, [], []
     for site in cola_model.sites.values():
@@ -98,7 +99,7 @@ def peft_names(users: list[str]) -> dict[str, str]:
     return {first: PEFT_DEFAULT, **names}
 
 
-def export_peft(cola_model: ColaModel, directory: str | Path, user: str | None = None) -> None:
+def export_peft(cola_model, directory: str | Path, user: str | None = None) -> None:
     """Write low-rank adapters as a PEFT LoRA adapter directory (atomic).
 
     `user`: that user's adapters; then `peft.PeftModel.from_pretrained(base, directory)`
@@ -109,7 +110,7 @@ def export_peft(cola_model: ColaModel, directory: str | Path, user: str | None =
     Raises ValueError for adapters that PEFT's LoRA cannot express, naming every such user.
     """
     users = cola_model.users if user is None else [user]
-    cola_model._check_users(users)
+    cola_model.check_users(users)
     adapters, problems = {}, {}
     for u in users:
         try:
@@ -120,7 +121,7 @@ def export_peft(cola_model: ColaModel, directory: str | Path, user: str | None =
         which = "; ".join(f"user {u!r}: {e}" for u, e in problems.items())
         hint = " (export the others one by one with user=...)" if len(problems) < len(users) else ""
         raise ValueError(f"cannot export as PEFT LoRA: {which}{hint}")
-    with _atomic_dir(directory, (PEFT_CONFIG,)) as tmp:
+    with atomic_dir(directory, (PEFT_CONFIG,)) as tmp:
         if len(users) == 1:
             _write_peft(tmp, adapters[users[0]])
             return
@@ -129,12 +130,12 @@ def export_peft(cola_model: ColaModel, directory: str | Path, user: str | None =
             folder = tmp if name == PEFT_DEFAULT else tmp / name
             folder.mkdir(exist_ok=True)
             _write_peft(folder, adapters[u])
-        _write_json(tmp / PEFT_USERS, {"adapters": {name: u for u, name in names.items()}})
+        write_json(tmp / PEFT_USERS, {"adapters": {name: u for u, name in names.items()}})
 
 
 # ---------------------------------------------------------------- import
 
-def _read_peft(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_peft(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The LoRA config and weights of a PEFT adapter directory, or a clear error."""
     path = Path(directory)
     if not (path / PEFT_CONFIG).is_file():
@@ -192,7 +193,7 @@ def _check_base_layer(site: Site, saved: torch.Tensor, source) -> None:
                          f"colaft keeps the base model as it is")
 
 
-def _load_peft(cola_model: ColaModel, user: str, peft_config: LoraConfig, weights: dict[str, torch.Tensor],
+def load_into(cola_model, user: str, peft_config: LoraConfig, weights: dict[str, torch.Tensor],
                source) -> None:
     """Check everything, then copy the PEFT weights into `user`'s adapters."""
     config = cola_model.user_configs[user]
@@ -211,11 +212,11 @@ def _load_peft(cola_model: ColaModel, user: str, peft_config: LoraConfig, weight
         raise ValueError(f"{source}: {extra} are not LoRA weights nor task heads of user {user!r}")
     states = {**lora, **{n: _head_delta(cola_model.site(n), sites[n], s) for n, s in other.items()}}
     adapters = {n: a for n, a in sites.items() if n in states or n not in heads}
-    _check_states(adapters, states, source)
-    _load_states(adapters, states)
+    check_states(adapters, states, source)
+    load_states(adapters, states)
 
 
-def _config_of(peft_config: LoraConfig, weights: dict[str, torch.Tensor], **overrides) -> ColaConfig:
+def config_of(peft_config: LoraConfig, weights: dict[str, torch.Tensor], **overrides) -> ColaConfig:
     # The saved weights name exactly the adapted modules, whatever selected them
     # (all-linear, layers_to_transform, exclude_modules...).
     sites = sorted(_split_peft(weights)[0])
@@ -224,7 +225,7 @@ def _config_of(peft_config: LoraConfig, weights: dict[str, torch.Tensor], **over
     return ColaConfig(**{**settings, **overrides})
 
 
-def load_peft(cola_model: ColaModel, directory: str | Path, user: str | None = None) -> None:
+def load_peft(cola_model, directory: str | Path, user: str | None = None) -> None:
     """Start `user`'s low-rank adapters from a PEFT LoRA adapter directory (default: the only user).
 
     An existing user's adapters must be lowrank, at exactly the adapter's target modules,
@@ -234,33 +235,22 @@ def load_peft(cola_model: ColaModel, directory: str | Path, user: str | None = N
     model is left as it was. Call it before building a Trainer, which copies the adapters
     it starts from (a Trainer picks up a new user by itself).
     """
-    peft_config, weights = _read_peft(directory)
+    peft_config, weights = read_peft(directory)
     if user is None:
         if len(cola_model.users) != 1:
             raise ValueError(f"the model has {len(cola_model.users)} users: name the one to load (user=...)")
         user = cola_model.users[0]
     if user in cola_model.user_configs:
-        _load_peft(cola_model, user, peft_config, weights, directory)
+        load_into(cola_model, user, peft_config, weights, directory)
         return
     try:
-        config = _config_of(peft_config, weights, dropout=cola_model.config.dropout, merge=cola_model.config.merge)
+        config = config_of(peft_config, weights, dropout=cola_model.config.dropout, merge=cola_model.config.merge)
         cola_model.add_user(user, config)
     except ValueError as e:
         raise ValueError(f"{directory} does not fit this model: {e}") from e
     try:
-        _load_peft(cola_model, user, peft_config, weights, directory)
+        load_into(cola_model, user, peft_config, weights, directory)
     except BaseException:
         cola_model.remove_user(user)
         raise
 
-
-def from_peft(model: nn.Module, directory: str | Path, user: str = DEFAULT_USER) -> ColaModel:
-    """A ColaModel on `model`, its one user built from a PEFT LoRA adapter's config and weights."""
-    peft_config, weights = _read_peft(directory)
-    cola = ColaModel(model, _config_of(peft_config, weights), user=user)
-    try:
-        _load_peft(cola, user, peft_config, weights, directory)
-    except ValueError:
-        cola.unload()
-        raise
-    return cola

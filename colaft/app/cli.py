@@ -1,0 +1,69 @@
+"""The `colaft` command: plain typed functions, registered in one table (COMMANDS)."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import typer
+from pydantic import ValidationError
+
+from colaft.app.experiment import experiment
+from colaft.app.infer import evaluate, generate
+from colaft.app.train import train
+from colaft.client import client
+from colaft.serve.commands import serve, users
+
+COMMANDS: dict[str, Callable] = {"train": train, "eval": evaluate, "generate": generate, "experiment": experiment,
+                                  "serve": serve, "users": users, "client": client}
+"""Command name -> function; typer turns the signature into options."""
+
+
+_OPTION_OF_FIELD = {"target_modules": "targets"}  # ColaConfig fields named differently on the command line
+
+
+def _message(error: Exception) -> str:
+    """One line for the user: pydantic errors name the option, everything else is flattened."""
+    if isinstance(error, ValidationError):
+        text = "; ".join(_validation_line(e) for e in error.errors())
+    elif isinstance(error, typer.TyperException):
+        text = error.format_message()
+    else:
+        text = str(error)
+    return " ".join(text.split())
+
+
+def _validation_line(e: dict) -> str:
+    message = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+    if not e["loc"]:  # a check across fields
+        return message
+    field = ".".join(map(str, e["loc"]))
+    return f"--{_OPTION_OF_FIELD.get(field, field).replace('_', '-')}: {message}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `colaft` console script; returns the exit status."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # e.g. "newly initialised head": expected here
+    transformers.utils.logging.disable_progress_bar()
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="ColA: fine-tune frozen models with Gradient Learning.")
+    app.callback()(lambda: None)  # a group even with one command, so `colaft train` names it
+    for name, command in COMMANDS.items():
+        app.command(name)(command)
+    from colaft.bench import bench_app  # its own sub-commands: colaft bench server, ...
+    app.add_typer(bench_app, name="bench")
+    try:
+        result = app(args=argv, prog_name="colaft", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except (ValueError, OSError, typer.TyperException) as error:
+        if message := _message(error):  # empty when bare `colaft` has just printed the help
+            print(f"colaft: error: {message}", file=sys.stderr)
+        return error.exit_code if isinstance(error, typer.TyperException) else 1
+    except (KeyboardInterrupt, typer.Abort):
+        print("colaft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
