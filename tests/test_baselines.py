@@ -10,7 +10,8 @@ import pytest
 import torch
 from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
 
-from colaft import ColaModel, Trainer, baselines, data, loop
+from colaft import ColaModel, Trainer, data
+from colaft.app import baselines, loop
 from colaft.app.cli import main
 from colaft.tasks import get_task
 

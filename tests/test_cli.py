@@ -8,8 +8,10 @@ import sys
 import pytest
 from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
 
-from colaft import ColaModel, data, loop
-from colaft.app.cli import main, parse_targets
+from colaft import ColaModel, data
+from colaft.app import loop
+from colaft.app.cli import main
+from colaft.app.train import parse_targets
 from colaft.tasks import get_task
 
 FIELDS = ["--text-field", "review", "--label-field", "sentiment"]

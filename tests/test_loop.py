@@ -5,7 +5,8 @@ import json
 
 import torch
 
-from colaft import ColaConfig, ColaModel, Trainer, data, loop
+from colaft import ColaConfig, ColaModel, Trainer, data
+from colaft.app import loop
 from colaft.tasks import get_task
 
 
