@@ -1,14 +1,18 @@
-# The commands of colaft (run, test, serve). Each creates .venv and installs what it needs on first use.
+# The commands of colaft (run, test, lint, serve). Each creates .venv and installs what it needs on first use.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test serve
+.PHONY: run test lint serve
 run: $(STAMP)
 	$(VENV)/bin/colaft train
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 serve: $(STAMP)
 	$(VENV)/bin/colaft serve

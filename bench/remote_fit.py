@@ -89,7 +89,8 @@ def main() -> None:
                 steps = job.hyperparameters.n_epochs * 2
                 extra = "" if summary is None else (
                     f"; pulled {summary.bytes_pulled / steps / 1e6:.3f} MB/step, pushed "
-                    f"{summary.bytes_pushed / summary.updates / 1e6:.3f} MB/update, fitting {summary.fit_seconds:.2f} s")
+                    f"{summary.bytes_pushed / summary.updates / 1e6:.3f} MB/update, "
+                    f"fitting {summary.fit_seconds:.2f} s")
                 print(f"{name:18} {job.status}: {seconds:6.1f} s for {steps} steps{extra}", flush=True)
             ref = adapters["server fits"]
             for name, got in adapters.items():

@@ -10,8 +10,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 sys.path.insert(0, "tests")
-from serve_helpers import CHAT, Server, add_user, free_port, upload, wait_for, wait_job  # noqa: E402
+from serve_helpers import CHAT, Server, add_user, free_port, upload, wait_for, wait_job
 
 kind = sys.argv[1]
 model = sys.argv[2] if len(sys.argv) > 2 else "smollm2-135m"

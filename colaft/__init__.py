@@ -2,9 +2,8 @@
 from importlib.metadata import version
 
 from colaft.adapters import ADAPTERS, SiteSpec, register_adapter
-from colaft.config import ColaConfig
+from colaft.config import DEFAULT_USER, ColaConfig
 from colaft.fit import fit
-from colaft.config import DEFAULT_USER
 from colaft.model import ColaModel
 from colaft.packets import Packet
 from colaft.server import server_step

@@ -27,8 +27,8 @@ import httpx
 import typer
 
 from colaft.adapters import SiteSpec, build_adapter
-from colaft.io.tensors import state_from_bytes, state_to_bytes
 from colaft.config import ColaConfig
+from colaft.io.tensors import state_from_bytes, state_to_bytes
 from colaft.model import _HeadConfig
 from colaft.packets import packets_from_bytes
 from colaft.users import FitConfig, Owner, Update
@@ -238,14 +238,14 @@ class Client:
 def _code(r: httpx.Response) -> str | None:
     try:
         return r.json()["error"]["code"]
-    except Exception:
+    except (ValueError, KeyError, TypeError):  # not JSON, or not our error shape
         return None
 
 
 def _message(r: httpx.Response) -> str:
     try:
         return r.json()["error"]["message"]
-    except Exception:
+    except (ValueError, KeyError, TypeError):
         return r.text[:200] or r.reason_phrase
 
 

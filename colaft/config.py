@@ -70,5 +70,5 @@ class ColaConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ColaConfig":
+    def from_dict(cls, d: dict) -> ColaConfig:
         return cls(**d)

@@ -20,7 +20,7 @@ class Packet:
     grad: torch.Tensor  # (N, d_out) | (B, C', H', W')
     user: str = "default"  # whose adapter at `site` these rows train
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "Packet":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Packet:
         """Moved (and floating tensors cast, for a cheaper transfer) copy; token ids stay integers."""
         x = self.x.to(device, dtype) if dtype is not None and self.x.is_floating_point() else self.x.to(device)
         return Packet(self.site, x, self.grad.to(device, dtype), self.user)

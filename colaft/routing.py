@@ -34,7 +34,7 @@ class Route:
         """The user of every row, when there is only one."""
         return self.order[0] if len(self.order) == 1 else None
 
-    def expanded(self, rows: int) -> "Route":
+    def expanded(self, rows: int) -> Route:
         """The route of a batch whose rows were repeated (beam search, several samples per prompt)."""
         if rows == len(self.users):
             return self

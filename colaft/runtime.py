@@ -1,4 +1,4 @@
-"""The runtime's machine: how many threads the server's ops use, and which device by default."""
+"""The runtime's machine: how many threads the server's ops use, how many fit workers, which device."""
 from __future__ import annotations
 
 import os
@@ -30,3 +30,8 @@ def set_threads() -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), allowed, idle)))
 
 
+def default_workers() -> int:
+    """Cores idle right now (within this process's CPU affinity) less the server's torch threads; at least 1."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = psutil.cpu_percent(interval=0.1) / 100 * (psutil.cpu_count() or allowed)
+    return max(1, round(allowed - busy) - torch.get_num_threads())

@@ -41,7 +41,8 @@ def site_spec(module: nn.Module) -> SiteSpec:
         return SiteSpec("linear", module.weight.shape[0], module.nf)
     if isinstance(module, nn.Conv2d):
         return SiteSpec("conv2d", module.in_channels, module.out_channels, _pair(module.kernel_size),
-                        _pair(module.stride), module.padding if isinstance(module.padding, str) else _pair(module.padding),
+                        _pair(module.stride),
+                        module.padding if isinstance(module.padding, str) else _pair(module.padding),
                         _pair(module.dilation), module.groups, padding_mode=module.padding_mode)
     if isinstance(module, nn.Embedding):
         return SiteSpec("embedding", module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
@@ -108,7 +109,7 @@ class Kept:
     mask: torch.Tensor  # (B, T) bool: True where the row is kept
     counts: list[int]  # (B,) kept rows per batch row, on the host: index without a device sync
 
-    def of_rows(self, rows: torch.Tensor, index: list[int]) -> "Kept":
+    def of_rows(self, rows: torch.Tensor, index: list[int]) -> Kept:
         """The same for the batch rows `index` (`rows` on the device)."""
         return Kept(self.mask.index_select(0, rows.to(self.mask.device)), [self.counts[i] for i in index])
 
@@ -116,7 +117,7 @@ class Kept:
 @dataclass
 class Call:
     """One call of a site during a recorded forward."""
-    site: "Site"
+    site: Site
     x: torch.Tensor  # the adapter's input (after dropout), detached
     edge: GradientEdge | None  # where h entered the graph: dL/dh even if the model later modifies h in place
     route: Route | None  # the rows' users; None: every row is the site's only user's

@@ -102,10 +102,10 @@ class Trainer:
     def add_user(self, user: str, config: ColaConfig | None = None, **fit) -> None:
         """A new user: adapters on the server (`config`, default the model's) and an owner.
 
-        Keyword arguments override this trainer's FitConfig for the user (lr, optimizer,
-        interval, scheduler, total_steps, ...).
+        Keyword arguments override this trainer's fit settings for the user, named as the
+        constructor names them (lr, optimizer, interval, scheduler, total_steps, fit_device, ...).
         """
-        fit_config = self.fit_config.replace(**fit)  # validate before changing anything
+        fit_config = self._user_fit_config(fit)  # validate before changing anything
         if user not in self.model.users:
             self.model.add_user(user, config)
         self.user_fit[user] = fit_config
@@ -121,7 +121,7 @@ class Trainer:
         already has (its first) loses its owner here. Returns a fresh Owner of the user's
         adapters and FitConfig, whose `state()` is what the remote owner starts from.
         """
-        fit_config = self.fit_config.replace(**fit)
+        fit_config = self._user_fit_config(fit)
         if user not in self.model.users:
             self.model.add_user(user, config)
         elif user in self.pipeline.tracks:
@@ -129,6 +129,16 @@ class Trainer:
         self.user_fit[user] = fit_config
         self.remote[user] = sink
         return Owner(user, self.model.user_adapters(user), fit_config)
+
+    def _user_fit_config(self, fit: Mapping) -> FitConfig:
+        """This trainer's FitConfig with a user's overrides, given in the constructor's names."""
+        fit = dict(fit)
+        if "fit_device" in fit:
+            fit["device"] = str(fit.pop("fit_device"))
+        if "fit_dtype" in fit:
+            dtype = fit.pop("fit_dtype")
+            fit["dtype"] = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
+        return self.fit_config.replace(**fit)
 
     def remove_user(self, user: str) -> None:
         """Stop the user's owner (after its fits in flight) and free its adapters on the server."""
@@ -211,7 +221,7 @@ class Trainer:
         """Stop the backend's workers; with `wait`, after the fits in flight are applied."""
         self.pipeline.close(wait)
 
-    def __enter__(self) -> "Trainer":
+    def __enter__(self) -> Trainer:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -67,7 +67,7 @@ class FitConfig:
         if not callable(self.scheduler) and not fits_planned and (self.scheduler != "constant" or self.warmup_ratio):
             raise ValueError(f"scheduler {self.scheduler!r} with warm-up needs total_steps")
 
-    def replace(self, **changes) -> "FitConfig":
+    def replace(self, **changes) -> FitConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -79,7 +79,8 @@ def optimizer_and_schedule(params: list[nn.Parameter], config: FitConfig):
     if callable(config.scheduler):
         return optimizer, config.scheduler(optimizer)
     fits = math.ceil(config.total_steps / config.interval) * config.fit_steps if config.total_steps else None
-    return optimizer, get_scheduler(config.scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * (fits or 0)),
+    warmup = round(config.warmup_ratio * (fits or 0))
+    return optimizer, get_scheduler(config.scheduler, optimizer, num_warmup_steps=warmup,
                                     num_training_steps=fits)
 
 

@@ -16,8 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 # Tiny tensors: one intra-op thread per test process is ~10x faster than two that wait on
 # each other (and pytest -n 2 already uses both cores).

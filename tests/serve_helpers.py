@@ -55,7 +55,7 @@ class Server:
         self.log = data_dir.parent / f"{data_dir.name}-server.log"
         self.proc = None
 
-    def start(self, timeout: float = 120.0, port: int | None = None) -> "Server":
+    def start(self, timeout: float = 120.0, port: int | None = None) -> Server:
         """`port`: the same one again (a client that outlives the server finds it there), else a free one."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -21,11 +21,11 @@ from test_users import build_users
 from tiny_models import review_records, tiny_bert_dir, write_jsonl  # noqa: F401
 
 from colaft import ColaConfig, ColaModel, Packet, Trainer
+from colaft.app.cli import main
 from colaft.backends import BACKENDS, WorkerError, make_backend
 from colaft.backends import ray as ray_backend
 from colaft.backends.process import ProcessBackend
 from colaft.backends.shm import Incoming, Outgoing
-from colaft.app.cli import main
 
 REMOTE = ["process", "ray"]
 KINDS = {"user.0": dict(adapter="lowrank", rank=4), "user.1": dict(adapter="linear"),
@@ -296,7 +296,7 @@ def test_killed_workers_lose_no_update_and_apply_none_twice(remote):
 @pytest.mark.parametrize("remote", REMOTE, indirect=True)
 def test_non_finite_packets_never_reach_an_adapter(remote):
     scale = [1.0]
-    loss_fn = lambda out, b: out.loss * scale[0]  # noqa: E731 - runs on the server only
+    loss_fn = lambda out, b: out.loss * scale[0]
     runs = []
     for backend in ("inline", remote(1)):
         trainer = Trainer(build(["user.0"]), "adamw", lr=1e-2, backend=backend, loss_fn=loss_fn)

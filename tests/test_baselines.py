@@ -10,8 +10,8 @@ import pytest
 import torch
 from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
 
-from colaft import ColaModel, Trainer, data
-from colaft.app import baselines, loop
+from colaft import ColaModel, Trainer, data, tasks
+from colaft.app import baselines
 from colaft.app.cli import main
 from colaft.tasks import get_task
 
@@ -40,7 +40,7 @@ def test_cola_lowrank_trains_exactly_as_peft_lora(tiny_bert_dir, reviews, tmp_pa
     job = get_task("sc")
     records = data.load(str(reviews), {"text": "review", "label": "sentiment"}, job.fields, None)
     base = job.load(str(tiny_bert_dir), records, 0)
-    batches = list(loop.loader(job.encode(records, 32), job, 8, shuffle=True, seed=0))
+    batches = list(tasks.loader(job.encode(records, 32), job, 8, shuffle=True, seed=0))
     lora = baselines.build("lora", copy.deepcopy(base), "sc", ["query", "value"], rank=4, alpha=8.0, steps=6)
     torch.manual_seed(1)
     for name, p in lora.net.named_parameters():

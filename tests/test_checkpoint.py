@@ -9,8 +9,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, LlamaForSequenceClassification)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
 
 from colaft import ColaConfig, ColaModel, Trainer
 from colaft.io import adapters as adapter_io
@@ -229,7 +236,7 @@ def test_resume_is_bit_exact(tmp_path, interval, device):
     assert losses == ref_losses
     assert_states_equal(resumed.owner_adapters, reference.owner_adapters)
     assert_states_equal(resumed.model.adapters(), reference.model.adapters())
-    counts = lambda stats: {k: v for k, v in stats.items() if not k.endswith("_seconds")}  # noqa: E731
+    counts = lambda stats: {k: v for k, v in stats.items() if not k.endswith("_seconds")}
     assert counts(resumed.stats) == counts(reference.stats)  # timings differ run to run
     assert resumed.scheduler.get_last_lr() == reference.scheduler.get_last_lr()
     for p, q in zip((p for a in resumed.owner_adapters.values() for p in a.parameters()),

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import ARCHS, flat_state, randomize_
 from peft import LoraConfig, PeftModel, get_peft_model
+from test_users import KINDS, batch_of, build_users, rows
 
 from colaft import ColaConfig, ColaModel, Trainer
 from colaft.io import adapters as adapter_io
 from colaft.io import peft as peft_io
-from colaft.io import state as state_io
-from conftest import ARCHS, flat_state, randomize_
-from test_users import KINDS, batch_of, build_users, rows
 
 # free-form ids: dots, slashes, spaces, unicode, a case-only clash, names of root files, PEFT's "lora_" prefix
 IDS = ["user.0", "a/b c", "ünï", "User.0", "colaft_users.json", "..", "a"]
@@ -339,7 +338,7 @@ def test_resume_of_three_users_is_bit_exact(tmp_path):
         assert_nested_equal(resumed.owner_state(user), reference.owner_state(user), user)
         ref, got = flat_state(reference.model.user_adapters(user)), flat_state(resumed.model.user_adapters(user))
         assert all(torch.equal(got[k], v) for k, v in ref.items()), user
-    counts = lambda stats: {k: v for k, v in stats.items() if not k.endswith("_seconds")}  # noqa: E731
+    counts = lambda stats: {k: v for k, v in stats.items() if not k.endswith("_seconds")}
     assert counts(resumed.stats) == counts(reference.stats)
 
     # a trainer checkpoint is an adapter checkpoint of every user too

@@ -8,8 +8,7 @@ import sys
 import pytest
 from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
 
-from colaft import ColaModel, data
-from colaft.app import loop
+from colaft import ColaModel, data, tasks
 from colaft.app.cli import main
 from colaft.app.train import parse_targets
 from colaft.tasks import get_task
@@ -70,7 +69,7 @@ def test_train_writes_a_complete_run_that_reloads(tiny_args, tiny_bert_dir, revi
     records = data.load(str(reviews), {"text": "review", "label": "sentiment"}, task.fields)
     held_out = data.split(records, 0.1, seed=0)[1]
     cola = ColaModel.from_pretrained(task.load(str(tiny_bert_dir), records, seed=0), out / "adapters")
-    batches = list(loop.loader(task.encode(held_out, 128), task, 16, shuffle=False))
+    batches = list(tasks.loader(task.encode(held_out, 128), task, 16, shuffle=False))
     assert task.evaluate(cola, batches) == pytest.approx(run["after"], rel=1e-5)
 
     # A run started from the PEFT export begins where the first one ended.
@@ -122,7 +121,7 @@ def test_train_with_a_user_field_reports_every_user(tiny_bert_dir, authored, tmp
     records = data.load(str(authored), {"text": "review", "label": "sentiment"}, task.fields, "author")
     saved = ColaModel.from_pretrained(task.load(str(tiny_bert_dir), records, seed=0), out / "adapters")
     assert saved.users == ["ann", "bob", "cy"]
-    batches = list(loop.loader(task.encode(data.split(records, 0.1, seed=0)[1], 128), task, 16, shuffle=False))
+    batches = list(tasks.loader(task.encode(data.split(records, 0.1, seed=0)[1], 128), task, 16, shuffle=False))
     reloaded, after = task.evaluate(saved, batches)["users"], json.loads((out / "run.json").read_text())["after"]["users"]
     for user in after:
         assert reloaded[user] == pytest.approx(after[user], rel=1e-5)

@@ -115,7 +115,7 @@ def test_merged_forward_equals_unmerged(adapter, kind):
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
     # merged dL/dh equals unmerged dL/dh too (the backward goes through W + delta_W)
     probe = _probe(want.shape)
-    fn = lambda out, batch: (out.tanh() * probe).sum()  # noqa: E731
+    fn = lambda out, batch: (out.tanh() * probe).sum()
     pu, pm = server_step(unmerged, {"x": x}, fn).packets, server_step(merged, {"x": x}, fn).packets
     assert ((pm[0].grad - pu[0].grad).abs().max() / pu[0].grad.abs().max()).item() <= 1e-5
 

@@ -11,13 +11,12 @@ import copy
 
 import pytest
 import torch
+from conftest import ARCHS, Backprop, flat_state, make_batch, make_opt, max_rel_err, max_update_rel_err, randomize_
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers.pytorch_utils import Conv1D
 
 from colaft import ColaConfig, ColaModel, Trainer, server_step
-from conftest import (ARCHS, Backprop, flat_state, make_batch, make_opt, max_rel_err, max_update_rel_err,
-                            randomize_)
 
 STEPS = 20
 LR = {"sgd": 0.5, "adamw": 1e-2}
@@ -113,12 +112,12 @@ def test_cola_follows_backprop(arch, optimizer, adapter, report_error):
     if adapter == "lowrank":
         ref = PeftTwin(twin, targets, heads, rank=4, alpha=8.0, make_optimizer=make_optimizer)
         cm.load_adapter_state(ref.site_states())  # both start from PEFT's weights
-        want = lambda: _flat(ref.site_states())  # noqa: E731
+        want = lambda: _flat(ref.site_states())
     else:
         for i, a in enumerate(cm.adapters().values()):
             randomize_(a, std=0.05, seed=i)  # non-zero start: the adapters' input Jacobians matter
         ref = Backprop(twin, cm.adapters(), make_optimizer)
-        want = lambda: flat_state(ref.adapters)  # noqa: E731
+        want = lambda: flat_state(ref.adapters)
     trainer = Trainer(cm, optimizer, lr=LR[optimizer], weight_decay=weight_decay)
     init = flat_state(trainer.owner_adapters)
     assert max_rel_err(init, want()) == 0.0

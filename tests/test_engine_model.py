@@ -2,7 +2,6 @@
 return the plain model."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import ARCHS, flat_state, make_batch, max_rel_err, randomize_

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from colaft import ColaConfig, ColaModel, Trainer, data
+from colaft import ColaConfig, ColaModel, Trainer, data, tasks
 from colaft.app import loop
 from colaft.tasks import get_task
 
@@ -35,9 +35,9 @@ def test_skipped_fits_are_logged_and_recorded(tmp_path):
 
     trainer = Trainer(cola, lr=1e-2, loss_fn=loss_fn)
     features = task.encode(records, max_length=0)
-    batches = loop.loader(features, task, batch_size=8, shuffle=True)
+    batches = tasks.loader(features, task, batch_size=8, shuffle=True)
     messages = []
-    result = loop.train(trainer, cola, task, batches, list(loop.loader(features, task, 8, False)), steps=3,
+    result = loop.train(trainer, cola, task, batches, list(tasks.loader(features, task, 8, False)), steps=3,
                         out=tmp_path, log=messages.append)
     assert result["skipped_fits"] == 1 and trainer.stats["version"] == 2  # the 1st fit skipped, 2 applied
     assert any("1 fits skipped" in m for m in messages)
@@ -52,8 +52,8 @@ def test_user_steps_counts_batches_per_user_and_leaves_the_order_alone():
 
     def order(batches, steps):  # the users of each batch over `steps` batches (epochs reshuffle)
         return [b["users"] for _, (_, b) in zip(range(steps), loop._epochs(batches))]
-    plain = order(loop.loader(features, task, 4, shuffle=True, seed=5), 20)
-    counted = loop.loader(features, task, 4, shuffle=True, seed=5)
+    plain = order(tasks.loader(features, task, 4, shuffle=True, seed=5), 20)
+    counted = tasks.loader(features, task, 4, shuffle=True, seed=5)
     steps = loop.user_steps(counted, 20)
     assert order(counted, 20) == plain  # counting did not consume the shuffling
     assert steps == {u: sum(u in users for users in plain) for u in ("user1", "user2", "user3", "user4")}

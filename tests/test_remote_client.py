@@ -19,9 +19,9 @@ from safetensors.torch import load as st_load
 from serve_helpers import CHAT, REPO, Server, add_user, upload, wait_for, wait_job
 from tiny_models import tiny_llama_dir  # noqa: F401
 
+from colaft.client import Client, build_owner
 from colaft.io.tensors import state_from_bytes, state_to_bytes
 from colaft.packets import packets_from_bytes
-from colaft.client import Client, build_owner
 
 HYPER = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 5}  # 12 rows: 6 steps
 TIMEOUT = 3.0  # --client-timeout of the test server

@@ -132,12 +132,12 @@ def test_seq2seq_follows_backprop(arch, optimizer, adapter, report_error):
     if adapter == "lowrank":
         ref = PeftTwin(twin, SEQ2SEQ[arch][1], [], rank=4, alpha=8.0, make_optimizer=make_optimizer)
         cm.load_adapter_state(ref.site_states())  # both start from PEFT's weights
-        want = lambda: _flat(ref.site_states())  # noqa: E731
+        want = lambda: _flat(ref.site_states())
     else:
         for i, a in enumerate(cm.adapters().values()):
             randomize_(a, std=0.05, seed=i)
         ref = Backprop(twin, cm.adapters(), make_optimizer)
-        want = lambda: flat_state(ref.adapters)  # noqa: E731
+        want = lambda: flat_state(ref.adapters)
     trainer = Trainer(cm, optimizer, lr=LR[optimizer], weight_decay=0.01)
     init = flat_state(trainer.owner_adapters)
     assert max_rel_err(init, want()) == 0.0

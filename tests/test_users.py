@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
+from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, randomize_, text_batch
 
 from colaft import ColaConfig, ColaModel, Trainer
-from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, randomize_, text_batch
 
 # users cycle through these adapter settings: mixed types and sizes at the same sites
 KINDS = [dict(adapter="lowrank", rank=8), dict(adapter="linear"), dict(adapter="mlp", hidden=8),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colaft.adapters import SiteSpec, register_adapter
+from colaft.adapters.base import SiteSpec, register_adapter
 
 
 class FullDelta(nn.Module):

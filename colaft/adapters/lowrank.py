@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from colaft.adapters import SiteSpec, register_adapter, unsupported
+from colaft.adapters.base import SiteSpec, register_adapter, unsupported
 
 
 class LowRankLinear(nn.Module):
@@ -52,7 +52,7 @@ class LowRankLinear(nn.Module):
         return torch.addmm(weight, b, a, alpha=self.scale)
 
     @staticmethod
-    def grouped(adapters: list["LowRankLinear"], x: torch.Tensor, index: list[int]) -> torch.Tensor | None:
+    def grouped(adapters: list[LowRankLinear], x: torch.Tensor, index: list[int]) -> torch.Tensor | None:
         """Row i through adapters[index[i]] in two batched products (BGMV: gather each row's A and B).
 
         Ranks may differ: A and B are zero-padded to the largest rank, which adds exact zeros.
@@ -145,7 +145,7 @@ class LowRankEmbedding(nn.Module):
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scale, None  # (num, dim)
 
     @staticmethod
-    def grouped(adapters: list["LowRankEmbedding"], ids: torch.Tensor, index: list[int]) -> torch.Tensor:
+    def grouped(adapters: list[LowRankEmbedding], ids: torch.Tensor, index: list[int]) -> torch.Tensor:
         """Row i through adapters[index[i]]: one lookup in the stacked tables, one batched product."""
         idx = torch.tensor(index, device=ids.device)
         a, b = _stack([m.lora_embedding_A for m in adapters], [m.lora_embedding_B for m in adapters])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from colaft.adapters import SiteSpec, register_adapter
+from colaft.adapters.base import SiteSpec, register_adapter
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

@@ -15,6 +15,7 @@ from colaft.app.train import _plural
 from colaft.runtime import set_threads
 from colaft.tasks import get_task
 
+
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder written by colaft train.")],
     data: Annotated[Optional[str], typer.Option(

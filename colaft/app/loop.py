@@ -20,28 +20,10 @@ from pathlib import Path
 import matplotlib
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global backend, works headless (Agg)
-from torch.utils.data import DataLoader, RandomSampler
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from colaft.tasks import Task
-
-
-def loader(features: Sequence[dict], task: Task, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches of `features`, collated by the task; shuffling is reproducible from `seed`.
-
-    Token sequences are batched with others of similar length, so a batch pads little
-    (about half the compute of random batches on short reviews): shuffled within groups by
-    transformers' LengthGroupedSampler for training, simply sorted for evaluation.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    if not features or "input_ids" not in features[0]:
-        sampler = RandomSampler(features, generator=generator) if shuffle else None
-    else:
-        lengths = [len(f["input_ids"]) for f in features]
-        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator) if shuffle else \
-            sorted(range(len(features)), key=lengths.__getitem__)
-    return DataLoader(features, batch_size=batch_size, sampler=sampler, collate_fn=task.collate)
 
 
 def plan_steps(batches_per_epoch: int, epochs: int, max_steps: int | None) -> int:

@@ -19,11 +19,11 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import DataLoader
 
-from colaft import ColaModel
 from colaft import data as datasets
 from colaft.app import loop
 from colaft.io.adapters import CONFIG, USERS
-from colaft.tasks import Task, get_task
+from colaft.model import ColaModel
+from colaft.tasks import Task, get_task, loader
 
 FIELDS = ("text", "label", "image", "question", "answer")
 """Task fields that a --<field>-field option renames."""
@@ -66,7 +66,8 @@ def plan(options: Mapping) -> Setup:
     job = get_task(name)
     recipe, get = job.recipe, options.get
     resolved = {"model": get("model") or recipe.model, "data": get("data") or recipe.data,
-                "lr": recipe.lr if get("lr") is None else get("lr"), "batch_size": get("batch_size") or recipe.batch_size,
+                "lr": recipe.lr if get("lr") is None else get("lr"),
+                "batch_size": get("batch_size") or recipe.batch_size,
                 "max_length": get("max_length") or recipe.max_length}
     fields = {f: get(f"{f}_field") for f in FIELDS if get(f"{f}_field")}
     return Setup(job, name, resolved, get("seed") or 0, fields, get("user_field"), get("users"))
@@ -92,13 +93,13 @@ def load(setup: Setup) -> Setup:
 def train_batches(setup: Setup) -> DataLoader:
     """The training split, shuffled by the seed, in the run's batch size."""
     features = setup.task.encode(setup.train, setup.resolved["max_length"])
-    return loop.loader(features, setup.task, setup.resolved["batch_size"], shuffle=True, seed=setup.seed)
+    return loader(features, setup.task, setup.resolved["batch_size"], shuffle=True, seed=setup.seed)
 
 
 def eval_batches(setup: Setup, records: list[dict] | None = None, batch_size: int | None = None) -> list[dict]:
     """`records` (default: the held-out split) in evaluation order; batches twice the run's size by default."""
     features = setup.task.encode(setup.held_out if records is None else records, setup.resolved["max_length"])
-    return list(loop.loader(features, setup.task, batch_size or 2 * setup.resolved["batch_size"], shuffle=False))
+    return list(loader(features, setup.task, batch_size or 2 * setup.resolved["batch_size"], shuffle=False))
 
 
 # ------------------------------------------------------------------ saved runs

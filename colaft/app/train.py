@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,12 +15,13 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from colaft import ColaConfig, ColaModel, Trainer
 from colaft.app import baselines, loop, runs
-from colaft.config import DEFAULT_USER
+from colaft.config import DEFAULT_USER, ColaConfig
 from colaft.io.files import build_atomically
+from colaft.model import ColaModel
 from colaft.runtime import set_threads
-from colaft.tasks import TASKS, get_task
+from colaft.tasks import TASKS
+from colaft.trainer import Trainer
 
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 

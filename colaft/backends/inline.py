@@ -1,7 +1,7 @@
 """`inline`: the owners live in the server's process and fit when their messages arrive."""
 from __future__ import annotations
 
-from colaft.backends import Message, Reply, Worker, register_backend
+from colaft.backends.base import Message, Reply, Worker, register_backend
 from colaft.users import Owner
 
 

@@ -13,7 +13,6 @@ a worker (a bug in a fit) comes back with its traceback and is raised as WorkerE
 """
 from __future__ import annotations
 
-import os
 import pickle
 import queue
 import signal
@@ -27,25 +26,18 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-import psutil
 import torch
 import torch.multiprocessing as mp
 
-from colaft.backends import Message, Reply, Worker, WorkerError, WorkerLost, describe, register_backend
+from colaft.backends.base import Message, Reply, Worker, WorkerError, WorkerLost, describe, register_backend
 from colaft.backends.shm import Incoming, Outgoing
+from colaft.runtime import default_workers
 from colaft.users import Owner
 
 POLL_SECONDS = 0.5
 """Longest sleep while waiting for replies before the workers are looked at again."""
 STOP_SECONDS = 5.0
 """How long close() lets the workers exit on their own before it terminates them."""
-
-
-def default_workers() -> int:
-    """Cores idle right now (within this process's CPU affinity) less the server's torch threads; at least 1."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = psutil.cpu_percent(interval=0.1) / 100 * (psutil.cpu_count() or allowed)
-    return max(1, round(allowed - busy) - torch.get_num_threads())
 
 
 # ---------------------------------------------------------------- the worker process

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from colaft.backends import Message, Reply, Worker, WorkerError, WorkerLost, describe, register_backend, wire
+from colaft.backends import wire
+from colaft.backends.base import Message, Reply, Worker, WorkerError, WorkerLost, describe, register_backend
 from colaft.users import Owner
 
 CONNECT_SECONDS = 10.0
@@ -314,7 +315,7 @@ class RayBackend:
                     return ray.shutdown, None
                 self._held.stop_ray, self.temp_dir = _SESSION.join(address, start)
             if workers is None:
-                from colaft.backends.process import default_workers
+                from colaft.runtime import default_workers
                 workers = default_workers() if address is None else max(1, int(ray.available_resources().get("CPU", 1)))
             self._remote = ray.remote(num_cpus=1, max_restarts=0)(_Actor)
             for _ in range(workers):

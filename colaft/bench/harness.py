@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-
 # ---------------------------------------------------------------- the machine
 
 def machine(device: str) -> dict:
@@ -241,7 +240,7 @@ class Memory:
 def _child(conn, target: str, spec: dict) -> None:
     try:
         conn.send(run_case(target, spec))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which goes on
+    except BaseException as e:
         conn.send({"error": f"{type(e).__name__}: {str(e)[:300]}"})
     finally:
         conn.close()

@@ -76,8 +76,7 @@ class Task:
 
 def load_task(st: Settings) -> Task:
     from colaft import data as datasets
-    from colaft.app import loop
-    from colaft.tasks import get_task
+    from colaft.tasks import get_task, loader
 
     job = get_task("sc")
     recipe = job.recipe
@@ -85,8 +84,8 @@ def load_task(st: Settings) -> Task:
     train, held = datasets.split(records, 0.1, st.seed)
     base = job.load(st.model, records, st.seed)
     max_length, batch_size = st.max_length or recipe.max_length, st.batch_size or recipe.batch_size
-    batches = list(loop.loader(job.encode(train, max_length), job, batch_size, shuffle=True, seed=st.seed))
-    held_out = list(loop.loader(job.encode(held[:st.eval_examples], max_length), job, 2 * batch_size,
+    batches = list(loader(job.encode(train, max_length), job, batch_size, shuffle=True, seed=st.seed))
+    held_out = list(loader(job.encode(held[:st.eval_examples], max_length), job, 2 * batch_size,
                                 shuffle=False))
     return Task(job, base, ColaConfig(target_modules=recipe.targets, adapter="lowrank"), st.lr or recipe.lr,
                 batches, held_out)

@@ -27,7 +27,7 @@ from torch import nn
 
 from colaft.bench import harness
 from colaft.bench.models import Preset, build_model, make_batch, parse_spec, share_weights
-from colaft.bench.server_report import header, plot_run, run_markdown
+from colaft.bench.server_report import Run, header, plot_run, run_markdown
 from colaft.config import ColaConfig
 from colaft.fit import fit
 from colaft.model import ColaModel
@@ -206,19 +206,6 @@ class Settings:
     """torch CPU threads (None: torch's default)."""
     configs: list[str] | None = None
     """A subset of CONFIGS (floor and peft-lora, the references, are always measured)."""
-
-
-@dataclass
-class Run:
-    model: str
-    device: str
-    dtype: str
-    batch_size: int
-    seq_len: int
-    targets: list[str] | str
-    sites: int = 0
-    rows: dict[str, dict] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
 
 
 def _packet_cost(setup: Setup, batch: dict) -> tuple[list[Packet], int, int]:

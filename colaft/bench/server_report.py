@@ -1,13 +1,25 @@
 """The report of `colaft bench server`: the results table, the targets, plots and the header."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from colaft.bench import harness
 
-if TYPE_CHECKING:
-    from colaft.bench.server import Run
+
+@dataclass
+class Run:
+    """One model's measurements: a row per configuration (and the errors of those that failed)."""
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    seq_len: int
+    targets: list[str] | str
+    sites: int = 0
+    rows: dict[str, dict] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
 
 COLA = ["cola-lowrank", "cola-lowrank-merged", "cola-linear", "cola-linear-merged", "cola-mlp"]
 

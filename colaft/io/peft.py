@@ -45,7 +45,8 @@ def _lora_tensors(site: Site, adapter: nn.Module) -> dict[str, torch.Tensor]:
     if site.spec.kind == "conv2d" and any(d != 1 for d in site.spec.dilation):
         raise ValueError(f"site {site.name}: PEFT's LoRA Conv2d has no dilation")
     if site.spec.kind == "conv2d" and site.spec.padding_mode != "zeros":
-        raise ValueError(f"site {site.name}: PEFT's LoRA Conv2d pads with zeros, this site with {site.spec.padding_mode}")
+        raise ValueError(f"site {site.name}: PEFT's LoRA Conv2d pads with zeros, "
+                         f"this site with {site.spec.padding_mode}")
     return {f"{site.name}.{k}": v for k, v in adapter.state_dict().items()}
 
 

@@ -162,6 +162,7 @@ def users(
             print(key)
         else:
             for user in auth.list_users(db):
-                print(f"{user.name}\t{user.id}\tsince {time.strftime('%Y-%m-%d %H:%M', time.localtime(user.created_at))}")
+                since = time.strftime('%Y-%m-%d %H:%M', time.localtime(user.created_at))
+                print(f"{user.name}\t{user.id}\tsince {since}")
     finally:
         db.close()

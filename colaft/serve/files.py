@@ -12,7 +12,6 @@ A file that breaks a rule is refused whole, with the line that broke it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 FORMATS_OF_TASK = {"clm": ("chat", "prompt"), "sc": ("classification",)}

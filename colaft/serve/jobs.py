@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from sqlalchemy import select, update
 
-from colaft import ColaConfig
-from colaft.io.state import load_owner, read_owner, save_owner
+from colaft.config import ColaConfig
 from colaft.io.files import write_atomic
+from colaft.io.state import load_owner, read_owner, save_owner
 from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, Checkpoint, Event, File, Job, new_id, now
 from colaft.serve.fits import Channel, client_info

@@ -37,12 +37,14 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from colaft import ColaConfig, ColaModel, Trainer
 from colaft.backends import BACKENDS, make_backend
+from colaft.config import ColaConfig
+from colaft.model import ColaModel
 from colaft.serve.db import ACTIVE, Database, Job
 from colaft.serve.fits import Channel
 from colaft.serve.jobs import LISTED, JobLifecycle, Run
 from colaft.tasks import get_task
+from colaft.trainer import Trainer
 
 log = logging.getLogger("colaft.serve")
 
@@ -190,7 +192,7 @@ class Engine(JobLifecycle):
             self.cola = ColaModel(self.base, config, user=job_id)
             self.trainer = Trainer(self.cola, backend=self._backend(), **fit)
         else:
-            self.trainer.add_user(job_id, config, **_fit_config_names(fit))
+            self.trainer.add_user(job_id, config, **fit)
 
     def _add_client(self, job_id: str, config: ColaConfig, fit: dict):
         """A client-fit job's user: adapters on the server, its owner handed to the client
@@ -200,8 +202,8 @@ class Engine(JobLifecycle):
         if self.cola is None:
             self.cola = ColaModel(self.base, config, user=job_id)
             self.trainer = Trainer(self.cola, backend=self._backend(), **fit)
-            return self.trainer.add_remote_user(job_id, sink=sink, **_fit_config_names(fit))
-        return self.trainer.add_remote_user(job_id, config, sink, **_fit_config_names(fit))
+            return self.trainer.add_remote_user(job_id, sink=sink, **fit)
+        return self.trainer.add_remote_user(job_id, config, sink, **fit)
 
     def _load_finished(self, job_id: str, mode: str) -> None:
         folder = self.settings.data_dir / "jobs" / job_id / "adapter"
@@ -242,7 +244,8 @@ class Engine(JobLifecycle):
         if self.cola is None:
             return
         if mode == "collaborative":
-            self.cola.set_mode("collaborative", {u: float(self.modes.get(u) == "collaborative") for u in self.cola.users})
+            weights = {u: float(self.modes.get(u) == "collaborative") for u in self.cola.users}
+            self.cola.set_mode("collaborative", weights)
         else:
             self.cola.set_mode("personal")
 
@@ -287,7 +290,8 @@ class Engine(JobLifecycle):
                 r.losses.append(loss)
                 self.db.add_event(s, r.job_id, f"Step {r.step}/{r.total_steps}: training loss={loss:.4f}",
                                   type="metrics", data={"step": r.step, "total_steps": r.total_steps,
-                                                        "train_loss": loss, "epoch": (r.step - 1) // r.steps_per_epoch + 1})
+                                                        "train_loss": loss,
+                                                        "epoch": (r.step - 1) // r.steps_per_epoch + 1})
         for r in runs:
             if r.job_id not in live:
                 self._drop(r.job_id)
@@ -341,10 +345,3 @@ class Engine(JobLifecycle):
         else:
             self.used(job_id)
 
-
-def _fit_config_names(fit: dict) -> dict:
-    """Trainer's constructor says fit_device where FitConfig says device."""
-    out = dict(fit)
-    if "fit_device" in out:
-        out["device"] = out.pop("fit_device")
-    return out

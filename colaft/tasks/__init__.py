@@ -1,5 +1,6 @@
-"""Tasks: a string-keyed registry, one file per task (sc, clm, ic)."""
-from colaft.tasks.base import TASKS, Recipe, Task, get_task, register_task
-from colaft.tasks import clm, ic, sc  # noqa: F401  (registration)
+"""Tasks: a string-keyed registry (colaft.tasks.base), one file per task (sc, clm, ic)."""
+from colaft.tasks import clm, ic, sc
+from colaft.tasks.base import TASKS, Recipe, Task, get_task, loader, register_task
 
-__all__ = ["TASKS", "Recipe", "Task", "get_task", "register_task"]
+BUILT_IN = (clm, ic, sc)  # imported for their registration
+__all__ = ["BUILT_IN", "TASKS", "Recipe", "Task", "get_task", "loader", "register_task"]
