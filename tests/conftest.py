@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import save_tiny_bert, save_tiny_llama
 from torch import nn
 from transformers import (
     BertConfig,
@@ -223,3 +224,17 @@ def pytest_terminal_summary(terminalreporter):
     for arch, opt, adapter, err, upd in sorted(set(_FIGURES)):
         ref = "peft" if adapter == "lowrank" else "autograd"
         tr.write_line(f"{arch:6} {opt:6} {adapter:8} {ref:9} {err:10.2e} {upd:12.2e}")
+
+
+# ---------------------------------------------------------------- small real model folders (session-wide)
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer, 16-wide BERT with MiniLM's (real, uncased WordPiece) tokenizer."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer, 16-wide Llama with a tiny BPE tokenizer that has a chat template."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

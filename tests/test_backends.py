@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, randomize_, text_batch
 from test_users import build_users
-from tiny_models import review_records, tiny_bert_dir, write_jsonl  # noqa: F401
+from tiny_models import review_records, write_jsonl
 
 from colaft import ColaConfig, ColaModel, Packet, Trainer
 from colaft.app.cli import main
@@ -394,7 +394,7 @@ def test_backend_registry():
 # ---------------------------------------------------------------- the command line
 
 @pytest.fixture
-def cli_args(tiny_bert_dir, tmp_path, monkeypatch):  # noqa: F811
+def cli_args(tiny_bert_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     reviews = write_jsonl(tmp_path / "reviews.jsonl", review_records(3))
     return ["train", "--model", str(tiny_bert_dir), "--data", str(reviews), "--text-field", "review",

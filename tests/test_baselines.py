@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
+from tiny_models import QA, review_records, write_jsonl
 
 from colaft import ColaModel, Trainer, data, tasks
 from colaft.app import baselines
@@ -34,7 +34,7 @@ def qa(tmp_path):
                                                for t in ("films", "maths") for q, a in QA * 2])
 
 
-def test_cola_lowrank_trains_exactly_as_peft_lora(tiny_bert_dir, reviews, tmp_path):  # noqa: F811
+def test_cola_lowrank_trains_exactly_as_peft_lora(tiny_bert_dir, reviews, tmp_path):
     """ColA low-rank adapters started from a PEFT LoRA adapter follow PEFT's own backprop
     training step for step: same losses, same model after (AdamW, linear schedule, the head too)."""
     job = get_task("sc")
@@ -61,7 +61,7 @@ def test_cola_lowrank_trains_exactly_as_peft_lora(tiny_bert_dir, reviews, tmp_pa
 
 @pytest.mark.parametrize("method", baselines.METHODS)
 def test_every_baseline_trains_a_classifier_and_a_causal_lm_through_the_cli(
-        method, tiny_bert_dir, tiny_llama_dir, reviews, qa, tmp_path):  # noqa: F811
+        method, tiny_bert_dir, tiny_llama_dir, reviews, qa, tmp_path):
     runs = {"sc": ["--model", str(tiny_bert_dir), "--data", str(reviews), *FIELDS],
             "clm": ["--model", str(tiny_llama_dir), "--data", str(qa)]}
     for task, args in runs.items():
@@ -87,7 +87,7 @@ def test_every_baseline_trains_a_classifier_and_a_causal_lm_through_the_cli(
     (["--method", "full", "--backend", "process", "--interval", "2"], "--backend, --interval: options of ColA"),
     (["--mode", "shared"], "--mode shared needs users"),
 ])
-def test_bad_method_options_are_refused_before_anything_is_written(extra, message, tiny_bert_dir, reviews,  # noqa: F811
+def test_bad_method_options_are_refused_before_anything_is_written(extra, message, tiny_bert_dir, reviews,
                                                                    tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model", str(tiny_bert_dir), "--data", str(reviews), *FIELDS, "--max-steps", "2",
@@ -101,7 +101,7 @@ def test_peft_methods_need_a_transformers_task(capsys, tmp_path):
     assert "task ic compares ColA with --method full" in capsys.readouterr().err
 
 
-def test_shared_mode_trains_one_adapter_and_reports_every_user(tiny_llama_dir, qa, tmp_path):  # noqa: F811
+def test_shared_mode_trains_one_adapter_and_reports_every_user(tiny_llama_dir, qa, tmp_path):
     out = tmp_path / "shared"
     assert main(["train", "--task", "clm", "--model", str(tiny_llama_dir), "--data", str(qa), "--user-field", "topic",
                  "--mode", "shared", "--batch-size", "4", "--max-steps", "3", "--out", str(out)]) == 0
@@ -142,7 +142,7 @@ def test_experiment_picks_rates_runs_seeds_resumes_and_shows_linear_cola_is_full
     assert json.loads((out / "results.json").read_text())["runs"] == report["runs"]
 
 
-def test_collaborative_mode_weighs_users_by_their_training_rows(tiny_llama_dir, tmp_path, capsys):  # noqa: F811
+def test_collaborative_mode_weighs_users_by_their_training_rows(tiny_llama_dir, tmp_path, capsys):
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a, "topic": t}
                                              for t, copies in (("films", 3), ("maths", 1)) for q, a in QA * copies])
     out = tmp_path / "rows"
@@ -164,7 +164,7 @@ def test_collaborative_mode_weighs_users_by_their_training_rows(tiny_llama_dir, 
     assert not refused.exists()
 
 
-def test_collaboration_experiment_reports_every_user_for_every_mode(tiny_llama_dir, qa, tmp_path):  # noqa: F811
+def test_collaboration_experiment_reports_every_user_for_every_mode(tiny_llama_dir, qa, tmp_path):
     out = tmp_path / "users"
     assert main(["experiment", "--task", "clm", "--model", str(tiny_llama_dir), "--train-option", f"--data={qa}",
                  "--user-field", "topic", "--methods", "users-personal,users-collaborative,users-shared",

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
+from tiny_models import QA, review_records, write_jsonl
 
 from colaft import ColaModel, data, tasks
 from colaft.app.cli import main
@@ -27,7 +27,7 @@ def reviews(tmp_path):
 
 
 @pytest.fixture
-def tiny_args(tiny_bert_dir, reviews):  # noqa: F811
+def tiny_args(tiny_bert_dir, reviews):
     return ["train", "--model", str(tiny_bert_dir), "--data", str(reviews), *FIELDS, "--batch-size", "8",
             "--lr", "0.01", "--max-steps", "6"]
 
@@ -43,7 +43,7 @@ def test_parse_targets():
     assert parse_targets("all-linear") == "all-linear"
 
 
-def test_train_writes_a_complete_run_that_reloads(tiny_args, tiny_bert_dir, reviews, tmp_path, capsys):  # noqa: F811
+def test_train_writes_a_complete_run_that_reloads(tiny_args, tiny_bert_dir, reviews, tmp_path, capsys):
     out, peft = tmp_path / "runs" / "r1", tmp_path / "peft"
     assert main([*tiny_args, "--out", str(out), "--export-peft", str(peft), "--eval-every", "4"]) == 0
     stdout = capsys.readouterr().out
@@ -107,7 +107,7 @@ def authored(tmp_path):
                                                      for i, r in enumerate(review_records(3))])
 
 
-def test_train_with_a_user_field_reports_every_user(tiny_bert_dir, authored, tmp_path, capsys):  # noqa: F811
+def test_train_with_a_user_field_reports_every_user(tiny_bert_dir, authored, tmp_path, capsys):
     out = tmp_path / "users"
     assert main(["train", "--model", str(tiny_bert_dir), "--data", str(authored), *FIELDS, "--user-field", "author",
                  "--batch-size", "8", "--lr", "0.01", "--max-steps", "6", "--eval-every", "3", "--out", str(out)]) == 0
@@ -122,7 +122,8 @@ def test_train_with_a_user_field_reports_every_user(tiny_bert_dir, authored, tmp
     saved = ColaModel.from_pretrained(task.load(str(tiny_bert_dir), records, seed=0), out / "adapters")
     assert saved.users == ["ann", "bob", "cy"]
     batches = list(tasks.loader(task.encode(data.split(records, 0.1, seed=0)[1], 128), task, 16, shuffle=False))
-    reloaded, after = task.evaluate(saved, batches)["users"], json.loads((out / "run.json").read_text())["after"]["users"]
+    reloaded = task.evaluate(saved, batches)["users"]
+    after = json.loads((out / "run.json").read_text())["after"]["users"]
     for user in after:
         assert reloaded[user] == pytest.approx(after[user], rel=1e-5)
     log = lines(out / "metrics.jsonl")
@@ -156,7 +157,7 @@ def test_train_k_users_collaborative(tiny_args, tmp_path, capsys):
     assert (out / "users.md").read_text().count("| user") == 4  # the header and three users
 
 
-def test_clm_users_in_one_run(tiny_llama_dir, tmp_path):  # noqa: F811
+def test_clm_users_in_one_run(tiny_llama_dir, tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a, "topic": t}
                                                for t in ("films", "maths") for q, a in QA * 2])
     out = tmp_path / "clm"

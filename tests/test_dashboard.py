@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 from serve_helpers import REVIEWS, Server, add_user, upload, wait_job
-from tiny_models import tiny_bert_dir  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -20,7 +19,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_bert_dir):  # noqa: F811
+def server(tmp_path_factory, tiny_bert_dir):
     data = tmp_path_factory.mktemp("dashboard") / "data"
     keys = {name: add_user(data, name) for name in ("alice", "bob")}
     srv = Server(data, [f"bert={tiny_bert_dir}"]).start()
@@ -100,7 +99,8 @@ def test_dashboard_shows_only_the_key_holders_jobs_live(server):
             html = page.content()
             assert job.id in html and bob_job.id not in html
             assert bob_job.id not in page.evaluate("() => JSON.stringify([...window.colaftDashboard.state.events.keys()])")
-            assert server.keys["alice"] not in page.url and server.keys["alice"] not in html
+            key = server.keys["alice"]
+            assert key not in page.url and key not in html
             assert page.evaluate("() => sessionStorage.getItem('colaft.apiKey')") == server.keys["alice"]
 
             # a wrong key: a clear error, and the jobs shown before are gone

@@ -72,7 +72,8 @@ def test_server_holds_nothing_trainable(arch, adapter, merge):
     assert trainer.stats["version"] == 3
     # the owner's copies are where gradients live (so the check above can fail)
     assert all(p.grad is not None for a in trainer.owner_adapters.values() for p in a.parameters())
-    assert sum(p.numel() for p in (p for a in trainer.owner_adapters.values() for p in a.parameters())) == cm.adapter_parameters()
+    owned = sum(p.numel() for a in trainer.owner_adapters.values() for p in a.parameters())
+    assert owned == cm.adapter_parameters()
 
 
 def test_loss_must_come_from_the_batch_or_a_loss_fn():

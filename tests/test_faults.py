@@ -12,7 +12,6 @@ import threading
 import psutil
 from serve_helpers import CHAT, Server, add_user, upload, wait_for, wait_job
 from test_remote_client import adapter, assert_same
-from tiny_models import tiny_llama_dir  # noqa: F401
 
 from colaft.client import Client
 
@@ -43,7 +42,7 @@ def workers(server: Server) -> list[psutil.Process]:
             if "spawn_main" in " ".join(p.cmdline())]
 
 
-def test_a_killed_fit_worker_loses_no_update(tmp_path, tiny_llama_dir):  # noqa: F811
+def test_a_killed_fit_worker_loses_no_update(tmp_path, tiny_llama_dir):
     """SIGKILL the process backend's only worker mid-job: the job goes on (the owners are rebuilt
     from their snapshots on a fresh worker) and ends with the undisturbed job's adapters."""
     data = tmp_path / "data"
@@ -67,7 +66,7 @@ def test_a_killed_fit_worker_loses_no_update(tmp_path, tiny_llama_dir):  # noqa:
         srv.stop()
 
 
-def test_a_killed_server_resumes_client_and_server_fit_jobs_exactly(tmp_path, tiny_llama_dir):  # noqa: F811
+def test_a_killed_server_resumes_client_and_server_fit_jobs_exactly(tmp_path, tiny_llama_dir):
     """SIGKILL the server while a client-fit job (its client in a thread here, kept running) and a
     server-fit job train; restart it on the same port. Both resume from their checkpoints, the
     client resyncs to the server's state, and both end with the undisturbed jobs' adapters."""

@@ -5,7 +5,7 @@ import io
 import json
 
 import pytest
-from tiny_models import QA, review_records, tiny_bert_dir, tiny_llama_dir, write_jsonl  # noqa: F401
+from tiny_models import QA, review_records, write_jsonl
 
 from colaft import data
 from colaft.app.cli import main
@@ -35,7 +35,7 @@ def error_of(capsys, *args) -> str:
 
 # ---------------------------------------------------------------- eval
 @pytest.fixture(scope="module")
-def sc_run(tiny_bert_dir, tmp_path_factory):  # noqa: F811
+def sc_run(tiny_bert_dir, tmp_path_factory):
     """A 6-step sc run of three users (ann, bob, cy: a column of the data) and its data file."""
     tmp_path = tmp_path_factory.mktemp("sc")
     path = write_jsonl(tmp_path / "authored.jsonl", [dict(r, author=["ann", "bob", "cy"][i % 3])
@@ -92,7 +92,7 @@ def test_eval_errors_are_one_line(sc_run, tmp_path, capsys):
 
 # ---------------------------------------------------------------- generate
 @pytest.fixture(scope="module")
-def clm_runs(tiny_llama_dir, tmp_path_factory):  # noqa: F811
+def clm_runs(tiny_llama_dir, tmp_path_factory):
     """Tiny-Llama clm runs of 3 steps, each with its PEFT export: one user, and two users (topics films, maths)."""
     folder = tmp_path_factory.mktemp("clm")
     path = write_jsonl(folder / "qa.jsonl", [{"question": q, "answer": a, "topic": t}
@@ -105,7 +105,7 @@ def clm_runs(tiny_llama_dir, tmp_path_factory):  # noqa: F811
     return folder
 
 
-def test_generate_answers_greedily_and_reproducibly(clm_runs, tiny_llama_dir, capsys):  # noqa: F811
+def test_generate_answers_greedily_and_reproducibly(clm_runs, tiny_llama_dir, capsys):
     run = clm_runs / "one"
     args = ["generate", "--adapter", run, "--prompt", "what is ai", "--max-new-tokens", "6"]
     status, first, err = run_cli(capsys, *args)

@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 from serve_helpers import CHAT, REPO, Server, add_user, upload, wait_for, wait_job
-from tiny_models import tiny_llama_dir  # noqa: F401
 
 from colaft.client import Client, build_owner
 from colaft.io.tensors import state_from_bytes, state_to_bytes
@@ -28,7 +27,7 @@ TIMEOUT = 3.0  # --client-timeout of the test server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_llama_dir):  # noqa: F811
+def server(tmp_path_factory, tiny_llama_dir):
     data = tmp_path_factory.mktemp("remote") / "data"
     keys = {name: add_user(data, name) for name in ("alice", "bob")}
     srv = Server(data, [f"llama={tiny_llama_dir}"], "--backend", "inline", "--client-timeout", str(TIMEOUT)).start()

@@ -89,7 +89,8 @@ def test_encoder_mask_does_not_drop_decoder_rows(arch):
 
 def _reads_encoder(site: str) -> bool:
     """Sites whose tokens are the encoder's: the encoder's own and cross-attention's values."""
-    return site.startswith(("encoder.", "model.encoder.")) or site.endswith(("EncDecAttention.v", "encoder_attn.v_proj"))
+    return (site.startswith(("encoder.", "model.encoder."))
+            or site.endswith(("EncDecAttention.v", "encoder_attn.v_proj")))
 
 
 @pytest.mark.parametrize("decoder_mask", [False, True])

@@ -18,11 +18,11 @@ import openai
 import pytest
 import torch
 from serve_helpers import CHAT, REVIEWS, Server, add_user, jsonl, upload, wait_for, wait_job
-from tiny_models import BAD, GOOD, QA, tiny_bert_dir, tiny_llama_dir  # noqa: F401
+from tiny_models import BAD, GOOD, QA
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_llama_dir, tiny_bert_dir):  # noqa: F811
+def server(tmp_path_factory, tiny_llama_dir, tiny_bert_dir):
     data = tmp_path_factory.mktemp("serve") / "data"
     keys = {name: add_user(data, name) for name in ("alice", "bob")}
     srv = Server(data, [f"llama={tiny_llama_dir}", f"bert={tiny_bert_dir}"], "--max-upload-mb", "0.25",
@@ -79,7 +79,7 @@ def test_missing_or_wrong_key_answers_401(server):
 
 # ------------------------------------------------------------------ training: two users at once
 
-def test_two_users_train_concurrently_on_one_base_model(server, alice, bob, tiny_llama_dir, tmp_path):  # noqa: F811
+def test_two_users_train_concurrently_on_one_base_model(server, alice, bob, tiny_llama_dir, tmp_path):
     fa, fb = upload(alice, CHAT, "alice.jsonl"), upload(bob, CHAT[::-1], "bob.jsonl")
     assert (fa.purpose, fa.status, fa.bytes) == ("fine-tune", "processed", len(jsonl(CHAT)))
     hyper = {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 5}
@@ -186,7 +186,8 @@ def test_inference_batches_rows_of_different_adapters(server, alice, bob):
 
     def ask(client, model, question):
         return client.chat.completions.create(model=model, max_tokens=5,
-                                              messages=[{"role": "user", "content": question}]).choices[0].message.content
+                                              messages=[{"role": "user", "content": question}]
+                                              ).choices[0].message.content
     one_by_one = [ask(*a) for a in asks]
     together = [None] * len(asks)
 
@@ -202,7 +203,7 @@ def test_inference_batches_rows_of_different_adapters(server, alice, bob):
 
 
 def test_collaborative_jobs_train_beside_personal_ones(server, alice, bob):
-    """Collaborative jobs share a batch in collaborative mode; a personal job trains in its own batch at the same time."""
+    """Collaborative jobs share a batch in collaborative mode; a personal job trains in its own batch meanwhile."""
     f = upload(alice, CHAT)
     g = upload(bob, CHAT)
     hyper = {"n_epochs": 3, "batch_size": 4}
@@ -375,7 +376,7 @@ def test_status_calls_stay_fast_while_training(server, alice):
 
 # ------------------------------------------------------------------ a killed server loses nothing
 
-def test_restart_after_sigkill_resumes_and_loses_nothing(tmp_path, tiny_llama_dir):  # noqa: F811
+def test_restart_after_sigkill_resumes_and_loses_nothing(tmp_path, tiny_llama_dir):
     data = tmp_path / "data"
     key = add_user(data, "dana")
     srv = Server(data, [f"llama={tiny_llama_dir}"], "--checkpoint-every", "5").start()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from serve_helpers import CHAT, REPO, Server, upload, wait_for, wait_job
-from tiny_models import tiny_llama_dir  # noqa: F401
 
 psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
 
@@ -95,7 +94,7 @@ def _users_add(url: str, data: Path, name: str) -> str:
     return out.stdout.strip()
 
 
-def test_postgres_holds_everything_across_a_sigkill(postgres_url, tmp_path, tiny_llama_dir):  # noqa: F811
+def test_postgres_holds_everything_across_a_sigkill(postgres_url, tmp_path, tiny_llama_dir):
     import openai
 
     data = tmp_path / "data"

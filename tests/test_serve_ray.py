@@ -14,12 +14,11 @@ import zipfile
 import psutil
 import pytest
 from serve_helpers import CHAT, Server, add_user, upload, wait_job
-from tiny_models import tiny_llama_dir  # noqa: F401
 
 pytest.importorskip("ray")
 
 
-def test_a_job_trains_on_ray_actors_and_its_adapter_downloads(tmp_path, tiny_llama_dir):  # noqa: F811
+def test_a_job_trains_on_ray_actors_and_its_adapter_downloads(tmp_path, tiny_llama_dir):
     data = tmp_path / "data"
     key = add_user(data, "fay")
     srv = Server(data, [f"llama={tiny_llama_dir}"], "--backend", "ray", "--workers", "1").start()

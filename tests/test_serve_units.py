@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from conftest import text_batch, tiny_llama
-from tiny_models import tiny_llama_dir  # noqa: F401
 
 from colaft import ColaConfig, ColaModel, Trainer
 from colaft.io.state import load_owner, save_owner
@@ -75,7 +74,8 @@ def test_save_owner_resumes_one_user_exactly_among_others(tmp_path):
         trainer2.step(batch, users=users)
     want, got = _state(model, "b"), _state(model2, "b")
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert ColaModel.from_pretrained(tiny_llama(), tmp_path / "b", user="b").users == ["b"]  # also an adapter checkpoint
+    # also an adapter checkpoint
+    assert ColaModel.from_pretrained(tiny_llama(), tmp_path / "b", user="b").users == ["b"]
     with pytest.raises(ValueError, match="fits every 1"):
         load_owner(_trainer(interval=1)[1], "b", tmp_path / "b")
 
@@ -108,7 +108,7 @@ def test_flush_of_some_users_leaves_the_others_pending():
     assert all(torch.equal(v, before[k]) for k, v in _state(model, "b").items())
 
 
-def test_clm_trains_on_the_last_answer_of_a_conversation(tiny_llama_dir):  # noqa: F811
+def test_clm_trains_on_the_last_answer_of_a_conversation(tiny_llama_dir):
     task = get_task("clm")
     task.load(str(tiny_llama_dir), [], seed=0)
     record = files.task_records("chat", [CHAT])[0]
@@ -162,7 +162,7 @@ def test_the_database_keeps_no_nan_and_cuts_long_messages(tmp_path):
         db.close()
 
 
-def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, tiny_llama_dir):  # noqa: F811
+def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, tiny_llama_dir):
     """With max_loaded_adapters=2, four finished jobs keep at most two adapter sets loaded (least
     recently used out); an unloaded job's adapters reload from disk equal, answering the same."""
     from tiny_models import QA

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize_
-from tiny_models import QA, review_records, save_tiny_llama, tiny_bert_dir, tiny_llama_dir  # noqa: F401
+from tiny_models import QA, review_records, save_tiny_llama
 
 from colaft import ColaConfig, ColaModel, Trainer, data
 from colaft.tasks import TASKS, get_task
@@ -24,7 +24,7 @@ def digit_records(n: int = 64) -> list[dict]:
 
 
 @pytest.fixture
-def setups(tiny_bert_dir, tiny_llama_dir):  # noqa: F811
+def setups(tiny_bert_dir, tiny_llama_dir):
     """task name -> (model to load, records)."""
     reviews = [{"text": r["review"], "label": r["sentiment"]} for r in review_records(1)]
     return {"sc": (str(tiny_bert_dir), reviews), "clm": (str(tiny_llama_dir), qa_records()),
@@ -85,7 +85,7 @@ def test_users_ride_through_collate_and_are_scored_apart(name, setups):
 
 
 # ---------------------------------------------------------------- sc
-def test_sc_labels_numbered_in_sorted_order(tiny_bert_dir):  # noqa: F811
+def test_sc_labels_numbered_in_sorted_order(tiny_bert_dir):
     task = get_task("sc")
     records = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}, {"text": "ok", "label": "mid"}]
     model = task.load(str(tiny_bert_dir), records, seed=0)
@@ -95,7 +95,7 @@ def test_sc_labels_numbered_in_sorted_order(tiny_bert_dir):  # noqa: F811
         task.encode([{"text": "x", "label": "other"}], 16)
 
 
-def test_sc_encode_truncates_and_collate_pads(tiny_bert_dir):  # noqa: F811
+def test_sc_encode_truncates_and_collate_pads(tiny_bert_dir):
     task = get_task("sc")
     records = [{"text": "a " * 40, "label": 1}, {"text": "short", "label": 0}]
     task.load(str(tiny_bert_dir), records, seed=0)
@@ -107,7 +107,7 @@ def test_sc_encode_truncates_and_collate_pads(tiny_bert_dir):  # noqa: F811
     assert batch["labels"].tolist() == [1, 0]
 
 
-def test_sc_metrics_match_sklearn_definitions(tiny_bert_dir):  # noqa: F811
+def test_sc_metrics_match_sklearn_definitions(tiny_bert_dir):
     task = get_task("sc")
     records = [{"text": r["review"], "label": r["sentiment"]} for r in review_records(1)]
     model = task.load(str(tiny_bert_dir), records, seed=0)
@@ -126,7 +126,7 @@ def test_sc_metrics_match_sklearn_definitions(tiny_bert_dir):  # noqa: F811
 
 
 # ---------------------------------------------------------------- clm
-def test_clm_loss_only_on_answer_tokens(tiny_llama_dir):  # noqa: F811
+def test_clm_loss_only_on_answer_tokens(tiny_llama_dir):
     task = get_task("clm")
     task.load(str(tiny_llama_dir), qa_records(), seed=0)
     prompt, answer = task.prompt_and_answer("who are you", "i am a tiny bot")
@@ -150,7 +150,7 @@ def test_clm_without_chat_template_uses_plain_prompt(tmp_path):
     assert task.prompt_and_answer("who are you", "a bot") == ("Question: who are you\nAnswer:", " a bot<|im_end|>")
 
 
-def test_clm_truncation_drops_examples_without_answer(tiny_llama_dir):  # noqa: F811
+def test_clm_truncation_drops_examples_without_answer(tiny_llama_dir):
     task = get_task("clm")
     task.load(str(tiny_llama_dir), qa_records(), seed=0)
     prompt_len = len(task.tokenizer(task.prompt_and_answer("who are you", "x")[0])["input_ids"])
@@ -161,7 +161,7 @@ def test_clm_truncation_drops_examples_without_answer(tiny_llama_dir):  # noqa: 
         task.encode(qa_records(), max_length=3)
 
 
-def test_clm_metrics(tiny_llama_dir, monkeypatch):  # noqa: F811
+def test_clm_metrics(tiny_llama_dir, monkeypatch):
     task = get_task("clm")
     model = task.load(str(tiny_llama_dir), qa_records(), seed=0)
     cola = ColaModel(model, ColaConfig(target_modules=["q_proj"]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -45,10 +44,8 @@ def _bert_config(vocab_size: int) -> BertConfig:
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # train mode == eval mode
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory):
+def save_tiny_bert(folder):
     """A 2-layer, 16-wide BERT with MiniLM's (real, uncased WordPiece) tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
     torch.manual_seed(0)
     BertModel(_bert_config(len(tokenizer))).save_pretrained(folder)
@@ -81,9 +78,3 @@ def save_tiny_llama(folder, chat_template: bool = True):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """A 2-layer, 16-wide Llama with a tiny BPE tokenizer that has a chat template."""
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
