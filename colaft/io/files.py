@@ -10,9 +10,8 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 
@@ -40,20 +39,17 @@ def atomic_dir(directory: str | Path, markers: tuple[str, ...]) -> Iterator[Path
 
 
 def build_atomically(targets: list[tuple[Path, Callable[[Path], None]]]) -> None:
-    """Fill each folder in a hidden temporary sibling; rename all into place only if every
-    one was built, so a failure or Ctrl-C leaves no half-done run behind."""
-    made_parents = [p for p in {t.parent.resolve() for t, _ in targets} if not p.exists()]
-    temps = []
+    """Build each new folder with `build(folder)` in its own atomic_dir; they are all renamed into
+    place only if every one was built, so a failure or Ctrl-C leaves no half-done run behind
+    (nor the parent folders this call created)."""
+    made_parents = [p for p in {Path(t).parent.resolve() for t, _ in targets} if not p.exists()]
     try:
-        for target, build in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temps.append(Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)))
-            build(temps[-1])
-        for (target, _), tmp in zip(targets, temps):
-            tmp.rename(target)
+        with ExitStack() as building:  # on an error every atomic_dir is unwound, none swapped in
+            for target, build in targets:
+                if Path(target).exists():
+                    raise FileExistsError(f"{target} exists: choose another folder")
+                build(building.enter_context(atomic_dir(target, markers=())))
     except BaseException:
-        for tmp in temps:
-            shutil.rmtree(tmp, ignore_errors=True)
         for parent in sorted(made_parents, reverse=True):  # only folders we created, if left empty
             if parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
