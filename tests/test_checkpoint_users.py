@@ -7,50 +7,17 @@ import pytest
 import torch
 from conftest import ARCHS, flat_state, randomize_
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_users import KINDS, batch_of, build_users, rows
+from users_helpers import IDS, KINDS, LOWRANK, logits, mixed, rows, same_users, users_model
 
 from colaft import ColaConfig, ColaModel, Trainer
 from colaft.io import adapters as adapter_io
 from colaft.io import peft as peft_io
 
-# free-form ids: dots, slashes, spaces, unicode, a case-only clash, names of root files, PEFT's "lora_" prefix
-IDS = ["user.0", "a/b c", "ünï", "User.0", "colaft_users.json", "..", "a"]
-LOWRANK = [dict(adapter="lowrank", rank=8), dict(adapter="lowrank", rank=4, alpha=4.0),
-           dict(adapter="lowrank", rank=2, alpha=8.0)]
-
-
-def build(arch: str, ids: list[str], kinds=KINDS, seed: int = 0) -> ColaModel:
-    return build_users(arch, ids, kinds, seed).eval()
-
-
-def logits(cm, batch: dict, users: list[str] | None = None, **kw) -> torch.Tensor:
-    batch = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
-        return cm(**batch, users=users, **kw).logits if users is not None else cm(**batch, **kw).logits
-
-
-def mixed(arch: str, users: list[str], seed: int = 5) -> tuple[dict, list[str]]:
-    """A batch whose rows belong to `users`, shuffled (every user has rows)."""
-    n = 2 * len(users)
-    batch = batch_of(arch, seed, n)
-    g = torch.Generator().manual_seed(seed)
-    return batch, [users[i % len(users)] for i in torch.randperm(n, generator=g).tolist()]
-
-
-def same_users(a: ColaModel, b: ColaModel) -> None:
-    """Same users in the same order, configs, mode, weights, and bit-equal adapters."""
-    assert a.users == b.users and a.user_configs == b.user_configs
-    assert (a.mode, a.weights) == (b.mode, b.weights)
-    for u in a.users:
-        sa, sb = flat_state(a.user_adapters(u)), flat_state(b.user_adapters(u))
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), u
-
-
 # ---------------------------------------------------------------- save / load every user
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_user_round_trips_exactly(tmp_path, arch):
-    cm = build(arch, IDS)
+    cm = users_model(arch, IDS)
     weights = {"a/b c": 2.0}
     cm.set_mode("collaborative", weights)
     cm.save_pretrained(tmp_path / "ckpt")
@@ -79,7 +46,7 @@ def test_every_user_round_trips_exactly(tmp_path, arch):
 
 
 def test_one_user_keeps_the_single_user_layout(tmp_path):
-    cm = build("llama", ["alice"])
+    cm = users_model("llama", ["alice"])
     cm.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [adapter_io.ADAPTERS, adapter_io.CONFIG]
     assert ColaModel.from_pretrained(ARCHS["llama"][0](), tmp_path / "ckpt").users == ["alice"]
@@ -98,13 +65,13 @@ def test_one_user_keeps_the_single_user_layout(tmp_path):
 
 def test_one_users_adapters_load_into_a_model_with_other_users(tmp_path):
     arch = "bert"
-    source = build(arch, ["user.0", "user.1", "user.2"])
+    source = users_model(arch, ["user.0", "user.1", "user.2"])
     source.save_pretrained(tmp_path / "one", user="user.1")  # that user alone: the single-user layout
     meta = json.loads((tmp_path / "one" / adapter_io.CONFIG).read_text())
     assert meta["user"] == "user.1" and "mode" not in meta
     source.save_pretrained(tmp_path / "all")
 
-    server = build(arch, ["user.0", "user.2", "bob"], kinds=[KINDS[0], KINDS[2], KINDS[1]], seed=7)  # no user.1
+    server = users_model(arch, ["user.0", "user.2", "bob"], kinds=[KINDS[0], KINDS[2], KINDS[1]], seed=7)  # no user.1
     before = {u: flat_state(server.user_adapters(u)) for u in server.users}
     server.load_adapters(tmp_path / "one", user="user.1")  # added
     server.load_adapters(tmp_path / "one", user="copy")  # the same adapters, as another user
@@ -126,8 +93,8 @@ def test_one_users_adapters_load_into_a_model_with_other_users(tmp_path):
 
 def test_failed_loads_leave_the_model_as_it_was(tmp_path):
     arch = "llama"
-    build(arch, ["user.0", "user.1", "user.2"]).save_pretrained(tmp_path / "all")
-    server = build(arch, ["user.1", "user.0"], kinds=[KINDS[2], dict(adapter="lowrank", rank=8, alpha=32.0)])
+    users_model(arch, ["user.0", "user.1", "user.2"]).save_pretrained(tmp_path / "all")
+    server = users_model(arch, ["user.1", "user.0"], kinds=[KINDS[2], dict(adapter="lowrank", rank=8, alpha=32.0)])
     state = {u: flat_state(server.user_adapters(u)) for u in server.users}
     sites = list(server.sites)
 
@@ -159,7 +126,7 @@ def test_failed_loads_leave_the_model_as_it_was(tmp_path):
 
 
 def test_a_failed_save_of_many_users_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    cm = build("llama", IDS[:3])
+    cm = users_model("llama", IDS[:3])
     cm.save_pretrained(tmp_path / "ckpt")
     old = ColaModel.from_pretrained(ARCHS["llama"][0](), tmp_path / "ckpt")
     randomize_(cm.user_adapters("a/b c")["model.layers.0.self_attn.q_proj"], seed=99)
@@ -194,7 +161,7 @@ def peft_model_of(arch: str, directory) -> tuple[PeftModel, dict[str, str]]:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_export_peft_of_every_user_computes_what_colaft_does(tmp_path, arch):
     ids = ["user.0", "a", "a/b c", "default"]  # "a" lies in PEFT's "lora_" prefix
-    cm = build(arch, ids, kinds=LOWRANK)
+    cm = users_model(arch, ids, kinds=LOWRANK)
     cm.export_peft(tmp_path / "peft")
     peft_model, names = peft_model_of(arch, tmp_path / "peft")
     assert names["default"] == "default" and len(set(names.values())) == len(ids)
@@ -218,7 +185,7 @@ def test_export_peft_of_every_user_computes_what_colaft_does(tmp_path, arch):
 
 
 def test_export_peft_names_the_users_that_cannot_export(tmp_path):
-    cm = build("bert", ["user.0", "user.1", "user.2"])  # lowrank, linear, mlp
+    cm = users_model("bert", ["user.0", "user.1", "user.2"])  # lowrank, linear, mlp
     with pytest.raises(ValueError, match=r"cannot export as PEFT LoRA: user 'user.1': .*a FullDelta adapter.*; "
                                          r"user 'user.2': .*Sequential.*\(export the others one by one"):
         cm.export_peft(tmp_path / "peft")
@@ -246,7 +213,8 @@ def saved_by_peft(tmp_path, arch: str) -> tuple[PeftModel, str]:
 def test_load_peft_starts_a_new_or_existing_user(tmp_path):
     arch = "llama"
     peft_model, directory = saved_by_peft(tmp_path, arch)
-    cm = build(arch, ["user.0", "user.1"], kinds=[dict(adapter="lowrank", rank=4, alpha=8.0), dict(adapter="mlp")])
+    cm = users_model(arch, ["user.0", "user.1"],
+                     kinds=[dict(adapter="lowrank", rank=4, alpha=8.0), dict(adapter="mlp")])
     batch, _ = mixed(arch, ["x"])
     want = logits(peft_model, batch)
     cm.load_peft(directory, user="new")  # created from the adapter's config
@@ -262,7 +230,7 @@ def test_load_peft_starts_a_new_or_existing_user(tmp_path):
         cm.load_peft(directory)
     with pytest.raises(ValueError, match=r"does not fit adapter='mlp'.*\(user 'user.1'\)"):
         cm.load_peft(directory, user="user.1")
-    gpt2 = build("gpt2", ["user.0"])
+    gpt2 = users_model("gpt2", ["user.0"])
     with pytest.raises(ValueError, match="does not fit this model: target 'model.embed_tokens' matches no module"):
         gpt2.load_peft(directory, user="other")
     assert gpt2.users == ["user.0"]
@@ -273,7 +241,7 @@ def test_load_peft_starts_a_new_or_existing_user(tmp_path):
 
 def test_load_peft_removes_a_new_user_whose_check_fails(tmp_path):
     _, directory = saved_by_peft(tmp_path, "llama")
-    cm = build("llama", ["user.0"], kinds=[dict(adapter="lowrank", rank=4)])
+    cm = users_model("llama", ["user.0"], kinds=[dict(adapter="lowrank", rank=4)])
     with torch.no_grad():  # not the base whose embedding PEFT saved with the adapter
         cm.model.model.embed_tokens.weight.add_(1.0)
     with pytest.raises(ValueError, match="carries base weights of its own"):
@@ -286,7 +254,7 @@ def test_load_peft_removes_a_new_user_whose_check_fails(tmp_path):
 def trainer_of(seed: int) -> Trainer:
     # dropout: the sites draw from torch's RNG, so resuming must restore it
     kinds = [{**k, "dropout": 0.1} for k in KINDS[:3]]
-    cm = build("llama", ["user.0", "a/b", "ünï"], kinds=kinds, seed=seed)
+    cm = users_model("llama", ["user.0", "a/b", "ünï"], kinds=kinds, seed=seed)
     return Trainer(cm.train(), optimizer="adamw", lr=2e-2, weight_decay=0.01, scheduler="linear",
                    warmup_ratio=0.2, total_steps=10, interval=2)
 
@@ -364,7 +332,7 @@ def test_resume_refuses_other_users(tmp_path):
 
 def test_resume_restores_the_collaborative_mode(tmp_path):
     def make() -> Trainer:
-        return Trainer(build("bert", ["user.0", "user.1"], kinds=[KINDS[0], KINDS[1]]), optimizer="sgd", lr=0.1)
+        return Trainer(users_model("bert", ["user.0", "user.1"], kinds=[KINDS[0], KINDS[1]]), optimizer="sgd", lr=0.1)
 
     trainer = make()
     trainer.model.set_mode("collaborative", {"user.1": 3.0})

@@ -8,19 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize_
-from tiny_models import QA, review_records, save_tiny_llama
+from tiny_models import QA, digit_records, qa_records, review_records, save_tiny_llama
 
-from colaft import ColaConfig, ColaModel, Trainer, data
+from colaft import ColaConfig, ColaModel, Trainer
 from colaft.tasks import TASKS, get_task
 from colaft.tasks.clm import IGNORE
-
-
-def qa_records() -> list[dict]:
-    return [{"question": q, "answer": a} for q, a in QA]
-
-
-def digit_records(n: int = 64) -> list[dict]:
-    return data.load("digits")[:n]
 
 
 @pytest.fixture

@@ -5,57 +5,11 @@ import copy
 
 import pytest
 import torch
-from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, randomize_, text_batch
+from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, randomize_
+from users_helpers import assignment, batch_of, k_users, rows, users_of
+from users_helpers import build_users as build_users  # test_backends.py imports it from here
 
-from colaft import ColaConfig, ColaModel, Trainer
-
-# users cycle through these adapter settings: mixed types and sizes at the same sites
-KINDS = [dict(adapter="lowrank", rank=8), dict(adapter="linear"), dict(adapter="mlp", hidden=8),
-         dict(adapter="lowrank", rank=4, alpha=4.0)]
-
-
-def users_of(k: int) -> list[str]:
-    return [f"user.{i}" for i in range(k)]  # a dot too: ids are free-form
-
-
-def build_users(arch: str, users: list[str], kinds=KINDS, seed: int = 0) -> ColaModel:
-    """`users` on a fresh base, adapter settings cycling through `kinds`, every adapter randomised (distinct)."""
-    factory, targets, _ = ARCHS[arch]
-    cm = None
-    for i, user in enumerate(users):
-        config = ColaConfig(target_modules=targets, **kinds[i % len(kinds)])
-        if cm is None:
-            cm = ColaModel(factory(), config, user=user)
-        else:
-            cm.add_user(user, config)
-        for j, adapter in enumerate(cm.user_adapters(user).values()):
-            randomize_(adapter, seed=seed + 100 * i + j)
-    return cm
-
-
-def build(arch: str, k: int, kinds=KINDS) -> ColaModel:
-    """A model with `k` users of mixed adapter types."""
-    return build_users(arch, users_of(k), kinds)
-
-
-def batch_of(arch: str, seed: int, rows: int) -> dict:
-    kind = ARCHS[arch][2]
-    if kind == "image":
-        from conftest import image_batch
-        return image_batch(seed, rows)
-    lengths = [3 + (seed + i) % 4 for i in range(rows)]  # mixed lengths: padding differs by row
-    return text_batch(seed, kind, lengths)
-
-
-def rows(batch: dict, index: list[int]) -> dict:
-    return {k: v[index] for k, v in batch.items()}
-
-
-def assignment(k: int, n: int, seed: int) -> list[str]:
-    """Every user gets rows, interleaved in a shuffled order."""
-    g = torch.Generator().manual_seed(seed)
-    users = [users_of(k)[i % k] for i in range(n)]
-    return [users[i] for i in torch.randperm(n, generator=g).tolist()]
+from colaft import ColaConfig, Trainer
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -63,21 +17,21 @@ def assignment(k: int, n: int, seed: int) -> list[str]:
 def test_mixed_step_equals_each_users_step_alone(arch, k):
     n = 2 * k + 1
     batch, users = batch_of(arch, 0, n), assignment(k, n, seed=k)
-    mixed = Trainer(build(arch, k), optimizer="sgd", lr=0.5)
+    mixed = Trainer(k_users(arch, k), optimizer="sgd", lr=0.5)
     mixed.step(batch, users=users)
     for user in users_of(k):
-        alone = Trainer(build(arch, k), optimizer="sgd", lr=0.5)
+        alone = Trainer(k_users(arch, k), optimizer="sgd", lr=0.5)
         mine = [i for i, u in enumerate(users) if u == user]
         alone.step(rows(batch, mine), users=[user] * len(mine))
         got, want = flat_state(mixed.model.user_adapters(user)), flat_state(alone.model.user_adapters(user))
-        init = flat_state(build(arch, k).user_adapters(user))
+        init = flat_state(k_users(arch, k).user_adapters(user))
         assert any((want[key] - init[key]).abs().max() > 0 for key in want)  # the step did move it
         assert max_rel_err(got, want) <= 1e-6, user
         # and the other users' adapters were left alone by that user's step
         for other in users_of(k):
             if other != user:
                 assert max_rel_err(flat_state(alone.model.user_adapters(other)),
-                                   flat_state(build(arch, k).user_adapters(other))) == 0
+                                   flat_state(k_users(arch, k).user_adapters(other))) == 0
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -91,7 +45,7 @@ def test_mixed_training_equals_per_user_backprop(arch, optimizer):
     users stay <= 7e-6, mlp users reach 1.3e-4 (GPT-2) that way.
     """
     k, n, steps = 3, 7, 10
-    cm = build(arch, k)
+    cm = k_users(arch, k)
     initial = {u: dict(cm.user_adapters(u)) for u in cm.users}
     kw = dict(momentum=0.9) if optimizer == "sgd" else {}
     make = (lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9)) if optimizer == "sgd" else make_opt("adamw", 1e-2)
@@ -111,7 +65,7 @@ def test_mixed_training_equals_per_user_backprop(arch, optimizer):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_routed_forward_equals_each_users_forward(arch):
-    cm = build(arch, 4)
+    cm = k_users(arch, 4)
     batch = batch_of(arch, 3, 9)
     batch.pop("labels")
     users = assignment(4, 9, seed=3)
@@ -125,7 +79,7 @@ def test_routed_forward_equals_each_users_forward(arch):
 
 
 def test_generation_routes_rows_to_their_users():
-    cm = build("llama", 2, kinds=[dict(adapter="lowrank", rank=4)])
+    cm = k_users("llama", 2, kinds=[dict(adapter="lowrank", rank=4)])
     with torch.no_grad():  # make the users' adapters differ a lot, so the users' texts differ
         for j, a in enumerate(cm.user_adapters("user.1").values()):
             randomize_(a, std=1.0, seed=j)
@@ -142,7 +96,7 @@ def test_generation_routes_rows_to_their_users():
 def test_lowrank_rows_run_batched_not_per_user(monkeypatch):
     """Low-rank users of a mixed batch share one batched call per site (no per-user loop)."""
     from colaft.adapters.lowrank import LowRankLinear
-    cm = build("llama", 8, kinds=[dict(adapter="lowrank", rank=4), dict(adapter="lowrank", rank=8)])
+    cm = k_users("llama", 8, kinds=[dict(adapter="lowrank", rank=4), dict(adapter="lowrank", rank=8)])
     calls = []
     original = LowRankLinear.grouped
     monkeypatch.setattr(LowRankLinear, "grouped", staticmethod(lambda *a: calls.append(1) or original(*a)))
@@ -157,7 +111,7 @@ def test_collaborative_mode_forward_and_fits():
     """Every row sees the weighted mean of the deltas; each user fits (dg_u/dw)^T dL/dh on its rows only."""
     arch, k = "bert", 3
     lowrank = [dict(adapter="lowrank", rank=4), dict(adapter="linear")]
-    cm = build(arch, k, kinds=lowrank)
+    cm = k_users(arch, k, kinds=lowrank)
     weights = {"user.0": 2.0}  # the others weigh 1
     cm.set_mode("collaborative", weights)
     batch, users = batch_of(arch, 1, 6), assignment(k, 6, seed=1)
@@ -197,7 +151,7 @@ def test_collaborative_mode_forward_and_fits():
 
 
 def test_packets_hold_only_their_users_rows():
-    cm = build("llama", 3)
+    cm = k_users("llama", 3)
     batch = batch_of("llama", 0, 6)
     users = ["user.0", "user.1", "user.2", "user.0", "user.1", "user.2"]
     from colaft.server import server_step
@@ -212,7 +166,7 @@ def test_packets_hold_only_their_users_rows():
 
 
 def test_users_are_added_and_removed_and_memory_released():
-    cm = build("llama", 1)
+    cm = k_users("llama", 1)
     base_params = cm.adapter_parameters()
     cm.add_user("late", ColaConfig(target_modules=["q_proj"], adapter="linear"))
     assert cm.adapter_parameters() > base_params
@@ -230,7 +184,7 @@ def test_users_are_added_and_removed_and_memory_released():
 
 
 def test_bad_user_input_is_refused_clearly():
-    cm = build("llama", 2)
+    cm = k_users("llama", 2)
     batch = batch_of("llama", 0, 4)
     with pytest.raises(ValueError, match="pass users"):
         Trainer(cm).step(batch)
