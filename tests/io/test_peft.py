@@ -1,197 +1,23 @@
-"""colaft.io: adapter save/load, atomic writes, bit-exact resume, PEFT LoRA export/import."""
+"""colaft.io.peft: PEFT LoRA interop. Exported adapters load in PEFT and compute what colaft does (every
+user too); PEFT adapters start colaft's users; what PEFT's LoRA cannot hold is refused by name."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from checkpoint_helpers import (
-    DEVICES,
-    HEADS,
-    TARGETS,
-    VOCAB,
-    assert_states_equal,
-    batch,
-    no_sites_left,
-    outputs,
-    tiny,
-    trained,
-)
+from checkpoint_helpers import DEVICES, HEADS, TARGETS, VOCAB, outputs, tiny, trained
+from conftest import ARCHS, flat_state
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaConfig, LlamaForSequenceClassification
+from users_helpers import LOWRANK, logits, mixed, rows, users_model
 
-from colaft import ColaConfig, ColaModel, Trainer
-from colaft.io import adapters as adapter_io
+from colaft import ColaConfig, ColaModel
 from colaft.io import peft as peft_io
-from colaft.io import state as state_io
 
-# ---------------------------------------------------------------- save / load adapters
-
-@pytest.mark.parametrize("name,adapter", [("gpt2", "lowrank"), ("llama", "mlp"), ("bert", "linear")])
-def test_save_load_round_trip_is_exact(tmp_path, name, adapter):
-    cola = trained(name, adapter)
-    cola.save_pretrained(tmp_path / "ckpt")
-    meta = json.loads((tmp_path / "ckpt" / adapter_io.CONFIG).read_text())
-    assert meta["config"] == cola.config.to_dict()
-    assert meta["sites"] == list(cola.adapters())
-    loaded = ColaModel.from_pretrained(tiny(name), tmp_path / "ckpt").eval()
-    assert loaded.config == cola.config
-    assert_states_equal(cola.adapters(), loaded.adapters())
-    assert torch.equal(outputs(loaded, name), outputs(cola, name))
-    assert not torch.allclose(outputs(loaded, name), outputs(tiny(name), name), atol=1e-3)
-
-
-def test_load_errors_are_clear_and_leave_the_model_clean(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
-        ColaModel.from_pretrained(tiny("gpt2"), tmp_path / "nowhere")
-    cola = trained("gpt2", steps=1)
-    cola.save_pretrained(tmp_path / "ckpt")
-
-    other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32))
-    with pytest.raises(ValueError, match=r"only in the checkpoint: \['transformer.h.1.attn.c_attn'"):
-        ColaModel.from_pretrained(other, tmp_path / "ckpt")
-    assert no_sites_left(other)
-
-    wider = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=2, vocab_size=VOCAB, n_positions=32))
-    with pytest.raises(ValueError, match=r"lora_A.weight is \(4, 32\) in the checkpoint, \(4, 48\) in the model"):
-        ColaModel.from_pretrained(wider, tmp_path / "ckpt")
-    assert no_sites_left(wider)
-
-    with pytest.raises(ValueError, match="does not fit this model: target 'c_attn' matches no module"):
-        ColaModel.from_pretrained(tiny("llama"), tmp_path / "ckpt")
-
-    (tmp_path / "ckpt" / adapter_io.ADAPTERS).unlink()
-    with pytest.raises(FileNotFoundError, match=f"missing {adapter_io.ADAPTERS}"):
-        ColaModel.from_pretrained(tiny("gpt2"), tmp_path / "ckpt")
-
-
-# ---------------------------------------------------------------- atomic writes
-
-def crash_on_call(monkeypatch, n: int, module) -> None:
-    """Make the n-th safetensors write of `module` die half way, as a full disk or a kill would."""
-    calls = []
-
-    def writer(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == n:
-            with open(path, "wb") as f:
-                f.write(b"\x00" * 10)
-            raise OSError("disk full")
-        save_file(tensors, path, metadata)
-
-    save_file = module.save_file
-    monkeypatch.setattr(module, "save_file", writer)
-
-
-@pytest.mark.parametrize("writer", ["adapters", "trainer", "peft"])
-def test_a_crash_mid_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, writer):
-    cola = trained("gpt2", steps=1)
-    trainer = Trainer(cola, lr=5e-2)
-    save = {"adapters": lambda d: adapter_io.save_adapters(cola, d), "trainer": lambda d: trainer.save_checkpoint(d),
-            "peft": lambda d: peft_io.export_peft(cola, d)}[writer]
-    reader = ColaModel.from_peft if writer == "peft" else ColaModel.from_pretrained
-
-    def load(d):
-        return reader(tiny("gpt2"), d).adapters()
-
-    save(tmp_path / "ckpt")
-    old = copy.deepcopy(load(tmp_path / "ckpt"))
-    trainer.step(batch("gpt2", 7))  # new adapter values
-    assert not torch.equal(cola.adapters()["transformer.h.0.attn.c_attn"].lora_B.weight,
-                           old["transformer.h.0.attn.c_attn"].lora_B.weight)
-
-    with monkeypatch.context() as m:
-        # the last tensor file: all others are complete by then
-        crash_on_call(m, 1, {"adapters": adapter_io, "trainer": state_io, "peft": peft_io}[writer])
-        with pytest.raises(OSError, match="disk full"):
-            save(tmp_path / "ckpt")
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left
-    assert_states_equal(load(tmp_path / "ckpt"), old)
-
-    save(tmp_path / "ckpt")  # a successful save replaces it
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
-    assert_states_equal(load(tmp_path / "ckpt"), cola.adapters())
-
-
-def test_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a checkpoint"):
-        adapter_io.save_adapters(trained("gpt2", steps=1), tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
-
-
-# ---------------------------------------------------------------- resume bit for bit
-
-def make_trainer(device: str = "cpu") -> tuple[ColaModel, dict]:
-    # lowrank dropout: the site dropout draws from torch's RNG, so resuming must restore it
-    config = ColaConfig(target_modules=["q_proj", "v_proj", "gate_proj"], rank=4, alpha=8, dropout=0.2)
-    cola = ColaModel(tiny("llama", device), config)
-    return cola, dict(optimizer="adamw", lr=2e-2, weight_decay=0.01, scheduler="linear", warmup_ratio=0.2,
-                      total_steps=10)
-
-
-def run(trainer: Trainer, steps: range) -> list[float]:
-    device = next(trainer.model.parameters()).device
-    return [trainer.step(batch("llama", i, device)) for i in steps]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("interval", [1, 2])
-def test_resume_is_bit_exact(tmp_path, interval, device):
-    cola, kw = make_trainer(device)
-    reference = Trainer(cola, interval=interval, **kw)
-    torch.manual_seed(1)
-    ref_losses = run(reference, range(10))
-
-    cola, kw = make_trainer(device)
-    first = Trainer(cola, interval=interval, **kw)
-    torch.manual_seed(1)
-    losses = run(first, range(5))
-    assert len(first.owner().pending) == (0 if interval == 1 else len(cola.sites))  # one buffered step
-    first.save_checkpoint(tmp_path / "ckpt")
-
-    cola, kw = make_trainer(device)  # fresh: new random adapters, RNG moved on
-    resumed = Trainer(cola, interval=interval, **kw)
-    resumed.load_checkpoint(tmp_path / "ckpt")
-    losses += run(resumed, range(5, 10))
-
-    assert losses == ref_losses
-    assert_states_equal(resumed.owner_adapters, reference.owner_adapters)
-    assert_states_equal(resumed.model.adapters(), reference.model.adapters())
-    counts = lambda stats: {k: v for k, v in stats.items() if not k.endswith("_seconds")}
-    assert counts(resumed.stats) == counts(reference.stats)  # timings differ run to run
-    assert resumed.scheduler.get_last_lr() == reference.scheduler.get_last_lr()
-    for p, q in zip((p for a in resumed.owner_adapters.values() for p in a.parameters()),
-                    (p for a in reference.owner_adapters.values() for p in a.parameters())):
-        for k, v in reference.optimizer.state[q].items():
-            assert torch.equal(resumed.optimizer.state[p][k], v), k
-
-    # the RNG is what made the dropout masks agree: without it the run differs
-    cola, kw = make_trainer(device)
-    unseeded = Trainer(cola, interval=interval, **kw)
-    unseeded.load_checkpoint(tmp_path / "ckpt")
-    torch.manual_seed(2)
-    assert run(unseeded, range(5, 10)) != ref_losses[5:]
-
-
-def test_load_checkpoint_refuses_another_config(tmp_path):
-    cola, kw = make_trainer()
-    trainer = Trainer(cola, interval=2, **kw)
-    run(trainer, range(1))
-    trainer.save_checkpoint(tmp_path / "ckpt")
-    cola = ColaModel(tiny("llama"), ColaConfig(target_modules=["q_proj", "v_proj", "gate_proj"], rank=4, alpha=16,
-                                               dropout=0.2))
-    with pytest.raises(ValueError, match=r"another ColaConfig .*'alpha': \(8.0, 16.0\)"):
-        Trainer(cola, **kw).load_checkpoint(tmp_path / "ckpt")
-    cola, kw = make_trainer()
-    with pytest.raises(ValueError, match="holds 1 pending server steps, but this trainer fits every 1"):
-        Trainer(cola, interval=1, **kw).load_checkpoint(tmp_path / "ckpt")
-
-
-# ---------------------------------------------------------------- PEFT
+# ---------------------------------------------------------------- export
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "cnn"])
@@ -228,6 +54,20 @@ def test_a_head_without_bias_learns_no_bias_and_exports(tmp_path):
     head = [k for k in saved if "score" in k]
     assert len(head) == 1 and torch.equal(saved[head[0]], model.score.weight + 0.5)
 
+
+@pytest.mark.parametrize("conv, message", [
+    (dict(dilation=2), "PEFT's LoRA Conv2d has no dilation"),
+    (dict(padding_mode="reflect"), "pads with zeros, this site with reflect"),
+])
+def test_export_peft_refuses_conv_geometry_peft_cannot_hold(tmp_path, conv, message):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=2, **conv))
+    cola = ColaModel(model, ColaConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match=message):
+        peft_io.export_peft(cola, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+# ---------------------------------------------------------------- import
 
 def peft_dir(tmp_path, name: str, device: str = "cpu", **lora) -> tuple[nn.Module, str]:
     """A PEFT LoRA adapter with random non-zero weights, saved by PEFT itself."""
@@ -273,13 +113,104 @@ def test_load_peft_errors(tmp_path):
         ColaModel.from_peft(tiny("gpt2"), directory)
 
 
-@pytest.mark.parametrize("conv, message", [
-    (dict(dilation=2), "PEFT's LoRA Conv2d has no dilation"),
-    (dict(padding_mode="reflect"), "pads with zeros, this site with reflect"),
-])
-def test_export_peft_refuses_conv_geometry_peft_cannot_hold(tmp_path, conv, message):
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=2, **conv))
-    cola = ColaModel(model, ColaConfig(target_modules=["0"]))
-    with pytest.raises(ValueError, match=message):
-        peft_io.export_peft(cola, tmp_path / "peft")
+# ---------------------------------------------------------------- every user
+
+def peft_model_of(arch: str, directory) -> tuple[PeftModel, dict[str, str]]:
+    """PEFT's own loading of a multi-user export: the root, then every other adapter by name."""
+    names = json.loads((directory / peft_io.PEFT_USERS).read_text())["adapters"]  # PEFT name -> user id
+    model = PeftModel.from_pretrained(ARCHS[arch][0](), directory)
+    for name in names:
+        if name != "default":
+            model.load_adapter(directory / name, adapter_name=name)
+    return model.eval(), {u: n for n, u in names.items()}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_export_peft_of_every_user_computes_what_colaft_does(tmp_path, arch):
+    ids = ["user.0", "a", "a/b c", "default"]  # "a" lies in PEFT's "lora_" prefix
+    cm = users_model(arch, ids, kinds=LOWRANK)
+    cm.export_peft(tmp_path / "peft")
+    peft_model, names = peft_model_of(arch, tmp_path / "peft")
+    assert names["default"] == "default" and len(set(names.values())) == len(ids)
+    assert all("." not in n and n not in "lora_" for n in names.values())
+    batch, users = mixed(arch, ids)
+    want = logits(cm, batch, users)
+    for user in ids:  # each user alone
+        mine = [i for i, u in enumerate(users) if u == user]
+        peft_model.set_adapter(names[user])
+        got = logits(peft_model, rows(batch, mine))
+        assert (got - want[mine]).abs().max() <= 1e-5, user
+    # one mixed batch, PEFT routing rows by adapter_names (its inference-only mixed batches)
+    got = logits(peft_model, batch, adapter_names=[names[u] for u in users])
+    assert (got - want).abs().max() <= 1e-5
+
+    cm.export_peft(tmp_path / "one", user="a/b c")  # one user: a plain PEFT adapter directory
+    assert not (tmp_path / "one" / peft_io.PEFT_USERS).exists()
+    alone = PeftModel.from_pretrained(ARCHS[arch][0](), tmp_path / "one").eval()
+    mine = [i for i, u in enumerate(users) if u == "a/b c"]
+    assert (logits(alone, rows(batch, mine)) - want[mine]).abs().max() <= 1e-5
+
+
+def test_export_peft_names_the_users_that_cannot_export(tmp_path):
+    cm = users_model("bert", ["user.0", "user.1", "user.2"])  # lowrank, linear, mlp
+    with pytest.raises(ValueError, match=r"cannot export as PEFT LoRA: user 'user.1': .*a FullDelta adapter.*; "
+                                         r"user 'user.2': .*Sequential.*\(export the others one by one"):
+        cm.export_peft(tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+    with pytest.raises(ValueError, match="user 'user.2': site"):
+        cm.export_peft(tmp_path / "peft", user="user.2")
+    cm.export_peft(tmp_path / "peft", user="user.0")
+    batch, _ = mixed("bert", ["user.0"])
+    peft_model = PeftModel.from_pretrained(ARCHS["bert"][0](), tmp_path / "peft").eval()
+    assert (logits(peft_model, batch) - logits(cm, batch, ["user.0"] * 2)).abs().max() <= 1e-5
+
+
+def saved_by_peft(tmp_path, arch: str) -> tuple[PeftModel, str]:
+    factory, targets, _ = ARCHS[arch]
+    model = get_peft_model(factory(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "from_peft")
+    return model.eval(), tmp_path / "from_peft"
+
+
+def test_load_peft_starts_a_new_or_existing_user(tmp_path):
+    arch = "llama"
+    peft_model, directory = saved_by_peft(tmp_path, arch)
+    cm = users_model(arch, ["user.0", "user.1"],
+                     kinds=[dict(adapter="lowrank", rank=4, alpha=8.0), dict(adapter="mlp")])
+    batch, _ = mixed(arch, ["x"])
+    want = logits(peft_model, batch)
+    cm.load_peft(directory, user="new")  # created from the adapter's config
+    assert cm.users == ["user.0", "user.1", "new"]
+    config = cm.user_configs["new"]
+    assert (config.adapter, config.rank, config.alpha) == ("lowrank", 4, 8)
+    cm.load_peft(directory, user="user.0")  # an existing lowrank user of the same rank and alpha
+    for user in ("new", "user.0"):
+        assert (logits(cm, batch, [user] * len(want)) - want).abs().max() <= 1e-5
+
+    state = {u: flat_state(cm.user_adapters(u)) for u in cm.users}
+    with pytest.raises(ValueError, match="name the one to load"):
+        cm.load_peft(directory)
+    with pytest.raises(ValueError, match=r"does not fit adapter='mlp'.*\(user 'user.1'\)"):
+        cm.load_peft(directory, user="user.1")
+    gpt2 = users_model("gpt2", ["user.0"])
+    with pytest.raises(ValueError, match="does not fit this model: target 'model.embed_tokens' matches no module"):
+        gpt2.load_peft(directory, user="other")
+    assert gpt2.users == ["user.0"]
+    assert cm.users == ["user.0", "user.1", "new"]
+    for u, s in state.items():
+        assert all(torch.equal(v, s[k]) for k, v in flat_state(cm.user_adapters(u)).items())
+
+
+def test_load_peft_removes_a_new_user_whose_check_fails(tmp_path):
+    _, directory = saved_by_peft(tmp_path, "llama")
+    cm = users_model("llama", ["user.0"], kinds=[dict(adapter="lowrank", rank=4)])
+    with torch.no_grad():  # not the base whose embedding PEFT saved with the adapter
+        cm.model.model.embed_tokens.weight.add_(1.0)
+    with pytest.raises(ValueError, match="carries base weights of its own"):
+        cm.load_peft(directory, user="new")
+    assert cm.users == ["user.0"] and len(cm.sites) == len(cm.user_adapters("user.0"))
