@@ -1,12 +1,13 @@
-"""Bytes per server step: what the packets cost on the wire, against the analytic count
-rows x (d_in + d_out) x bytes per element, summed over the sites."""
+"""colaft.packets: bytes per server step, what the packets cost on the wire, against the analytic
+count rows x (d_in + d_out) x bytes per element, summed over the sites; their safetensors form;
+which packets are finite."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import LENGTHS, image_batch, text_batch, tiny_cnn, tiny_gpt2, tiny_llama
 
-from colaft import ColaConfig, ColaModel, Trainer, server_step
+from colaft import ColaConfig, ColaModel, Packet, Trainer, server_step
 from colaft.packets import packets_from_bytes, packets_to_bytes
 
 
@@ -59,3 +60,12 @@ def test_embedding_and_conv_bytes():
     # conv1: (4, 2, 6, 6) -> (4, 4, 6, 6); conv2: (4, 4, 6, 6) -> (4, 6, 3, 3)
     analytic = 4 * ((2 * 36 + 4 * 36) + (4 * 36 + 6 * 9)) * 4
     assert sum(p.nbytes for p in packets) == analytic == 6624
+
+
+# ---------------------------------------------------------------- finite packets
+
+def test_integer_token_packets_are_finite():
+    p = Packet("s", torch.tensor([1, 2, 3]), torch.zeros(3, 5))
+    assert p.is_finite()
+    p.grad[0, 0] = float("inf")
+    assert not p.is_finite()
