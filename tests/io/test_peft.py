@@ -3,13 +3,14 @@ user too); PEFT adapters start colaft's users; what PEFT's LoRA cannot hold is r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import DEVICES, HEADS, TARGETS, VOCAB, outputs, tiny, trained
+from checkpoint_helpers import DEVICES, HEADS, TARGETS, VOCAB, no_sites_left, outputs, tiny, trained
 from conftest import ARCHS, flat_state
-from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForSequenceClassification
 from users_helpers import LOWRANK, logits, mixed, rows, users_model
@@ -113,6 +114,57 @@ def test_load_peft_errors(tmp_path):
         ColaModel.from_peft(tiny("gpt2"), directory)
 
 
+def set_options(directory, **options) -> None:
+    """Rewrite a saved PEFT adapter's config with `options` set."""
+    path = Path(directory) / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **options}))
+
+
+@pytest.mark.parametrize("option", [dict(use_dora=True), dict(use_rslora=True), dict(lora_bias=True), dict(bias="all"),
+                                    dict(rank_pattern={"q_proj": 2}), dict(alpha_pattern={"q_proj": 4}),
+                                    dict(layer_replication=[[0, 1]]), dict(target_parameters=["mlp.up_proj.weight"])])
+def test_each_lora_option_colaft_lacks_is_refused_by_name(tmp_path, option):
+    _, directory = peft_dir(tmp_path, "llama")
+    set_options(directory, **option)
+    name = next(iter(option))
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=f"LoRA options that colaft's lowrank adapter lacks: {name}$"):
+        ColaModel.from_peft(model, directory)
+    assert no_sites_left(model)
+    cola = ColaModel(tiny("llama"), ColaConfig(target_modules=TARGETS["llama"], rank=4, alpha=8))
+    before = flat_state(cola.adapters())
+    for user in (None, "new"):  # the existing user, a new one
+        with pytest.raises(ValueError, match=f"lacks: {name}$"):
+            cola.load_peft(directory, user=user)
+    assert cola.users == ["default"]
+    assert all(torch.equal(v, before[k]) for k, v in flat_state(cola.adapters()).items())
+
+
+def test_other_adapter_types_and_missing_weights_are_refused(tmp_path):
+    ia3 = get_peft_model(tiny("llama"), IA3Config(target_modules=["q_proj", "down_proj"],
+                                                  feedforward_modules=["down_proj"]))
+    ia3.save_pretrained(tmp_path / "ia3")
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="IA3 adapter; only LoRA imports"):
+        ColaModel.from_peft(model, tmp_path / "ia3")
+    assert no_sites_left(model)
+    _, directory = peft_dir(tmp_path, "llama")
+    (Path(directory) / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors or adapter_model.bin"):
+        ColaModel.from_peft(model, directory)
+    assert no_sites_left(model)
+
+
+def test_weights_that_are_neither_lora_nor_heads_are_refused(tmp_path):
+    _, directory = peft_dir(tmp_path, "llama")
+    path = Path(directory) / "adapter_model.safetensors"
+    save_file({**load_file(path), "base_model.model.model.norm.weight": torch.ones(32)}, path)
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=r"\['model.norm'\] are not LoRA weights nor task heads of user 'default'"):
+        ColaModel.from_peft(model, directory)
+    assert no_sites_left(model)
+
+
 # ---------------------------------------------------------------- every user
 
 def peft_model_of(arch: str, directory) -> tuple[PeftModel, dict[str, str]]:
@@ -214,3 +266,42 @@ def test_load_peft_removes_a_new_user_whose_check_fails(tmp_path):
     with pytest.raises(ValueError, match="carries base weights of its own"):
         cm.load_peft(directory, user="new")
     assert cm.users == ["user.0"] and len(cm.sites) == len(cm.user_adapters("user.0"))
+
+
+def test_peft_names_are_safe_distinct_and_keep_the_default_adapter():
+    """The user "default" (else the first user) is PEFT's "default" adapter, loaded from the folder
+    itself; the others get names PEFT can hold (no dots, not "__base__", not inside "lora_"),
+    distinct even ignoring case."""
+    assert peft_io.peft_names(["default"]) == {"default": "default"}
+    assert peft_io.peft_names(["b", "a.1"]) == {"b": "default", "a.1": "a_1"}
+    ids = ["user.0", "default", "User.0", "a", "__base__", "a/b c", "ünï", "lora_x", "Default"]
+    assert peft_io.peft_names(ids) == {"default": "default", "user.0": "user_0", "User.0": "User_0-2", "a": "a-2",
+                                       "__base__": "__base__-2", "a/b c": "a_b_c", "ünï": "_n_", "lora_x": "lora_x",
+                                       "Default": "Default-2"}
+
+
+def test_every_users_adapters_come_back_from_peft_exactly(tmp_path):
+    """Export of several users, then each PEFT adapter loaded into a fresh model as its user: the
+    low-rank weights are bit-equal (PEFT stores them as colaft holds them)."""
+    ids = ["user.0", "a", "a/b c"]
+    cm = users_model("llama", ids, kinds=LOWRANK)
+    cm.export_peft(tmp_path / "peft")
+    names = json.loads((tmp_path / "peft" / peft_io.PEFT_USERS).read_text())["adapters"]  # PEFT name -> user id
+    assert sorted(names.values()) == sorted(ids) and names["default"] == "user.0"
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors", peft_io.PEFT_USERS, *(n for n in names if n != "default")])
+    back = None
+    for name, user in names.items():
+        folder = tmp_path / "peft" if name == "default" else tmp_path / "peft" / name
+        if back is None:
+            back = ColaModel.from_peft(ARCHS["llama"][0](), folder, user=user)
+        else:
+            back.load_peft(folder, user=user)
+    assert sorted(back.users) == sorted(ids)
+    for user in ids:
+        want, got = flat_state(cm.user_adapters(user)), flat_state(back.user_adapters(user))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), user
+        config = back.user_configs[user]
+        assert (config.adapter, config.rank, config.alpha) == ("lowrank", cm.user_configs[user].rank,
+                                                                cm.user_configs[user].alpha)
+
