@@ -1,13 +1,14 @@
-"""colaft.tasks.base: the registry, and every registered task end to end on a tiny model: it trains
-with its default targets, and its rows' users ride through collate and are scored apart."""
+"""colaft.tasks.base: the registry, every registered task end to end on a tiny model (it trains
+with its default targets, its rows' users ride through collate and are scored apart), and the loader."""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import randomize_
 from tiny_models import digit_records, qa_records, review_records
 
 from colaft import ColaConfig, ColaModel, Trainer
-from colaft.tasks import TASKS, get_task
+from colaft.tasks import TASKS, get_task, loader
 
 
 @pytest.fixture
@@ -67,3 +68,43 @@ def test_users_ride_through_collate_and_are_scored_apart(name, setups):
         assert alone["users"][user] == pytest.approx(mixed["users"][user], rel=1e-5)
         other = task.evaluate(cola, [task.collate([dict(f, user="ann" if user != "ann" else "bob") for f in mine])])
         assert other["loss"] != alone["loss"]  # rows ran on their own user's adapters
+
+
+# ---------------------------------------------------------------- loader
+def test_loader_batches_text_of_similar_length_and_shuffles_reproducibly(tiny_bert_dir):
+    task = get_task("sc")
+    records = [{"text": "word " * n, "label": n % 2} for n in range(1, 25)] * 8  # 24 lengths, 192 examples
+    task.load(str(tiny_bert_dir), records, seed=0)
+    features = task.encode(records, 64)
+
+    def lengths(batches) -> list[list[int]]:
+        return [b["attention_mask"].sum(1).tolist() for b in batches]
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(b) * len(b) - sum(b) for b in batches)
+
+    held_out = lengths(loader(features, task, 4, shuffle=False))  # evaluation: sorted by length
+    assert [n for b in held_out for n in b] == sorted(len(f["input_ids"]) for f in features)
+
+    def epoch(seed: int) -> list[list[int]]:
+        return lengths(loader(features, task, 4, shuffle=True, seed=seed))
+
+    assert epoch(1) == epoch(1) != epoch(2)
+    assert sorted(n for b in epoch(1) for n in b) == sorted(n for b in held_out for n in b)  # each example once
+    everyone = [n for b in held_out for n in b]
+    order = torch.randperm(len(everyone), generator=torch.Generator().manual_seed(1)).tolist()
+    random_batches = [[everyone[i] for i in order[k:k + 4]] for k in range(0, len(order), 4)]
+    assert padding(epoch(1)) < 0.3 * padding(random_batches)  # shuffled within groups of similar length
+
+
+def test_loader_keeps_images_in_order_unless_shuffled():
+    task = get_task("ic")
+    features = task.encode(digit_records(12))
+    labels = [f["labels"] for f in features]
+    held_out = [b["labels"].tolist() for b in loader(features, task, 5, shuffle=False)]
+    assert [len(b) for b in held_out] == [5, 5, 2] and sum(held_out, []) == labels
+
+    def epoch(seed: int) -> list[int]:
+        return sum((b["labels"].tolist() for b in loader(features, task, 5, shuffle=True, seed=seed)), [])
+
+    assert epoch(3) == epoch(3) and sorted(epoch(3)) == sorted(labels)
