@@ -1,10 +1,16 @@
-"""Shared fixtures of the engine tests: tiny random models, batches, and the references.
+"""Shared fixtures and helpers of the tests: tiny random models, batches, and the references.
 
 Every model here is built from a config with random weights (no download) and every
 dropout set to 0, so two runs of the same computation can be compared to float round-off.
 The plain-autograd reference (`Backprop`) is written independently of colaft: a deep copy
 of the base with trainable copies of the adapters added by forward hooks, trained by
 `loss.backward()` and `optimizer.step()`.
+
+tests/ mirrors colaft/ (tests/io/test_peft.py tests colaft/io/peft.py). Test modules import
+helpers, never each other; the other helper modules sit beside this one, imported by name:
+tiny_models (model folders with real tokenizers, and records), users_helpers (models with
+many users), references (the PEFT reference and the exactness tolerances), checkpoint_helpers
+(tiny trained models for tests/io/).
 """
 from __future__ import annotations
 

@@ -1,244 +1,186 @@
-"""Many users on one base model: isolation, exactness against per-user backprop, routing, modes."""
+"""colaft.users: an adapter owner (trainable copies, a buffer fitted every `interval` server
+steps, its whole state, pickling) and FitConfig (validation, the learning-rate schedule counted
+in optimizer steps)."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
-from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, randomize_, text_batch
+from conftest import flat_state, max_rel_err, randomize_, text_batch
+from torch import nn
+from users_helpers import build_users  # test_backends.py imports build_users from here too
 
-from colaft import ColaConfig, ColaModel, Trainer
+from colaft import ColaConfig, FitConfig, Owner, Packet, Trainer, server_step
+from colaft.adapters import SiteSpec, build_adapter
+from colaft.users import Update, optimizer_and_schedule
 
-# users cycle through these adapter settings: mixed types and sizes at the same sites
-KINDS = [dict(adapter="lowrank", rank=8), dict(adapter="linear"), dict(adapter="mlp", hidden=8),
-         dict(adapter="lowrank", rank=4, alpha=4.0)]
-
-
-def users_of(k: int) -> list[str]:
-    return [f"user.{i}" for i in range(k)]  # a dot too: ids are free-form
+SPEC = SiteSpec("linear", 6, 5)
 
 
-def build_users(arch: str, users: list[str], kinds=KINDS, seed: int = 0) -> ColaModel:
-    """`users` on a fresh base, adapter settings cycling through `kinds`, every adapter randomised (distinct)."""
-    factory, targets, _ = ARCHS[arch]
-    cm = None
-    for i, user in enumerate(users):
-        config = ColaConfig(target_modules=targets, **kinds[i % len(kinds)])
-        if cm is None:
-            cm = ColaModel(factory(), config, user=user)
-        else:
-            cm.add_user(user, config)
-        for j, adapter in enumerate(cm.user_adapters(user).values()):
-            randomize_(adapter, seed=seed + 100 * i + j)
-    return cm
+def server_adapters(seed: int = 0) -> dict[str, nn.Module]:
+    """Two sites' frozen server adapters (lowrank, mlp), non-zero."""
+    out = {}
+    for i, name in enumerate(["lowrank", "mlp"]):
+        adapter = build_adapter(name, SPEC, ColaConfig(target_modules=["x"], adapter=name, rank=3, hidden=4))
+        out[f"site.{i}"] = randomize_(adapter, std=0.2, seed=seed + i).requires_grad_(False)
+    return out
 
 
-def build(arch: str, k: int, kinds=KINDS) -> ColaModel:
-    """A model with `k` users of mixed adapter types."""
-    return build_users(arch, users_of(k), kinds)
-
-
-def batch_of(arch: str, seed: int, rows: int) -> dict:
-    kind = ARCHS[arch][2]
-    if kind == "image":
-        from conftest import image_batch
-        return image_batch(seed, rows)
-    lengths = [3 + (seed + i) % 4 for i in range(rows)]  # mixed lengths: padding differs by row
-    return text_batch(seed, kind, lengths)
-
-
-def rows(batch: dict, index: list[int]) -> dict:
-    return {k: v[index] for k, v in batch.items()}
-
-
-def assignment(k: int, n: int, seed: int) -> list[str]:
-    """Every user gets rows, interleaved in a shuffled order."""
+def packets(seed: int, n: int = 4) -> list[Packet]:
+    """One server step's packets of the user "ann": n rows at each site."""
     g = torch.Generator().manual_seed(seed)
-    users = [users_of(k)[i % k] for i in range(n)]
-    return [users[i] for i in torch.randperm(n, generator=g).tolist()]
+    return [Packet(site, torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g), "ann")
+            for site in ("site.0", "site.1")]
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("k", [1, 3, 8])
-def test_mixed_step_equals_each_users_step_alone(arch, k):
-    n = 2 * k + 1
-    batch, users = batch_of(arch, 0, n), assignment(k, n, seed=k)
-    mixed = Trainer(build(arch, k), optimizer="sgd", lr=0.5)
-    mixed.step(batch, users=users)
-    for user in users_of(k):
-        alone = Trainer(build(arch, k), optimizer="sgd", lr=0.5)
-        mine = [i for i, u in enumerate(users) if u == user]
-        alone.step(rows(batch, mine), users=[user] * len(mine))
-        got, want = flat_state(mixed.model.user_adapters(user)), flat_state(alone.model.user_adapters(user))
-        init = flat_state(build(arch, k).user_adapters(user))
-        assert any((want[key] - init[key]).abs().max() > 0 for key in want)  # the step did move it
-        assert max_rel_err(got, want) <= 1e-6, user
-        # and the other users' adapters were left alone by that user's step
-        for other in users_of(k):
-            if other != user:
-                assert max_rel_err(flat_state(alone.model.user_adapters(other)),
-                                   flat_state(build(arch, k).user_adapters(other))) == 0
+def states_of(adapters: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.detach().clone() for k, v in a.state_dict().items()} for n, a in adapters.items()}
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_mixed_training_equals_per_user_backprop(arch, optimizer):
-    """10 steps of mixed batches; each user against backprop on its own rows only.
-
-    Measured: SGD with momentum agrees to <= 1.7e-7 for every user. AdamW divides by
-    sqrt(v): a weight whose gradient is zero up to round-off (~1e-12, 1e-9 of the largest,
-    e.g. an mlp bias behind a dead ReLU) moves by lr * noise/|noise|; lowrank and linear
-    users stay <= 7e-6, mlp users reach 1.3e-4 (GPT-2) that way.
-    """
-    k, n, steps = 3, 7, 10
-    cm = build(arch, k)
-    initial = {u: dict(cm.user_adapters(u)) for u in cm.users}
-    kw = dict(momentum=0.9) if optimizer == "sgd" else {}
-    make = (lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9)) if optimizer == "sgd" else make_opt("adamw", 1e-2)
-    refs = {u: Backprop(ARCHS[arch][0](), initial[u], make) for u in cm.users}
-    trainer = Trainer(cm, optimizer=optimizer, lr=1e-2, optimizer_kwargs=kw)
-    for step in range(steps):
-        batch, users = batch_of(arch, step, n), assignment(k, n, seed=step)
-        trainer.step(batch, users=users)
-        for user, ref in refs.items():
-            mine = [i for i, u in enumerate(users) if u == user]
-            ref.step(rows(batch, mine))
-    for user, ref in refs.items():
-        kind = trainer.model.user_configs[user].adapter
-        tol = 1e-6 if optimizer == "sgd" else 1e-5 if kind != "mlp" else 5e-4
-        assert max_rel_err(flat_state(trainer.model.user_adapters(user)), flat_state(ref.adapters)) <= tol, user
+def assert_states_equal(got, want) -> None:
+    assert got.keys() == want.keys()
+    for n in want:
+        assert got[n].keys() == want[n].keys() and all(torch.equal(got[n][k], want[n][k]) for k in want[n]), n
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_routed_forward_equals_each_users_forward(arch):
-    cm = build(arch, 4)
-    batch = batch_of(arch, 3, 9)
-    batch.pop("labels")
-    users = assignment(4, 9, seed=3)
-    cm.eval()
+# ---------------------------------------------------------------- FitConfig
+
+def test_fit_config_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; built in: adamw, adam, sgd \(or pass a class\)"):
+        FitConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="dtype 'int8': use one of float32, bfloat16, float16, float64"):
+        FitConfig(dtype="int8")
+    with pytest.raises(ValueError, match="scheduler 'linear' with warm-up needs total_steps"):
+        FitConfig(scheduler="linear")
+    with pytest.raises(ValueError, match="scheduler 'constant' with warm-up needs total_steps"):
+        FitConfig(warmup_ratio=0.1)
+    for field, value in [("lr", 0.0), ("weight_decay", -1.0), ("interval", 0), ("fit_steps", 0), ("warmup_ratio", 1.5),
+                         ("total_steps", 0), ("optimizer_kwargs", "momentum=0.9")]:
+        with pytest.raises(ValueError, match=field):
+            FitConfig(**{field: value})
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        FitConfig().replace(optimizer="lion")  # a changed copy is checked too
+    assert FitConfig(optimizer=torch.optim.RMSprop).optimizer is torch.optim.RMSprop  # any optimizer class
+    assert FitConfig(scheduler="cosine", total_steps=10).replace(lr=1.0).lr == 1.0
+
+
+def test_the_schedule_counts_optimizer_steps():
+    """10 server steps, a fit every 2, 3 optimizer steps a fit: 15 optimizer steps, 3 of them warm-up (20%)."""
+    params = [nn.Parameter(torch.zeros(2))]
+    config = FitConfig(optimizer="sgd", lr=1.0, scheduler="linear", warmup_ratio=0.2, total_steps=10, interval=2,
+                       fit_steps=3, optimizer_kwargs=dict(momentum=0.5))
+    optimizer, scheduler = optimizer_and_schedule(params, config)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.5
+    lrs = []
+    for _ in range(15):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.0, 1 / 3, 2 / 3])
+    assert lrs[3:] == pytest.approx([(15 - k) / 12 for k in range(3, 15)])  # linear decay from the peak
+    assert optimizer.param_groups[0]["lr"] == 0.0
+
+    halve = FitConfig(optimizer=torch.optim.Adam, lr=0.2, weight_decay=0.1,
+                      scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5))
+    optimizer, scheduler = optimizer_and_schedule(params, halve)
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["weight_decay"] == 0.1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- Owner
+
+def test_an_owner_trains_copies_and_answers_every_interval():
+    server = server_adapters()
+    before = states_of(server)
+    owner = Owner("ann", server, FitConfig(optimizer="sgd", lr=0.1, interval=2, dtype="float64"))
+    assert all(p.requires_grad and p.dtype == torch.float64 for a in owner.adapters.values() for p in a.parameters())
+    assert owner.flush() is None and owner.version == 0  # nothing buffered, nothing fitted
+    assert owner.push(packets(0)) is None  # one step of two buffered
+    assert owner.pending_steps == 1 and len(owner.pending) == 2
+    update = owner.push(packets(1))
+    assert isinstance(update, Update) and (update.user, update.version, update.rows, update.lr) == ("ann", 1, 16, 0.1)
+    assert owner.pending == [] and owner.pending_steps == 0 and update.snapshot is None
+    assert update.states.keys() == server.keys()
+    assert update.nbytes == sum(t.numel() * 8 for s in update.states.values() for t in s.values())  # float64
+    assert all(not torch.equal(update.states[n][k], before[n][k].double()) for n in before for k in before[n])
+    assert_states_equal(states_of(server), before)  # the server's adapters are the server's to update
+    assert all(not p.requires_grad for a in server.values() for p in a.parameters())
+
+
+def test_a_partial_interval_fits_the_mean_of_its_steps():
+    """flush() fits what is buffered: the dL/dh of the 2 buffered steps of an interval of 3, each times 1/2."""
+    server = server_adapters(seed=3)
+    owner = Owner("ann", server, FitConfig(optimizer="sgd", lr=0.5, interval=3))
+    reference = {n: copy.deepcopy(a).requires_grad_(True) for n, a in server.items()}
+    steps = packets(0) + packets(1)
+    for p in steps:
+        reference[p.site](p.x).backward(p.grad * 0.5)
     with torch.no_grad():
-        mixed = cm(**batch, users=users).logits
-        for user in cm.users:
-            mine = [i for i, u in enumerate(users) if u == user]
-            alone = cm(**rows(batch, mine), users=[user] * len(mine)).logits
-            torch.testing.assert_close(mixed[mine], alone, rtol=1e-5, atol=1e-6)
+        for a in reference.values():
+            for q in a.parameters():
+                q -= 0.5 * q.grad
+    assert owner.push(packets(0)) is None and owner.push(packets(1)) is None
+    update = owner.flush()
+    assert update.version == 1 and update.rows == 16 and owner.pending_steps == 0
+    got = {f"{n}.{k}": v for n, s in update.states.items() for k, v in s.items()}
+    assert max_rel_err(got, flat_state(reference)) <= 1e-6
 
 
-def test_generation_routes_rows_to_their_users():
-    cm = build("llama", 2, kinds=[dict(adapter="lowrank", rank=4)])
-    with torch.no_grad():  # make the users' adapters differ a lot, so the users' texts differ
-        for j, a in enumerate(cm.user_adapters("user.1").values()):
-            randomize_(a, std=1.0, seed=j)
-    prompt = torch.tensor([[5, 6, 7], [5, 6, 7]])
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    both = cm.generate(input_ids=prompt, users=["user.0", "user.1"], **kw)
-    each = [cm.generate(input_ids=prompt[:1], users=[u], **kw)[0] for u in ["user.0", "user.1"]]
-    assert torch.equal(both[0], each[0]) and torch.equal(both[1], each[1])
-    assert not torch.equal(each[0], each[1])
-    beams = cm.generate(input_ids=prompt, users=["user.0", "user.1"], num_beams=2, **kw)  # rows repeat per beam
-    assert beams.shape == both.shape
+def test_a_non_finite_step_is_skipped_and_counted():
+    server = server_adapters()
+    owner = Owner("ann", server, FitConfig(optimizer="adamw", lr=1e-2, scheduler="linear", total_steps=4))
+    before, lr = states_of(owner.adapters), owner.lr
+    broken = packets(0)
+    broken[1].grad[0, 0] = float("nan")
+    update = owner.push(broken)
+    assert update.states is None and update.nbytes == 0 and (update.version, update.rows) == (1, 0)
+    assert owner.lr == lr == update.lr  # the schedule did not move
+    assert_states_equal(states_of(owner.adapters), before)
+    assert owner.push(packets(1)).states is not None and owner.version == 2
 
 
-def test_lowrank_rows_run_batched_not_per_user(monkeypatch):
-    """Low-rank users of a mixed batch share one batched call per site (no per-user loop)."""
-    from colaft.adapters.lowrank import LowRankLinear
-    cm = build("llama", 8, kinds=[dict(adapter="lowrank", rank=4), dict(adapter="lowrank", rank=8)])
-    calls = []
-    original = LowRankLinear.grouped
-    monkeypatch.setattr(LowRankLinear, "grouped", staticmethod(lambda *a: calls.append(1) or original(*a)))
-    monkeypatch.setattr(LowRankLinear, "forward", lambda *a: pytest.fail("a per-user lowrank forward ran"))
-    batch = batch_of("llama", 0, 16)
-    cm(**batch, users=assignment(8, 16, seed=0))
-    linear_sites = sum(isinstance(s.get("user.0"), LowRankLinear) for s in cm.sites.values())
-    assert len(calls) == linear_sites
+def test_state_snapshots_and_pickling_resume_an_owner_exactly():
+    config = FitConfig(optimizer="adamw", lr=1e-2, scheduler="linear", warmup_ratio=0.25, total_steps=8, interval=2)
+    owner = Owner("ann", server_adapters(), config, snapshots=True)
+    owner.push(packets(0))
+    update = owner.push(packets(1))
+    assert (update.snapshot["version"], update.snapshot["pending_steps"]) == (1, 0)
+    assert_states_equal(update.snapshot["adapters"], update.states)
+    owner.push(packets(2))  # one step buffered
+    state = owner.state()
+    assert state["pending_steps"] == 1 and len(state["pending"]) == 2
+
+    restored = Owner("ann", server_adapters(seed=9), config)  # other weights, a fresh optimizer
+    restored.load_state(state)
+    pickled = pickle.loads(pickle.dumps(owner))  # as a backend sends an owner to a worker
+    first, *others = [o.push(packets(3)) for o in (owner, restored, pickled)]
+    assert (first.version, first.rows) == (2, 16)
+    for u in others:
+        assert (u.version, u.rows, u.lr) == (first.version, first.rows, first.lr)
+        assert_states_equal(u.states, first.states)
 
 
-def test_collaborative_mode_forward_and_fits():
-    """Every row sees the weighted mean of the deltas; each user fits (dg_u/dw)^T dL/dh on its rows only."""
-    arch, k = "bert", 3
-    lowrank = [dict(adapter="lowrank", rank=4), dict(adapter="linear")]
-    cm = build(arch, k, kinds=lowrank)
-    weights = {"user.0": 2.0}  # the others weigh 1
-    cm.set_mode("collaborative", weights)
-    batch, users = batch_of(arch, 1, 6), assignment(k, 6, seed=1)
-    # forward: the base with W + sum_u w_u dW_u / sum_u w_u at every site
-    plain = ARCHS[arch][0]()
-    modules = dict(plain.named_modules())
-    total = 2.0 + (k - 1)
-    with torch.no_grad():
-        for site in cm.sites.values():
-            m = modules[site.name]
-            for user, adapter in site.by_user().items():
-                dw, db = adapter.delta_weight()
-                w = weights.get(user, 1.0) / total
-                m.weight += w * dw
-                if db is not None:
-                    m.bias += w * db
-    cm.eval()
-    plain.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(cm(**batch, users=users).logits, plain(**batch).logits, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(cm(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-6)  # no users needed
-    # fit: user u's SGD step is -lr * (dg_u/dw)^T dL/dh over u's rows, L = sum of users' mean losses
-    from colaft.server import server_step
+def test_load_state_refuses_more_buffered_steps_than_its_interval():
+    owner = Owner("ann", server_adapters(), FitConfig(interval=2))
+    owner.push(packets(0))
+    with pytest.raises(ValueError, match="user 'ann': the state holds 1 pending server steps, but this owner fits "
+                                         "every 1"):
+        Owner("ann", server_adapters(), FitConfig(interval=1)).load_state(owner.state())
+
+
+def test_an_owner_fits_its_users_packets_as_the_trainer_does():
+    """An owner built from one user's server adapters, fed that user's packets of a mixed batch."""
+    kinds = [dict(adapter="lowrank", rank=4), dict(adapter="mlp", hidden=8)]
+    cm = build_users("llama", ["ann", "bob"], kinds=kinds)
+    batch, users = text_batch(0), ["ann", "bob", "bob", "ann"]
     step = server_step(cm, batch, users=users)
-    want = {}
-    for user in cm.users:
-        for name, a in cm.user_adapters(user).items():
-            ref = copy.deepcopy(a).requires_grad_(True)  # at the weights the step starts from
-            for p in step.packets:
-                if p.user == user and p.site == name:
-                    ref(p.x).backward(p.grad)
-            want[user] = {**want.get(user, {}),
-                          **{f"{name}.{key}": (w - w.grad).detach() for key, w in ref.named_parameters()}}
-    Trainer(cm, optimizer="sgd", lr=1.0).step(batch, users=users)
-    for user in cm.users:
-        assert max_rel_err(flat_state(cm.user_adapters(user)), want[user]) <= 1e-6
-
-
-def test_packets_hold_only_their_users_rows():
-    cm = build("llama", 3)
-    batch = batch_of("llama", 0, 6)
-    users = ["user.0", "user.1", "user.2", "user.0", "user.1", "user.2"]
-    from colaft.server import server_step
-    step = server_step(cm, batch, users=users)
-    tokens = {u: int(batch["attention_mask"][[i for i, v in enumerate(users) if v == u]].sum()) for u in cm.users}
-    for p in step.packets:
-        if p.site.endswith("q_proj"):
-            assert len(p.x) == tokens[p.user]  # that user's non-padding tokens, nobody else's
-    assert {p.user for p in step.packets} == set(cm.users)
-    losses = step.user_losses
-    assert step.loss.item() == pytest.approx(sum(losses.values()), rel=1e-6)
-
-
-def test_users_are_added_and_removed_and_memory_released():
-    cm = build("llama", 1)
-    base_params = cm.adapter_parameters()
-    cm.add_user("late", ColaConfig(target_modules=["q_proj"], adapter="linear"))
-    assert cm.adapter_parameters() > base_params
-    trainer = Trainer(cm, optimizer="sgd", lr=0.1)
-    batch = batch_of("llama", 0, 4)
-    trainer.step(batch, users=["late", "user.0", "late", "user.0"])
-    trainer.remove_user("late")
-    assert cm.adapter_parameters() == base_params and cm.users == ["user.0"]
-    assert all("late" not in s.keys for s in cm.sites.values())
-    with pytest.raises(ValueError, match="unknown user"):
-        trainer.step(batch, users=["late"] * 4)
-    trainer.step(batch)  # one user again: no users needed
-    with pytest.raises(ValueError, match="already exists"):
-        cm.add_user("user.0")
-
-
-def test_bad_user_input_is_refused_clearly():
-    cm = build("llama", 2)
-    batch = batch_of("llama", 0, 4)
-    with pytest.raises(ValueError, match="pass users"):
-        Trainer(cm).step(batch)
-    with pytest.raises(ValueError, match="one per row"):
-        cm(**batch, users=["user.0"] * 3)
-    with pytest.raises(ValueError, match="dropout and merge"):
-        cm.add_user("x", ColaConfig(target_modules=["q_proj"], merge=True))
-    with pytest.raises(ValueError, match="mode"):
-        cm.set_mode("shared")
-    with pytest.raises(ValueError, match="one loss per row"):
-        Trainer(cm, loss_fn=lambda out, b: out.logits.sum()).step(batch, users=["user.0", "user.1"] * 2)
+    init = flat_state(cm.user_adapters("ann"))
+    owner = Owner("ann", cm.user_adapters("ann"), FitConfig(optimizer="sgd", lr=0.5))
+    update = owner.push([p for p in step.packets if p.user == "ann"])
+    Trainer(cm, optimizer="sgd", lr=0.5).step(batch, users=users)
+    got = {f"{n}.{k}": v for n, s in update.states.items() for k, v in s.items()}
+    want = flat_state(cm.user_adapters("ann"))
+    assert max_rel_err(got, want) <= 1e-6
+    assert all(not torch.equal(got[k], v) for k, v in init.items())  # every tensor trained

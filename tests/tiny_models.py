@@ -1,4 +1,4 @@
-"""Tiny model folders for the task and CLI tests: random weights, real tokenizers, no network.
+"""Tiny model folders for the task and CLI tests (random weights, real tokenizers, no network), and their records.
 
 Imported by the test modules (pytest puts tests/ on sys.path); the fixtures are
 session-scoped because writing a folder costs a second or so.
@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from colaft import data
 from colaft.assets import resolve_model
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -31,6 +32,16 @@ def review_records(n_copies: int = 3) -> list[dict]:
     """Labelled snippets: label "pos" / "neg" (strings, as user files may have)."""
     return [{"review": t, "sentiment": s} for _ in range(n_copies) for t, s in
             [(g, "pos") for g in GOOD] + [(b, "neg") for b in BAD]]
+
+
+def qa_records() -> list[dict]:
+    """The Q/A pairs as records of the clm task."""
+    return [{"question": q, "answer": a} for q, a in QA]
+
+
+def digit_records(n: int = 64) -> list[dict]:
+    """The first `n` built-in digits (8x8 images), as records of the ic task."""
+    return data.load("digits")[:n]
 
 
 def write_jsonl(path, records: list[dict]):

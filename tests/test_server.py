@@ -1,4 +1,5 @@
-"""The server step: dL/dh at every site, and a server that holds nothing trainable."""
+"""The server step: dL/dh at every site, a server that holds nothing trainable, and packets
+that hold only their user's rows."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +8,7 @@ import pytest
 import torch
 from conftest import ARCHS, Backprop, flat_state, make_batch, make_opt, max_rel_err, randomize_
 from torch import nn
+from users_helpers import batch_of, k_users
 
 from colaft import ColaConfig, ColaModel, Trainer, server_step
 
@@ -140,3 +142,20 @@ def test_activation_checkpointing(reentrant):
     for step in range(3):
         assert trainer.step(make_batch("lm", step)) == pytest.approx(ref.step(make_batch("lm", step)), rel=1e-6)
     assert max_rel_err(flat_state(trainer.owner_adapters), flat_state(ref.adapters)) <= 1e-6
+
+
+# ---------------------------------------------------------------- users
+
+def test_packets_hold_only_their_users_rows():
+    cm = k_users("llama", 3)
+    batch = batch_of("llama", 0, 6)
+    users = ["user.0", "user.1", "user.2", "user.0", "user.1", "user.2"]
+    from colaft.server import server_step
+    step = server_step(cm, batch, users=users)
+    tokens = {u: int(batch["attention_mask"][[i for i, v in enumerate(users) if v == u]].sum()) for u in cm.users}
+    for p in step.packets:
+        if p.site.endswith("q_proj"):
+            assert len(p.x) == tokens[p.user]  # that user's non-padding tokens, nobody else's
+    assert {p.user for p in step.packets} == set(cm.users)
+    losses = step.user_losses
+    assert step.loss.item() == pytest.approx(sum(losses.values()), rel=1e-6)

@@ -117,13 +117,6 @@ def test_non_finite_packet_skips_the_fit(where, bad):
     assert not fit({"s": a}, opt, [good]).skipped  # a finite packet fits
 
 
-def test_integer_token_packets_are_finite():
-    p = Packet("s", torch.tensor([1, 2, 3]), torch.zeros(3, 5))
-    assert p.is_finite()
-    p.grad[0, 0] = float("inf")
-    assert not p.is_finite()
-
-
 def test_grad_scale_and_several_packets_sum_like_backprop():
     """Packets of one site accumulate; grad_scale multiplies every dL/dh (1/I for an interval)."""
     a0 = _adapter("mlp", seed=3)

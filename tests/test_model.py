@@ -1,10 +1,14 @@
 """ColaModel: merged running never writes the base weights; merge_and_unload and unload
-return the plain model."""
+return the plain model; users are added and removed, the collaborative mode mixes their deltas,
+and bad user input is refused."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from conftest import ARCHS, flat_state, make_batch, max_rel_err, randomize_
+from users_helpers import assignment, batch_of, k_users
 
 from colaft import ColaConfig, ColaModel, Trainer, server_step
 from colaft.sites import Site
@@ -156,3 +160,81 @@ def test_a_failed_construction_leaves_the_model_unwrapped():
 def test_naming_only_a_head_says_so():
     with pytest.raises(ValueError, match="match only task heads"):
         ColaModel(ARCHS["bert"][0](), ColaConfig(target_modules=["classifier"]))
+
+
+# ---------------------------------------------------------------- users: modes, adding and removing, bad input
+
+def test_collaborative_mode_forward_and_fits():
+    """Every row sees the weighted mean of the deltas; each user fits (dg_u/dw)^T dL/dh on its rows only."""
+    arch, k = "bert", 3
+    lowrank = [dict(adapter="lowrank", rank=4), dict(adapter="linear")]
+    cm = k_users(arch, k, kinds=lowrank)
+    weights = {"user.0": 2.0}  # the others weigh 1
+    cm.set_mode("collaborative", weights)
+    batch, users = batch_of(arch, 1, 6), assignment(k, 6, seed=1)
+    # forward: the base with W + sum_u w_u dW_u / sum_u w_u at every site
+    plain = ARCHS[arch][0]()
+    modules = dict(plain.named_modules())
+    total = 2.0 + (k - 1)
+    with torch.no_grad():
+        for site in cm.sites.values():
+            m = modules[site.name]
+            for user, adapter in site.by_user().items():
+                dw, db = adapter.delta_weight()
+                w = weights.get(user, 1.0) / total
+                m.weight += w * dw
+                if db is not None:
+                    m.bias += w * db
+    cm.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cm(**batch, users=users).logits, plain(**batch).logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cm(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-6)  # no users needed
+    # fit: user u's SGD step is -lr * (dg_u/dw)^T dL/dh over u's rows, L = sum of users' mean losses
+    from colaft.server import server_step
+    step = server_step(cm, batch, users=users)
+    want = {}
+    for user in cm.users:
+        for name, a in cm.user_adapters(user).items():
+            ref = copy.deepcopy(a).requires_grad_(True)  # at the weights the step starts from
+            for p in step.packets:
+                if p.user == user and p.site == name:
+                    ref(p.x).backward(p.grad)
+            want[user] = {**want.get(user, {}),
+                          **{f"{name}.{key}": (w - w.grad).detach() for key, w in ref.named_parameters()}}
+    Trainer(cm, optimizer="sgd", lr=1.0).step(batch, users=users)
+    for user in cm.users:
+        assert max_rel_err(flat_state(cm.user_adapters(user)), want[user]) <= 1e-6
+
+
+def test_users_are_added_and_removed_and_memory_released():
+    cm = k_users("llama", 1)
+    base_params = cm.adapter_parameters()
+    cm.add_user("late", ColaConfig(target_modules=["q_proj"], adapter="linear"))
+    assert cm.adapter_parameters() > base_params
+    trainer = Trainer(cm, optimizer="sgd", lr=0.1)
+    batch = batch_of("llama", 0, 4)
+    trainer.step(batch, users=["late", "user.0", "late", "user.0"])
+    trainer.remove_user("late")
+    assert cm.adapter_parameters() == base_params and cm.users == ["user.0"]
+    assert all("late" not in s.keys for s in cm.sites.values())
+    with pytest.raises(ValueError, match="unknown user"):
+        trainer.step(batch, users=["late"] * 4)
+    trainer.step(batch)  # one user again: no users needed
+    with pytest.raises(ValueError, match="already exists"):
+        cm.add_user("user.0")
+
+
+def test_bad_user_input_is_refused_clearly():
+    cm = k_users("llama", 2)
+    batch = batch_of("llama", 0, 4)
+    with pytest.raises(ValueError, match="pass users"):
+        Trainer(cm).step(batch)
+    with pytest.raises(ValueError, match="one per row"):
+        cm(**batch, users=["user.0"] * 3)
+    with pytest.raises(ValueError, match="dropout and merge"):
+        cm.add_user("x", ColaConfig(target_modules=["q_proj"], merge=True))
+    with pytest.raises(ValueError, match="mode"):
+        cm.set_mode("shared")
+    with pytest.raises(ValueError, match="one loss per row"):
+        Trainer(cm, loss_fn=lambda out, b: out.logits.sum()).step(batch, users=["user.0", "user.1"] * 2)

@@ -100,15 +100,6 @@ def test_selection_errors_on_a_transformer():
         site_spec(nn.LSTM(4, 4))
 
 
-def test_config_is_validated():
-    with pytest.raises(ValueError, match="target_modules is empty"):
-        ColaConfig(target_modules=[])
-    with pytest.raises(ValueError, match="rnak"):
-        ColaConfig(target_modules=["q_proj"], rnak=4)
-    cfg = ColaConfig(target_modules="all-linear", adapter="mlp", hidden=16, heads=["head"])
-    assert ColaConfig.from_dict(cfg.to_dict()) == cfg
-
-
 def test_padding_rows_are_dropped():
     """Token sites emit one row per attended token (mask.sum()); pooled heads one per sequence."""
     batch = text_batch(0, "cls")

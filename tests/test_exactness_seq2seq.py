@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import DIM, SEQ, VOCAB, Backprop, flat_state, make_opt, max_rel_err, max_update_rel_err, randomize_
 from peft import PeftModel
-from test_engine_exactness import LR, TOL, PeftTwin, _flat
+from references import LR, TOL, PeftTwin, flat_sites
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 from colaft import ColaConfig, ColaModel, Trainer, server_step
@@ -133,7 +133,7 @@ def test_seq2seq_follows_backprop(arch, optimizer, adapter, report_error):
     if adapter == "lowrank":
         ref = PeftTwin(twin, SEQ2SEQ[arch][1], [], rank=4, alpha=8.0, make_optimizer=make_optimizer)
         cm.load_adapter_state(ref.site_states())  # both start from PEFT's weights
-        want = lambda: _flat(ref.site_states())
+        want = lambda: flat_sites(ref.site_states())
     else:
         for i, a in enumerate(cm.adapters().values()):
             randomize_(a, std=0.05, seed=i)

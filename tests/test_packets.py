@@ -1,13 +1,14 @@
-"""Bytes per server step: what the packets cost on the wire, against the analytic count
-rows x (d_in + d_out) x bytes per element, summed over the sites."""
+"""colaft.packets: bytes per server step, what the packets cost on the wire, against the analytic
+count rows x (d_in + d_out) x bytes per element, summed over the sites; their safetensors form;
+which packets are finite."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import LENGTHS, image_batch, text_batch, tiny_cnn, tiny_gpt2, tiny_llama
 
-from colaft import ColaConfig, ColaModel, Trainer, server_step
-from colaft.packets import packets_from_bytes, packets_to_bytes
+from colaft import ColaConfig, ColaModel, Packet, Trainer, server_step
+from colaft.packets import all_finite, packets_from_bytes, packets_to_bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -59,3 +60,41 @@ def test_embedding_and_conv_bytes():
     # conv1: (4, 2, 6, 6) -> (4, 4, 6, 6); conv2: (4, 4, 6, 6) -> (4, 6, 3, 3)
     analytic = 4 * ((2 * 36 + 4 * 36) + (4 * 36 + 6 * 9)) * 4
     assert sum(p.nbytes for p in packets) == analytic == 6624
+
+
+# ---------------------------------------------------------------- finite packets
+
+def test_integer_token_packets_are_finite():
+    p = Packet("s", torch.tensor([1, 2, 3]), torch.zeros(3, 5))
+    assert p.is_finite()
+    p.grad[0, 0] = float("inf")
+    assert not p.is_finite()
+
+
+# ---------------------------------------------------------------- the wire form, users and casts
+
+def test_packets_round_trip_with_their_users_order_and_dtypes():
+    g = torch.Generator().manual_seed(0)
+    packets = [Packet("model.embed_tokens", torch.tensor([3, 1, 4]), torch.randn(3, 5, generator=g), "a/b c"),
+               Packet("q_proj", torch.randn(3, 6, generator=g).bfloat16(), torch.randn(3, 4, generator=g).bfloat16(),
+                      "ünï"),
+               Packet("q_proj", torch.randn(2, 6, generator=g), torch.randn(2, 4, generator=g))]  # the default user
+    back = packets_from_bytes(packets_to_bytes(packets))
+    assert [(p.site, p.user) for p in back] == [("model.embed_tokens", "a/b c"), ("q_proj", "ünï"),
+                                                ("q_proj", "default")]
+    for a, b in zip(back, packets):
+        assert a.x.dtype == b.x.dtype and a.grad.dtype == b.grad.dtype
+        assert torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad)
+    assert packets_from_bytes(packets_to_bytes([])) == []
+
+
+def test_a_cast_packet_keeps_token_ids_whole():
+    ids = Packet("emb", torch.tensor([[1, 2]]), torch.randn(2, 4), "ann")
+    rows = Packet("lin", torch.randn(2, 6), torch.randn(2, 4), "ann")
+    small = [p.to(dtype=torch.bfloat16) for p in (ids, rows)]
+    assert small[0].x.dtype == torch.int64 and torch.equal(small[0].x, ids.x)
+    assert small[1].x.dtype == small[0].grad.dtype == small[1].grad.dtype == torch.bfloat16
+    assert [(p.site, p.user) for p in small] == [("emb", "ann"), ("lin", "ann")]
+    assert small[1].nbytes == rows.nbytes // 2 and ids.nbytes == 2 * 8 + 8 * 4
+    assert rows.to("cpu").x.dtype == torch.float32  # a move alone keeps the dtype
+    assert all_finite([]) and all_finite([ids, rows])
