@@ -169,7 +169,8 @@ def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, 
 
     from colaft.serve.db import Database, File, Job, User
     from colaft.serve.inference import Request
-    from colaft.serve.scheduler import Engine, Settings
+    from colaft.serve.scheduler import Engine
+    from colaft.serve.settings import Settings
     from colaft.serve.schemas import ColaftOptions
 
     data = tmp_path / "data"
@@ -178,7 +179,7 @@ def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, 
     (data / "files" / "file-1").write_bytes(lines(*records))
     db = Database(f"sqlite:///{data / 'colaft.db'}")
     engine = Engine("llama", str(tiny_llama_dir), "clm", db, Settings(data_dir=data, max_loaded_adapters=2))
-    options = {**ColaftOptions(max_length=64).model_dump(), "targets": engine.task.recipe.targets}
+    options = {**ColaftOptions(max_length=64).model_dump(), "targets": engine.host.task.recipe.targets}
     jobs = [f"ftjob-{i}" for i in range(4)]
     with db.session() as s:
         s.add(User(id="user-1", name="u", key_hash="0" * 64))
@@ -198,8 +199,8 @@ def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, 
             assert [s.get(Job, j).status for j in jobs] == ["succeeded"] * 4
 
         def loaded() -> list[str]:
-            assert set(engine.cola.users) == set(engine.finished)  # nothing else holds adapters
-            return list(engine.finished)
+            assert set(engine.host.cola.users) == set(engine.host.finished)  # nothing else holds adapters
+            return list(engine.host.finished)
 
         def ask(job_id: str) -> str:
             future = engine.infer(Request(job_id, "personal", messages=[{"role": "user", "content": "who are you"}],
@@ -209,7 +210,7 @@ def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, 
             return future.result(timeout=0).text
 
         def weights(job_id: str) -> dict:
-            return {f"{site}.{k}": v.clone() for site, a in engine.cola.user_adapters(job_id).items()
+            return {f"{site}.{k}": v.clone() for site, a in engine.host.cola.user_adapters(job_id).items()
                     for k, v in a.state_dict().items()}
 
         assert loaded() == jobs[2:]  # the first two finished were unloaded at once
