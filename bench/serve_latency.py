@@ -2,7 +2,7 @@
 
 From the repository root: .venv/bin/python bench/serve_latency.py sqlite|postgres [MODEL] [CALLS]
 (default smollm2-135m, 50 calls 0.1 s apart once the job has taken a step). postgres starts a
-private cluster as tests/test_serve_postgres.py does, and removes it at the end.
+private cluster as tests/serve/test_postgres.py does, and removes it at the end.
 """
 import shutil
 import statistics
@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests/serve")
 from serve_helpers import CHAT, Server, add_user, free_port, upload, wait_for, wait_job
 
 kind = sys.argv[1]
@@ -21,7 +21,7 @@ root = Path(tempfile.mkdtemp(prefix="colaft-latency-"))
 data = root / "data"
 cluster, options, url = None, [], None
 if kind == "postgres":
-    from test_serve_postgres import Cluster, _pg_bin
+    from test_postgres import Cluster, _pg_bin
     cluster = Cluster(_pg_bin(), free_port())
     url = cluster.start()
     options = ["--database-url", url]

@@ -11,7 +11,7 @@ import threading
 
 import psutil
 from serve_helpers import CHAT, Server, add_user, upload, wait_for, wait_job
-from test_remote_client import adapter, assert_same
+from test_client import adapter, assert_same
 
 from colaft.client import Client
 

@@ -1,6 +1,6 @@
 """What the `colaft serve` tests share: the real server in a subprocess, users, uploads, waiting.
 
-Imported by the test modules (pytest puts tests/ on sys.path), like tiny_models.py. Every
+Imported by the test modules (pytest puts tests/serve on sys.path), as tiny_models.py is from tests/. Every
 server is started in its own process group, and only those groups are stopped.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tiny_models import BAD, GOOD, QA
 from colaft.serve import auth
 from colaft.serve.db import Database
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHAT = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA * 2]
 REVIEWS = [{"text": t, "label": "pos"} for t in GOOD] + [{"text": t, "label": "neg"} for t in BAD]
 FINAL = ("succeeded", "failed", "cancelled")
