@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, "tests/serve")
-from serve_helpers import CHAT, Server, add_user, free_port, upload, wait_for, wait_job
+from serve_helpers import CHAT, Server, add_user, upload, wait_for, wait_job
+
+from colaft.serve.launch import free_port
 
 kind = sys.argv[1]
 model = sys.argv[2] if len(sys.argv) > 2 else "smollm2-135m"
