@@ -6,12 +6,16 @@ those groups are stopped.
 """
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
+import torch
 from openai import OpenAI
+from safetensors.torch import load as st_load
 from tiny_models import BAD, GOOD, QA
 
 from colaft.serve import auth
@@ -65,3 +69,19 @@ def wait_job(client: OpenAI, job_id: str, timeout: float = 180.0, until=FINAL):
 
 def upload(client: OpenAI, records, name="data.jsonl"):
     return client.files.create(file=(name, jsonl(records)), purpose="fine-tune")
+
+
+def adapter(server, user: str, job_id: str) -> dict[str, torch.Tensor]:
+    """The adapters of `user`'s finished job, downloaded in colaft's form."""
+    with server.http(server.keys[user]) as h:
+        r = h.get(f"/v1/fine_tuning/jobs/{job_id}/adapter?format=colaft")
+    assert r.status_code == 200, r.text
+    return st_load(zipfile.ZipFile(io.BytesIO(r.content)).read("adapters.safetensors"))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """Two trained adapters agree to round-off (the same job, its fits elsewhere or disturbed)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert any(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)  # it did train

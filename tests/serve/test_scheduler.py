@@ -1,14 +1,14 @@
-"""`colaft serve` end to end: the real server on a free loopback port, the openai package and httpx as clients.
+"""The engine's scheduling (colaft.serve.scheduler), through the real server: jobs of two users in
+one batch, collaborative and personal batches side by side, a cancel between two steps, and a
+restart after SIGKILL that resumes from the checkpoints.
 
-Tiny random models (tiny_models.py) keep a job to a second or two. The server, its users and
-the waiting are in serve_helpers.py (shared with the PostgreSQL and Ray tests).
+Tiny random models (tiny_models.py) keep a job to a second or two. The shared server is
+conftest.py's; its users and the waiting are in serve_helpers.py.
 """
 from __future__ import annotations
 
 import io
 import signal
-import statistics
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -17,67 +17,8 @@ import httpx
 import openai
 import pytest
 import torch
-from serve_helpers import CHAT, REVIEWS, Server, add_user, jsonl, upload, wait_for, wait_job
-from tiny_models import BAD, GOOD, QA
+from serve_helpers import CHAT, Server, add_user, jsonl, upload, wait_for, wait_job
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_llama_dir, tiny_bert_dir):
-    data = tmp_path_factory.mktemp("serve") / "data"
-    keys = {name: add_user(data, name) for name in ("alice", "bob")}
-    srv = Server(data, [f"llama={tiny_llama_dir}", f"bert={tiny_bert_dir}"], "--max-upload-mb", "0.25",
-                 "--checkpoint-every", "4").start()
-    srv.keys = keys
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def alice(server):
-    return server.client(server.keys["alice"])
-
-
-@pytest.fixture(scope="module")
-def bob(server):
-    return server.client(server.keys["bob"])
-
-
-# ------------------------------------------------------------------ users and keys
-
-def test_users_cli_prints_the_key_once_and_stores_only_its_hash(server, capsys):
-    from colaft.app.cli import main
-
-    assert main(["users", "add", "carol", "--data-dir", str(server.data_dir)]) == 0
-    out, err = capsys.readouterr()
-    key = out.strip()
-    assert key.startswith("sk-colaft-") and len(key) > 40 and "carol" in err and key not in err
-    assert main(["users", "add", "carol", "--data-dir", str(server.data_dir)]) == 1  # a name is taken once
-    assert "already exists" in capsys.readouterr().err
-    # the running server takes the new key at once; the database holds no key in clear text
-    assert server.client(key).models.list().data
-    for path in server.data_dir.glob("colaft.db*"):
-        assert key.encode() not in path.read_bytes()
-    assert main(["users", "list", "--data-dir", str(server.data_dir)]) == 0
-    listed = capsys.readouterr().out
-    assert "carol" in listed and "sk-colaft" not in listed
-
-
-def test_missing_or_wrong_key_answers_401(server):
-    for key in (None, "sk-colaft-wrong", server.keys["alice"] + "x"):
-        with server.http(key) as h:
-            for method, path in [("GET", "/v1/files"), ("GET", "/v1/fine_tuning/jobs"), ("GET", "/v1/models"),
-                                 ("POST", "/v1/chat/completions")]:
-                r = h.request(method, path, json={} if method == "POST" else None)
-                assert r.status_code == 401, (key, path)
-                assert r.json()["error"]["code"] == "invalid_api_key"
-    with pytest.raises(openai.AuthenticationError):
-        server.client("sk-colaft-nope").files.list()
-    with server.http(None) as h:
-        r = h.get("/v1/files", headers={"Authorization": f"Basic {server.keys['alice']}"})
-        assert r.status_code == 401
-
-
-# ------------------------------------------------------------------ training: two users at once
 
 def test_two_users_train_concurrently_on_one_base_model(server, alice, bob, tiny_llama_dir, tmp_path):
     fa, fb = upload(alice, CHAT, "alice.jsonl"), upload(bob, CHAT[::-1], "bob.jsonl")
@@ -156,52 +97,6 @@ def _load_zip(response: httpx.Response, folder: Path) -> Path:
     return folder
 
 
-def test_classification_job_and_completions(server, bob):
-    f = upload(bob, REVIEWS * 2, "reviews.jsonl")
-    valid = upload(bob, REVIEWS, "valid.jsonl")
-    job = bob.fine_tuning.jobs.create(model="bert", training_file=f.id, validation_file=valid.id,
-                                      hyperparameters={"n_epochs": 3, "batch_size": 8,
-                                                       "learning_rate_multiplier": 10})
-    job = wait_job(bob, job.id)
-    assert job.status == "succeeded", job.error
-    messages = [e.message for e in bob.fine_tuning.jobs.list_events(job.id, limit=100)]
-    assert any(m.startswith("Validation: loss=") and "accuracy=" in m for m in messages)
-    for used in (f, valid):  # a finished job needs its files no more
-        assert bob.files.delete(used.id).deleted
-    labels = {bob.completions.create(model=job.fine_tuned_model, prompt=t).choices[0].text for t in GOOD + BAD}
-    assert labels <= {"pos", "neg"}
-    chat = bob.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": GOOD[0]}])
-    assert chat.choices[0].message.content in {"pos", "neg"}
-
-
-def test_inference_batches_rows_of_different_adapters(server, alice, bob):
-    """Requests for the base model and two fine-tuned models, sent at once, answer as they do one by one."""
-    jobs = []
-    for client, adapter in ((alice, "lowrank"), (bob, "mlp")):
-        f = upload(client, CHAT)
-        jobs.append(client.fine_tuning.jobs.create(model="llama", training_file=f.id, extra_body={
-            "colaft": {"adapter": adapter}}, hyperparameters={"n_epochs": 2, "learning_rate_multiplier": 20}))
-    ma, mb = (wait_job(c, j.id).fine_tuned_model for c, j in zip((alice, bob), jobs))
-    asks = [(alice, "llama", q) for q, _ in QA[:3]] + [(alice, ma, q) for q, _ in QA] + [(bob, mb, q) for q, _ in QA]
-
-    def ask(client, model, question):
-        return client.chat.completions.create(model=model, max_tokens=5,
-                                              messages=[{"role": "user", "content": question}]
-                                              ).choices[0].message.content
-    one_by_one = [ask(*a) for a in asks]
-    together = [None] * len(asks)
-
-    def worker(i):
-        together[i] = ask(*asks[i])
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(asks))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert together == one_by_one
-    assert one_by_one[:3] != one_by_one[3:6] or one_by_one[:3] != one_by_one[9:12]  # the adapters do act
-
-
 def test_collaborative_jobs_train_beside_personal_ones(server, alice, bob):
     """Collaborative jobs share a batch in collaborative mode; a personal job trains in its own batch meanwhile."""
     f = upload(alice, CHAT)
@@ -229,110 +124,6 @@ def test_collaborative_jobs_train_beside_personal_ones(server, alice, bob):
     assert "mergeable" in str(e.value)
 
 
-# ------------------------------------------------------------------ isolation
-
-def test_a_user_sees_and_touches_only_its_own(server, alice, bob):
-    f = upload(alice, CHAT, "secret-alice.jsonl")
-    job = alice.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={"n_epochs": 1})
-    # bob trains at the same time, so his events exist whatever ran before on this worker
-    bobs_job = bob.fine_tuning.jobs.create(model="llama", training_file=upload(bob, CHAT, "bob.jsonl").id,
-                                           hyperparameters={"n_epochs": 1})
-    job = wait_job(alice, job.id)
-    wait_job(bob, bobs_job.id)
-    for call in (lambda: bob.files.retrieve(f.id), lambda: bob.files.content(f.id), lambda: bob.files.delete(f.id),
-                 lambda: bob.fine_tuning.jobs.retrieve(job.id), lambda: bob.fine_tuning.jobs.cancel(job.id),
-                 lambda: list(bob.fine_tuning.jobs.list_events(job.id)),
-                 lambda: list(bob.fine_tuning.jobs.checkpoints.list(job.id)),
-                 lambda: bob.fine_tuning.jobs.create(model="llama", training_file=f.id),
-                 lambda: bob.chat.completions.create(model=job.fine_tuned_model,
-                                                     messages=[{"role": "user", "content": "hi"}])):
-        with pytest.raises(openai.NotFoundError):
-            call()
-    with server.http(server.keys["bob"]) as h:
-        missing = h.get("/v1/files/file-doesnotexist").json()
-        theirs = h.get(f"/v1/files/{f.id}").json()
-        assert missing["error"]["message"].replace("file-doesnotexist", "X") == \
-            theirs["error"]["message"].replace(f.id, "X")  # indistinguishable from a missing id
-    assert f.id not in {x.id for x in bob.files.list()}
-    assert job.id not in {j.id for j in bob.fine_tuning.jobs.list()}
-    assert alice.files.retrieve(f.id).id == f.id  # still there for its owner
-    # nothing in the log or in bob's events holds alice's key or data
-    log = server.log_text()
-    for secret in (*server.keys.values(), "secret-alice", QA[0][1]):
-        assert secret not in log
-    bobs = [e for j in bob.fine_tuning.jobs.list() for e in bob.fine_tuning.jobs.list_events(j.id, limit=1000)]
-    assert bobs and not any(f.id in e.message or job.id in e.message or "alice" in e.message for e in bobs)
-
-
-# ------------------------------------------------------------------ bad input changes nothing
-
-def test_bad_input_answers_clearly_and_changes_nothing(server, alice):
-    with server.http(server.keys["alice"]) as h:
-        files_before = h.get("/v1/files").json()["data"]
-        jobs_before = h.get("/v1/fine_tuning/jobs").json()["data"]
-
-        def up(data: bytes, purpose="fine-tune", name="x.jsonl"):
-            return h.post("/v1/files", files={"file": (name, data)}, data={"purpose": purpose})
-        good = jsonl(CHAT[:2])
-        cases = [(good + b'{"messages": [}\n', 400, "line 3: not valid JSON"),
-                 (good + b"[1, 2]\n", 400, "line 3: expected a JSON object"),
-                 (jsonl([{"messages": [{"role": "user", "content": "hi"}]}]), 400, "line 1: the last message"),
-                 (jsonl([{"messages": [{"role": "robot", "content": "hi"}]}]), 400, "line 1: message 0"),
-                 (jsonl(CHAT[:1] + REVIEWS[:1]), 400, "line 2: a classification record in a chat file"),
-                 (jsonl([{"question": "q"}]), 400, "line 1: a record needs"),
-                 (b"\n\n", 400, "no record"),
-                 (b"\xff\xfe" + good, 400, "line 1: not UTF-8")]
-        for data, status, text in cases:
-            r = up(data)
-            assert r.status_code == status and text in r.json()["error"]["message"], r.text
-            assert r.json()["error"]["param"] == "file"
-        r = up(good, purpose="assistants")
-        assert r.status_code == 422 and r.json()["error"]["param"] == "purpose"
-        r = up(b'{"text": "' + b"a" * 400_000 + b'", "label": "x"}\n')
-        assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
-
-        f = up(good).json()["id"]
-        reviews = up(jsonl(REVIEWS)).json()["id"]
-        files_before = h.get("/v1/files").json()["data"]
-
-        def job(**body):
-            return h.post("/v1/fine_tuning/jobs", json={"model": "llama", "training_file": f, **body})
-        for body, param in [({"model": "gpt-9"}, "model"), ({"model": "ft:llama:ftjob-x"}, "model"),
-                            ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
-                            ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
-                            ({"hyperparameters": {"learning_rate_multiplier": -1}},
-                             "hyperparameters.learning_rate_multiplier"),
-                            ({"hyperparameters": {"n_epochz": 2}}, "hyperparameters.n_epochz"),
-                            ({"colaft": {"adapter": "huge"}}, "colaft.adapter"),
-                            ({"colaft": {"rank": 0}}, "colaft.rank"),
-                            ({"colaft": {"mode": "shared"}}, "colaft.mode"),
-                            ({"colaft": {"targets": ["nope_proj"]}}, "colaft.targets"),
-                            ({"colaft": {"fit_device": "tpu:9"}}, "colaft.fit_device"),
-                            ({"training_file": reviews}, "training_file"),
-                            ({"validation_file": reviews}, "validation_file"),
-                            ({"surprise": 1}, "surprise")]:
-            r = job(**body)
-            assert r.status_code == 422, (body, r.text)
-            error = r.json()["error"]
-            assert error["param"] == param and param.split(".")[-1] in error["message"], (body, error)
-        r = job(training_file="file-nope")
-        assert r.status_code == 404 and r.json()["error"]["param"] == "training_file"
-        r = h.post("/v1/fine_tuning/jobs", json={"model": "bert", "training_file": f})
-        assert r.status_code == 422 and "trains on text/label classification" in r.json()["error"]["message"]
-        r = h.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
-        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-        r = h.post("/v1/chat/completions", json={"model": "llama", "messages": []})
-        assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
-
-        assert h.get("/v1/files").json()["data"] == files_before
-        assert h.get("/v1/fine_tuning/jobs").json()["data"] == jobs_before
-    with pytest.raises(openai.UnprocessableEntityError) as e:
-        alice.fine_tuning.jobs.create(model="llama", training_file=f, hyperparameters={"n_epochs": 5000})
-    assert "n_epochs" in str(e.value)
-
-
-# ------------------------------------------------------------------ cancel, and files in use
-
 def test_cancel_and_deleting_a_file_in_use(server, alice):
     f = upload(alice, CHAT)
     job = alice.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={"n_epochs": 500})
@@ -355,26 +146,6 @@ def test_cancel_and_deleting_a_file_in_use(server, alice):
     with pytest.raises(openai.NotFoundError):
         alice.files.retrieve(f.id)
 
-
-# ------------------------------------------------------------------ the event loop stays free
-
-def test_status_calls_stay_fast_while_training(server, alice):
-    f = upload(alice, CHAT)
-    job = alice.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={"n_epochs": 300})
-    wait_job(alice, job.id, 60, until=("running",))
-    seconds = []
-    with server.http(server.keys["alice"]) as h:
-        for _ in range(40):
-            start = time.perf_counter()
-            assert h.get(f"/v1/fine_tuning/jobs/{job.id}").json()["status"] == "running"
-            seconds.append(time.perf_counter() - start)
-    alice.fine_tuning.jobs.cancel(job.id)
-    median, worst = statistics.median(seconds), max(seconds)
-    print(f"\nstatus call while training: median {1000 * median:.1f} ms, max {1000 * worst:.1f} ms")
-    assert median < 0.25 and worst < 2.0
-
-
-# ------------------------------------------------------------------ a killed server loses nothing
 
 def test_restart_after_sigkill_resumes_and_loses_nothing(tmp_path, tiny_llama_dir):
     data = tmp_path / "data"
