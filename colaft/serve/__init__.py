@@ -12,5 +12,5 @@
       -> inference.py: completions on base and fine-tuned models, batched across adapters
 
 `colaft serve` and `colaft users` (commands.py) start it and manage its keys (settings.py:
-what the options set).
+what the options set); launch.py starts a server process and waits until it is ready.
 """
