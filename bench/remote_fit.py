@@ -1,6 +1,6 @@
 """Client fits vs server fits on one `colaft serve`: a job's wall time and the bytes a client pulls.
 
-    python bench/remote_fit.py [MODEL] [--steps N]
+    python bench/remote_fit.py [MODEL] [--epochs N]
 
 Starts `colaft serve --model MODEL --backend inline` on a free loopback port in a temporary
 folder, then trains the same job (README's chat pairs, batch 8, same seed) three times, one
@@ -13,10 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +38,7 @@ def main() -> None:
     from colaft.client import Client
     from colaft.serve import auth
     from colaft.serve.db import Database
+    from colaft.serve.launch import ServerProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -49,22 +46,10 @@ def main() -> None:
         db = Database(f"sqlite:///{data / 'colaft.db'}")
         key = auth.add_user(db, "bench")[1]
         db.close()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-        log = open(Path(tmp) / "server.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "colaft.app.cli", "serve", "--model", args.model, "--backend",
-                                 "inline", "--data-dir", str(data), "--port", str(port), "--log-level", "warning"],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        server = ServerProcess(data, [args.model], "--backend", "inline", "--log-level", "warning",
+                               log=Path(tmp) / "server.log", threads=None)
         try:
-            while True:
-                try:
-                    if httpx.get(url + "/health", timeout=2).json()["ready"]:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
+            url = server.start(timeout=600).url
             client = OpenAI(base_url=url + "/v1", api_key=key)
             lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
                      for q, a in PAIRS * 4]
@@ -97,8 +82,7 @@ def main() -> None:
                 err = max(float((got[k] - ref[k]).abs().max()) for k in ref)
                 print(f"{name:18} max |adapter - server fits'| = {err:.2e}")
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 From the repository root: .venv/bin/python bench/serve_latency.py sqlite|postgres [MODEL] [CALLS]
 (default smollm2-135m, 50 calls 0.1 s apart once the job has taken a step). postgres starts a
-private cluster as tests/test_serve_postgres.py does, and removes it at the end.
+private cluster as tests/serve/test_postgres.py does, and removes it at the end.
 """
 import shutil
 import statistics
@@ -11,8 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, "tests")
-from serve_helpers import CHAT, Server, add_user, free_port, upload, wait_for, wait_job
+sys.path.insert(0, "tests/serve")
+from serve_helpers import CHAT, Server, add_user, upload, wait_for, wait_job
+
+from colaft.serve.launch import free_port
 
 kind = sys.argv[1]
 model = sys.argv[2] if len(sys.argv) > 2 else "smollm2-135m"
@@ -21,7 +23,7 @@ root = Path(tempfile.mkdtemp(prefix="colaft-latency-"))
 data = root / "data"
 cluster, options, url = None, [], None
 if kind == "postgres":
-    from test_serve_postgres import Cluster, _pg_bin
+    from test_postgres import Cluster, _pg_bin
     cluster = Cluster(_pg_bin(), free_port())
     url = cluster.start()
     options = ["--database-url", url]

@@ -180,7 +180,8 @@ def serve_command(
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
 ) -> None:
     """The service under load: many users' requests while training runs, vs the same jobs with no traffic."""
-    from colaft.bench.serve_load import Settings, run_serve, summary
+    from colaft.bench.serve_load import Settings, run_serve
+    from colaft.bench.serve_load_report import summary
 
     warmup = 5.0
     if quick:

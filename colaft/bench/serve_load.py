@@ -1,6 +1,6 @@
 """`colaft bench serve`: the service under load, on loopback.
 
-    start `colaft serve` (a subprocess, its own process group, a free loopback port)
+    start `colaft serve` (colaft.serve.launch: a subprocess, its own process group, a free loopback port)
     ramp:  every simulated user (its own API key) uploads a file and creates a job at once
            while the first jobs already train; every `client_every`-th job fits on its
            client (colaft.client.Client threads in a second subprocess, like users' devices)
@@ -15,7 +15,7 @@
 Bounded in count (users, windows) and time (windows of `window` seconds, a ramp deadline).
 Every request's latency and outcome is kept; any non-2xx answer or transport error counts
 as a failed request. The simulated users are coroutines of one asyncio loop (httpx), so the
-measuring process stays light next to the server.
+measuring process stays light next to the server. The report is colaft.bench.serve_load_report's.
 """
 from __future__ import annotations
 
@@ -24,20 +24,20 @@ import json
 import os
 import random
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from colaft.bench.harness import Table, describe, machine, write_report
+from colaft.bench.harness import machine, write_report
+from colaft.bench.serve_load_report import Sample, markdown, summarise
+from colaft.serve.launch import SOURCE, ServerProcess
 
 QA = [("what is ai", "ai is the science of thinking machines"), ("who are you", "i am a tiny bot"),
       ("do you like films", "yes i like films a lot"), ("what is two plus two", "two plus two is four"),
@@ -70,15 +70,6 @@ class Settings:
     """The server's log level (its log's tail is kept in the JSON report)."""
     upload_every: int = 10
     """A user uploads a file (and lists its files) every so many of its polls."""
-
-
-@dataclass
-class Sample:
-    kind: str
-    phase: str
-    start: float
-    seconds: float
-    status: int  # 0: transport error
 
 
 @dataclass
@@ -135,56 +126,12 @@ def tiny_model_dir(folder: Path) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _records(user: int, rows: int) -> bytes:
     lines = []
     for i in range(rows):
         q, a = QA[(user + i) % len(QA)]
         lines.append(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}))
     return ("\n".join(lines) + "\n").encode()
-
-
-class ServerProcess:
-    def __init__(self, data: Path, model: str, backend: str, log: Path, extra: tuple[str, ...] = ()):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        here = str(Path(__file__).resolve().parents[2])  # the server runs this colaft, however it is installed
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "colaft.app.cli", "serve", "--model", f"bench={model}", "--backend", backend,
-             "--data-dir", str(data), "--port", str(self.port),
-             "--client-timeout", "120", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).json()["ready"]:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("the server did not become ready")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
 
 
 def clients_main() -> None:
@@ -316,12 +263,13 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
         db = Database(f"sqlite:///{data / 'colaft.db'}")
         keys = [auth.add_user(db, f"user{i}")[1] for i in range(settings.users)]
         db.close()
-        server = ServerProcess(data, model, settings.backend, tmp / "server.log", ("--log-level", settings.log_level,
-                                                                                 "--checkpoint-every", str(settings.checkpoint_every)))
+        server = ServerProcess(data, [f"bench={model}"], "--backend", settings.backend, "--client-timeout", "120",
+                               "--log-level", settings.log_level, "--checkpoint-every", str(settings.checkpoint_every),
+                               log=tmp / "server.log")
         clients = None
         try:
             t = time.perf_counter()
-            server.wait_ready()
+            server.start(timeout=300)
             log(f"server ready in {time.perf_counter() - t:.1f} s ({settings.backend} backend)")
             rec = Recorder()
             t = time.perf_counter()
@@ -334,11 +282,10 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
                            if settings.client_every and i % settings.client_every == settings.client_every - 1]
             if client_jobs:
                 (tmp / "clients.json").write_text(json.dumps(client_jobs))
-                clients = subprocess.Popen([sys.executable, "-c", "from colaft.bench.serve_load import clients_main; "
-                                            "clients_main()", str(tmp / "clients.json")], stdout=subprocess.PIPE,
-                                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH":
-                                                           str(Path(__file__).resolve().parents[2])},
-                                           start_new_session=True)
+                clients = subprocess.Popen(
+                    [sys.executable, "-c", "from colaft.bench.serve_load import clients_main; clients_main()",
+                     str(tmp / "clients.json")], stdout=subprocess.PIPE, text=True,
+                    env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SOURCE)}, start_new_session=True)
             # the first steps start the backend and add every job's owner: wait them out, then warm up
             first = health(server.url)["steps"]
             deadline = time.monotonic() + settings.ramp_timeout
@@ -366,110 +313,6 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "serve-server.log").write_text(server_log)
             server_log = server_log[-4000:]
-    data = _summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log)
+    data = summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log)
     write_report(out, "serve", markdown(data), data)
     return data
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, int(round(q * len(v) + 0.5)) - 1))]  # nearest rank
-
-
-def _stats(samples: list[Sample]) -> dict:
-    ms = [1000 * s.seconds for s in samples]
-    return {"n": len(ms), "failed": sum(1 for s in samples if not 200 <= s.status < 300),
-            "p50_ms": _pct(ms, 0.5), "p99_ms": _pct(ms, 0.99), "max_ms": max(ms) if ms else None}
-
-
-def _summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log) -> dict:
-    load_windows = [w for w in windows if w["phase"] == "load"]
-    t_zero = min((x.start for x in rec.samples), default=0.0)
-    in_load = [s for s in rec.samples if s.phase == "load"]
-    load_seconds = sum(w["seconds"] for w in load_windows)
-    by_kind = {}
-    for phase in ("ramp", "load"):
-        for kind in sorted({s.kind for s in rec.samples if s.phase == phase}):
-            by_kind[f"{phase} {kind}"] = _stats([s for s in rec.samples if s.phase == phase and s.kind == kind])
-    ratios = []
-    for p in range(settings.pairs):
-        q = [w for w in windows if w["pair"] == p and w["phase"] == "quiet"]
-        lo = [w for w in windows if w["pair"] == p and w["phase"] == "load"]
-        if q and lo and q[0]["rows_per_s"] > 0:
-            ratios.append(lo[0]["rows_per_s"] / q[0]["rows_per_s"])
-    status = _stats([s for s in in_load if s.kind == "status"])
-    failed = sum(1 for s in rec.samples if not 200 <= s.status < 300) + sum(
-        1 for e in rec.errors if e.startswith("cancel"))
-    quiet_rows = [w["rows_per_s"] for w in windows if w["phase"] == "quiet"]
-    load_rows = [w["rows_per_s"] for w in load_windows]
-    ratio = statistics.median(ratios) if ratios else None
-    return {
-        "settings": asdict(settings), "machine": info, "command": command,
-        "requests": {"total": len(rec.samples), "failed": failed, "errors": rec.errors[:20],
-                     "load_requests": len(in_load),
-                     "load_rps": len(in_load) / load_seconds if load_seconds else None},
-        "status_latency": status, "ramp_seconds": ramp_seconds, "by_kind": by_kind, "windows": windows,
-        "throughput": {"quiet_rows_per_s": statistics.median(quiet_rows) if quiet_rows else None,
-                       "load_rows_per_s": statistics.median(load_rows) if load_rows else None,
-                       "quiet_steps_per_s": statistics.median(w["steps_per_s"] for w in windows
-                                                              if w["phase"] == "quiet"),
-                       "load_steps_per_s": statistics.median(w["steps_per_s"] for w in load_windows),
-                       "ratios": ratios, "ratio": ratio},
-        "targets": {"no_failed_request": failed == 0,
-                    "status_p99_under_100ms": status["p99_ms"] is not None and status["p99_ms"] < 100,
-                    "throughput_within_20pct": ratio is not None and ratio >= 0.8},
-        "clients": client_results, "server_log_tail": server_log,
-        "wall_zero": rec.wall_zero + t_zero,  # Unix time of the first request (to match the server's log)
-        "slowest": [{"kind": x.kind, "phase": x.phase, "at_s": round(x.start - t_zero, 3), "ms": round(1000 * x.seconds, 1),
-                     "status": x.status} for phase in ("ramp", "load")
-                    for x in sorted((y for y in rec.samples if y.phase == phase), key=lambda y: -y.seconds)[:15]],
-    }
-
-
-def markdown(data: dict) -> str:
-    s, m, req, st, th = data["settings"], data["machine"], data["requests"], data["status_latency"], data["throughput"]
-    n_client = sum(1 for i in range(s["users"]) if s["client_every"] and i % s["client_every"] == s["client_every"] - 1)
-    lines = [
-        "# The service under load (`colaft bench serve`)", "",
-        f"`{data['command']}`", "",
-        f"Machine: {describe(m)}.", "",
-        f"{s['users']} users, each with its own API key and job on model {s['model']!r} ({s['rows']} rows, batch "
-        f"{s['batch_size']}); {n_client} of the jobs fit on their client (staleness {s['staleness']}), the others "
-        f"on the server ({s['backend']} backend). Load windows: every user polls its job's status and events, "
-        f"uploads and lists files, {s['think']:g} s (±50%) between requests; quiet windows: no API traffic, the "
-        f"same jobs. {s['pairs']} (quiet, load) pairs of {s['window']:g} s, in ABBA order; the server checkpoints every "
-        f"{s['checkpoint_every']} steps.", "",
-        f"- requests: {req['total']} in all, **{req['failed']} failed**; {req['load_rps']:.1f} requests/s in "
-        f"the load windows" if req["load_rps"] else f"- requests: {req['total']}, {req['failed']} failed",
-        f"- status calls in the load windows (GET /v1/fine_tuning/jobs/ID): p50 {st['p50_ms']:.1f} ms, "
-        f"**p99 {st['p99_ms']:.1f} ms**, max {st['max_ms']:.1f} ms ({st['n']} calls)",
-        f"- training: {th['quiet_rows_per_s']:.1f} rows/s quiet, {th['load_rows_per_s']:.1f} rows/s under load "
-        f"({th['quiet_steps_per_s']:.2f} and {th['load_steps_per_s']:.2f} steps/s); **load / quiet "
-        f"{th['ratio']:.2f}** (median of the pairs: {', '.join(f'{r:.2f}' for r in th['ratios'])})",
-        f"- ramp (all users upload and create their jobs at once): {data['ramp_seconds']:.1f} s until every "
-        "job ran", "",
-        "Targets: " + ", ".join(f"{k.replace('_', ' ')}: {'met' if v else 'MISSED'}"
-                                for k, v in data["targets"].items()), "",
-    ]
-    t = Table(["requests", "n", "failed", "p50 ms", "p99 ms", "max ms"])
-    for kind, v in data["by_kind"].items():
-        t.rows.append([kind, v["n"], v["failed"], v["p50_ms"], v["p99_ms"], v["max_ms"]])
-    lines += [t.markdown(), ""]
-    t = Table(["window", "seconds", "steps", "rows", "steps/s", "rows/s", "s in Trainer.step"])
-    for w in data["windows"]:
-        t.rows.append([f"{w['pair']} {w['phase']}", w["seconds"], w["steps"], w["rows"], w["steps_per_s"],
-                       w["rows_per_s"], w["step_seconds"]])
-    lines += [t.markdown(), ""]
-    if req["errors"]:
-        lines += ["Failed requests (first 20):", ""] + [f"- `{e}`" for e in req["errors"]] + [""]
-    bad = {j: r for j, r in data["clients"].items() if "error" in r}
-    lines.append(f"Fit clients: {len(data['clients'])}, {len(bad)} failed" + (f": {bad}" if bad else ""))
-    return "\n".join(lines)
-
-
-def summary(data: dict) -> str:
-    req, st, th = data["requests"], data["status_latency"], data["throughput"]
-    return (f"{req['total']} requests, {req['failed']} failed; status p50 {st['p50_ms']:.1f} ms, p99 "
-            f"{st['p99_ms']:.1f} ms; training load/quiet {th['ratio']:.2f}")

@@ -77,7 +77,8 @@ def serve(
     from colaft.runtime import set_threads
     from colaft.serve.api import Service, create_app
     from colaft.serve.db import File
-    from colaft.serve.scheduler import Engine, Settings, default_backend
+    from colaft.serve.scheduler import Engine
+    from colaft.serve.settings import Settings, default_backend
 
     if checkpoint_every < 1 or num_labels < 2 or max_upload_mb <= 0 or max_loaded_adapters < 1 \
             or client_timeout <= 0:

@@ -82,7 +82,6 @@ class Channel:
         self.last_seen = time.monotonic()  # the client's last pull or push (admission counts as one)
         self.connected = False  # a client has pulled since the job was admitted
         self.final: str | None = None  # the job's status once it is over
-        self.bytes_sent = 0
         self._cache: dict[tuple, bytes] = {}
 
     # ------------------------------------------------------------- the engine's side
@@ -203,13 +202,6 @@ class Channel:
                     not isinstance(got[k], torch.Tensor) or tuple(got[k].shape) != shape
                     or not got[k].is_floating_point() for k, shape in shapes.items()):
                 raise Refused("invalid_update", f"the state's adapter at {site} does not fit this job's")
-
-    def status(self, timeout: float) -> dict:
-        with self.cond:
-            return {"version": self.version, "seq": self.acked, "sent": self.sent,
-                    "fits_in_flight": sum(m.ends_fit for m in self.messages.values()),
-                    "client": "waiting" if self.gone(timeout) else "connected" if self.connected else "not yet seen",
-                    "seconds_since_seen": round(time.monotonic() - self.last_seen, 1)}
 
 
 def client_info(cola, trainer, user: str) -> dict:

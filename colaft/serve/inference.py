@@ -5,11 +5,13 @@
          routed to its job's adapters (None: the base model alone) -> generate / classify
       -> each request's future gets its text, finish reason and token counts
 
-Runs on the engine's thread because the ColaModel's mode and routing are shared state.
+Runs on the engine's thread, on its model host (colaft.serve.host), because the ColaModel's
+mode and routing are shared state.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -43,8 +45,9 @@ class Answer:
     completion_tokens: int
 
 
-def serve_requests(engine, requests: list[Request]) -> None:
-    """Answer `requests` (setting their futures), one batch per (mode, sampling) group."""
+def serve_requests(host, requests: list[Request], load: Callable[[str], None]) -> None:
+    """Answer `requests` (setting their futures), one batch per (mode, sampling) group, on `host`
+    (a ModelHost); `load(job_id)` makes sure a finished job's adapters are in its ColaModel."""
     groups: dict[tuple, list[Request]] = {}
     for r in requests:
         groups.setdefault((r.mode, r.temperature, r.top_p, r.seed), []).append(r)
@@ -52,11 +55,11 @@ def serve_requests(engine, requests: list[Request]) -> None:
         try:
             for r in group:
                 if r.user is not None:
-                    engine.ensure_adapters(r.user, r.mode)
-            engine.set_mode(mode)
-            answers = _classify(engine, group) if engine.task_name == "sc" else _generate(engine, group)
+                    load(r.user)
+            host.set_mode(mode)
+            answers = _classify(host, group) if host.task_name == "sc" else _generate(host, group)
         except Exception as e:  # answer every request of the group; the engine goes on
-            log.exception("%s: inference failed", engine.id)
+            log.exception("%s: inference failed", host.id)
             for r in group:
                 r.future.set_exception(e)
             continue
@@ -64,26 +67,19 @@ def serve_requests(engine, requests: list[Request]) -> None:
             r.future.set_result(a)
 
 
-def _model(engine, users: list[str | None]):
-    """The model to call and its routing keywords: the ColaModel once it exists, else the base."""
-    if engine.cola is None:
-        return engine.base, {}
-    return engine.cola, {"users": users}
-
-
-def _prompt_ids(engine, r: Request) -> list[int]:
-    tok = engine.task.tokenizer
+def _prompt_ids(host, r: Request) -> list[int]:
+    tok = host.task.tokenizer
     if r.messages is not None:
-        text = engine.task.prompt(r.messages)
+        text = host.task.prompt(r.messages)
     else:
         text = r.prompt
     return tok(text, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
 
 
 @torch.no_grad()
-def _generate(engine, group: list[Request]) -> list[Answer]:
-    tok = engine.task.tokenizer
-    prompts = [_prompt_ids(engine, r) for r in group]
+def _generate(host, group: list[Request]) -> list[Answer]:
+    tok = host.task.tokenizer
+    prompts = [_prompt_ids(host, r) for r in group]
     batch = tok.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")  # (B, T)
     first = group[0]
     sample = first.temperature > 0
@@ -93,7 +89,7 @@ def _generate(engine, group: list[Request]) -> list[Answer]:
                               eos_token_id=tok.eos_token_id)
     if first.seed is not None:
         torch.manual_seed(first.seed)
-    model, routing = _model(engine, [r.user for r in group])
+    model, routing = host.model([r.user for r in group])
     model.eval()
     out = model.generate(**batch, generation_config=config, **routing)  # (B, T + new)
     answers = []
@@ -111,17 +107,17 @@ def _generate(engine, group: list[Request]) -> list[Answer]:
 
 
 @torch.no_grad()
-def _classify(engine, group: list[Request]) -> list[Answer]:
+def _classify(host, group: list[Request]) -> list[Answer]:
     """A classification model answers with the label it predicts (the job's labels, as text)."""
-    tok = engine.task.tokenizer
+    tok = host.task.tokenizer
     texts = [r.prompt if r.messages is None else _last_user_text(r.messages) for r in group]
     batch = tok(texts, truncation=True, max_length=512, padding=True, return_tensors="pt")
-    model, routing = _model(engine, [r.user for r in group])
+    model, routing = host.model([r.user for r in group])
     model.eval()
     logits = model(**batch, **routing).logits  # (B, num_labels)
     answers = []
     for i, r in enumerate(group):
-        labels = engine.job_labels(r.user) if r.user is not None else list(range(logits.shape[1]))
+        labels = host.labels[r.user] if r.user is not None else list(range(logits.shape[1]))
         label = labels[int(logits[i, :len(labels)].argmax())]
         answers.append(Answer(str(label), "stop", int(batch["attention_mask"][i].sum()), 1))
     return answers

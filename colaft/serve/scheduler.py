@@ -1,12 +1,22 @@
 """Training as a service: one Engine (a thread) per base model, every job a user of its ColaModel.
 
-    queued job -> admit (colaft.serve.jobs: a job's life, its checkpoints and its end)
+The Engine is the scheduler. It holds, and alone calls, two parts:
+
+    host  (colaft.serve.host.ModelHost)  the base model, its ColaModel and Trainer, the jobs'
+                                         adapters and modes, the finished ones kept for inference
+    store (colaft.serve.store.JobStore)  the jobs' rows, events, checkpoints and results on the
+                                         database and the disk
+
+and itself the running jobs (colaft.serve.jobs.Run), the client-fit jobs' channels
+(colaft.serve.fits) and the queues the API fills:
+
+    queued job -> admit: rows encoded, the job added to the host, resumed from its checkpoint
     each tick  -> every running job's next `batch_size` rows, all jobs' rows collated into
-                  ONE batch -> trainer.step(batch): one forward and backward for all jobs,
-                  each job's fit on its own rows (on the configured backend)
+                  ONE batch -> host.step: one forward and backward for all jobs, each job's
+                  fit on its own rows (on the configured backend)
                   (collaborative jobs form a second batch, in collaborative mode)
-               -> per-job loss -> events; checkpoints (save_owner); at its last step the
-                  job's adapters are saved, exported and it succeeds
+               -> per-job loss -> events; checkpoints; at its last step the job's adapters
+                  are saved, exported and it succeeds
     between ticks: inference requests, batched across adapters (colaft.serve.inference)
 
 Why a tick and not colaft.app.loop.train: that loop runs a fixed DataLoader for a fixed set of
@@ -18,10 +28,6 @@ which other jobs share its batches).
 
 The HTTP event loop never waits for this thread: the API only writes the database and
 hands job ids, cancellations and inference requests over through thread-safe queues.
-
-Finished jobs' adapters are loaded for inference on demand and unloaded least recently
-used first past `max_loaded_adapters` (personal jobs only: a collaborative job's delta is
-part of the mean every collaborative job sees, so it stays while the server runs).
 """
 from __future__ import annotations
 
@@ -29,22 +35,19 @@ import logging
 import math
 import queue
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from sqlalchemy import select
+import torch
 
-from colaft.backends import BACKENDS, make_backend
-from colaft.config import ColaConfig
-from colaft.model import ColaModel
-from colaft.serve.db import ACTIVE, Database, Job
+from colaft.serve.db import ACTIVE, Database, File
 from colaft.serve.fits import Channel
-from colaft.serve.jobs import LISTED, JobLifecycle, Run
-from colaft.tasks import get_task
-from colaft.trainer import Trainer
+from colaft.serve.host import ModelHost
+from colaft.serve.inference import serve_requests
+from colaft.serve.jobs import LISTED, Run, cola_config, fit_settings
+from colaft.serve.settings import Settings
+from colaft.serve.store import JobStore
+from colaft.users import Update
 
 log = logging.getLogger("colaft.serve")
 
@@ -53,51 +56,16 @@ CHECKPOINTS_PER_STEP = 4
 """Periodic (resume-only) checkpoints taken after one training step at most; the rest wait."""
 
 
-def default_backend() -> str:
-    """"process" when that backend is installed (fits off the server's process), else "inline"."""
-    return "process" if "process" in BACKENDS else "inline"
-
-
-@dataclass
-class Settings:
-    """How the service trains; set by `colaft serve`'s options."""
-
-    data_dir: Path
-    backend: str = "inline"
-    backend_options: dict = field(default_factory=dict)
-    """Keyword arguments of the backend (workers, address)."""
-    checkpoint_every: int = 20
-    """Save each running job's state every so many of its steps (and at every epoch end)."""
-    num_labels: int = 2
-    """Classification heads have this many outputs; a job may use up to that many labels."""
-    max_inference_batch: int = 32
-    max_loaded_adapters: int = 8
-    """Finished personal jobs whose adapters stay loaded for inference; the least recently
-    used one past this is unloaded, and loaded from disk again when next asked for."""
-    client_timeout: float = 30.0
-    """A client-fit job whose client has not pulled for this many seconds waits (its rows
-    leave the batches) until the client is back."""
-
-
-class Engine(JobLifecycle):
-    """The base model `model_id` (task "clm" or "sc"), its ColaModel, Trainer and training thread."""
+class Engine:
+    """The training thread of the base model `model_id`: it steps the model's host, keeps the
+    model's jobs in its store, and answers inference between steps."""
 
     def __init__(self, model_id: str, source: str, task: str, db: Database, settings: Settings):
-        self.id, self.source, self.db, self.settings = model_id, source, db, settings
-        self.task = get_task(task)
-        self.task_name = task
-        # a classification head of num_labels outputs; every job numbers its labels from 0
-        labels = [{"label": i} for i in range(settings.num_labels)] if task == "sc" else []
-        self.base = self.task.load(source, labels, seed=0)
-        self.base.eval()
-        self.cola: ColaModel | None = None
-        self.trainer: Trainer | None = None
+        self.id, self.settings = model_id, settings
+        self.host = ModelHost(model_id, source, task, settings)
+        self.store = JobStore(model_id, db, settings.data_dir)
         self.runs: dict[str, Run] = {}
         self.channels: dict[str, Channel] = {}  # client-fit jobs (colaft.serve.fits), read by the API too
-        self.modes: dict[str, str] = {}  # job id -> mode, for every job whose adapters are loaded
-        # finished personal jobs whose adapters are loaded, least recently used first
-        self.finished: OrderedDict[str, None] = OrderedDict()
-        self._labels: dict[str, list] = {}  # classification job id -> its labels (index = head output)
         self._due: OrderedDict[str, None] = OrderedDict()  # jobs whose periodic checkpoint waits its turn
         self._admits: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -160,15 +128,14 @@ class Engine(JobLifecycle):
         """Load the adapters of the collaborative finished jobs (their deltas make the mean) and of
         the most recently finished personal ones; queue unfinished jobs (running ones resume
         from a checkpoint). Other finished jobs load when a request first asks for them."""
-        with self.db.read() as s:
-            jobs = list(s.scalars(select(Job).where(Job.model == self.id).order_by(Job.created_at)))
+        jobs = self.store.jobs()
         done = sorted((j for j in jobs if j.status == "succeeded"), key=lambda j: (j.finished_at or 0, j.created_at))
         personal = [j for j in done if j.options["mode"] != "collaborative"]
         warm = {j.id for j in personal[len(personal) - self.settings.max_loaded_adapters:]}
         for job in done:
             if job.options["mode"] == "collaborative" or job.id in warm:
                 try:
-                    self._load_finished(job.id, job.options["mode"])
+                    self._load_finished(job)
                 except Exception:
                     log.exception("%s: adapters of %s could not be loaded", self.id, job.id)
         for job in jobs:
@@ -183,71 +150,89 @@ class Engine(JobLifecycle):
                 self._checkpoint(run, listed=False)
             except Exception:
                 log.exception("%s: could not checkpoint %s at shutdown", self.id, run.job_id)
-        if self.trainer is not None:
-            self.trainer.close()
+        self.host.close()
 
-    # ------------------------------------------------------------- users of the ColaModel
-    def _add_user(self, job_id: str, config: ColaConfig, fit: dict) -> None:
-        if self.cola is None:
-            self.cola = ColaModel(self.base, config, user=job_id)
-            self.trainer = Trainer(self.cola, backend=self._backend(), **fit)
-        else:
-            self.trainer.add_user(job_id, config, **fit)
+    # ------------------------------------------------------------- admission and cancellation
+    def _take_admits(self) -> None:
+        while True:
+            try:
+                job_id = self._admits.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._admit(job_id)
+            except Exception as e:
+                log.exception("%s: job %s could not start", self.id, job_id)
+                self._fail(job_id, "internal_error", f"the job could not start: {type(e).__name__}")
 
-    def _add_client(self, job_id: str, config: ColaConfig, fit: dict):
-        """A client-fit job's user: adapters on the server, its owner handed to the client
-        (returned, fresh); its packets go to its channel, never to the backend."""
-        def sink(packets, job_id=job_id):
-            self.channels[job_id].offer("push", packets)
-        if self.cola is None:
-            self.cola = ColaModel(self.base, config, user=job_id)
-            self.trainer = Trainer(self.cola, backend=self._backend(), **fit)
-            return self.trainer.add_remote_user(job_id, sink=sink, **fit)
-        return self.trainer.add_remote_user(job_id, config, sink, **fit)
-
-    def _load_finished(self, job_id: str, mode: str) -> None:
-        folder = self.settings.data_dir / "jobs" / job_id / "adapter"
-        if self.cola is None:
-            self.cola = ColaModel.from_pretrained(self.base, folder, user=job_id)
-            self.trainer = Trainer(self.cola, backend=self._backend())
-        elif job_id not in self.cola.users:
-            self.cola.load_adapters(folder, user=job_id)
-        self.modes[job_id] = mode
-        self.used(job_id)
-
-    def used(self, job_id: str) -> None:
-        """A finished job's adapters were just loaded or asked for: the last to be unloaded."""
-        if job_id not in self.runs and self.modes.get(job_id) != "collaborative":
-            self.finished[job_id] = None
-            self.finished.move_to_end(job_id)
-
-    def unload_unused(self) -> None:
-        """Unload the least recently used finished personal jobs' adapters past max_loaded_adapters.
-        Called between batches, never inside one, so a batch may briefly hold more."""
-        while len(self.finished) > self.settings.max_loaded_adapters:
-            job_id, _ = self.finished.popitem(last=False)
-            self._remove_user(job_id)
-            log.info("%s: unloaded the adapters of %s (least recently used)", self.id, job_id)
-
-    def _backend(self):
-        return make_backend(self.settings.backend, **self.settings.backend_options)
-
-    def _remove_user(self, job_id: str) -> None:
-        self.finished.pop(job_id, None)
-        self.modes.pop(job_id, None)
-        self._labels.pop(job_id, None)
-        if self.cola is not None and job_id in self.cola.users:
-            self.trainer.remove_user(job_id)
-
-    def set_mode(self, mode: str) -> None:
-        """personal, or collaborative: the mean delta of the collaborative jobs (weight 0 for the others)."""
-        if self.cola is None:
+    def _admit(self, job_id: str) -> None:
+        if job_id in self.runs:
             return
-        if mode == "collaborative":
-            weights = {u: float(self.modes.get(u) == "collaborative") for u in self.cola.users}
-            self.cola.set_mode("collaborative", weights)
-        else:
-            self.cola.set_mode("personal")
+        admission = self.store.admission(job_id)
+        if admission is None:
+            return
+        job, options, hyper = admission.job, admission.job.options, admission.job.hyperparameters
+        try:
+            features = self._encode(job_id, admission.train, options["max_length"])
+            eval_features = self._encode(job_id, admission.valid, options["max_length"]) if admission.valid else []
+        except (ValueError, OSError) as e:
+            self._fail(job_id, "invalid_training_file", str(e), "training_file")
+            return
+        run = Run(job_id, options["mode"], features, eval_features, hyper["batch_size"], hyper["n_epochs"], job.seed)
+        config = cola_config(options)
+        fit = fit_settings(self.host.task.recipe.lr, options, hyper, run.total_steps)
+        run.client = options.get("fit", "server") == "client"
+        with torch.random.fork_rng(devices=[]):  # the adapters' initialisation comes from the job's seed alone
+            torch.manual_seed(job.seed)
+            if run.client:
+                state = self.host.add_client_job(job_id, run.mode, config, fit, job.labels,
+                                                 sink=lambda packets: self.channels[job_id].offer("push", packets)
+                                                 ).state()
+            else:
+                self.host.add_job(job_id, run.mode, config, fit, job.labels)
+        if admission.checkpoint is not None:
+            folder = self.store.path(admission.checkpoint)
+            if run.client:
+                state = self.host.read_owner(job_id, folder)
+            else:
+                self.host.load_owner(job_id, folder)
+            run.step = run.saved_step = admission.checkpoint.step
+            run.tokens = admission.checkpoint.metrics.get("trained_tokens", 0)
+        if run.client:
+            self.channels[job_id] = Channel(job_id, options["interval"], options.get("staleness", 0), state, run.step,
+                                            self.host.client_info(job_id), self._wake.set)
+        self.runs[job_id] = run
+        if not self.store.start(run, admission.resumed):  # cancelled meanwhile
+            self._drop(job_id)
+            return
+        log.info("%s: job %s running (%d steps)", self.id, job_id, run.total_steps)
+        if run.step >= run.total_steps:  # killed after its last checkpoint, before it was marked done
+            self._finish(run)
+
+    def _encode(self, job_id: str, file: File, max_length: int) -> list[dict]:
+        return [{**f, "user": job_id} for f in self.host.task.encode(self.store.records(file), max_length)]
+
+    def _take_cancels(self) -> None:
+        while True:
+            try:
+                job_id = self._cancels.get_nowait()
+            except queue.Empty:
+                return
+            if job_id in self.runs:
+                self._drop(job_id)
+                log.info("%s: job %s cancelled", self.id, job_id)
+
+    def _drop(self, job_id: str, status: str = "cancelled") -> None:
+        self.runs.pop(job_id, None)
+        channel = self.channels.pop(job_id, None)
+        if channel is not None:
+            channel.close(status)
+        self.host.remove(job_id)
+
+    def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
+        self._drop(job_id, "failed")
+        self.store.fail(job_id, code, message, param)
+        log.warning("%s: job %s failed: %s", self.id, job_id, code)
 
     # ------------------------------------------------------------- training
     def _tick(self) -> bool:
@@ -267,31 +252,14 @@ class Engine(JobLifecycle):
 
     def _step(self, runs: list[Run], mode: str) -> None:
         rows = {r.job_id: r.next_rows() for r in runs}
-        batch = self.task.collate([f for r in runs for f in rows[r.job_id]])
-        self.set_mode(mode)
-        start = time.perf_counter()
-        self.trainer.step(batch)
-        seconds = time.perf_counter() - start
-        losses = self.trainer.last_user_losses
+        batch = self.host.task.collate([f for r in runs for f in rows[r.job_id]])
+        losses, seconds = self.host.step(batch, mode)
         self.steps += 1
         self.rows += len(batch["users"])
         self.step_seconds += seconds
         log.info("%s: step %d: %d jobs, %d rows, %s mode, %.3f s", self.id, self.steps, len(runs),
                  len(batch["users"]), mode, seconds)
-        with self.db.session() as s:  # jobs cancelled during the step get no more events
-            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status == "running")
-                                 .with_for_update()))
-            for r in runs:
-                if r.job_id not in live:
-                    continue
-                r.step += 1
-                r.tokens += sum(len(f["input_ids"]) for f in rows[r.job_id])
-                loss = losses[r.job_id]
-                r.losses.append(loss)
-                self.db.add_event(s, r.job_id, f"Step {r.step}/{r.total_steps}: training loss={loss:.4f}",
-                                  type="metrics", data={"step": r.step, "total_steps": r.total_steps,
-                                                        "train_loss": loss,
-                                                        "epoch": (r.step - 1) // r.steps_per_epoch + 1})
+        live = self.store.record_step(runs, rows, losses)
         for r in runs:
             if r.job_id not in live:
                 self._drop(r.job_id)
@@ -318,9 +286,88 @@ class Engine(JobLifecycle):
             if run is not None and run.saved_step != run.step:
                 self._checkpoint(run, listed=False)
 
+    def _checkpoint(self, run: Run, listed: bool, metrics: dict | None = None) -> None:
+        """Save the job's adapters and owner. `listed`: the end of one of the last LISTED epochs,
+        shown by the API (as OpenAI does); the others only let a restarted server resume, and
+        only the newest of them is kept. A client-fit job's checkpoint waits until no fit of
+        it is in flight (`_client_jobs` takes it then): the server holds its owner's state
+        only as of the last update."""
+        metrics = metrics or {"train_loss": sum(run.losses) / len(run.losses) if run.losses else None,
+                              "trained_tokens": run.tokens}
+        channel = self.channels.get(run.job_id)
+        if channel is not None and not channel.idle():
+            run.due = (listed or (run.due is not None and run.due[0]), metrics)
+            return
+        run.due = None
+        folder = self.store.checkpoint_folder(run.job_id, run.step)
+        self.host.save_owner(run.job_id, folder, state=channel.state if channel is not None else None)
+        run.saved_step = run.step
+        self.store.add_checkpoint(run, folder, listed, metrics)
+
+    def _finish(self, run: Run) -> None:
+        job_id = run.job_id
+        channel = self.channels.get(job_id)
+        if channel is None:
+            self.host.flush(job_id)
+        else:  # the client fits the partial interval; the job ends once every update is applied
+            if not run.finishing:
+                run.finishing = True
+                if channel.pending_steps:
+                    channel.offer("flush", [])
+            if not channel.idle():
+                return
+        metrics = self.host.evaluate(run.mode, run.eval_features, 2 * run.batch_size) if run.eval_features else {}
+        self.host.save_adapters(job_id, self.store.job_folder(job_id))
+        if run.saved_step != run.step:
+            self._checkpoint(run, listed=True)
+        if not self.store.succeed(run, metrics):  # cancelled during the last step
+            self._drop(job_id)
+            return
+        self.runs.pop(job_id, None)
+        if channel is not None:
+            self.channels.pop(job_id, None)
+            channel.close("succeeded")
+        self.host.finish(job_id)
+        log.info("%s: job %s succeeded", self.id, job_id)
+
+    # ------------------------------------------------------------- client-fit jobs
+    def _may_step(self, run: Run) -> bool:
+        """A server-fit job always; a client-fit job while its fits in flight are within its
+        staleness bound, its client was seen lately and no checkpoint waits for its fits."""
+        if not run.client:
+            return True
+        channel = self.channels[run.job_id]
+        if run.finishing or not channel.runnable(self.settings.client_timeout):
+            return False
+        return run.due is None or channel.pending_steps > 0  # at a fit boundary a due checkpoint comes first
+
+    def _client_jobs(self) -> None:
+        """Between steps: apply the updates clients brought, take due checkpoints, end jobs whose
+        last update came, and say in the events when a job waits for its client or resumes."""
+        for job_id, channel in list(self.channels.items()):
+            run = self.runs.get(job_id)
+            if run is None:
+                continue
+            for accepted in channel.take_updates():
+                self.host.apply_update(Update(job_id, accepted.version, accepted.states))
+            gone = channel.gone(self.settings.client_timeout)
+            if gone and not run.waiting:
+                self.store.add_event(job_id, f"Waiting for the fit client: none has pulled for "
+                                     f"{self.settings.client_timeout:g} s; the job's steps pause while "
+                                     "other jobs go on", level="warn", data={"fit_client": "waiting"})
+            elif not gone and channel.connected and (run.waiting or not run.seen_client):
+                text = "The fit client is back" if run.seen_client else "The fit client connected"
+                self.store.add_event(job_id, text + (": training resumes" if run.waiting else ""),
+                                     data={"fit_client": "connected"})
+            run.waiting = gone
+            run.seen_client = run.seen_client or channel.connected
+            if run.due is not None and channel.idle():
+                self._checkpoint(run, *run.due)
+            if run.finishing and channel.idle():
+                self._finish(run)
+
     # ------------------------------------------------------------- inference
     def _serve(self) -> None:
-        from colaft.serve.inference import serve_requests
         requests = []
         while len(requests) < self.settings.max_inference_batch:
             try:
@@ -328,20 +375,16 @@ class Engine(JobLifecycle):
             except queue.Empty:
                 break
         if requests:
-            serve_requests(self, requests)
-            self.unload_unused()
+            serve_requests(self.host, requests, self._ensure_adapters)
+            self.host.unload_unused()
 
-    def job_labels(self, job_id: str) -> list:
-        """A classification job's labels, in the order of the head's outputs."""
-        if job_id not in self._labels:
-            with self.db.read() as s:  # kept on the job: its training file may be deleted since
-                self._labels[job_id] = list(s.get(Job, job_id).labels or [])
-        return self._labels[job_id]
-
-    def ensure_adapters(self, job_id: str, mode: str) -> None:
+    def _ensure_adapters(self, job_id: str) -> None:
         """A finished job's adapters in the ColaModel (loaded from disk after a restart or an unload)."""
-        if self.cola is None or job_id not in self.cola.users:
-            self._load_finished(job_id, mode)
+        if self.host.holds(job_id):
+            self.host.used(job_id)
         else:
-            self.used(job_id)
+            self._load_finished(self.store.job(job_id))
 
+    def _load_finished(self, job) -> None:
+        self.host.load_finished(job.id, job.options["mode"], cola_config(job.options),
+                                self.store.job_folder(job.id) / "adapter", job.labels)

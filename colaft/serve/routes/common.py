@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 
 from colaft.serve import auth
 from colaft.serve.db import Database, User
-from colaft.serve.scheduler import Engine, Settings
+from colaft.serve.scheduler import Engine
+from colaft.serve.settings import Settings
 
 
 @dataclass

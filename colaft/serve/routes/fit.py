@@ -84,7 +84,6 @@ def fit_packets(user: Me, service: TheService, job_id: str, after: Annotated[int
     if compress == "gzip":
         body = gzip.compress(body, compresslevel=1)
         headers["Content-Encoding"] = "gzip"
-    channel.bytes_sent += len(body)
     return Response(body, media_type="application/octet-stream", headers=headers)
 
 

@@ -37,9 +37,9 @@ def create_job(user: Me, service: TheService, body: JobCreate):
         raise APIError(422, f"model: unknown model {body.model!r}{hint}; models: {', '.join(service.engines)}",
                        "model", "model_not_found")
     options = body.colaft.model_dump()
-    options["targets"] = options["targets"] or engine.task.recipe.targets
+    options["targets"] = options["targets"] or engine.host.task.recipe.targets
     try:
-        select_sites(engine.base, options["targets"], ["classifier", "score"])
+        select_sites(engine.host.base, options["targets"], ["classifier", "score"])
     except ValueError as e:
         raise APIError(422, f"colaft.targets: {e}", "colaft.targets", "invalid_value") from None
     with service.db.session() as s:
@@ -131,9 +131,10 @@ def download_adapter(user: Me, service: TheService, job_id: str,
 
 def _data_file(s, row: File, engine: Engine, param: str) -> File:
     """A file this engine's task can train on, or a 422 naming `param`."""
-    wanted = datafiles.FORMATS_OF_TASK[engine.task_name]
+    wanted = datafiles.FORMATS_OF_TASK[engine.host.task_name]
     if row.purpose != "fine-tune" or row.format not in wanted:
-        kind = "chat (messages) or prompt/completion" if engine.task_name == "clm" else "text/label classification"
+        kind = "chat (messages) or prompt/completion" if engine.host.task_name == "clm" \
+            else "text/label classification"
         raise APIError(422, f"{param}: {row.id} holds {row.format} data, but {engine.id} trains on {kind} data",
                        param, "invalid_file_format")
     if row.labels is not None and len(row.labels) > engine.settings.num_labels:
@@ -144,7 +145,7 @@ def _data_file(s, row: File, engine: Engine, param: str) -> File:
 
 def _resolve(hyper, engine: Engine, rows: int) -> dict:
     """The job's hyperparameters with every "auto" replaced by its value."""
-    batch = engine.task.recipe.batch_size if hyper.batch_size == "auto" else hyper.batch_size
+    batch = engine.host.task.recipe.batch_size if hyper.batch_size == "auto" else hyper.batch_size
     return {"n_epochs": AUTO_EPOCHS if hyper.n_epochs == "auto" else hyper.n_epochs,
             "batch_size": min(batch, rows),
             "learning_rate_multiplier": 1.0 if hyper.learning_rate_multiplier == "auto"

@@ -6,17 +6,13 @@ on the server's backend: synchronous staleness 0 gives the same adapter to round
 """
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
 import sys
-import zipfile
 
 import pytest
-import torch
-from safetensors.torch import load as st_load
-from serve_helpers import CHAT, REPO, Server, add_user, upload, wait_for, wait_job
+from serve_helpers import CHAT, REPO, Server, adapter, add_user, assert_same, upload, wait_for, wait_job
 
 from colaft.client import Client, build_owner
 from colaft.io.tensors import state_from_bytes, state_to_bytes
@@ -42,20 +38,6 @@ def create(server, user: str, fit: str = "server", hyper=HYPER, seed: int = 5, *
     f = upload(client, CHAT, f"{user}.jsonl")
     return client.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters=hyper, seed=seed,
                                           extra_body={"colaft": {"fit": fit, **colaft}})
-
-
-def adapter(server, user: str, job_id: str) -> dict[str, torch.Tensor]:
-    with server.http(server.keys[user]) as h:
-        r = h.get(f"/v1/fine_tuning/jobs/{job_id}/adapter?format=colaft")
-    assert r.status_code == 200, r.text
-    return st_load(zipfile.ZipFile(io.BytesIO(r.content)).read("adapters.safetensors"))
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
-    assert any(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)  # it did train
 
 
 def messages(server, user: str, job_id: str) -> list[str]:
@@ -196,34 +178,6 @@ def test_only_the_owner_pulls_and_pushes(server):
         r = h.post("/v1/fine_tuning/jobs", json={"model": "llama", "training_file": server_job.training_file,
                                                  "colaft": {"staleness": 2}})
         assert r.status_code == 422 and "client-fit" in r.json()["error"]["message"]
-
-
-def test_channel_gates_the_job_on_its_fits_in_flight():
-    """The engine's view without a server: S = 1, I = 2; an accepted update counts as in flight
-    until the engine takes it; a client at a version the server does not hold must resync."""
-    from colaft.serve.fits import Channel, Refused
-
-    state = {"adapters": {"s": {"w": torch.zeros(2, 2)}}, "optimizer": {}, "scheduler": {}, "version": 0,
-             "pending": [], "pending_steps": 0}
-    woken = []
-    ch = Channel("job", interval=2, staleness=1, state=state, seq=0, info={}, wake=lambda: woken.append(1))
-    assert ch.runnable(60)
-    ch.offer("push", [])
-    ch.offer("push", [])  # message 2 ends a fit
-    assert ch.fits_in_flight() == 1 and ch.runnable(60)
-    ch.offer("push", [])
-    ch.offer("push", [])  # a second fit in flight: past S = 1
-    assert ch.fits_in_flight() == 2 and not ch.runnable(60)
-    with pytest.raises(Refused, match="fetch fit/state"):
-        ch.pull(after=4, wait=0, version=3)  # e.g. the server went back to a checkpoint
-    with pytest.raises(Refused) as e:
-        ch.push(1, 4, {**state, "version": 1}, False)  # message 2 is the next fit, not 4
-    assert e.value.code == "unexpected_update"
-    ch.push(1, 2, {**state, "version": 1}, False)
-    assert woken and ch.fits_in_flight() == 2  # accepted, not yet applied by the engine
-    assert [a.version for a in ch.take_updates()] == [1] and ch.fits_in_flight() == 1 and ch.runnable(60)
-    assert [m.seq for m in ch.pull(after=2, wait=0, version=1)[0]] == [3, 4]
-    assert not ch.runnable(-1)  # its client not seen within the timeout: the job waits
 
 
 def test_waiting_clients_do_not_hold_up_other_requests(server):

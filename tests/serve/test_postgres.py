@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from serve_helpers import CHAT, REPO, Server, upload, wait_for, wait_job
 
+from colaft.serve.launch import free_port
+
 psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
 
 
@@ -76,7 +78,6 @@ def postgres_url():
     bin_dir = _pg_bin()
     if bin_dir is None:
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine: apt-get install postgresql")
-    from serve_helpers import free_port
     cluster = Cluster(bin_dir, free_port())
     try:
         yield cluster.start()

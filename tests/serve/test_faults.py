@@ -10,8 +10,7 @@ import signal
 import threading
 
 import psutil
-from serve_helpers import CHAT, Server, add_user, upload, wait_for, wait_job
-from test_remote_client import adapter, assert_same
+from serve_helpers import CHAT, Server, adapter, add_user, assert_same, upload, wait_for, wait_job
 
 from colaft.client import Client
 

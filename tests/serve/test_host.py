@@ -1,51 +1,17 @@
-"""The pieces under `colaft serve`, without a server: data checks, per-user checkpoints,
-base-model rows in mixed batches, per-user flush, chat conversations in the clm task."""
+"""The model host (colaft.serve.host) and the library pieces it stands on: per-user owner
+checkpoints, base-model rows in mixed batches, per-user flush, finished adapters unloaded
+least recently used first and loaded again the same.
+"""
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 from conftest import text_batch, tiny_llama
+from serve_helpers import jsonl
 
 from colaft import ColaConfig, ColaModel, Trainer
 from colaft.io.state import load_owner, save_owner
-from colaft.serve import files
 from colaft.server import server_step
-from colaft.tasks import get_task
-
-
-def lines(*records) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in records).encode()
-
-
-CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who are you"},
-                     {"role": "assistant", "content": "a bot"}]}
-
-
-def test_parse_detects_the_format_and_the_labels():
-    assert files.parse(lines(CHAT, CHAT))[0] == "chat"
-    assert files.parse(lines({"prompt": "p", "completion": "c"}))[0] == "prompt"
-    fmt, records, labels = files.parse(lines({"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}) + b"\n\n")
-    assert (fmt, len(records), labels) == ("classification", 2, ["neg", "pos"])
-    assert files.task_records(fmt, records, labels) == [{"text": "a", "label": 1}, {"text": "b", "label": 0}]
-    assert files.task_records("chat", [CHAT]) == [{"question": CHAT["messages"][:2], "answer": "a bot"}]
-
-
-@pytest.mark.parametrize("data, message", [
-    (b'{"text": "a", "label": 1}\n{oops}\n', "line 2: not valid JSON"),
-    (lines({"text": "a", "label": 1}, {"text": "", "label": 1}), "line 2: \"text\" must be non-empty"),
-    (lines({"text": "a", "label": 1.5}), "line 1: \"label\" must be text or an integer"),
-    (lines({"text": "a", "label": 1}, {"text": "b", "label": "x"}), "labels mix text and integers"),
-    (lines({"messages": [{"role": "assistant", "content": "hi"}]}), "line 1: no user message"),
-    (lines({"messages": "hi"}), "line 1: \"messages\" must be a non-empty list"),
-    (lines({"prompt": "p"}), "line 1: \"prompt\" and \"completion\" must both be text"),
-    (lines(CHAT, {"prompt": "p", "completion": "c"}), "line 2: a prompt record in a chat file"),
-    (b"", "no record"),
-])
-def test_parse_names_the_broken_line(data, message):
-    with pytest.raises(files.DataError, match=message):
-        files.parse(data)
 
 
 def _trainer(interval: int = 2) -> tuple[ColaModel, Trainer]:
@@ -108,60 +74,6 @@ def test_flush_of_some_users_leaves_the_others_pending():
     assert all(torch.equal(v, before[k]) for k, v in _state(model, "b").items())
 
 
-def test_clm_trains_on_the_last_answer_of_a_conversation(tiny_llama_dir):
-    task = get_task("clm")
-    task.load(str(tiny_llama_dir), [], seed=0)
-    record = files.task_records("chat", [CHAT])[0]
-    feature = task.encode([record], 64)[0]
-    prompt = task.prompt(CHAT["messages"][:2])
-    assert prompt.startswith("<|im_start|>system\nbe brief") and prompt.endswith("<|im_start|>assistant\n")
-    n_prompt = len(task.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert feature["labels"][:n_prompt] == [-100] * n_prompt
-    answer = task.tokenizer.decode([t for t in feature["labels"] if t != -100], skip_special_tokens=True)
-    assert answer.strip() == "a bot"
-
-
-def test_serve_refuses_bad_options_before_loading_anything(capsys, tmp_path):
-    from colaft.app.cli import main
-    from colaft.serve.commands import parse_model
-
-    assert parse_model("smollm2-135m") == ("smollm2-135m", "smollm2-135m")
-    assert parse_model(f"mine={tmp_path}") == ("mine", str(tmp_path))
-    assert parse_model(str(tmp_path)) == (tmp_path.name, str(tmp_path))
-    for args, message in [(["--backend", "nope"], "unknown backend 'nope'"),
-                          (["--backend", "inline", "--workers", "2"], "--workers is an option"),
-                          (["--model", "a:b=x"], "an id has no ':'"),
-                          (["--model", "x=smollm2-135m", "--model", "x=minilm-l6"], "the same id"),
-                          (["--num-labels", "1"], "--num-labels >= 2")]:
-        assert main(["serve", "--data-dir", str(tmp_path / "d"), *args]) == 1
-        assert message in capsys.readouterr().err
-    assert main(["users", "remove", "x", "--data-dir", str(tmp_path / "d")]) == 1
-    assert "unknown action" in capsys.readouterr().err
-
-
-def test_the_database_keeps_no_nan_and_cuts_long_messages(tmp_path):
-    """A diverged loss (NaN) is stored as null (PostgreSQL's JSON, and the API's, have no NaN);
-    an event message past its column's length is cut, not refused by PostgreSQL."""
-    from colaft.serve.db import MESSAGE_CHARS, Database, Event, Job, User
-
-    db = Database(f"sqlite:///{tmp_path / 'colaft.db'}")
-    try:
-        with db.session() as s:
-            s.add(User(id="user-1", name="u", key_hash="0" * 64))
-            s.flush()  # the rows no relationship orders: each before the one that points at it
-            s.add(Job(id="ftjob-1", user_id="user-1", model="m", training_file="file-1", hyperparameters={},
-                      options={}, seed=0, status="running"))
-            s.flush()
-            db.add_event(s, "ftjob-1", "x" * (MESSAGE_CHARS + 10), type="metrics",
-                         data={"train_loss": float("nan"), "more": [float("inf"), 1.5]})
-        with db.read() as s:
-            event = s.query(Event).one()
-        assert len(event.message) == MESSAGE_CHARS and event.message.endswith("...")
-        assert event.data == {"train_loss": None, "more": [None, 1.5]}
-    finally:
-        db.close()
-
-
 def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, tiny_llama_dir):
     """With max_loaded_adapters=2, four finished jobs keep at most two adapter sets loaded (least
     recently used out); an unloaded job's adapters reload from disk equal, answering the same."""
@@ -169,16 +81,17 @@ def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, 
 
     from colaft.serve.db import Database, File, Job, User
     from colaft.serve.inference import Request
-    from colaft.serve.scheduler import Engine, Settings
+    from colaft.serve.scheduler import Engine
     from colaft.serve.schemas import ColaftOptions
+    from colaft.serve.settings import Settings
 
     data = tmp_path / "data"
     (data / "files").mkdir(parents=True)
     records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
-    (data / "files" / "file-1").write_bytes(lines(*records))
+    (data / "files" / "file-1").write_bytes(jsonl(records))
     db = Database(f"sqlite:///{data / 'colaft.db'}")
     engine = Engine("llama", str(tiny_llama_dir), "clm", db, Settings(data_dir=data, max_loaded_adapters=2))
-    options = {**ColaftOptions(max_length=64).model_dump(), "targets": engine.task.recipe.targets}
+    options = {**ColaftOptions(max_length=64).model_dump(), "targets": engine.host.task.recipe.targets}
     jobs = [f"ftjob-{i}" for i in range(4)]
     with db.session() as s:
         s.add(User(id="user-1", name="u", key_hash="0" * 64))
@@ -198,8 +111,8 @@ def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, 
             assert [s.get(Job, j).status for j in jobs] == ["succeeded"] * 4
 
         def loaded() -> list[str]:
-            assert set(engine.cola.users) == set(engine.finished)  # nothing else holds adapters
-            return list(engine.finished)
+            assert set(engine.host.cola.users) == set(engine.host.finished)  # nothing else holds adapters
+            return list(engine.host.finished)
 
         def ask(job_id: str) -> str:
             future = engine.infer(Request(job_id, "personal", messages=[{"role": "user", "content": "who are you"}],
@@ -209,7 +122,7 @@ def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, 
             return future.result(timeout=0).text
 
         def weights(job_id: str) -> dict:
-            return {f"{site}.{k}": v.clone() for site, a in engine.cola.user_adapters(job_id).items()
+            return {f"{site}.{k}": v.clone() for site, a in engine.host.cola.user_adapters(job_id).items()
                     for k, v in a.state_dict().items()}
 
         assert loaded() == jobs[2:]  # the first two finished were unloaded at once
@@ -225,3 +138,81 @@ def test_unused_finished_adapters_are_unloaded_and_come_back_the_same(tmp_path, 
     finally:
         engine._shutdown()
         db.close()
+
+
+CONFIG = ColaConfig(target_modules=["q_proj", "v_proj"])
+FIT = {"optimizer": "adamw", "lr": 1e-2, "scheduler": "linear", "total_steps": 4, "interval": 2}
+
+
+def _host(tmp_path, tiny_llama_dir):
+    from colaft.serve.host import ModelHost
+    from colaft.serve.settings import Settings
+
+    return ModelHost("llama", str(tiny_llama_dir), "clm", Settings(data_dir=tmp_path))
+
+
+def _batch(host, user: str, rows: int = 2) -> dict:
+    records = [{"question": [{"role": "user", "content": q}], "answer": a} for q, a in [("hi", "hello")] * rows]
+    return host.task.collate([{**f, "user": user} for f in host.task.encode(records, 32)])
+
+
+def test_the_first_job_makes_the_model_and_trainer_however_it_comes_and_the_next_ones_join_them(
+        tmp_path, tiny_llama_dir):
+    """A finished job's saved adapters, a server-fit job or a client-fit job: whichever comes
+    first makes the host's ColaModel and Trainer (with its adapters, fit and owner), once."""
+    trained = _host(tmp_path, tiny_llama_dir)
+    trained.add_job("done", "personal", CONFIG, FIT, ["pos", "neg"])
+    for adapter in trained.cola.user_adapters("done").values():
+        for p in adapter.parameters():
+            torch.nn.init.normal_(p)  # weights no fresh adapter has
+    trained.save_adapters("done", tmp_path / "done")
+    want = _state(trained.cola, "done")
+    trained.close()
+
+    host = _host(tmp_path, tiny_llama_dir)
+    assert host.cola is None and host.trainer is None and host.model(["x"]) == (host.base, {})
+    host.load_finished("done", "personal", CONFIG, tmp_path / "done" / "adapter", ["pos", "neg"])
+    cola, trainer = host.cola, host.trainer
+    assert cola.users == ["done"] and trainer is not None and host.labels["done"] == ["pos", "neg"]
+    got = _state(cola, "done")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # the saved weights
+    host.add_job("a", "personal", CONFIG, FIT, None)
+    owner = host.add_client_job("c", "collaborative", CONFIG, FIT, None, sink=lambda packets: None)
+    assert (host.cola, host.trainer) == (cola, trainer) and cola.users == ["done", "a", "c"]
+    assert (trainer.user_fit["a"].lr, trainer.user_fit["a"].interval) == (1e-2, 2) and "a" in trainer.pipeline.tracks
+    assert owner.user == "c" and "c" in trainer.remote and "c" not in trainer.pipeline.tracks
+    assert list(host.finished) == ["done"] and host.modes == {"done": "personal", "a": "personal", "c": "collaborative"}
+    host.close()
+
+    client_first = _host(tmp_path, tiny_llama_dir)
+    pushed = []
+    client_first.add_client_job("c", "personal", CONFIG, FIT, None, sink=pushed.append)
+    trainer = client_first.trainer
+    assert client_first.cola.users == ["c"] and trainer.fit_config.lr == 1e-2
+    assert "c" in trainer.remote and "c" not in trainer.pipeline.tracks  # the owner the Trainer gave it is gone
+    losses, _ = client_first.step(_batch(client_first, "c"), "personal")
+    assert set(losses) == {"c"} and len(pushed) == 1 and pushed[0]  # its packets went to its sink
+    client_first.close()
+
+    server_first = _host(tmp_path, tiny_llama_dir)
+    server_first.add_job("a", "personal", CONFIG, FIT, None)
+    assert server_first.cola.users == ["a"] and "a" in server_first.trainer.pipeline.tracks
+    assert server_first.trainer.fit_config.lr == 1e-2 and server_first.trainer.fit_config.interval == 2
+    server_first.close()
+
+
+def test_finished_adapters_that_do_not_fit_leave_nothing_behind(tmp_path, tiny_llama_dir):
+    saved = _host(tmp_path, tiny_llama_dir)
+    saved.add_job("done", "personal", CONFIG, FIT, None)
+    saved.save_adapters("done", tmp_path / "done")
+    saved.close()
+    host = _host(tmp_path, tiny_llama_dir)
+    other = ColaConfig(target_modules=["q_proj", "v_proj"], rank=2)  # the job's options say another rank
+    with pytest.raises(ValueError, match="another ColaConfig"):
+        host.load_finished("done", "personal", other, tmp_path / "done" / "adapter", None)
+    assert not host.holds("done") and host.modes == {} and host.finished == {}
+    host.load_finished("done", "personal", CONFIG, tmp_path / "done" / "adapter", None)  # the model is still usable
+    assert host.cola.users == ["done"]
+    host.remove("done")
+    assert not host.holds("done") and host.modes == {} and host.labels == {} and host.finished == {}
+    host.close()

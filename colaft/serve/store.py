@@ -1,0 +1,179 @@
+"""What the database and the disk hold of one base model's jobs: rows, events, checkpoints, results.
+
+    <data-dir>/files/<file id>                       uploaded data and results files
+    <data-dir>/jobs/<job id>/checkpoints/step-N/     the job's adapters and owner at step N
+    <data-dir>/jobs/<job id>/adapter/, peft/         its adapters once it succeeded
+
+Every write is one transaction. A job's status moves only from an active one: a job the API
+cancelled meanwhile stays cancelled, and the engine (colaft.serve.scheduler) is told so by the
+return value and drops it. Only the newest unlisted checkpoint is kept, and its folder is
+removed after the row that points at it.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from colaft.io.files import write_atomic
+from colaft.serve import files as datafiles
+from colaft.serve.db import ACTIVE, Checkpoint, Database, Event, File, Job, new_id, now
+from colaft.serve.jobs import Run
+
+
+@dataclass
+class Admission:
+    """What a queued job, or one that was running when the server stopped, starts from."""
+
+    job: Job
+    train: File
+    valid: File | None
+    resumed: bool  # it was running: it goes on from `checkpoint` (None: from step 0)
+    checkpoint: Checkpoint | None  # its newest checkpoint whose folder is there
+
+
+class JobStore:
+    """The jobs of the base model `model_id` in `db` and under `data_dir`."""
+
+    def __init__(self, model_id: str, db: Database, data_dir: Path):
+        self.model_id, self.db, self.data_dir = model_id, db, data_dir
+
+    # ------------------------------------------------------------- reading
+    def jobs(self) -> list[Job]:
+        """Every job of this model, oldest first."""
+        with self.db.read() as s:
+            return list(s.scalars(select(Job).where(Job.model == self.model_id).order_by(Job.created_at)))
+
+    def job(self, job_id: str) -> Job:
+        with self.db.read() as s:
+            return s.get(Job, job_id)
+
+    def admission(self, job_id: str) -> Admission | None:
+        """The job and its files, or None when it is no longer active."""
+        with self.db.read() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status not in ACTIVE:
+                return None
+            train = s.get(File, job.training_file)
+            valid = s.get(File, job.validation_file) if job.validation_file else None
+            resumed = job.status == "running"
+            checkpoint = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                                  .order_by(Checkpoint.step.desc()).limit(1)) if resumed else None
+        if checkpoint is not None and not self.path(checkpoint).is_dir():
+            checkpoint = None
+        return Admission(job, train, valid, resumed, checkpoint)
+
+    def records(self, file: File) -> list[dict]:
+        """A data file's records in the task's form (raises ValueError or OSError if unreadable)."""
+        fmt, records, _ = datafiles.parse((self.data_dir / "files" / file.id).read_bytes())
+        return datafiles.task_records(fmt, records, file.labels)
+
+    def path(self, checkpoint: Checkpoint) -> Path:
+        return self.data_dir / checkpoint.path
+
+    def job_folder(self, job_id: str) -> Path:
+        """Where a finished job's adapters are (adapter/, and peft/ when it has that form)."""
+        return self.data_dir / "jobs" / job_id
+
+    def checkpoint_folder(self, job_id: str, step: int) -> Path:
+        return self.job_folder(job_id) / "checkpoints" / f"step-{step:07d}"
+
+    # ------------------------------------------------------------- writing
+    def start(self, run: Run, resumed: bool) -> bool:
+        """The job runs (with the events that say how); False when it was cancelled meanwhile."""
+        job_id = run.job_id
+        with self.db.session() as s:
+            started = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+                                .values(status="running", total_steps=run.total_steps)).rowcount
+            if started and resumed:
+                self.db.add_event(s, job_id, f"Resumed from the checkpoint at step {run.step} after a restart"
+                                  if run.step else "Restarted from step 0 after a restart (no checkpoint yet)")
+            elif started:
+                self.db.add_event(s, job_id, f"Fine-tuning job started: {run.total_steps} steps "
+                                  f"({run.n_epochs} epochs of {run.steps_per_epoch})")
+            if started and run.client:
+                self.db.add_event(s, job_id, f"Its fits run on your device: run `colaft client --job {job_id}` "
+                                  "(the job waits while no client is there)", data={"fit_client": "expected"})
+        return bool(started)
+
+    def add_event(self, job_id: str, message: str, **kwargs) -> None:
+        """One event of the job (Database.add_event's keywords), in its own transaction."""
+        with self.db.session() as s:
+            self.db.add_event(s, job_id, message, **kwargs)
+
+    def record_step(self, runs: list[Run], rows: dict[str, list[dict]], losses: dict[str, float]) -> set[str]:
+        """A training step of `runs` (on `rows`, with `losses`) is done: the jobs still running
+        advance, each with its metrics event; returns their ids. Jobs cancelled during the step
+        get no more events (their rows are locked: a cancel waits for this transaction)."""
+        with self.db.session() as s:
+            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status == "running")
+                                 .with_for_update()))
+            for r in runs:
+                if r.job_id not in live:
+                    continue
+                r.advance(rows[r.job_id], losses[r.job_id])
+                loss = r.losses[-1]
+                self.db.add_event(s, r.job_id, f"Step {r.step}/{r.total_steps}: training loss={loss:.4f}",
+                                  type="metrics", data={"step": r.step, "total_steps": r.total_steps,
+                                                        "train_loss": loss, "epoch": r.epoch})
+        return live
+
+    def add_checkpoint(self, run: Run, folder: Path, listed: bool, metrics: dict) -> None:
+        """Record the checkpoint saved in `folder` at the job's step; an unlisted one replaces the
+        older unlisted ones (rows, then folders)."""
+        with self.db.session() as s:
+            old = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == run.job_id, Checkpoint.listed == 0,
+                                                          Checkpoint.step < run.step)))
+            s.add(Checkpoint(id=new_id("ftckpt"), job_id=run.job_id, step=run.step, metrics=metrics,
+                             path=str(folder.relative_to(self.data_dir)), listed=int(listed), created_at=now()))
+            for c in old:
+                s.delete(c)
+            if listed:
+                self.db.add_event(s, run.job_id, f"Checkpoint created at step {run.step}")
+        for c in old:
+            shutil.rmtree(self.path(c), ignore_errors=True)
+
+    def fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
+        """The job failed (unless it ended meanwhile), with an OpenAI-shaped error and an event."""
+        with self.db.session() as s:
+            failed = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
+                status="failed", finished_at=now(), error={"code": code, "message": message, "param": param})).rowcount
+            if failed:
+                self.db.add_event(s, job_id, f"Fine-tuning job failed: {message}", level="error")
+
+    def succeed(self, run: Run, metrics: dict) -> bool:
+        """The job succeeded: its fine-tuned model, results file, validation `metrics` and events.
+        False when it was cancelled during its last step."""
+        job_id = run.job_id
+        with self.db.session() as s:
+            job = s.get(Job, job_id, with_for_update=True)  # a cancel waits for this transaction
+            if job.status != "running":
+                return False
+            results = self._results_file(s, job)
+            job.status, job.finished_at = "succeeded", now()
+            job.fine_tuned_model = f"ft:{self.model_id}:{job_id}"
+            job.trained_tokens = run.tokens
+            job.result_files = [results]
+            if metrics:
+                shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                self.db.add_event(s, job_id, f"Validation: {shown}", type="metrics",
+                                  data={"step": run.step, **{f"valid_{k}": v for k, v in metrics.items()
+                                                             if isinstance(v, float)}})
+            self.db.add_event(s, job_id, f"New fine-tuned model created: {job.fine_tuned_model}")
+            self.db.add_event(s, job_id, "The job has successfully completed")
+        return True
+
+    def _results_file(self, s, job: Job) -> str:
+        """A CSV of the job's step losses, as a file of its owner (purpose fine-tune-results)."""
+        events = s.scalars(select(Event).where(Event.job_id == job.id, Event.type == "metrics")
+                           .order_by(Event.seq))
+        lines = ["step,train_loss"] + [f"{e.data['step']},{e.data['train_loss']}" for e in events
+                                       if e.data and "train_loss" in e.data]
+        data = ("\n".join(lines) + "\n").encode()
+        file_id = new_id("file")
+        write_atomic(self.data_dir / "files" / file_id, data)
+        s.add(File(id=file_id, user_id=job.user_id, filename=f"{job.id}-results.csv", purpose="fine-tune-results",
+                   bytes=len(data), format="results", rows=len(lines) - 1, created_at=now()))
+        return file_id
