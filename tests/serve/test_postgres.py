@@ -17,12 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psycopg
 import pytest
 from serve_helpers import CHAT, REPO, Server, upload, wait_for, wait_job
 
 from colaft.serve.launch import free_port
-
-psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
 
 
 def _pg_bin() -> Path | None:

@@ -12,10 +12,7 @@ import time
 import zipfile
 
 import psutil
-import pytest
 from serve_helpers import CHAT, Server, add_user, upload, wait_job
-
-pytest.importorskip("ray")
 
 
 def test_a_job_trains_on_ray_actors_and_its_adapter_downloads(tmp_path, tiny_llama_dir):
