@@ -239,7 +239,7 @@ def run_offload(st: Settings, out: Path, command: str = "", log: Callable[[str],
             "rows_per_batch": _rows(task.batches[0])}
     local_ray = None
     if "ray" in st.backends and "throughput" in st.parts:
-        from colaft.backends.ray import start_local
+        from colaft.backends.ray_session import start_local
         # one private instance for the Ray trainers (S = 0 and S = 1: two sets of actors)
         local_ray = start_local(num_cpus=max(os.cpu_count() or 1, 2 * st.workers))
     try:
