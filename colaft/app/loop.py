@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from colaft.tasks import Task
+from colaft.trainer import TrainerLike
 
 
 def plan_steps(batches_per_epoch: int, epochs: int, max_steps: int | None) -> int:
@@ -72,12 +73,12 @@ def describe(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users")
 
 
-def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: list[dict], steps: int,
+def train(trainer: TrainerLike, cola_model, task: Task, batches: DataLoader, eval_batches: list[dict], steps: int,
           out: Path, eval_every: int = 0, log: Callable[[str], None] = tqdm.write) -> dict:
-    """Run `steps` Trainer steps, cycling over `batches` as epochs; evaluate and log.
+    """Run `steps` trainer steps, cycling over `batches` as epochs; evaluate and log.
 
     Args:
-        trainer: a colaft.Trainer driving `cola_model`.
+        trainer: ColA's Trainer or a backprop baseline, driving `cola_model`.
         eval_batches: held-out batches for `task.evaluate`.
         out: folder that receives metrics.jsonl and loss.png.
         eval_every: also evaluate every so many steps (0: only before and after).
