@@ -8,13 +8,15 @@ With interval I an owner buffers the packets of I server steps and fits once, th
 averaged (I behaves like gradient accumulation over I batches). With I = 1, one fit step
 and S = 0, the adapters follow ordinary backprop exactly, on every backend.
 
-TrainerLike names what a training loop uses of a trainer: ColA's Trainer and the backprop
-baselines both implement it.
+TrainerLike names what a training loop uses of a trainer; `train_steps` is that loop, shared
+by the command line's runs and the benchmarks, for ColA's Trainer and the backprop baselines.
 """
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -28,7 +30,7 @@ from colaft.pipeline import Pipeline
 from colaft.server import LossFn, server_step
 from colaft.users import DTYPES, FitConfig, Owner, Update
 
-__all__ = ["Trainer", "TrainerLike"]
+__all__ = ["Step", "Trainer", "TrainerLike", "epochs", "train_steps"]
 
 
 @runtime_checkable
@@ -298,3 +300,44 @@ class Trainer(TrainerLike):
     def load_checkpoint(self, directory) -> None:
         state_io.load_trainer(self, directory)
 
+
+# ---------------------------------------------------------------- the training loop
+
+@dataclass(frozen=True)
+class Step:
+    """One step of `train_steps`, reported when it ends."""
+
+    number: int  # 1, 2, ...
+    epoch: int  # 0 in the first pass over the batches, 1 in the second, ...
+    batch: Mapping
+    loss: float  # what trainer.step returned
+    lr: float  # the learning rate this step's update used
+
+
+def train_steps(trainer: TrainerLike, batches: Iterable[Mapping], steps: int | None = None,
+                flush: bool = True) -> Iterator[Step]:
+    """The training loop: `steps` trainer steps over `batches`, pass after pass (None: one
+    pass), each yielded when it ends, so that the caller logs and evaluates between steps.
+
+    With `flush` the loop ends with trainer.flush(): every partial interval is fitted and every
+    update applied (False: the caller waits for the fits in flight as it needs).
+    """
+    numbers = itertools.count(1) if steps is None else range(1, steps + 1)
+    # `numbers` first: zip stops at the last step without drawing another batch (nor reshuffling)
+    for number, (epoch, batch) in zip(numbers, epochs(batches, endless=steps is not None)):
+        lr = trainer.lr  # read before the step: the rate this step's update uses
+        yield Step(number, epoch, batch, trainer.step(batch), lr)
+    if flush:
+        trainer.flush()
+
+
+def epochs(batches: Iterable, endless: bool = True) -> Iterator[tuple[int, object]]:
+    """(epoch, batch) pairs, pass after pass over `batches` (iterated anew each time: a shuffling
+    DataLoader reshuffles); one pass unless `endless`."""
+    for epoch in itertools.count() if endless else range(1):
+        empty = True
+        for batch in batches:
+            empty = False
+            yield epoch, batch
+        if empty:
+            raise ValueError("no training batch: the training split is empty")

@@ -8,6 +8,7 @@ import torch
 from colaft import ColaConfig, ColaModel, Trainer, data, tasks
 from colaft.app import loop
 from colaft.tasks import get_task
+from colaft.trainer import epochs
 
 
 class _InfGradient(torch.autograd.Function):
@@ -51,7 +52,7 @@ def test_user_steps_counts_batches_per_user_and_leaves_the_order_alone():
     features = task.encode(records)
 
     def order(batches, steps):  # the users of each batch over `steps` batches (epochs reshuffle)
-        return [b["users"] for _, (_, b) in zip(range(steps), loop._epochs(batches))]
+        return [b["users"] for _, (_, b) in zip(range(steps), epochs(batches))]
     plain = order(tasks.loader(features, task, 4, shuffle=True, seed=5), 20)
     counted = tasks.loader(features, task, 4, shuffle=True, seed=5)
     steps = loop.user_steps(counted, 20)
