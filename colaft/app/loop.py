@@ -72,6 +72,11 @@ def describe(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users")
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 user', '3 users': counts in the lines a run prints."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def train(trainer: TrainerLike, cola_model, task: Task, batches: DataLoader, eval_batches: list[dict], steps: int,
           out: Path, eval_every: int = 0, log: Callable[[str], None] = tqdm.write) -> dict:
     """Run `steps` trainer steps (colaft.trainer.train_steps), cycling over `batches` as epochs;

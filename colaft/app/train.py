@@ -164,11 +164,11 @@ def train(
     if multi:
         resolved["user_steps"] = user_steps
     print(f"task {task}: {resolved['model']} on {resolved['data']} ({len(train_records)} train, "
-          f"{len(held_out)} held out); " + (f"{_plural(len(names), 'user')}, {mode} mode; " if multi else "")
+          f"{len(held_out)} held out); " + (f"{loop.plural(len(names), 'user')}, {mode} mode; " if multi else "")
           + (f"{len(cola_model.sites)} sites, {trainer.trainable_parameters():,} adapter parameters; "
              if method == "cola" else f"{method} by backprop, {trainer.trainable_parameters():,} trainable "
                                       "parameters; ") + f"{steps} steps, "
-          f"{_plural(torch.get_num_threads(), 'CPU thread')}")
+          f"{loop.plural(torch.get_num_threads(), 'CPU thread')}")
 
     def write(run: Path) -> None:
         result = loop.train(trainer, evaluated or cola_model, job, batches, eval_batches, steps, run, eval_every)
@@ -228,9 +228,3 @@ def _check_method(method: str, task: str, multi: bool, backend: str, staleness: 
              "--init-adapter": init_adapter, "--export-peft": export_peft}
     if given := [name for name, value in colas.items() if value]:
         raise ValueError(f"{', '.join(given)}: options of ColA, not of --method {method}")
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
