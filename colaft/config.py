@@ -5,7 +5,6 @@ One typed dataclass, validated by pydantic; each field is documented once, here.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -65,9 +64,6 @@ class ColaConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, d: dict) -> ColaConfig:

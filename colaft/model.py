@@ -147,11 +147,6 @@ class ColaModel(nn.Module):
         self.check_users([user])
         return {s.name: s.get(user) for s in self.sites.values() if user in s.keys}
 
-    @property
-    def head_names(self) -> list[str]:
-        """Sites that are task heads (a linear adapter with bias)."""
-        return [s.name for s in self.sites.values() if s.is_head]
-
     # ------------------------------------------------------------- use
     def forward(self, *args, users: Sequence[str | None] | None = None, **kwargs):
         """The base model's forward; `users` (one id per row) routes rows to their users' adapters

@@ -7,11 +7,17 @@
 With interval I an owner buffers the packets of I server steps and fits once, their dL/dh
 averaged (I behaves like gradient accumulation over I batches). With I = 1, one fit step
 and S = 0, the adapters follow ordinary backprop exactly, on every backend.
+
+TrainerLike names what a training loop uses of a trainer; `train_steps` is that loop, shared
+by the command line's runs and the benchmarks, for ColA's Trainer and the backprop baselines.
 """
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,12 +28,45 @@ from colaft.io import state as state_io
 from colaft.model import ColaModel
 from colaft.pipeline import Pipeline
 from colaft.server import LossFn, server_step
-from colaft.users import DTYPES, OPTIMIZERS, FitConfig, Owner, Update
+from colaft.users import DTYPES, FitConfig, Owner, Update
 
-__all__ = ["Trainer", "OPTIMIZERS"]
+__all__ = ["Step", "Trainer", "TrainerLike", "epochs", "train_steps"]
 
 
-class Trainer:
+@runtime_checkable
+class TrainerLike(Protocol):
+    """What the training loop, the runs and the tasks' evaluations use of a trainer.
+
+    Trainer (ColA) and colaft.app.baselines.BackpropTrainer (autograd) implement it, so that
+    both are driven, logged and evaluated alike.
+    """
+
+    model: nn.Module
+    """The model being trained, called as the tasks evaluate it: `model(**batch, users=...)`."""
+    stats: dict
+    """Running figures; every trainer keeps "steps", "version" (updates applied),
+    "skipped_fits" (fits left out for non-finite gradients) and "packet_bytes" (the last step)."""
+    last_user_losses: dict[str, float]
+    """Each user's loss in the last step (batches with users), for per-user logs."""
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step's update uses."""
+
+    def step(self, batch: Mapping, users: Sequence[str] | None = None) -> float:
+        """Train on one batch; returns its loss."""
+
+    def flush(self, users: list[str] | None = None) -> None:
+        """Apply every pending update (call after the last step)."""
+
+    def trainable_parameters(self) -> int:
+        """How many parameters this trainer trains."""
+
+    def close(self, wait: bool = True) -> None:
+        """Release what the trainer holds (workers); with `wait`, after the updates in flight."""
+
+
+class Trainer(TrainerLike):
     """Trains the adapters of a ColaModel's users with Gradient Learning.
 
     Args:
@@ -90,6 +129,7 @@ class Trainer:
             self.fit_config = FitConfig(**fit_config, device=device)
             self.user_fit: dict[str, FitConfig] = {}
             self.remote: dict[str, Callable[[list], None]] = {}  # user -> where its packets go (add_remote_user)
+            self.last_user_losses: dict[str, float] = {}
             self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0, "packet_bytes_total": 0,
                           "server_seconds": 0.0}
             self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
@@ -213,9 +253,9 @@ class Trainer:
         """The learning rate the next fit of the first user uses."""
         return self.pipeline.lr(self.model.users[0])
 
-    @property
-    def interval(self) -> int:
-        return self.fit_config.interval
+    def trainable_parameters(self) -> int:
+        """The adapters' parameters: they train on the owners (the server holds no trainable one)."""
+        return self.model.adapter_parameters()
 
     def close(self, wait: bool = True) -> None:
         """Stop the backend's workers; with `wait`, after the fits in flight are applied."""
@@ -259,3 +299,45 @@ class Trainer:
 
     def load_checkpoint(self, directory) -> None:
         state_io.load_trainer(self, directory)
+
+
+# ---------------------------------------------------------------- the training loop
+
+@dataclass(frozen=True)
+class Step:
+    """One step of `train_steps`, reported when it ends."""
+
+    number: int  # 1, 2, ...
+    epoch: int  # 0 in the first pass over the batches, 1 in the second, ...
+    batch: Mapping
+    loss: float  # what trainer.step returned
+    lr: float  # the learning rate this step's update used
+
+
+def train_steps(trainer: TrainerLike, batches: Iterable[Mapping], steps: int | None = None,
+                flush: bool = True) -> Iterator[Step]:
+    """The training loop: `steps` trainer steps over `batches`, pass after pass (None: one
+    pass), each yielded when it ends, so that the caller logs and evaluates between steps.
+
+    With `flush` the loop ends with trainer.flush(): every partial interval is fitted and every
+    update applied (False: the caller waits for the fits in flight as it needs).
+    """
+    numbers = itertools.count(1) if steps is None else range(1, steps + 1)
+    # `numbers` first: zip stops at the last step without drawing another batch (nor reshuffling)
+    for number, (epoch, batch) in zip(numbers, epochs(batches, endless=steps is not None)):
+        lr = trainer.lr  # read before the step: the rate this step's update uses
+        yield Step(number, epoch, batch, trainer.step(batch), lr)
+    if flush:
+        trainer.flush()
+
+
+def epochs(batches: Iterable, endless: bool = True) -> Iterator[tuple[int, object]]:
+    """(epoch, batch) pairs, pass after pass over `batches` (iterated anew each time: a shuffling
+    DataLoader reshuffles); one pass unless `endless`."""
+    for epoch in itertools.count() if endless else range(1):
+        empty = True
+        for batch in batches:
+            empty = False
+            yield epoch, batch
+        if empty:
+            raise ValueError("no training batch: the training split is empty")

@@ -4,8 +4,8 @@
                -> Backprop (forward/generate like a ColaModel) -> BackpropTrainer.step(batch)
 
 They train by plain autograd with the optimizer and schedule a ColA owner builds (the same
-FitConfig), behind the Trainer's interface, so that loop.train and the tasks' evaluations
-drive them exactly as they drive ColA: one training loop, one set of metrics.
+FitConfig), as a colaft.trainer.TrainerLike, so that the training loop and the tasks'
+evaluations drive them exactly as they drive ColA: one training loop, one set of metrics.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from colaft.server import element_losses
+from colaft.trainer import TrainerLike
 from colaft.users import FitConfig, optimizer_and_schedule
 
 METHODS = ("full", "lora", "adalora", "ia3", "prompt", "prefix", "ptuning")
@@ -103,8 +104,8 @@ def build(method: str, model: nn.Module, task: str, targets: list[str] | str, ra
     return Backprop(peft.get_peft_model(model, config))
 
 
-class BackpropTrainer:
-    """Trains a Backprop model by autograd, with the interface of colaft.Trainer that loop.train uses.
+class BackpropTrainer(TrainerLike):
+    """Trains a Backprop model by autograd, as a TrainerLike (the loop drives it as it drives ColA's Trainer).
 
     The optimizer and learning-rate schedule come from the same FitConfig a ColA owner
     builds them from, so that both sides of a comparison step alike.
@@ -144,6 +145,9 @@ class BackpropTrainer:
 
     def flush(self, users: list[str] | None = None) -> None:
         """Nothing is pending: every step updates the weights."""
+
+    def trainable_parameters(self) -> int:
+        return self.model.trainable_parameters()
 
     def close(self, wait: bool = True) -> None:
         """No workers to stop."""

@@ -11,7 +11,6 @@ import torch
 import typer
 
 from colaft.app import loop, runs
-from colaft.app.train import _plural
 from colaft.runtime import set_threads
 from colaft.tasks import get_task
 
@@ -34,8 +33,8 @@ def evaluate(
     rows = sum(len(b["labels"]) for b in batches)
     where = "held-out" if data is None else data
     print(f"run {run}: task {setup.task_name}, {setup.resolved['model']} on {setup.resolved['data']}; "
-          f"evaluating on {where} ({_plural(rows, 'row')})" +
-          (f"; {_plural(len(setup.names), 'user')}, {saved['options'].get('mode')} mode" if setup.multi else ""))
+          f"evaluating on {where} ({loop.plural(rows, 'row')})" +
+          (f"; {loop.plural(len(setup.names), 'user')}, {saved['options'].get('mode')} mode" if setup.multi else ""))
     metrics = setup.task.evaluate(cola_model, batches)
     print(f"{where}: {loop.describe(metrics)}")
     if "users" in metrics:

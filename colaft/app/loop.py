@@ -1,6 +1,6 @@
 """The training loop of the library: Trainer steps over batches, held-out evaluation, logs.
 
-    features -> DataLoader (shuffled by seed) -> trainer.step(batch) -> loss
+    features -> DataLoader (shuffled by seed) -> train_steps: trainer.step(batch) -> loss
              every `eval_every` steps and at both ends: task.evaluate(held-out batches)
              -> metrics.jsonl (one JSON object a line) and loss.png in the run folder
 
@@ -9,7 +9,6 @@ training loss and held-out metrics, and users.md tabulates them before and after
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from colaft.tasks import Task
+from colaft.trainer import TrainerLike, epochs, train_steps
 
 
 def plan_steps(batches_per_epoch: int, epochs: int, max_steps: int | None) -> int:
@@ -45,7 +45,7 @@ def user_steps(batches: DataLoader, steps: int) -> dict[str, int]:
     state = generator.get_state() if generator is not None else None
     counts: Counter = Counter()
     try:
-        for _, (_, indices) in zip(range(steps), _epochs(batches.batch_sampler)):
+        for _, (_, indices) in zip(range(steps), epochs(batches.batch_sampler)):
             counts.update({users[i] for i in indices})
     finally:
         if state is not None:
@@ -72,12 +72,18 @@ def describe(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "users")
 
 
-def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: list[dict], steps: int,
+def plural(n: int, noun: str) -> str:
+    """'1 user', '3 users': counts in the lines a run prints."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def train(trainer: TrainerLike, cola_model, task: Task, batches: DataLoader, eval_batches: list[dict], steps: int,
           out: Path, eval_every: int = 0, log: Callable[[str], None] = tqdm.write) -> dict:
-    """Run `steps` Trainer steps, cycling over `batches` as epochs; evaluate and log.
+    """Run `steps` trainer steps (colaft.trainer.train_steps), cycling over `batches` as epochs;
+    evaluate and log.
 
     Args:
-        trainer: a colaft.Trainer driving `cola_model`.
+        trainer: ColA's Trainer or a backprop baseline, driving `cola_model`.
         eval_batches: held-out batches for `task.evaluate`.
         out: folder that receives metrics.jsonl and loss.png.
         eval_every: also evaluate every so many steps (0: only before and after).
@@ -107,23 +113,21 @@ def train(trainer, cola_model, task: Task, batches: DataLoader, eval_batches: li
         before = evaluate(0)
         start, smooth = time.perf_counter(), None
         with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar:
-            for step, (epoch, batch) in zip(range(1, steps + 1), _epochs(batches)):
-                lr = trainer.lr  # the rate this step's fit uses
-                loss = trainer.step(batch)
+            for step in train_steps(trainer, batches, steps):  # ends with a flush: a partial interval counts
+                loss = step.loss
                 if not math.isfinite(loss):
-                    raise ValueError(f"the loss is {loss} at step {step}: lower the learning rate")
-                per_user = {"users": dict(trainer.last_user_losses)} if "users" in batch else {}
+                    raise ValueError(f"the loss is {loss} at step {step.number}: lower the learning rate")
+                per_user = {"users": dict(trainer.last_user_losses)} if "users" in step.batch else {}
                 if per_user:  # the step's loss sums the users' losses: their mean keeps the held-out loss's scale
                     loss = sum(per_user["users"].values()) / len(per_user["users"])
-                record({"step": step, "split": "train", "epoch": epoch, "loss": loss, "lr": lr,
+                record({"step": step.number, "split": "train", "epoch": step.epoch, "loss": loss, "lr": step.lr,
                         "skipped_fits": trainer.stats["skipped_fits"], "bytes": trainer.stats["packet_bytes"],
                         **per_user})
                 smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-                bar.set_postfix(loss=f"{smooth:.4f}", epoch=epoch)
+                bar.set_postfix(loss=f"{smooth:.4f}", epoch=step.epoch)
                 bar.update()
-                if eval_every and step % eval_every == 0 and step < steps:
-                    evaluate(step)
-        trainer.flush()  # a partial interval at the end still reaches the adapters
+                if eval_every and step.number % eval_every == 0 and step.number < steps:
+                    evaluate(step.number)
         seconds = time.perf_counter() - start
         if skipped := trainer.stats["skipped_fits"]:
             log(f"warning: {skipped} fits skipped: their packets held NaN or Inf (the adapters were left as they were)")
@@ -162,15 +166,6 @@ def users_table(before: dict | None, after: dict, rows: dict[str, tuple[int, int
     totals = [sum(r) for r in zip(*rows.values())]
     lines.append(f"| all | {totals[0]} | {totals[1]} | {cells(before, after)} |")
     return "\n".join(lines) + "\n"
-
-
-def _epochs(batches: DataLoader):
-    """(epoch, batch) pairs without end; the loader reshuffles at each epoch."""
-    if len(batches) == 0:
-        raise ValueError("no training batch: the training split is empty")
-    for epoch in itertools.count():
-        for batch in batches:
-            yield epoch, batch
 
 
 def plot_loss(history: list[dict], path: Path) -> None:

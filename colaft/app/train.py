@@ -21,7 +21,7 @@ from colaft.io.files import build_atomically
 from colaft.model import ColaModel
 from colaft.runtime import set_threads
 from colaft.tasks import TASKS
-from colaft.trainer import Trainer
+from colaft.trainer import Trainer, TrainerLike
 
 _REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
 
@@ -139,6 +139,7 @@ def train(
     user_steps = {u: max(1, counted.get(u, 0)) for u in names or [first]}  # 0: no training row survived encoding
     fit = dict(optimizer=optimizer, lr=resolved["lr"], weight_decay=weight_decay, scheduler=scheduler,
                warmup_ratio=warmup, total_steps=user_steps[first])
+    trainer: TrainerLike
     if method != "cola":
         cola_model = baselines.build(method, setup.base, task, config.target_modules, rank, alpha, dropout, steps,
                                      hidden)
@@ -163,11 +164,11 @@ def train(
     if multi:
         resolved["user_steps"] = user_steps
     print(f"task {task}: {resolved['model']} on {resolved['data']} ({len(train_records)} train, "
-          f"{len(held_out)} held out); " + (f"{_plural(len(names), 'user')}, {mode} mode; " if multi else "")
-          + (f"{len(cola_model.sites)} sites, {cola_model.adapter_parameters():,} adapter parameters; "
-             if method == "cola" else f"{method} by backprop, {cola_model.trainable_parameters():,} trainable "
+          f"{len(held_out)} held out); " + (f"{loop.plural(len(names), 'user')}, {mode} mode; " if multi else "")
+          + (f"{len(cola_model.sites)} sites, {trainer.trainable_parameters():,} adapter parameters; "
+             if method == "cola" else f"{method} by backprop, {trainer.trainable_parameters():,} trainable "
                                       "parameters; ") + f"{steps} steps, "
-          f"{_plural(torch.get_num_threads(), 'CPU thread')}")
+          f"{loop.plural(torch.get_num_threads(), 'CPU thread')}")
 
     def write(run: Path) -> None:
         result = loop.train(trainer, evaluated or cola_model, job, batches, eval_batches, steps, run, eval_every)
@@ -176,7 +177,7 @@ def train(
         cola_config = cola_model.config.to_dict() if method == "cola" else None
         (run / "run.json").write_text(json.dumps(
             {"options": options, "resolved": resolved, "cola_config": cola_config,
-             "trainable_parameters": trainer_parameters(cola_model), **result}, indent=2))
+             "trainable_parameters": trainer.trainable_parameters(), **result}, indent=2))
         print(f"held-out before: {loop.describe(result['before'])}")
         print(f"held-out after:  {loop.describe(result['after'])}")
         print(f"trained {steps} steps in {result['train_seconds']:.0f} s")
@@ -227,14 +228,3 @@ def _check_method(method: str, task: str, multi: bool, backend: str, staleness: 
              "--init-adapter": init_adapter, "--export-peft": export_peft}
     if given := [name for name, value in colas.items() if value]:
         raise ValueError(f"{', '.join(given)}: options of ColA, not of --method {method}")
-
-
-def trainer_parameters(model) -> int:
-    """Parameters that train: ColA's adapters, or a baseline's trainable weights."""
-    return model.adapter_parameters() if isinstance(model, ColaModel) else model.trainable_parameters()
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-

@@ -92,7 +92,6 @@ class _Sender(threading.Thread):
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.error: str | None = None  # a packing failure, for the server to raise
         self.seconds = 0.0  # spent packing
-        self.nbytes = 0  # tensor bytes packed
 
     def put(self, envelope: bytes | memoryview | tuple | None) -> None:
         """Packed bytes; (kind, tag, obj) to pack here; None: stop."""
@@ -100,7 +99,6 @@ class _Sender(threading.Thread):
 
     def pack(self, kind: str, tag: int, obj: Any) -> bytes:
         body = self.outgoing.pack(obj)
-        self.nbytes += body.nbytes
         return ForkingPickler.dumps((kind, tag, body))  # a new shared buffer crosses as a file descriptor
 
     def run(self) -> None:
@@ -186,17 +184,12 @@ class ProcessBackend:
         self._tags = 0
         self._seconds = 0.0  # unpacking, and packing on this thread; see transfer_seconds
         self._gone = 0.0  # packing time of replaced workers' senders
-        self.received_bytes = 0  # tensor bytes through shared memory
 
     @property
     def transfer_seconds(self) -> float:
         """Time this process spent packing and unpacking messages (pushes are packed by the
         sender threads, overlapping the server's next step)."""
         return self._seconds + self._gone + sum(s.sender.seconds for s in self.slots)
-
-    @property
-    def sent_bytes(self) -> int:
-        return sum(s.sender.nbytes for s in self.slots)
 
     @property
     def pids(self) -> list[int]:
@@ -312,7 +305,6 @@ class ProcessBackend:
         if body.buffer is not None:
             slot.sender.put(pickle.dumps(("release", body.buffer, None)))
         self._seconds += time.perf_counter() - start
-        self.received_bytes += body.nbytes
         if tag in self._calls:
             self._calls[tag] = value
         else:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from colaft.runtime import affinity_cpus
+
 # ---------------------------------------------------------------- the machine
 
 def machine(device: str) -> dict:
@@ -43,7 +45,7 @@ def machine(device: str) -> dict:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = affinity_cpus()
     info = {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform()}
     for lib in ("transformers", "peft"):

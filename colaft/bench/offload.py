@@ -37,7 +37,7 @@ from colaft.bench.models import share_weights
 from colaft.config import ColaConfig
 from colaft.model import ColaModel
 from colaft.server import server_step
-from colaft.trainer import Trainer
+from colaft.trainer import Trainer, train_steps
 from colaft.users import FitConfig, Owner
 
 
@@ -128,9 +128,8 @@ def measure_throughput(task: Task, st: Settings, log: Callable[[str], None]) -> 
             trainers[name] = t = _trainer(task, st, backend, s)
 
             def run(b, t=t):
-                for x in b:
-                    t.step(x)
-                t.pipeline.settle(0)  # the block ends when its last fit is applied
+                list(train_steps(t, b, flush=False))  # one pass over the block
+                t.pipeline.settle(0)  # it ends when its last fit is applied (waiting, without timing a flush message)
             runs[name] = run
         cursors = {name: iter(blocks) for name in runs}
         log(f"  timing {len(runs)} configurations: {st.rounds} rounds of {st.block} steps")
@@ -191,11 +190,8 @@ def measure_staleness(task: Task, st: Settings, log: Callable[[str], None]) -> d
                           total_steps=st.steps, staleness=s, transfer_dtype=dtype, backend=spec,
                           backend_options={} if backend == "inline" else {"workers": st.workers})
         torch.manual_seed(st.seed)  # dropout masks: the same in every run
-        losses = []
         try:
-            for batch in itertools.islice(itertools.cycle(task.batches), st.steps):
-                losses.append(trainer.step(batch))
-            trainer.flush()
+            losses = [step.loss for step in train_steps(trainer, task.batches, st.steps)]
         finally:
             trainer.close(wait=False)
         metrics = task.job.evaluate(trainer.model, task.held_out)
@@ -239,7 +235,7 @@ def run_offload(st: Settings, out: Path, command: str = "", log: Callable[[str],
             "rows_per_batch": _rows(task.batches[0])}
     local_ray = None
     if "ray" in st.backends and "throughput" in st.parts:
-        from colaft.backends.ray import start_local
+        from colaft.backends.ray_session import start_local
         # one private instance for the Ray trainers (S = 0 and S = 1: two sets of actors)
         local_ray = start_local(num_cpus=max(os.cpu_count() or 1, 2 * st.workers))
     try:

@@ -60,7 +60,6 @@ class Setup:
     trainable: int
     """Parameters with requires_grad on the server."""
     cola: ColaModel | None = None
-    trainer: Trainer | None = None
 
 
 def sites_of(model: nn.Module, targets) -> tuple[list[str], list[str]]:
@@ -132,7 +131,7 @@ def cola_setup(model: nn.Module, batch: dict, adapter: str, merged: bool, opts: 
     if not with_fit:
         return Setup(lambda: server_step(cola, batch), cola.trainable_parameters(), cola)
     trainer = Trainer(cola, "adamw", lr=LR)
-    return Setup(lambda: trainer.step(batch), cola.trainable_parameters(), cola, trainer)
+    return Setup(lambda: trainer.step(batch), cola.trainable_parameters(), cola)
 
 
 def make_setup(config: str, model: nn.Module, batch: dict, opts: Options) -> Setup:

@@ -1,4 +1,5 @@
-"""Trainer: the interval (ColA's I), skipped fits on non-finite packets, schedules."""
+"""Trainer: the interval (ColA's I), skipped fits on non-finite packets, schedules; the TrainerLike protocol
+and the training loop (train_steps, epochs)."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +10,7 @@ import torch
 from conftest import ARCHS, Backprop, flat_state, image_batch, make_opt, max_rel_err, randomize_, text_batch
 
 from colaft import ColaConfig, ColaModel, Trainer
+from colaft.trainer import TrainerLike, epochs, train_steps
 
 
 def _setup(arch: str, adapter: str, seed: int = 0):
@@ -134,3 +136,110 @@ def test_owner_may_fit_in_another_precision():
         ref.step(text_batch(s))
     assert all(p.dtype == torch.float32 for p in cm.parameters())
     assert max_rel_err(flat_state(cm.adapters()), flat_state(ref.adapters)) <= 1e-5
+
+
+# ---------------------------------------------------------------- the protocol and the loop
+
+class Recording:
+    """A TrainerLike that records what the loop asks of it; its learning rate halves at every step."""
+
+    def __init__(self):
+        self.model = torch.nn.Identity()
+        self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0}
+        self.last_user_losses: dict[str, float] = {}
+        self.calls: list[tuple] = []
+        self._lr = 1.0
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    def step(self, batch, users=None) -> float:
+        self.calls.append(("step", batch["id"]))
+        self._lr /= 2
+        return 10.0 * batch["id"]
+
+    def flush(self, users=None) -> None:
+        self.calls.append(("flush",))
+
+    def trainable_parameters(self) -> int:
+        return 0
+
+    def close(self, wait: bool = True) -> None:
+        self.calls.append(("close",))
+
+
+class Passes:
+    """Three batches a pass, counting the passes begun and the batches drawn (a DataLoader reshuffles
+    when a pass begins: the loop must not begin one it does not use)."""
+
+    def __init__(self, size: int = 3):
+        self.size, self.passes, self.drawn = size, 0, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i in range(self.size):
+            self.drawn += 1
+            yield {"id": i}
+
+
+def test_trainer_and_anything_with_its_members_are_trainer_likes():
+    cm, _ = _setup("llama", "lowrank")
+    trainer = Trainer(cm)
+    assert isinstance(trainer, TrainerLike) and isinstance(Recording(), TrainerLike)
+    assert trainer.last_user_losses == {}  # before any step, as the loop may read it
+    assert trainer.trainable_parameters() == cm.adapter_parameters() > 0  # on the owners; the server trains none
+    assert cm.trainable_parameters() == 0
+
+    class StepOnly:  # a step alone: the loop would miss its lr, flush, stats...
+        def step(self, batch, users=None) -> float:
+            return 0.0
+    assert not isinstance(StepOnly(), TrainerLike)
+
+
+def test_train_steps_cycles_the_batches_as_epochs_and_ends_with_one_flush():
+    trainer, batches = Recording(), Passes()
+    steps = list(train_steps(trainer, batches, 7))
+    assert [s.number for s in steps] == [1, 2, 3, 4, 5, 6, 7]
+    assert [s.epoch for s in steps] == [0, 0, 0, 1, 1, 1, 2]
+    assert [s.batch["id"] for s in steps] == [0, 1, 2, 0, 1, 2, 0]
+    assert [s.loss for s in steps] == [0.0, 10.0, 20.0, 0.0, 10.0, 20.0, 0.0]  # what each step returned
+    assert [s.lr for s in steps] == [0.5 ** i for i in range(7)]  # the rate before the step: the one it used
+    assert trainer.calls == [("step", i % 3) for i in range(7)] + [("flush",)]
+    assert (batches.passes, batches.drawn) == (3, 7)  # the third pass only as far as step 7
+
+
+def test_train_steps_stops_without_drawing_another_batch():
+    trainer, batches = Recording(), Passes()
+    assert len(list(train_steps(trainer, batches, 3))) == 3
+    assert (batches.passes, batches.drawn) == (1, 3)  # no second pass begun (nor reshuffled)
+
+
+def test_train_steps_without_a_count_is_one_pass_and_flush_is_optional():
+    trainer = Recording()
+    assert [s.batch["id"] for s in train_steps(trainer, Passes(), flush=False)] == [0, 1, 2]
+    assert ("flush",) not in trainer.calls
+
+
+def test_no_batch_is_an_error():
+    with pytest.raises(ValueError, match="no training batch"):
+        list(train_steps(Recording(), [], 5))
+    with pytest.raises(ValueError, match="no training batch"):
+        next(epochs([]))
+
+
+def test_train_steps_trains_as_steps_and_a_flush_do():
+    """ColA with interval 2 over 3 batches, 5 steps: two fits and the flushed partial interval."""
+    batches = [text_batch(s) for s in range(3)]
+    runs = []
+    for use_loop in (True, False):
+        cm, _ = _setup("llama", "lowrank")
+        trainer = Trainer(cm, "adamw", lr=1e-2, interval=2)
+        if use_loop:
+            losses = [s.loss for s in train_steps(trainer, batches, 5)]
+        else:
+            losses = [trainer.step(batches[i % 3]) for i in range(5)]
+            trainer.flush()
+        assert trainer.stats["version"] == 3
+        runs.append((losses, flat_state(cm.adapters())))
+    assert runs[0][0] == runs[1][0] and max_rel_err(runs[0][1], runs[1][1]) == 0.0

@@ -14,11 +14,6 @@ from colaft.tasks import get_task
 FIELDS = ["--text-field", "review", "--label-field", "sentiment"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CLI keeps the test process at one thread
-
-
 def run_cli(capsys, *args) -> tuple[int, str, list[str]]:
     """(exit status, stdout, stderr lines) of `colaft ARGS`."""
     status = main([str(a) for a in args])

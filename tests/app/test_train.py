@@ -1,11 +1,10 @@
-"""The colaft CLI end to end on tiny models, and its handling of bad input."""
+"""`colaft train` end to end on tiny models: the run folder, users and modes, offload options, failures."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from backend_helpers import new_children
 from tiny_models import QA, review_records, write_jsonl
 
 from colaft import ColaModel, data, tasks
@@ -14,22 +13,6 @@ from colaft.app.train import parse_targets
 from colaft.tasks import get_task
 
 FIELDS = ["--text-field", "review", "--label-field", "sentiment"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the CLI keeps the test process at one thread
-
-
-@pytest.fixture
-def reviews(tmp_path):
-    return write_jsonl(tmp_path / "reviews.jsonl", review_records(3))  # 48 records, "pos"/"neg"
-
-
-@pytest.fixture
-def tiny_args(tiny_bert_dir, reviews):
-    return ["train", "--model", str(tiny_bert_dir), "--data", str(reviews), *FIELDS, "--batch-size", "8",
-            "--lr", "0.01", "--max-steps", "6"]
 
 
 def lines(path) -> list[dict]:
@@ -157,40 +140,14 @@ def test_train_k_users_collaborative(tiny_args, tmp_path, capsys):
     assert (out / "users.md").read_text().count("| user") == 4  # the header and three users
 
 
-def test_clm_users_in_one_run(tiny_llama_dir, tmp_path):
-    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a, "topic": t}
-                                               for t in ("films", "maths") for q, a in QA * 2])
+def test_clm_users_in_one_run(tiny_llama_dir, qa, tmp_path):
     out = tmp_path / "clm"
-    assert main(["train", "--task", "clm", "--model", str(tiny_llama_dir), "--data", str(path), "--user-field", "topic",
+    assert main(["train", "--task", "clm", "--model", str(tiny_llama_dir), "--data", str(qa), "--user-field", "topic",
                  "--batch-size", "4", "--max-steps", "3", "--out", str(out)]) == 0
     run = json.loads((out / "run.json").read_text())
     assert set(run["after"]) == {"loss", "perplexity", "rougeL", "users"}
     assert {u: set(m) for u, m in run["after"]["users"].items()} == {"films": {"loss", "perplexity"},
                                                                       "maths": {"loss", "perplexity"}}
-
-
-BAD_INPUT = [
-    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-    (["--task", "qa"], "unknown task 'qa'"),
-    (["--data", "no-such-set"], "unknown dataset 'no-such-set'"),
-    (["--data", "missing.csv"], "does not exist"),
-    (["--text-field", "body"], "field 'body' (for text) is not in"),
-    (["--data", "EMPTY"], "has no records"),
-    (["--targets", "nothing_here"], "target 'nothing_here' matches no module"),
-    (["--rank", "0"], "--rank: Input should be greater than 0"),
-    (["--targets", ","], "--targets: target_modules is empty"),
-    (["--merge", "--dropout", "0.1"], "dropout needs merge=False"),
-    (["--adapter", "huge"], "unknown adapter 'huge'"),
-    (["--optimizer", "lion"], "unknown optimizer 'lion'"),
-    (["--scheduler", "wiggly"], "wiggly is not a valid SchedulerType"),
-    (["--max-steps", "0"], "nothing to train"),
-    (["--rnak", "3"], "No such option: --rnak"),
-    (["--user-field", "who"], "field 'who' (for user) is not in"),
-    (["--users", "2", "--user-field", "sentiment"], "--user-field and --users both make users: give one"),
-    (["--users", "0"], "cannot deal 48 records out to 0 users"),
-    (["--users", "30"], "users 'user19', 'user20', 'user21', 'user22', 'user23' and 7 more have a single record"),
-    (["--users", "2", "--mode", "team"], "--mode 'team': use one of personal, collaborative, shared"),
-]
 
 
 def test_users_start_from_and_export_to_peft(tiny_args, tmp_path):
@@ -210,17 +167,41 @@ def test_users_start_from_and_export_to_peft(tiny_args, tmp_path):
     PeftModel.from_pretrained(base, str(exported)).load_adapter(str(exported / "user2"), adapter_name="user2")
 
 
-@pytest.mark.parametrize("extra, message", BAD_INPUT, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(BAD_INPUT)])
-def test_bad_input_is_one_line_and_leaves_nothing(tiny_args, tmp_path, capsys, extra, message):
-    (tmp_path / "EMPTY.jsonl").write_text("")
-    extra = [str(tmp_path / (a + ".jsonl")) if a == "EMPTY" else a for a in extra]
-    before = sorted(tmp_path.rglob("*"))
-    out = tmp_path / "runs" / "bad"
-    status = main([*tiny_args, *extra, "--out", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status != 0
-    assert len(err) == 1 and err[0].startswith("colaft: error: ") and message in err[0]
-    assert sorted(tmp_path.rglob("*")) == before  # no run folder, no temporary, no runs/ parent
+# ---------------------------------------------------------------- modes
+
+def test_shared_mode_trains_one_adapter_and_reports_every_user(tiny_llama_dir, qa, tmp_path):
+    out = tmp_path / "shared"
+    assert main(["train", "--task", "clm", "--model", str(tiny_llama_dir), "--data", str(qa), "--user-field", "topic",
+                 "--mode", "shared", "--batch-size", "4", "--max-steps", "3", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["after"]["users"]) == {"films", "maths"}
+    assert not (out / "adapters" / "colaft_users.json").exists()  # one adapter set, the single-user layout
+    assert "| films |" in (out / "users.md").read_text()
+    assert main(["eval", str(out), "--out", str(tmp_path / "m.json")]) == 0
+    again = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert again["users"]["films"]["loss"] == pytest.approx(run["after"]["users"]["films"]["loss"], abs=1e-6)
+
+
+def test_collaborative_mode_weighs_users_by_their_training_rows(tiny_llama_dir, tmp_path, capsys):
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a, "topic": t}
+                                             for t, copies in (("films", 3), ("maths", 1)) for q, a in QA * copies])
+    out = tmp_path / "rows"
+    assert main(["train", "--task", "clm", "--model", str(tiny_llama_dir), "--data", str(qa), "--user-field", "topic",
+                 "--mode", "collaborative", "--user-weights", "rows", "--batch-size", "4", "--max-steps", "2",
+                 "--out", str(out)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): int(line.split(" | ")[1]) for line in
+            (out / "users.md").read_text().splitlines()[2:] if not line.startswith("| all")}
+    assert rows["films"] > 2 * rows["maths"] > 0
+    saved = json.loads((out / "adapters" / "colaft_users.json").read_text())
+    assert saved["mode"] == "collaborative" and saved["weights"] == {u: float(n) for u, n in rows.items()}
+    reopened = ColaModel.from_pretrained(get_task("clm").load(str(tiny_llama_dir), [], 0), out / "adapters")
+    assert reopened.mode == "collaborative" and reopened.weights == saved["weights"]
+    refused = tmp_path / "refused"
+    capsys.readouterr()
+    assert main(["train", "--task", "clm", "--model", str(tiny_llama_dir), "--data", str(qa), "--user-field", "topic",
+                 "--user-weights", "rows", "--out", str(refused)]) == 1  # personal mode has no weights
+    assert "--user-weights 'rows': equal, or rows with --mode collaborative" in capsys.readouterr().err
+    assert not refused.exists()
 
 
 def test_divergence_mid_training_leaves_nothing(tiny_args, tmp_path, capsys):
@@ -239,14 +220,37 @@ def test_existing_out_folder_is_refused(tiny_args, tmp_path, capsys):
     assert list((tmp_path / "taken").iterdir()) == []
 
 
-@pytest.mark.slow
-def test_console_script_exit_status(tmp_path):
-    # A fresh interpreter: imports torch and transformers, ~5 s on an idle machine.
-    result = subprocess.run([sys.executable, "-m", "colaft.app.cli", "train", "--data", str(tmp_path / "x.csv"),
-                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"colaft: error: data file '{tmp_path / 'x.csv'}' does not exist"
-    assert not (tmp_path / "run").exists()
+# ---------------------------------------------------------------- where the fits run
+
+@pytest.fixture
+def cli_args(tiny_bert_dir, reviews):
+    return ["train", "--model", str(tiny_bert_dir), "--data", str(reviews), "--text-field", "review",
+            "--label-field", "sentiment", "--batch-size", "8", "--max-steps", "4"]
+
+
+def test_cli_trains_on_worker_processes_and_stops_them(cli_args, tmp_path, capsys):
+    before = new_children()
+    out = tmp_path / "run"
+    offload = ["--backend", "process", "--workers", "1", "--staleness", "1", "--transfer-dtype", "bfloat16"]
+    assert main([*cli_args, "--lr", "0.01", *offload, "--out", str(out)]) == 0
+    options = json.loads((out / "run.json").read_text())["options"]
+    assert (options["backend"], options["workers"], options["staleness"]) == ("process", 1, 1)
+    assert new_children() <= before
+    # a run that fails mid-training (the loss diverges) stops its workers too
+    assert main([*cli_args, "--lr", "1e30", *offload, "--out", str(tmp_path / "nan")]) == 1
+    assert "the loss is nan" in capsys.readouterr().err and new_children() <= before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backend", "pigeon"], "--backend 'pigeon': use one of inline, process, ray"),
+    (["--workers", "2"], "--workers: a number >= 1, with --backend process or ray"),
+    (["--ray-address", "10.0.0.1:6379"], "--ray-address needs --backend ray"),
+    (["--staleness", "-1"], "--staleness must be >= 0"),
+    (["--transfer-dtype", "int8"], "--transfer-dtype 'int8': use one of float32, bfloat16"),
+])
+def test_cli_offload_options_are_checked(cli_args, tmp_path, capsys, extra, message):
+    assert main([*cli_args, *extra, "--out", str(tmp_path / "run")]) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

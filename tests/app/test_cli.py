@@ -1,0 +1,57 @@
+"""The `colaft` command: every error is one line on stderr with a non-zero status, and leaves nothing behind."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from colaft.app.cli import main
+
+BAD_INPUT = [
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--task", "qa"], "unknown task 'qa'"),
+    (["--data", "no-such-set"], "unknown dataset 'no-such-set'"),
+    (["--data", "missing.csv"], "does not exist"),
+    (["--text-field", "body"], "field 'body' (for text) is not in"),
+    (["--data", "EMPTY"], "has no records"),
+    (["--targets", "nothing_here"], "target 'nothing_here' matches no module"),
+    (["--rank", "0"], "--rank: Input should be greater than 0"),
+    (["--targets", ","], "--targets: target_modules is empty"),
+    (["--merge", "--dropout", "0.1"], "dropout needs merge=False"),
+    (["--adapter", "huge"], "unknown adapter 'huge'"),
+    (["--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (["--scheduler", "wiggly"], "wiggly is not a valid SchedulerType"),
+    (["--max-steps", "0"], "nothing to train"),
+    (["--rnak", "3"], "No such option: --rnak"),
+    (["--user-field", "who"], "field 'who' (for user) is not in"),
+    (["--users", "2", "--user-field", "sentiment"], "--user-field and --users both make users: give one"),
+    (["--users", "0"], "cannot deal 48 records out to 0 users"),
+    (["--users", "30"], "users 'user19', 'user20', 'user21', 'user22', 'user23' and 7 more have a single record"),
+    (["--users", "2", "--mode", "team"], "--mode 'team': use one of personal, collaborative, shared"),
+]
+
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUT, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(BAD_INPUT)])
+def test_bad_input_is_one_line_and_leaves_nothing(tiny_args, tmp_path, capsys, extra, message):
+    (tmp_path / "EMPTY.jsonl").write_text("")
+    extra = [str(tmp_path / (a + ".jsonl")) if a == "EMPTY" else a for a in extra]
+    before = sorted(tmp_path.rglob("*"))
+    out = tmp_path / "runs" / "bad"
+    status = main([*tiny_args, *extra, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status != 0
+    assert len(err) == 1 and err[0].startswith("colaft: error: ") and message in err[0]
+    assert sorted(tmp_path.rglob("*")) == before  # no run folder, no temporary, no runs/ parent
+
+
+
+@pytest.mark.slow
+def test_console_script_exit_status(tmp_path):
+    # A fresh interpreter: imports torch and transformers, ~5 s on an idle machine.
+    result = subprocess.run([sys.executable, "-m", "colaft.app.cli", "train", "--data", str(tmp_path / "x.csv"),
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"colaft: error: data file '{tmp_path / 'x.csv'}' does not exist"
+    assert not (tmp_path / "run").exists()

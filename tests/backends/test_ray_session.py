@@ -1,0 +1,33 @@
+"""A Ray cluster's address is checked in seconds: refused, unroutable, malformed, or a running cluster."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from colaft.backends.ray import RayBackend
+from colaft.backends.ray_session import check_reachable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "10.255.255.1:6379"])
+def test_an_unreachable_ray_address_fails_within_seconds(address):
+    pytest.importorskip("ray")
+    address = address.format(port=_free_port())  # nothing listens there / nothing routes there
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"no Ray cluster reachable at {address}"):
+        RayBackend(address=address, connect_timeout=2.0)
+    assert time.monotonic() - start < 4.0
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        RayBackend(address="no-port-here")
+
+
+def test_a_running_ray_cluster_passes_the_address_check(ray_session):
+    import ray
+    check_reachable(ray.get_runtime_context().gcs_address, timeout=5.0)
