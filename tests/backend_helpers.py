@@ -4,7 +4,7 @@ from __future__ import annotations
 import psutil
 import torch
 from conftest import flat_state
-from test_users import build_users
+from users_helpers import build_users
 
 from colaft import ColaModel, Trainer
 

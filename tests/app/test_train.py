@@ -244,7 +244,7 @@ def test_cli_trains_on_worker_processes_and_stops_them(cli_args, tmp_path, capsy
 @pytest.mark.parametrize("extra, message", [
     (["--backend", "pigeon"], "--backend 'pigeon': use one of inline, process, ray"),
     (["--workers", "2"], "--workers: a number >= 1, with --backend process or ray"),
-    (["--ray-address", "10.0.0.1:6379"], "--ray-address needs --backend ray"),
+    (["--ray-address", "127.0.0.1:6379"], "--ray-address needs --backend ray"),
     (["--staleness", "-1"], "--staleness must be >= 0"),
     (["--transfer-dtype", "int8"], "--transfer-dtype 'int8': use one of float32, bfloat16"),
 ])

