@@ -13,7 +13,7 @@ from colaft.adapters import build_adapter, is_mergeable
 from colaft.config import DEFAULT_USER, ColaConfig
 from colaft.io import adapters as adapter_io
 from colaft.io import peft as peft_io
-from colaft.routing import Route
+from colaft.routing import Route, per_row
 from colaft.sites import Call, Site, select_sites, site_spec
 
 
@@ -22,6 +22,14 @@ def _key(site_name: str) -> str:
 
 
 MODES = ("personal", "collaborative")
+
+
+def batch_rows(args: Sequence, kwargs: Mapping) -> int | None:
+    """The rows of a batch given as a model's arguments: the first dimension of its first tensor."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 class ColaModel(nn.Module):
@@ -124,14 +132,15 @@ class ColaModel(nn.Module):
             s.combine = self.weights if mode == "collaborative" else None
 
     @contextmanager
-    def routing(self, users: Sequence[str] | None):
-        """Inside, row i of a batch uses the adapters of `users[i]` (None: no routing).
+    def routing(self, users: str | Sequence[str | None] | None, rows: int | None = None):
+        """Inside, row i of a batch of `rows` rows uses the adapters of `users[i]` (None: no routing).
 
-        A row whose user is None runs through the base model alone (no user's adapter), so
-        base-model rows can share a batch with users' rows (inference).
+        `users` is one id per row, or one id (a str) for every row. A row whose user is None
+        runs through the base model alone (no user's adapter), so base-model rows can share a
+        batch with users' rows (inference).
         """
+        users = per_row(users, rows)
         if users is not None:
-            users = list(users)
             self.check_users([u for u in users if u is not None])
         route = Route(users) if users else None
         for s in self.sites.values():
@@ -153,19 +162,20 @@ class ColaModel(nn.Module):
         return [s.name for s in self.sites.values() if s.is_head]
 
     # ------------------------------------------------------------- use
-    def forward(self, *args, users: Sequence[str | None] | None = None, **kwargs):
-        """The base model's forward; `users` (one id per row) routes rows to their users' adapters
-        (a None row: the base model alone)."""
-        with self.routing(users):
+    def forward(self, *args, users: str | Sequence[str | None] | None = None, **kwargs):
+        """The base model's forward; `users` (one id per row, or one id for all) routes rows to
+        their users' adapters (a None row: the base model alone)."""
+        with self.routing(users, batch_rows(args, kwargs)):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args, users: Sequence[str] | None = None, **kwargs):
+    def generate(self, *args, users: str | Sequence[str] | None = None, **kwargs):
         """`model.generate` with rows routed to their users' adapters (causal LMs, encoder-decoders).
 
-        `users` has one id per input row; rows that generation repeats (beams, several
-        sequences per prompt: the decoder's rows, and cross-attention's) keep their row's user.
+        `users` has one id per input row (or one id for all); rows that generation repeats
+        (beams, several sequences per prompt: the decoder's rows, and cross-attention's) keep
+        their row's user.
         """
-        with self.routing(users):
+        with self.routing(users, batch_rows(args, kwargs)):
             return self.model.generate(*args, **kwargs)
 
     def adapters(self, user: str | None = None) -> dict[str, nn.Module]:
