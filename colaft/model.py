@@ -1,7 +1,7 @@
 """ColaModel: a frozen base model with adapters at its sites (the PEFT-like entry point)."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +13,7 @@ from colaft.adapters import build_adapter, is_mergeable
 from colaft.config import DEFAULT_USER, ColaConfig
 from colaft.io import adapters as adapter_io
 from colaft.io import peft as peft_io
-from colaft.routing import Route
+from colaft.routing import Route, per_row
 from colaft.sites import Call, Site, select_sites, site_spec
 
 
@@ -22,6 +22,14 @@ def _key(site_name: str) -> str:
 
 
 MODES = ("personal", "collaborative")
+
+
+def batch_rows(args: Sequence, kwargs: Mapping) -> int | None:
+    """The rows of a batch given as a model's arguments: the first dimension of its first tensor."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 class ColaModel(nn.Module):
@@ -124,14 +132,15 @@ class ColaModel(nn.Module):
             s.combine = self.weights if mode == "collaborative" else None
 
     @contextmanager
-    def routing(self, users: Sequence[str] | None):
-        """Inside, row i of a batch uses the adapters of `users[i]` (None: no routing).
+    def routing(self, users: str | Sequence[str | None] | None, rows: int | None = None):
+        """Inside, row i of a batch of `rows` rows uses the adapters of `users[i]` (None: no routing).
 
-        A row whose user is None runs through the base model alone (no user's adapter), so
-        base-model rows can share a batch with users' rows (inference).
+        `users` is one id per row, or one id (a str) for every row. A row whose user is None
+        runs through the base model alone (no user's adapter), so base-model rows can share a
+        batch with users' rows (inference).
         """
+        users = per_row(users, rows)
         if users is not None:
-            users = list(users)
             self.check_users([u for u in users if u is not None])
         route = Route(users) if users else None
         for s in self.sites.values():
@@ -148,19 +157,20 @@ class ColaModel(nn.Module):
         return {s.name: s.get(user) for s in self.sites.values() if user in s.keys}
 
     # ------------------------------------------------------------- use
-    def forward(self, *args, users: Sequence[str | None] | None = None, **kwargs):
-        """The base model's forward; `users` (one id per row) routes rows to their users' adapters
-        (a None row: the base model alone)."""
-        with self.routing(users):
+    def forward(self, *args, users: str | Sequence[str | None] | None = None, **kwargs):
+        """The base model's forward; `users` (one id per row, or one id for all) routes rows to
+        their users' adapters (a None row: the base model alone)."""
+        with self.routing(users, batch_rows(args, kwargs)):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args, users: Sequence[str] | None = None, **kwargs):
+    def generate(self, *args, users: str | Sequence[str] | None = None, **kwargs):
         """`model.generate` with rows routed to their users' adapters (causal LMs, encoder-decoders).
 
-        `users` has one id per input row; rows that generation repeats (beams, several
-        sequences per prompt: the decoder's rows, and cross-attention's) keep their row's user.
+        `users` has one id per input row (or one id for all); rows that generation repeats
+        (beams, several sequences per prompt: the decoder's rows, and cross-attention's) keep
+        their row's user.
         """
-        with self.routing(users):
+        with self.routing(users, batch_rows(args, kwargs)):
             return self.model.generate(*args, **kwargs)
 
     def adapters(self, user: str | None = None) -> dict[str, nn.Module]:
@@ -192,6 +202,58 @@ class ColaModel(nn.Module):
         adapters = self.adapters(user)
         for name, state in states.items():
             adapters[name].load_state_dict(state)
+
+    # ------------------------------------------------------------- task heads
+    def head_bases(self, user: str) -> dict[str, dict[str, torch.Tensor]]:
+        """The base module's own parameters under each of `user`'s task heads (site -> weight, bias).
+
+        A task head (a classifier) is newly initialised whenever the base model is loaded, so a
+        head's saved delta means something only on top of these: checkpoints keep them.
+        """
+        return {name: {k: p.detach() for k, p in self.site(name).target.named_parameters(recurse=False)}
+                for name in self.user_adapters(user) if self.site(name).is_head}
+
+    def check_head_bases(self, user: str, bases: Mapping[str, Mapping[str, torch.Tensor]], source) -> None:
+        """Raise a ValueError unless `bases` fit `user`'s task heads (names, parameters, shapes)."""
+        own = self.head_bases(user)
+        if set(bases) - set(own):
+            raise ValueError(f"{source}: base weights for {sorted(set(bases) - set(own))}, not task heads of "
+                             f"user {user!r} here (heads: {sorted(own) or 'none'})")
+        for name, base in bases.items():
+            shapes = {k: tuple(t.shape) for k, t in base.items()}
+            if shapes != {k: tuple(t.shape) for k, t in own[name].items()}:
+                raise ValueError(f"{source}: head {name} was {shapes} when saved, "
+                                 f"{ {k: tuple(t.shape) for k, t in own[name].items()} } here")
+
+    @torch.no_grad()
+    def adopt_head_bases(self, user: str, bases: Mapping[str, Mapping[str, torch.Tensor]],
+                         states: Mapping[str, dict[str, torch.Tensor]], keep: Collection[str] = ()
+                         ) -> dict[str, dict[str, torch.Tensor]]:
+        """`user`'s saved adapter `states`, made to compute here what they computed on the head
+        weights `bases` they were saved with (checked by `check_head_bases`).
+
+        `keep`: users whose deltas were trained on this model's heads as they are now. A head
+        none of them adapts takes the saved weights, so the saved model's outputs come back
+        exactly; a head one of them adapts keeps its weights, and the difference joins `user`'s
+        delta instead (exact to round-off).
+        """
+        out = dict(states)
+        for name, base in bases.items():
+            site, own = self.site(name), self.head_bases(user)[name]
+            if all(torch.equal(base[k].to(own[k]), own[k]) for k in own):
+                continue
+            if any(u in keep for u in site.users if u != user):
+                delta = dict(states[name])
+                dw = base["weight"].to(own["weight"]) - own["weight"]
+                delta["weight"] = delta["weight"] + (dw.T if site.transposed else dw).to(delta["weight"])
+                if "bias" in own:
+                    delta["bias"] = delta["bias"] + (base["bias"].to(own["bias"]) - own["bias"]).to(delta["bias"])
+                out[name] = delta
+            else:
+                params = dict(site.target.named_parameters(recurse=False))
+                for k, t in base.items():
+                    params[k].copy_(t)
+        return out
 
     def adapter_parameters(self) -> int:
         return sum(p.numel() for s in self.sites.values() for p in s.adapters.parameters())
@@ -236,6 +298,8 @@ class ColaModel(nn.Module):
         """`model` (the base model they were trained on) with the users saved in `directory` and the mode.
 
         `user`: that user alone (from a one-user checkpoint: its adapters, under the id `user`).
+        Task heads take the weights they had when saved (a new head is random), so the saved
+        model's outputs come back exactly, whatever the seed `model` was loaded with.
         Raises FileNotFoundError for a missing or incomplete checkpoint and ValueError when it
         does not fit `model` (which is then left without sites).
         """
@@ -252,6 +316,7 @@ class ColaModel(nn.Module):
                 except ValueError as e:
                     raise ValueError(f"{s.source} does not fit this model: {e}") from e
                 adapter_io.check_states(cola.user_adapters(s.user), s.states, s.source)
+                cola.check_head_bases(s.user, s.heads, s.source)
             if mode:
                 cola.set_mode(mode["mode"], mode["weights"])
         except BaseException:
@@ -259,7 +324,7 @@ class ColaModel(nn.Module):
                 cola.unload()
             raise
         for s in saved:
-            adapter_io.load_states(cola.user_adapters(s.user), s.states)
+            adapter_io.load_states(cola.user_adapters(s.user), cola.adopt_head_bases(s.user, s.heads, s.states))
         return cola
 
     def load_adapters(self, directory: str | Path, user: str | None = None) -> None:

@@ -56,6 +56,25 @@ class Route:
 
 
 
+def per_row(users: str | Sequence[str | None] | None, rows: int | None) -> list[str | None] | None:
+    """One user id per row of a batch of `rows` rows: `users` is one per row, or one (a str) for all.
+
+    A list of another length is refused, never broadcast: `["alice"]` for 8 rows is a mistake
+    that would otherwise train or answer every row as alice.
+    """
+    if users is None:
+        return None
+    if isinstance(users, str):
+        if rows is None:
+            raise ValueError(f"users={users!r} names one user for every row, but the batch's rows are unknown")
+        return [users] * rows
+    users = list(users)
+    if rows is not None and len(users) != rows:
+        hint = f", or users={users[0]!r} (a string) for every row" if len(set(users)) == 1 else ""
+        raise ValueError(f"users holds {len(users)} id(s) for a batch of {rows} rows: give one per row{hint}")
+    return users
+
+
 def segment_forward(adapters: Sequence[nn.Module], x: torch.Tensor, index: list[int]) -> torch.Tensor:
     """Default grouped forward: each adapter once on its users' rows, as one contiguous segment.
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from colaft.model import ColaModel
+from colaft.model import ColaModel, batch_rows
 from colaft.packets import Packet
-from colaft.routing import Route
+from colaft.routing import Route, per_row
 from colaft.sites import Call, Kept
 
 LossFn = Callable[[object, Mapping], torch.Tensor]
@@ -48,7 +48,7 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
             (one id per row) is taken as `users`.
         loss_fn: `loss_fn(output, batch) -> loss` for models that do not return `.loss`; for a
             batch of several users it must return one loss per row, shape (B,).
-        users: the user of every row (None: the model's only user).
+        users: the user of every row, or one user (a str) for every row (None: the model's only user).
     Returns:
         ServerStep: the loss, one packet per (user, site call) that the loss depends on, and
         the users' losses. With several users the loss is the sum over users of each user's
@@ -57,6 +57,7 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
     batch = dict(batch)
     users = batch.pop("users", None) if users is None else users
     batch.pop("users", None)
+    users = per_row(users, batch_rows((), batch))
     if users is not None and any(u is None for u in users):
         raise ValueError("every training row needs a user (None routes a row to the base model at inference only)")
     if users is None and len(model.users) > 1:

@@ -156,6 +156,7 @@ class Site(nn.Module):
         self.is_head = is_head
         self.__dict__["target"] = module  # not a submodule: it already belongs to the model
         self.spec = site_spec(module)
+        self.transposed = isinstance(module, Conv1D)  # GPT-2: y = x @ W + b with W stored (in, out)
         self.adapters = nn.ModuleDict()  # user key -> frozen adapter
         self.keys: dict[str, str] = {}  # user id -> key in `adapters` (ids may hold dots, keys may not)
         self.dropout = nn.Dropout(dropout) if dropout > 0 and self.spec.kind != "embedding" else nn.Identity()
@@ -219,7 +220,7 @@ class Site(nn.Module):
                         delta: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """f(x; W + delta_W): delta_W of `adapter`, or a given (delta_W, delta_b)."""
         m = self.target
-        transposed = isinstance(m, Conv1D)  # y = x @ W + b with W (in, out)
+        transposed = self.transposed
         if adapter is not None and hasattr(adapter, "merged_weight"):  # W + delta_W in one kernel (no bias delta)
             weight, db = adapter.merged_weight(m.weight, transposed), None
         else:
@@ -329,7 +330,7 @@ class Site(nn.Module):
         m = self.target
         dw, db = self.adapter.delta_weight()
         with torch.no_grad():
-            m.weight += dw.T if isinstance(m, Conv1D) else dw
+            m.weight += dw.T if self.transposed else dw
             if db is not None:
                 if m.bias is None:
                     m.bias = nn.Parameter(db.detach().clone(), requires_grad=False)

@@ -211,10 +211,14 @@ class Trainer(TrainerLike):
         Each user's packets go to its owner, which fits every `interval` of its steps; the
         server then waits until no user is more than `staleness` fits behind.
         """
-        self.model.train()
+        was_training = self.model.training
         self._sync_users()
         start = time.perf_counter()
-        out = server_step(self.model, batch, self.loss_fn, users)
+        self.model.train()  # dropout at sites and in the base, as training means it
+        try:
+            out = server_step(self.model, batch, self.loss_fn, users)
+        finally:
+            self.model.train(was_training)  # inference after a step is not dropout-noisy
         self.stats["server_seconds"] += time.perf_counter() - start
         by_user: dict[str, list] = {u: [] for u in out.user_losses}
         for p in out.packets:

@@ -3,6 +3,7 @@
 One user (old checkpoints too):
     dir/colaft_config.json      {"user", "config": ColaConfig, "sites", "mode", "weights", "colaft_version"}
     dir/adapters.safetensors    <site>.<param>
+    dir/heads.safetensors       <head site>.weight|bias: the base head the deltas were trained on
 Several users:
     dir/colaft_users.json       {"users": [{"user": id, "folder": name}, ...] in order, "mode", "weights", ...}
     dir/<folder>/               one user's files as above (user ids are free-form; folders are safe names)
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from colaft.io.files import atomic_dir, read_json, require, write_json
 
 CONFIG = "colaft_config.json"
 ADAPTERS = "adapters.safetensors"
+HEADS = "heads.safetensors"  # the base weights under the user's task heads (newly initialised per run)
 USERS = "colaft_users.json"
 MARKERS = (CONFIG, USERS)  # an adapter checkpoint holds one of these
 RESERVED = ("trainer.safetensors", "trainer_state.json", "pending.safetensors")  # a trainer checkpoint's files
@@ -96,6 +98,10 @@ def _write_user(cola_model, user: str, directory: Path, extra: Mapping) -> None:
     tensors = {f"{site}.{k}": v.detach().cpu().contiguous() for site, a in adapters.items()
                for k, v in a.state_dict().items()}
     save_file(tensors, directory / ADAPTERS)
+    heads = {f"{site}.{k}": v.cpu().contiguous() for site, p in cola_model.head_bases(user).items()
+             for k, v in p.items()}
+    if heads:
+        save_file(heads, directory / HEADS)
     write_json(directory / CONFIG, {"user": user, "config": cola_model.user_configs[user].to_dict(),
                                     "sites": list(adapters), **extra, "colaft_version": version("colaft")})
 
@@ -126,13 +132,16 @@ class Saved:
     config: dict
     states: States
     source: Path  # the folder they came from, for error messages
+    heads: States = field(default_factory=dict)  # head site -> the base head's weight and bias (older: none)
 
 
 def _read_user(path: Path) -> tuple[Saved, dict]:
     require(path, CONFIG, ADAPTERS)
     meta = read_json(path / CONFIG)
     states = nest(load_file(path / ADAPTERS), meta["sites"])
-    return Saved(meta.get("user", DEFAULT_USER), meta["config"], states, path), meta
+    heads = nest(load_file(path / HEADS), meta["sites"]) if (path / HEADS).is_file() else {}
+    heads = {site: params for site, params in heads.items() if params}
+    return Saved(meta.get("user", DEFAULT_USER), meta["config"], states, path, heads), meta
 
 
 def read(directory: str | Path) -> tuple[list[Saved], dict]:
@@ -158,7 +167,7 @@ def read(directory: str | Path) -> tuple[list[Saved], dict]:
 def pick(saved: list[Saved], user: str, path) -> Saved:
     """`user`'s adapters: by id from a checkpoint of several users; a single-user one's, whatever its id."""
     if len(saved) == 1:
-        return Saved(user, saved[0].config, saved[0].states, saved[0].source)
+        return Saved(user, saved[0].config, saved[0].states, saved[0].source, saved[0].heads)
     found = [s for s in saved if s.user == user]
     if not found:
         raise ValueError(f"{path} holds no user {user!r}; its users: {', '.join(repr(s.user) for s in saved)}")
@@ -203,6 +212,7 @@ def load_adapters_into(cola_model, directory: str | Path, user: str | None = Non
     hold their own copies: load before building the Trainer (new users it picks up itself).
     """
     saved, _ = read_users(directory, user)
+    before = set(cola_model.users)  # their deltas keep meaning on the heads as they are
     added = []
     try:
         for s in saved:
@@ -215,9 +225,11 @@ def load_adapters_into(cola_model, directory: str | Path, user: str | None = Non
                     raise ValueError(f"{s.source} does not fit this model: {e}") from e
                 added.append(s.user)
             check_states(cola_model.user_adapters(s.user), s.states, f"{s.source} (user {s.user!r})")
+            cola_model.check_head_bases(s.user, s.heads, s.source)
     except BaseException:
         for u in added:
             cola_model.remove_user(u)
         raise
     for s in saved:
-        load_states(cola_model.user_adapters(s.user), s.states)
+        load_states(cola_model.user_adapters(s.user),
+                    cola_model.adopt_head_bases(s.user, s.heads, s.states, keep=before - {s.user}))

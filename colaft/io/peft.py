@@ -54,7 +54,7 @@ def _merged_head(site: Site, adapter: nn.Module) -> dict[str, torch.Tensor]:
     """A task head as PEFT's modules_to_save holds it: the module's own parameters, delta merged."""
     m = site.target
     dw, db = adapter.delta_weight()
-    out = {"weight": m.weight + (dw.T if isinstance(m, Conv1D) else dw)}
+    out = {"weight": m.weight + (dw.T if site.transposed else dw)}
     if m.bias is not None:  # a head's adapter has a bias delta exactly when the head has a bias
         out["bias"] = m.bias + db
     return {f"{site.name}.{k}": v for k, v in out.items()}
@@ -171,20 +171,12 @@ def _split_peft(weights: dict[str, torch.Tensor]) -> tuple[States, States]:
     return lora, other
 
 
-def _head_delta(site: Site, adapter: nn.Module, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The delta that turns a head into PEFT's saved copy of it (modules_to_save)."""
-    m = site.target
-    weight = saved["weight"].to(m.weight.device)
-    if weight.shape != m.weight.shape:
-        raise ValueError(f"head {site.name}: {tuple(weight.shape)} in the PEFT adapter, {tuple(m.weight.shape)} here")
-    dw = weight - m.weight
-    state = {"weight": dw.T if isinstance(m, Conv1D) else dw}
-    if adapter.bias is not None:
-        db = torch.zeros_like(adapter.bias)
-        if "bias" in saved:
-            db = saved["bias"].to(db.device) - (m.bias if m.bias is not None else 0)
-        state["bias"] = db
-    return state
+def _head_base(site: Site, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's saved copy of a head (modules_to_save) as the base weights the head's zero delta adds to."""
+    base = {"weight": saved["weight"]}
+    if site.target.bias is not None:
+        base["bias"] = saved["bias"] if "bias" in saved else site.target.bias.detach()
+    return base
 
 
 def _check_base_layer(site: Site, saved: torch.Tensor, source) -> None:
@@ -211,10 +203,15 @@ def load_into(cola_model, user: str, peft_config: LoraConfig, weights: dict[str,
     extra = sorted(set(other) - heads)
     if extra:
         raise ValueError(f"{source}: {extra} are not LoRA weights nor task heads of user {user!r}")
-    states = {**lora, **{n: _head_delta(cola_model.site(n), sites[n], s) for n, s in other.items()}}
+    # a head comes whole (the weights PEFT trained): it becomes the head's base, under a zero delta
+    bases = {n: _head_base(cola_model.site(n), s) for n, s in other.items()}
+    zeros = {n: {k: torch.zeros_like(v) for k, v in sites[n].state_dict().items()} for n in other}
+    states = {**lora, **zeros}
     adapters = {n: a for n, a in sites.items() if n in states or n not in heads}
     check_states(adapters, states, source)
-    load_states(adapters, states)
+    cola_model.check_head_bases(user, bases, source)
+    keep = set(cola_model.users) - {user}  # other users train on the heads as they are
+    load_states(adapters, cola_model.adopt_head_bases(user, bases, states, keep=keep))
 
 
 def config_of(peft_config: LoraConfig, weights: dict[str, torch.Tensor], **overrides) -> ColaConfig:

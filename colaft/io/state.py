@@ -88,13 +88,16 @@ def load_trainer(trainer, directory) -> None:
             raise ValueError(f"{path}: user {s.user!r} saved with another ColaConfig "
                              f"(field: (saved, this trainer's)): {diff}")
         check_states(model.user_adapters(s.user), s.states, f"{s.source} (server adapters of {s.user!r})")
+        model.check_head_bases(s.user, s.heads, s.source)
     for user, owner in owners.items():
         _check_pending(trainer, user, owner, path)
         check_states(model.user_adapters(user), owner["adapters"], f"{path} (owner adapters of {user!r})")
         owner["pending"] = [p for p in pending if p.user == user]
-    for s in saved:
-        load_states(model.user_adapters(s.user), s.states)
+    heads = {s.user: s.heads for s in saved}
+    for s in saved:  # a head's delta and its owner's copy shift together onto this model's head
+        load_states(model.user_adapters(s.user), model.adopt_head_bases(s.user, s.heads, s.states))
     for user, owner in owners.items():
+        owner["adapters"] = model.adopt_head_bases(user, heads[user], owner["adapters"])
         trainer.pipeline.load_state(user, owner)
     if mode:
         model.set_mode(mode["mode"], mode["weights"])
@@ -139,9 +142,12 @@ def read_owner(trainer, user: str, directory) -> dict:
     if saved.config != model.user_configs[user].to_dict():
         raise ValueError(f"{path}: user {user!r} was saved with another ColaConfig")
     check_states(model.user_adapters(user), saved.states, f"{path} (server adapters of {user!r})")
+    model.check_head_bases(user, saved.heads, path)
     state = decode(read_json(path / OWNER_STATE), load_file(path / OWNER_TENSORS))
     _check_pending(trainer, user, state, path)
     check_states(model.user_adapters(user), state["adapters"], f"{path} (owner adapters of {user!r})")
     state["pending"] = [Packet(p.site, p.x, p.grad, user) for p in packets_from_bytes((path / PENDING).read_bytes())]
-    load_states(model.user_adapters(user), saved.states)
+    others = set(model.users) - {user}  # other jobs train on the heads as they are
+    load_states(model.user_adapters(user), model.adopt_head_bases(user, saved.heads, saved.states, keep=others))
+    state["adapters"] = model.adopt_head_bases(user, saved.heads, state["adapters"], keep=others)
     return state

@@ -1,0 +1,129 @@
+"""A saved classifier comes back exactly in a fresh process, whatever the seed there.
+
+A task head (BERT's classifier) is newly initialised each time the base model is loaded, so a
+head's delta means something only on top of the head it was trained on; checkpoints keep that
+head (colaft.io.adapters' heads.safetensors; PEFT keeps it whole in modules_to_save). Each
+reload below runs in a new Python process seeded differently from the training one.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from colaft import ColaConfig, ColaModel, Trainer
+
+LABELS = 3
+RELOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification
+from colaft import ColaModel
+how, base_dir, saved, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+inputs = {k: torch.tensor(v) for k, v in json.loads(sys.stdin.read()).items()}
+torch.manual_seed(seed)  # a head unlike the training run's
+if how == "merged":  # transformers alone
+    model = AutoModelForSequenceClassification.from_pretrained(saved)
+    users = None
+else:
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3)
+    if how == "peft-package":
+        from peft import PeftModel
+        model, users = PeftModel.from_pretrained(base, saved), None
+    elif how == "peft":
+        model, users = ColaModel.from_peft(base, saved, user="alice"), None
+    else:
+        model = ColaModel.from_pretrained(base, saved)
+        users = ["alice", "bob"] * (len(inputs["input_ids"]) // 2) if len(model.users) > 1 else None
+model.eval()
+with torch.no_grad():
+    logits = model(**inputs, **({"users": users} if users else {})).logits
+print(json.dumps(logits.tolist()))
+"""
+
+
+def reload(how: str, base_dir, saved, inputs: dict, seed: int = 1234) -> torch.Tensor:
+    out = subprocess.run([sys.executable, "-c", RELOAD, how, str(base_dir), str(saved), str(seed)],
+                         input=json.dumps({k: v.tolist() for k, v in inputs.items()}),
+                         capture_output=True, text=True, check=True)
+    return torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def trained(base_dir, users: list[str]) -> tuple[ColaModel, dict]:
+    torch.manual_seed(0)  # the training run's head
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=LABELS)
+    config = ColaConfig(target_modules=["query", "value"], rank=2, alpha=4)
+    cola = ColaModel(base, config, user=users[0])
+    for u in users[1:]:
+        cola.add_user(u, ColaConfig(target_modules=["query", "value"], rank=4, alpha=4))
+    trainer = Trainer(cola, lr=5e-2)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(1, 100, (4, 7), generator=g), "attention_mask": torch.ones(4, 7, dtype=int)}
+    for _ in range(3):
+        trainer.step({**inputs, "labels": torch.randint(0, LABELS, (4,), generator=g)},
+                     users=[users[i % len(users)] for i in range(4)])
+    trainer.close()
+    return cola.eval(), inputs
+
+
+def logits(model, inputs, users=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, **({"users": users} if users else {})).logits.float()
+
+
+def test_one_user_reloads_exactly_through_colaft_peft_and_merged_weights(tiny_bert_dir, tmp_path):
+    cola, inputs = trained(tiny_bert_dir, ["alice"])
+    want = logits(cola, inputs)
+    cola.save_pretrained(tmp_path / "adapters")
+    cola.export_peft(tmp_path / "peft")
+    assert torch.equal(reload("colaft", tiny_bert_dir, tmp_path / "adapters", inputs), want)
+    # PEFT keeps a head whole (W + dW, modules_to_save), and the merged model every site: their
+    # products round differently from W x + dW x, so these agree to round-off
+    torch.testing.assert_close(reload("peft", tiny_bert_dir, tmp_path / "peft", inputs), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reload("peft-package", tiny_bert_dir, tmp_path / "peft", inputs), want,
+                               rtol=1e-5, atol=1e-6)
+    cola.merge_and_unload().save_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(reload("merged", tiny_bert_dir, tmp_path / "merged", inputs), want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_several_users_reload_exactly(tiny_bert_dir, tmp_path):
+    cola, inputs = trained(tiny_bert_dir, ["alice", "bob"])
+    want = logits(cola, inputs, users=["alice", "bob"] * 2)
+    cola.save_pretrained(tmp_path / "adapters")
+    assert torch.equal(reload("colaft", tiny_bert_dir, tmp_path / "adapters", inputs), want)
+
+
+def test_the_reload_differs_without_the_saved_head(tiny_bert_dir, tmp_path):
+    """What the saved head prevents: the same deltas on another seed's head give other logits."""
+    cola, inputs = trained(tiny_bert_dir, ["alice"])
+    cola.save_pretrained(tmp_path / "adapters")
+    (tmp_path / "adapters" / "heads.safetensors").unlink()  # a checkpoint written before heads were kept
+    assert not torch.allclose(reload("colaft", tiny_bert_dir, tmp_path / "adapters", inputs), logits(cola, inputs))
+
+
+def test_a_head_shared_with_other_users_keeps_its_weights_and_the_loaded_user_its_logits(tiny_bert_dir, tmp_path):
+    cola, inputs = trained(tiny_bert_dir, ["alice"])
+    want = logits(cola, inputs)
+    cola.save_pretrained(tmp_path / "alice")
+    torch.manual_seed(77)  # another head, already adapted by another user
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=LABELS)
+    other = ColaModel(base, ColaConfig(target_modules=["query"], rank=2), user="carol").eval()
+    head = base.classifier.weight.clone()
+    carol = logits(other, inputs)
+    other.load_adapters(tmp_path / "alice")
+    assert torch.equal(base.classifier.weight, head)  # carol's head is untouched
+    assert torch.equal(logits(other, inputs, users=["carol"] * 4), carol)
+    torch.testing.assert_close(logits(other, inputs, users=["alice"] * 4), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_head_of_another_shape_is_refused_before_anything_changes(tiny_bert_dir, tmp_path):
+    cola, _ = trained(tiny_bert_dir, ["alice"])
+    cola.save_pretrained(tmp_path / "adapters")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=LABELS + 1)
+    with pytest.raises(ValueError, match="classifier"):
+        ColaModel.from_pretrained(base, tmp_path / "adapters")
+    assert not hasattr(base.classifier, "__dict__") or "forward" not in base.classifier.__dict__  # no site left
