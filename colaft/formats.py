@@ -110,13 +110,14 @@ def missing(value) -> bool:
         (isinstance(value, str) and not value.strip())
 
 
-def record_format(row: Mapping) -> str | None:
-    """The format whose fields the record has, or None."""
+def record_format(row: Mapping, task_fields: bool = True) -> str | None:
+    """The format whose fields the record has, or None; `task_fields`: "question" and "answer"
+    (the clm task's own fields, which `colaft train` reads) count as a prompt and completion."""
     if "messages" in row:
         return "chat"
     if "image" in row:
         return "image"
-    if {"prompt", "completion", "question", "answer"} & row.keys():
+    if {"prompt", "completion", *(("question", "answer") if task_fields else ())} & row.keys():
         return "prompt"
     if "text" in row or "label" in row:
         return "classification"
@@ -179,7 +180,9 @@ def _messages(value, line: int) -> list[dict]:
         messages.append(message)
     learnt = [i for i, m in enumerate(messages) if m.get("weight")]
     if not learnt:
-        raise DataError(f"line {line}: no assistant turn to learn (every one has weight 0)")
+        has = "every assistant turn has weight 0" if any(m["role"] == "assistant" for m in messages) \
+            else "there is none"
+        raise DataError(f"line {line}: the last message to learn must be an assistant turn, but {has}")
     if not any(m["role"] == "user" for m in messages[:learnt[0]]):
         raise DataError(f"line {line}: no user message before the first answer to learn")
     return messages
@@ -214,7 +217,8 @@ def labels_of(records: list[dict]) -> list:
 
 
 def parse(data: bytes, name: str = "", formats: Collection[str] = FORMATS) -> tuple[str, list[dict], list | None]:
-    """Check a whole file (JSONL or CSV, see `kind_of`): every record of one format in `formats`.
+    """Check a whole file (JSONL or CSV, see `kind_of`): every record of one format in `formats`
+    (a prompt's fields are "prompt" and "completion" here, as in the service's API).
 
     Returns:
         (format, checked records in the file's fields, sorted labels of a classification file).
@@ -223,7 +227,7 @@ def parse(data: bytes, name: str = "", formats: Collection[str] = FORMATS) -> tu
     """
     fmt, records = None, []
     for line, row in rows_of(data, kind_of(name, data)):
-        kind = record_format(row)
+        kind = record_format(row, task_fields=False)
         if kind is None or kind not in formats:
             raise DataError(f"line {line}: {_wanted(formats)}")
         if fmt is not None and kind != fmt:
