@@ -37,7 +37,9 @@ def parse(data: bytes, name: str = "") -> tuple[str, list[dict], list | None]:
 
 
 def task_records(fmt: str, records: list[dict], labels: list | None = None) -> list[dict]:
-    """Records in the fields a task reads: clm {"question", "answer"} (a chat's question: the
-    conversation before its last learnt answer), sc {"text", "label"} with the label as its
-    index in `labels`."""
-    return formats.task_records(fmt, records, labels)
+    """Records in the fields a task reads, and no other: clm {"question", "answer"} (a chat's
+    question: the conversation before its last learnt answer), sc {"text", "label"} with the
+    label as its index in `labels`. A column such as "user" would route rows to users the
+    data names; here every row is the job's."""
+    fields = ("text", "label") if fmt == "classification" else ("question", "answer")
+    return [{k: r[k] for k in fields} for r in formats.task_records(fmt, records, labels)]
