@@ -110,6 +110,8 @@ def _as_task_records(rows: list[tuple[int, dict]], base: Path, source: str) -> t
                                         "(every line must have one format)")
             if not any(formats.missing(row.get(f)) for f in formats.needed(fmt, row)):
                 checked.append(formats.check(fmt, row, line))
+        if fmt in ("classification", "image") and checked:
+            formats.labels_of(checked)  # one kind of label: they are numbered in sorted order
     except formats.DataError as e:
         raise ValueError(f"{source!r}: {e}") from None
     return fmt, formats.task_records(fmt, checked, base=base)

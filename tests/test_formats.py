@@ -181,3 +181,10 @@ def test_an_unreadable_image_is_named(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(DataError, match=r"image '.*absent.png': cannot read it"):
         formats.load_image(tmp_path / "absent.png")
+
+
+def test_labels_of_one_kind_through_colaft_data(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(lines({"text": "a", "label": 1}, {"text": "b", "label": "pos"}).decode())
+    with pytest.raises(ValueError, match="r.jsonl': labels mix text and integers"):
+        data.load(str(path), required=("text", "label"))
