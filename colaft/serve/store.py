@@ -67,7 +67,7 @@ class JobStore:
 
     def records(self, file: File) -> list[dict]:
         """A data file's records in the task's form (raises ValueError or OSError if unreadable)."""
-        fmt, records, _ = datafiles.parse((self.data_dir / "files" / file.id).read_bytes())
+        fmt, records, _ = datafiles.parse((self.data_dir / "files" / file.id).read_bytes(), file.filename)
         return datafiles.task_records(fmt, records, file.labels)
 
     def path(self, checkpoint: Checkpoint) -> Path:

@@ -1,4 +1,5 @@
-"""Causal language modelling: question -> answer, the loss on the answer tokens only."""
+"""Causal language modelling: question -> answer, the loss on the answer tokens only (and on
+the learnt assistant turns of a conversation: every one of a chat file's, unless weight 0)."""
 from __future__ import annotations
 
 import math
@@ -52,11 +53,41 @@ class CausalLM:
             raise ValueError("the tokenizer's chat template does not extend the prompt with the answer")
         return prompt, full[len(prompt):]
 
+    def pieces(self, question: str | list[dict], answer: str) -> list[tuple[str, bool]]:
+        """The example's text in order, in pieces each learnt (True) or not: the answer, and the
+        question's assistant turns whose "weight" is 1 (chat files weigh every turn, see
+        colaft.formats; any other assistant turn of a question is context).
+
+        With a chat template, the text before each learnt turn is the conversation up to it
+        rendered with the generation prompt, and the turn is what rendering it adds; one
+        question and answer make `prompt_and_answer`'s two pieces."""
+        if not isinstance(question, list):
+            prompt, answer = self.prompt_and_answer(question, answer)
+            return [(prompt, False), (answer, True)]
+        messages = [{"role": m["role"], "content": m["content"]} for m in question]  # no "weight" for templates
+        messages.append({"role": "assistant", "content": answer})
+        learnt = [i for i, m in enumerate(question) if m["role"] == "assistant" and m.get("weight")] + [len(question)]
+        tok, pieces, done, start = self.tokenizer, [], "", 0
+        for k in learnt:
+            if tok.chat_template:
+                before = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+                through = tok.apply_chat_template(messages[:k + 1], tokenize=False)
+                if not before.startswith(done) or not through.startswith(before):
+                    raise ValueError("the tokenizer's chat template does not extend a conversation turn by turn")
+            else:  # one "Question: ...\nAnswer: ..." block a learnt turn, its context lines first
+                before = done + ("\n" if done else "") + self.plain_prompt(messages[start:k])
+                through = f"{before} {messages[k]['content']}{tok.eos_token or ''}"
+            pieces += [(before[len(done):], False), (through[len(before):], True)]
+            done, start = through, k + 1
+        return pieces
+
     def plain_prompt(self, question: str | list[dict]) -> str:
         """The prompt of a tokenizer without a chat template: "Question: ...\nAnswer:" (earlier
         turns of a conversation first, one "Role: text" line each)."""
         if not isinstance(question, list):
             return f"Question: {question}\nAnswer:"
+        if not question:  # two learnt turns in a row
+            return "Answer:"
         *history, last = question
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in history]
         return "\n".join(lines + [f"Question: {last['content']}\nAnswer:"])
@@ -73,16 +104,17 @@ class CausalLM:
         features = []
         for r in records:
             question = r["question"] if isinstance(r["question"], list) else str(r["question"])
-            prompt, answer = self.prompt_and_answer(question, str(r["answer"]))
-            # Tokenised apart so the prompt/answer boundary is exact; the template's special
-            # tokens separate them, so this equals tokenising the whole text.
-            p = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            a = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-            ids = (p + a)[:max_length]
-            if len(ids) <= len(p):  # no answer token left: nothing to learn from
+            ids, labels = [], []
+            # Each piece is tokenised apart so the learnt/unlearnt boundaries are exact; the
+            # template's special tokens separate them, so this equals tokenising the whole text.
+            for text, learnt in self.pieces(question, str(r["answer"])):
+                tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+                ids += tokens
+                labels += tokens if learnt else [IGNORE] * len(tokens)
+            ids, labels = ids[:max_length], labels[:max_length]
+            if all(label == IGNORE for label in labels):  # no answer token left: nothing to learn from
                 continue
-            features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                             "labels": ([IGNORE] * len(p) + a)[:max_length], **user_of(r)})
+            features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, **user_of(r)})
         if not features:
             raise ValueError(f"max_length {max_length} leaves no answer token in any example")
         return features
@@ -117,10 +149,11 @@ class CausalLM:
                 for b in batches for i, (ids, labels) in enumerate(zip(b["input_ids"], b["labels"]))]
         prompts, references, users = [], [], []
         for ids, labels, user in rows[::max(1, len(rows) // self.rouge_examples)][:self.rouge_examples]:
-            answer_at = int((labels != IGNORE).nonzero()[0])  # the prompt is everything before
-            prompts.append(ids[:answer_at].tolist())
-            references.append(self.tokenizer.decode(labels[answer_at:][labels[answer_at:] != IGNORE],
-                                                    skip_special_tokens=True))
+            learnt = (labels != IGNORE).tolist()
+            end = len(learnt) - learnt[::-1].index(True)  # the last learnt turn ends here
+            answer_at = end - learnt[:end][::-1].index(False) if False in learnt[:end] else 0
+            prompts.append(ids[:answer_at].tolist())  # the prompt is everything before it
+            references.append(self.tokenizer.decode(labels[answer_at:end], skip_special_tokens=True))
             users.append(user)
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         answers = self.generate(cola_model, prompts, users=None if None in users else users)

@@ -2,11 +2,16 @@
 
 ColA then trains only the adapters on top of fixed random features, which is enough for
 digits and shows the method on a non-transformer model (Conv2d sites included).
+
+Images are arrays, or image files (a folder of one subfolder per class, or a file's paths):
+files are decoded with Pillow to the channels and size the model is built for.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
+from colaft.formats import image_info, load_image
 from colaft.tasks.base import Recipe, classification_metrics, keeps_users, register_task, user_of
 
 
@@ -61,15 +67,35 @@ class MLP(ImageModel):
 
 @register_task("ic")
 class ImageClassification:
-    """Models: "cnn" or "mlp". Labels must be integers 0..K-1."""
+    """Models: "cnn" or "mlp". Labels are integers 0..K-1, or any text, numbered in sorted order.
+
+    Image files are made grey when all of them are, else RGB, and resized to the most common
+    size among them (the first such, on a tie): the models take one size, chosen at `load`.
+    """
 
     fields = ("image", "label")
     recipe = Recipe(model="cnn", data="digits", targets=r"conv\d+|fc\d*", lr=1e-2, batch_size=64, epochs=5)
     models = ("cnn", "mlp")
+    channels: int | None = None
+    size: tuple[int, int] | None = None
+    """(width, height) image files are resized to; None: each file's own."""
+    label_ids: dict | None = None
+    """Text label -> class; None: labels are the class numbers."""
 
     def load(self, model: str, records: list[dict], seed: int) -> nn.Module:
-        classes = max(int(r["label"]) for r in records) + 1
-        shape = np.shape(records[0]["image"])
+        labels = sorted({r["label"] for r in records}, key=lambda v: (isinstance(v, str), v))
+        if all(isinstance(v, int) for v in labels):
+            classes, self.label_ids = max(labels) + 1, None
+        else:
+            classes, self.label_ids = len(labels), {v: i for i, v in enumerate(labels)}
+        files = [r["image"] for r in records if isinstance(r["image"], Path)]
+        if files:
+            info = [image_info(f) for f in files]
+            self.channels = max(c for c, _ in info)
+            self.size = Counter(size for _, size in info).most_common(1)[0][0]
+            shape = (self.channels, self.size[1], self.size[0])
+        else:
+            shape = np.shape(records[0]["image"])
         channels, pixels = (shape[0] if len(shape) == 3 else 1), int(np.prod(shape))
         torch.manual_seed(seed)
         if model == "cnn":
@@ -79,10 +105,18 @@ class ImageClassification:
         raise ValueError(f"unknown model {model!r} for task ic; models: {', '.join(self.models)}")
 
     def encode(self, records: list[dict], max_length: int = 0) -> list[dict]:
-        # An image is (H, W) or (C, H, W); jsonl files give nested lists.
-        images = [torch.as_tensor(np.asarray(r["image"], dtype=np.float32)) for r in records]
-        return [{"pixel_values": im.reshape(-1, *im.shape[-2:]), "labels": int(r["label"]), **user_of(r)}  # (C, H, W)
-                for im, r in zip(images, records)]
+        # An image is (H, W) or (C, H, W) (jsonl files give nested lists), or a file's path.
+        images = [torch.as_tensor(load_image(r["image"], self.channels, self.size) if isinstance(r["image"], Path)
+                                  else np.asarray(r["image"], dtype=np.float32)) for r in records]
+        return [{"pixel_values": im.reshape(-1, *im.shape[-2:]), "labels": self._label_id(r["label"]),
+                 **user_of(r)} for im, r in zip(images, records)]  # pixel_values (C, H, W)
+
+    def _label_id(self, label) -> int:
+        if self.label_ids is None:
+            return int(label)
+        if label not in self.label_ids:
+            raise ValueError(f"label {label!r} was not seen when the model was loaded; labels: {list(self.label_ids)}")
+        return self.label_ids[label]
 
     @keeps_users
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:

@@ -54,3 +54,14 @@ def test_clm_trains_on_the_last_answer_of_a_conversation(tiny_llama_dir):
     assert feature["labels"][:n_prompt] == [-100] * n_prompt
     answer = task.tokenizer.decode([t for t in feature["labels"] if t != -100], skip_special_tokens=True)
     assert answer.strip() == "a bot"
+
+
+def test_csv_uploads_and_fields_the_task_does_not_read():
+    fmt, records, labels = files.parse(b"text,label,user\ngood,pos,mallory\nbad,neg,eve\n", "r.csv")
+    assert files.task_records(fmt, records, labels) == [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "who are you"}]},
+                         {"role": "assistant", "content": "a bot"}], "user": "mallory"}
+    assert files.task_records(*files.parse(lines(chat))[:2]) == [
+        {"question": [{"role": "user", "content": "who are you"}], "answer": "a bot"}]
+    assert files.upload_name(None, b"text,label\n") == "upload.csv"
+    assert files.upload_name(None, lines(chat)) == "upload.jsonl" and files.upload_name("a.txt", b"") == "a.txt"

@@ -73,3 +73,88 @@ def test_clm_metrics(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(task, "rouge_examples", 2)  # spread out: rows 0 and 3 of the 6
     monkeypatch.setattr(task, "generate", lambda cm, prompts, users=None: [QA[0][1], QA[3][1]])
     assert task.rouge(cola, batches) == 1.0
+
+
+def learnt_text(task, feature) -> list[str]:
+    """The learnt runs of a feature's labels, decoded."""
+    runs, run = [], []
+    for label in feature["labels"] + [IGNORE]:
+        if label != IGNORE:
+            run.append(label)
+        elif run:
+            runs, run = runs + [task.tokenizer.decode(run)], []
+    return runs
+
+
+def test_clm_learns_every_assistant_turn_of_weight_1(tiny_llama_dir):
+    task = get_task("clm")
+    task.load(str(tiny_llama_dir), qa_records(), seed=0)
+    question = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who are you"},
+                {"role": "assistant", "content": "i am a tiny bot", "weight": 1},
+                {"role": "user", "content": "do you like films"},
+                {"role": "assistant", "content": "no", "weight": 0},
+                {"role": "user", "content": "what is your name"}]
+    feature = task.encode([{"question": question, "answer": "my name is tiny"}], 128)[0]
+    before_1 = ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nwho are you<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    turn_1 = "i am a tiny bot<|im_end|>\n"
+    before_2 = ("<|im_start|>user\ndo you like films<|im_end|>\n<|im_start|>assistant\nno<|im_end|>\n"
+                "<|im_start|>user\nwhat is your name<|im_end|>\n<|im_start|>assistant\n")
+    turn_2 = "my name is tiny<|im_end|>\n"
+    tokens = [task.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (before_1, turn_1, before_2, turn_2)]
+    assert feature["input_ids"] == [t for part in tokens for t in part]
+    assert feature["input_ids"] == task.tokenizer(before_1 + turn_1 + before_2 + turn_2,
+                                                  add_special_tokens=False)["input_ids"]  # pieces = the whole
+    b1, t1, b2, t2 = map(len, tokens)
+    assert feature["labels"] == [IGNORE] * b1 + tokens[1] + [IGNORE] * b2 + tokens[3]  # exact positions
+    assert learnt_text(task, feature) == [turn_1, turn_2]
+    # an assistant turn of a question without a weight is context, as before chat files had weights
+    unweighed = [{k: v for k, v in m.items() if k != "weight"} for m in question]
+    assert learnt_text(task, task.encode([{"question": unweighed, "answer": "my name is tiny"}], 128)[0]) == [turn_2]
+
+
+def test_clm_one_answer_encodes_as_a_question_and_answer(tiny_llama_dir):
+    task = get_task("clm")
+    task.load(str(tiny_llama_dir), qa_records(), seed=0)
+    as_chat = [{"question": [{"role": "user", "content": q}], "answer": a} for q, a in QA]
+    assert task.encode(as_chat, 64) == task.encode(qa_records(), 64)
+    prompt, answer = task.prompt_and_answer(*QA[0])
+    p, a = (task.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt, answer))
+    assert task.encode(qa_records()[:1], 64)[0]["labels"] == [IGNORE] * len(p) + a
+
+
+def test_clm_many_turns_without_a_chat_template(tmp_path):
+    task = get_task("clm")
+    task.load(str(save_tiny_llama(tmp_path, chat_template=False)), qa_records(), seed=0)
+    question = [{"role": "user", "content": "who are you"}, {"role": "assistant", "content": "a bot", "weight": 1},
+                {"role": "user", "content": "what is ai"}]
+    assert task.pieces(question, "thinking machines") == [
+        ("Question: who are you\nAnswer:", False), (" a bot<|im_end|>", True),
+        ("\nQuestion: what is ai\nAnswer:", False), (" thinking machines<|im_end|>", True)]
+    feature = task.encode([{"question": question, "answer": "thinking machines"}], 128)[0]
+    assert learnt_text(task, feature) == [" a bot<|im_end|>", " thinking machines<|im_end|>"]
+
+
+def test_clm_truncation_keeps_the_turns_that_fit(tiny_llama_dir):
+    task = get_task("clm")
+    task.load(str(tiny_llama_dir), qa_records(), seed=0)
+    question = [{"role": "user", "content": "who are you"}, {"role": "assistant", "content": "a bot", "weight": 1},
+                {"role": "user", "content": "what is ai"}]
+    first = task.pieces(question, "x")[:2]
+    length = sum(len(task.tokenizer(t, add_special_tokens=False)["input_ids"]) for t, _ in first)
+    feature = task.encode([{"question": question, "answer": "ai is the science of thinking machines"}], length)[0]
+    assert learnt_text(task, feature) == ["a bot<|im_end|>\n"]
+
+
+def test_clm_rouge_answers_the_last_learnt_turn(tiny_llama_dir, monkeypatch):
+    task = get_task("clm")
+    model = task.load(str(tiny_llama_dir), qa_records(), seed=0)
+    question = [{"role": "user", "content": "who are you"}, {"role": "assistant", "content": "a bot", "weight": 1},
+                {"role": "user", "content": "what is ai"}]
+    feature = task.encode([{"question": question, "answer": QA[0][1]}], 128)[0]
+    prompts = []
+    monkeypatch.setattr(task, "generate", lambda cm, p, users=None: prompts.extend(p) or [QA[0][1]])
+    assert task.rouge(model, [task.collate([feature])]) == 1.0  # the reference is the last turn only
+    answer = task.tokenizer(f"{QA[0][1]}<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    last = len(feature["labels"]) - len(answer)
+    assert prompts == [feature["input_ids"][:last]]  # the earlier learnt turn is part of the prompt

@@ -39,3 +39,31 @@ def test_ic_accepts_nested_lists_from_jsonl():
     task = get_task("ic")
     features = task.encode([{"image": [[0.0, 1.0], [0.5, 0.25]], "label": 1}])
     assert features[0]["pixel_values"].tolist() == [[[0.0, 1.0], [0.5, 0.25]]]
+
+
+def test_ic_image_files_share_the_models_channels_and_size(tmp_path):
+    from PIL import Image
+
+    from colaft.formats import DataError
+
+    paths = []
+    for i, (mode, size, value) in enumerate([("L", (8, 6), 255), ("RGB", (4, 4), (255, 0, 0)), ("L", (8, 6), 0)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new(mode, size, value).save(paths[-1])
+    records = [{"image": p, "label": label} for p, label in zip(paths, ["dog", "cat", "dog"])]
+    task = get_task("ic")
+    model = task.load("mlp", records, seed=0)
+    assert (task.channels, task.size) == (3, (8, 6))  # one colour image: RGB; the most common size
+    assert model.fc1.in_features == 3 * 6 * 8
+    batch = task.collate(task.encode(records))
+    assert batch["pixel_values"].shape == (3, 3, 6, 8) and batch["labels"].tolist() == [1, 0, 1]  # cat, dog
+    assert batch["pixel_values"][0].min() == 1.0 and batch["pixel_values"][2].max() == 0.0
+    torch.testing.assert_close(batch["pixel_values"][1, :, 0, 0], torch.tensor([1.0, 0.0, 0.0]))  # resized red
+    assert model(**batch).logits.shape == (3, 2)
+    with pytest.raises(ValueError, match="label 'bird' was not seen"):
+        task.encode([{"image": paths[0], "label": "bird"}])
+    paths[1].write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"image '.*1.png': cannot read it"):
+        task.encode(records)
+    with pytest.raises(DataError, match=r"image '.*1.png': cannot read it"):
+        get_task("ic").load("cnn", records, seed=0)

@@ -1,4 +1,4 @@
-"""/v1/files: upload (checked line by line), list, read, delete (not while a job uses the file)."""
+"""/v1/files: upload (JSONL or CSV, checked line by line), list, read, delete (not while a job uses the file)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -26,16 +26,17 @@ def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileP
     if len(data) > service.max_upload_bytes:
         raise APIError(413, f"the upload is larger than the limit of {service.max_upload_bytes} bytes",
                        "file", "file_too_large")
+    name = datafiles.upload_name(file.filename, data)
     try:
-        fmt, records, labels = datafiles.parse(data)
+        fmt, records, labels = datafiles.parse(data, name)
     except datafiles.DataError as e:
-        raise APIError(400, f"{file.filename}: {e}", "file", "invalid_file") from None
+        raise APIError(400, f"{name}: {e}", "file", "invalid_file") from None
     file_id = new_id("file")
     path = service.settings.data_dir / "files" / file_id
     write_atomic(path, data)  # on disk before the row that points at it
     try:
         with service.db.session() as s:
-            row = File(id=file_id, user_id=user.id, filename=(file.filename or "upload.jsonl")[:500],
+            row = File(id=file_id, user_id=user.id, filename=name[:500],
                        purpose=purpose, bytes=len(data), format=fmt, rows=len(records), labels=labels,
                        created_at=now())
             s.add(row)
@@ -67,7 +68,8 @@ def file_content(user: Me, service: TheService, file_id: str):
     with service.db.read() as s:
         row = owned(s, File, file_id, user, "file")
     data = (service.settings.data_dir / "files" / row.id).read_bytes()
-    return Response(data, media_type="text/csv" if row.format == "results" else "application/jsonl")
+    csv = row.format == "results" or row.filename.lower().endswith(".csv")
+    return Response(data, media_type="text/csv" if csv else "application/jsonl")
 
 
 @router.delete("/v1/files/{file_id}")
