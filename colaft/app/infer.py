@@ -129,7 +129,7 @@ def generate(
     task = (found.task if found and found.task else None) or ("ic" if model in ("cnn", "mlp") else model_task(model))
     if task != "clm":
         raise ValueError(f"generate answers prompts with a causal LM (task clm), not an {task} model: "
-                         "evaluate it with colaft eval RUN_DIR")
+                         "evaluate it with colaft eval RUN_DIR, or label new data with colaft predict RUN_DIR")
     chosen = found.pick(user) if found else None
     questions = [line for p in prompt for line in (sys.stdin.read().splitlines() if p == "-" else [p]) if line.strip()]
     if not questions:

@@ -8,12 +8,13 @@
 
 Task heads become PEFT `modules_to_save`, holding the merged weight W + delta_W. A classifier's
 labels go next to each adapter's config in `colaft_labels.json` ({"num_labels", "id2label",
-"label2id"}): PEFT's LoraConfig has no place for them (unknown keys in adapter_config.json are
-dropped or refused, depending on PEFT's version), and a PEFT user builds the base model before
-loading the adapter, so the file is made to be passed straight to it:
-`AutoModelForSequenceClassification.from_pretrained(base, **json.load(open(dir / "colaft_labels.json")))`.
-The model is
-handed in (`cola_model`: a ColaModel); `ColaModel.from_peft` builds one from `read_peft`.
+"label2id"}, as a classifier's config.json holds them): PEFT's LoraConfig has no place for them
+(unknown keys in adapter_config.json are dropped or refused, depending on PEFT's version), and a
+PEFT user names the outputs when building the base model the adapter goes on:
+`from_pretrained(base, num_labels=n, id2label={int(i): v for i, v in id2label.items()})` (JSON
+keys are text; transformers wants the indices as ints). `ColaModel.from_peft` reads it back.
+
+The model is handed in (`cola_model`: a ColaModel); `ColaModel.from_peft` builds one from `read_peft`.
 """
 from __future__ import annotations
 
