@@ -184,3 +184,20 @@ def test_predict_answers_questions_of_a_clm_run(tiny_llama_dir, tmp_path, capsys
         status, stdout, _ = run_cli(capsys, "generate", "--adapter", run, "--prompt", r["question"],
                                     "--max-new-tokens", "5")
         assert status == 0 and stdout.strip() == r["answer"]
+
+
+# ---------------------------------------------------------------- ic
+def test_predict_labels_images_of_an_ic_run(tmp_path, capsys):
+    from colaft import data
+
+    run = tmp_path / "digits"
+    assert main(["train", "--task", "ic", "--max-steps", "3", "--out", str(run)]) == 0
+    assert _json(run / "run.json")["labels"] == list(range(10))
+    images = [{"image": r["image"].tolist()} for r in data.load("digits")[:4]]
+    new = write_jsonl(tmp_path / "images.jsonl", images)
+    assert main(["predict", str(run), "--data", str(new), "--out", str(tmp_path / "p.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == [0, 1, 2, 3] and all(r["label"] in range(10) for r in rows)
+    assert all(r["probabilities"].keys() == {str(d) for d in range(10)} for r in rows)
+    capsys.readouterr()
+    assert "an ic run predicts images: give them with --data FILE" in error_of(capsys, "predict", run, "--text", "7")
