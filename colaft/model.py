@@ -54,6 +54,9 @@ class ColaModel(nn.Module):
         self.sites = nn.ModuleDict()
         self.user_configs: dict[str, ColaConfig] = {}
         self.mode, self.weights = "personal", None
+        self.labels: dict[str, list] = {}
+        """User -> what its classification head's outputs mean, in output order (the data's label
+        values: str or int); saved with the user's adapters as id2label/label2id."""
         self.add_user(user, config)
 
     @staticmethod
@@ -108,6 +111,7 @@ class ColaModel(nn.Module):
                 site.detach_from_model()
                 del self.sites[key]
         del self.user_configs[user]
+        self.labels.pop(user, None)
 
     def check_users(self, users) -> None:
         unknown = sorted({u for u in users if u not in self.user_configs}, key=str)
@@ -286,6 +290,9 @@ class ColaModel(nn.Module):
                                  "would change those too. Untie the weights first, or unload() and keep the adapter")
         for s in self.sites.values():
             s.merge_into_base()
+        named = {tuple(self.labels[u]) for u in self.users if u in self.labels}
+        if len(named) == 1 and hasattr(self.model, "config"):  # the merged model's config.json names its outputs
+            self.model.config.id2label, self.model.config.label2id = adapter_io.label_maps(list(named.pop()))
         return self.unload()
 
     # ------------------------------------------------------------- disk (colaft.io)
@@ -317,6 +324,8 @@ class ColaModel(nn.Module):
                     raise ValueError(f"{s.source} does not fit this model: {e}") from e
                 adapter_io.check_states(cola.user_adapters(s.user), s.states, s.source)
                 cola.check_head_bases(s.user, s.heads, s.source)
+                if s.labels is not None:
+                    cola.labels[s.user] = s.labels
             if mode:
                 cola.set_mode(mode["mode"], mode["weights"])
         except BaseException:
@@ -346,6 +355,8 @@ class ColaModel(nn.Module):
         cola = cls(model, peft_io.config_of(peft_config, weights), user=user)
         try:
             peft_io.load_into(cola, user, peft_config, weights, directory)
+            if (labels := peft_io.read_labels(directory)) is not None:
+                cola.labels[user] = labels
         except ValueError:
             cola.unload()
             raise

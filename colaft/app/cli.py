@@ -9,12 +9,13 @@ from pydantic import ValidationError
 
 from colaft.app.experiment import experiment
 from colaft.app.infer import evaluate, generate
+from colaft.app.predict import predict
 from colaft.app.train import train
 from colaft.client import client
 from colaft.serve.commands import serve, users
 
-COMMANDS: dict[str, Callable] = {"train": train, "eval": evaluate, "generate": generate, "experiment": experiment,
-                                  "serve": serve, "users": users, "client": client}
+COMMANDS: dict[str, Callable] = {"train": train, "eval": evaluate, "predict": predict, "generate": generate,
+                                  "experiment": experiment, "serve": serve, "users": users, "client": client}
 """Command name -> function; typer turns the signature into options."""
 
 

@@ -10,7 +10,9 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from colaft.app import loop, runs
+from colaft import data as datasets
+from colaft.app import loop, predict, runs
+from colaft.model import ColaModel
 from colaft.runtime import set_threads
 from colaft.tasks import get_task
 
@@ -28,7 +30,7 @@ def evaluate(
         raise ValueError(f"--batch-size must be >= 1, not {batch_size}")
     set_threads()
     saved, setup, cola_model = runs.reopen(run)  # the run's task, records, split and base model
-    records = setup.held_out if data is None else runs.read_records(setup, data)
+    records = setup.held_out if data is None else _labelled(run, setup, data)
     batches = runs.eval_batches(setup, records, batch_size)
     rows = sum(len(b["labels"]) for b in batches)
     where = "held-out" if data is None else data
@@ -43,12 +45,56 @@ def evaluate(
         table = loop.users_table(None, metrics, {u: (trained[u], evaluated[u]) for u in sorted(trained | evaluated)},
                                  counts=("train rows", "held-out rows" if data is None else "rows"))
         print(table, end="")
+    per_label = None
+    if setup.labels is not None:  # classification: each label's figures, by the data's label names
+        per_label = _per_label(setup, cola_model, records, batch_size or 2 * setup.resolved["batch_size"])
+        print(_label_table(per_label), end="")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"run": str(run), "data": where, "rows": rows,
                                    "batch_size": batch_size or 2 * setup.resolved["batch_size"],
-                                   "metrics": metrics}, indent=2) + "\n")
+                                   "metrics": metrics, **({"per_label": per_label} if per_label else {})},
+                                  indent=2) + "\n")
         print(f"metrics written to {out}")
+
+
+def _labelled(run: Path, setup: runs.Setup, data: str) -> list[dict]:
+    """The records of `data`; data without the run's labels (or answers) is pointed to colaft predict."""
+    try:
+        return runs.read_records(setup, data)
+    except ValueError as error:
+        target = predict.TARGET[setup.task_name]
+        try:  # readable once the target is left out: unlabelled data
+            datasets.load(data, {f: c for f, c in setup.fields.items() if f != target},
+                          (predict.INPUT[setup.task_name],), setup.user_field)
+        except ValueError:
+            raise error from None
+        column = setup.fields.get(target, target)
+        raise ValueError(f"{data} has no {target}s (column {column!r}) to score the run against: to "
+                         f"{'label' if target == 'label' else 'answer'} it, run colaft predict {run} --data {data}"
+                         ) from None
+
+
+def _per_label(setup: runs.Setup, model, records: list[dict], batch_size: int) -> dict[str, dict]:
+    """Label name -> rows, predicted rows, precision, recall and F1 of that label."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    cola = model if isinstance(model, ColaModel) else None
+    users = [r["user"] for r in records] if cola is not None and len(cola.users) > 1 else None
+    predicted = predict.classify(setup, model, records, users, batch_size).argmax(-1).tolist()
+    index = {label: i for i, label in enumerate(setup.labels)}
+    truth = [index[r["label"]] for r in records]
+    ids = list(range(len(setup.labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=ids, zero_division=0)
+    return {str(label): {"rows": int(support[i]), "predicted": predicted.count(i), "precision": float(precision[i]),
+                         "recall": float(recall[i]), "f1": float(f1[i])} for i, label in enumerate(setup.labels)}
+
+
+def _label_table(per_label: dict[str, dict]) -> str:
+    lines = ["| label | rows | predicted | precision | recall | f1 |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {f['rows']} | {f['predicted']} | {f['precision']:.4f} | {f['recall']:.4f} | {f['f1']:.4f} |"
+              for name, f in per_label.items()]
+    return "\n".join(lines) + "\n"
 
 
 def generate(
@@ -83,7 +129,7 @@ def generate(
     task = (found.task if found and found.task else None) or ("ic" if model in ("cnn", "mlp") else model_task(model))
     if task != "clm":
         raise ValueError(f"generate answers prompts with a causal LM (task clm), not an {task} model: "
-                         "evaluate it with colaft eval RUN_DIR")
+                         "evaluate it with colaft eval RUN_DIR, or label new data with colaft predict RUN_DIR")
     chosen = found.pick(user) if found else None
     questions = [line for p in prompt for line in (sys.stdin.read().splitlines() if p == "-" else [p]) if line.strip()]
     if not questions:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from colaft import data as datasets
 from colaft.app import loop
-from colaft.io.adapters import CONFIG, USERS
+from colaft.io.adapters import CONFIG, USERS, label_maps
 from colaft.model import ColaModel
 from colaft.tasks import Task, get_task, loader
 
@@ -52,6 +52,8 @@ class Setup:
     names: list[str] = field(default_factory=list)
     """The users, sorted ([] for data without users)."""
     base: nn.Module | None = None
+    labels: list | None = None
+    """What the head's outputs mean, in output order (classification; the data's values)."""
 
     @property
     def multi(self) -> bool:
@@ -90,6 +92,32 @@ def load(setup: Setup) -> Setup:
     return setup
 
 
+def task_labels(setup: Setup) -> list | None:
+    """The loaded task's labels in head-output order: sc's sorted labels, ic's classes 0..K-1; None for clm."""
+    if setup.task_name == "ic":
+        return list(range(int(setup.base.classifier.out_features)))
+    labels = getattr(setup.task, "labels", None)
+    return None if labels is None else list(labels)
+
+
+def name_labels(model: nn.Module, labels: list | None) -> None:
+    """Name a transformers model's outputs with the data's labels (its config's id2label/label2id):
+    a merged or saved model's config.json then carries them."""
+    if labels is not None and hasattr(getattr(model, "config", None), "id2label"):
+        model.config.id2label, model.config.label2id = label_maps(labels)
+
+
+def record_labels(setup: Setup, model: nn.Module) -> list | None:
+    """The loaded task's labels, named on the base model's config and on every user of a ColaModel
+    (saved with its adapters); what `colaft train` writes to run.json as "labels"."""
+    setup.labels = task_labels(setup)
+    name_labels(setup.base, setup.labels)
+    if isinstance(model, ColaModel) and setup.labels is not None:
+        for user in model.users:
+            model.labels[user] = setup.labels
+    return setup.labels
+
+
 def train_batches(setup: Setup) -> DataLoader:
     """The training split, shuffled by the seed, in the run's batch size."""
     features = setup.task.encode(setup.train, setup.resolved["max_length"])
@@ -115,27 +143,48 @@ def read_run(folder: Path) -> dict:
     return run
 
 
-def reopen(folder: Path) -> tuple[dict, Setup, nn.Module]:
+def reopen(folder: Path, sample: dict | None = None) -> tuple[dict, Setup, nn.Module]:
     """A run folder's run.json, its rebuilt setup (records, split, base model) and the model it
-    trained: the base with its saved adapters (ColA), or a backprop baseline's saved model."""
+    trained: the base with its saved adapters (ColA), or a backprop baseline's saved model.
+
+    `sample`: a record of the data to be predicted; the base is then built from the labels the
+    run saved (and, for images, the sample's size) without reading the training data, which
+    runs before run.json named its labels still need."""
     run = read_run(folder)
-    setup = load(plan(run["options"] | {k: run["resolved"][k] for k in RESOLVED if k in run["resolved"]}))
+    setup = plan(run["options"] | {k: run["resolved"][k] for k in RESOLVED if k in run["resolved"]})
+    labels = run.get("labels")
+    if sample is not None and (labels is not None or setup.task_name == "clm"):
+        shaped = [{**sample, "label": label} for label in labels] if labels is not None else [sample]
+        setup.base = setup.task.load(setup.resolved["model"], shaped, setup.seed)
+    else:
+        load(setup)
+    model = _saved_model(folder, run, setup)
+    setup.labels = labels if labels is not None else task_labels(setup)
+    name_labels(setup.base, setup.labels)
+    cola_model = getattr(model, "cola_model", model)
+    if isinstance(cola_model, ColaModel) and setup.labels is not None:
+        for user in cola_model.users:  # runs saved before the adapters carried their labels
+            cola_model.labels.setdefault(user, setup.labels)
+    return run, setup, model
+
+
+def _saved_model(folder: Path, run: dict, setup: Setup) -> nn.Module:
     if not (folder / "adapters").is_dir():
         raise ValueError(f"{str(folder)!r} saved no adapters (trained with --no-save-adapters)")
     method = run["options"].get("method", "cola")
     if method == "full":
         from colaft.app.baselines import Backprop
-        return run, setup, Backprop(type(setup.base).from_pretrained(folder / "adapters"))
+        return Backprop(type(setup.base).from_pretrained(folder / "adapters"))
     if method != "cola":
         import peft
 
         from colaft.app.baselines import Backprop
         # AdaLoRA's forward with labels needs its trainable adapter (for a loss that evaluation ignores)
-        return run, setup, Backprop(peft.PeftModel.from_pretrained(setup.base, folder / "adapters",
-                                                                   is_trainable=method == "adalora"))
+        return Backprop(peft.PeftModel.from_pretrained(setup.base, folder / "adapters",
+                                                       is_trainable=method == "adalora"))
     cola_model = ColaModel.from_pretrained(setup.base, folder / "adapters")
     # --mode shared: one adapter answers for every user, whose rows still group the metrics
-    return run, setup, loop.OneAdapter(cola_model) if run["options"].get("mode") == "shared" else cola_model
+    return loop.OneAdapter(cola_model) if run["options"].get("mode") == "shared" else cola_model
 
 
 @dataclass

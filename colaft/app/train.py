@@ -172,11 +172,12 @@ def train(
 
     def write(run: Path) -> None:
         result = loop.train(trainer, evaluated or cola_model, job, batches, eval_batches, steps, run, eval_every)
+        labels = runs.record_labels(setup, cola_model)  # the adapters, config.json and exports name the outputs
         if save_adapters:
             cola_model.save_pretrained(run / "adapters")  # several users: a subfolder each
         cola_config = cola_model.config.to_dict() if method == "cola" else None
         (run / "run.json").write_text(json.dumps(
-            {"options": options, "resolved": resolved, "cola_config": cola_config,
+            {"options": options, "resolved": resolved, "cola_config": cola_config, "labels": labels,
              "trainable_parameters": trainer.trainable_parameters(), **result}, indent=2))
         print(f"held-out before: {loop.describe(result['before'])}")
         print(f"held-out after:  {loop.describe(result['after'])}")

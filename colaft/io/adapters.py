@@ -1,7 +1,8 @@
 """Every user's adapters and ColaConfig on disk: what `ColaModel.save_pretrained` writes.
 
 One user (old checkpoints too):
-    dir/colaft_config.json      {"user", "config": ColaConfig, "sites", "mode", "weights", "colaft_version"}
+    dir/colaft_config.json      {"user", "config": ColaConfig, "sites", "mode", "weights", "colaft_version",
+                                 and for a classifier "id2label", "label2id" (see `label_maps`)}
     dir/adapters.safetensors    <site>.<param>
     dir/heads.safetensors       <head site>.weight|bias: the base head the deltas were trained on
 Several users:
@@ -71,6 +72,38 @@ def load_states(adapters: Mapping[str, nn.Module], states: States) -> None:
         adapter.load_state_dict(states[name])
 
 
+# ---------------------------------------------------------------- label names
+
+def label_maps(labels: list) -> tuple[dict[int, object], dict[str, int]]:
+    """(id2label, label2id) of a classifier whose output i means `labels[i]`, as transformers' configs hold them.
+
+    The labels keep the data's own values: text stays text and integers stay integers
+    (id2label {0: 0, 1: 1}, not "LABEL_0"). JSON keys are strings, so on disk id2label's keys
+    are the output indices as text and label2id's keys are the labels as text; id2label's
+    values keep the labels' types and are the ones read back (`read_labels`).
+    """
+    return dict(enumerate(labels)), {str(label): i for i, label in enumerate(labels)}
+
+
+def read_labels(meta: Mapping) -> list | None:
+    """The labels in output order from a JSON object holding "id2label" (None without one)."""
+    id2label = meta.get("id2label")
+    if not id2label:
+        return None
+    by_index = {int(i): label for i, label in id2label.items()}
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ValueError(f"id2label must number the outputs 0..{len(by_index) - 1}, not {sorted(by_index)}")
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def label_meta(labels: list | None) -> dict:
+    """The "id2label" and "label2id" entries of a JSON file ({} for no labels)."""
+    if labels is None:
+        return {}
+    id2label, label2id = label_maps(labels)
+    return {"id2label": {str(i): label for i, label in id2label.items()}, "label2id": label2id}
+
+
 # ---------------------------------------------------------------- users on disk
 
 def safe_names(ids: list[str], pattern: str, reserved: tuple[str, ...] = (),
@@ -103,7 +136,8 @@ def _write_user(cola_model, user: str, directory: Path, extra: Mapping) -> None:
     if heads:
         save_file(heads, directory / HEADS)
     write_json(directory / CONFIG, {"user": user, "config": cola_model.user_configs[user].to_dict(),
-                                    "sites": list(adapters), **extra, "colaft_version": version("colaft")})
+                                    "sites": list(adapters), **label_meta(cola_model.labels.get(user)), **extra,
+                                    "colaft_version": version("colaft")})
 
 
 def write_adapters(cola_model, directory: Path, user: str | None = None) -> None:
@@ -133,6 +167,7 @@ class Saved:
     states: States
     source: Path  # the folder they came from, for error messages
     heads: States = field(default_factory=dict)  # head site -> the base head's weight and bias (older: none)
+    labels: list | None = None  # a classifier's label per output (older, or not a classifier: none)
 
 
 def _read_user(path: Path) -> tuple[Saved, dict]:
@@ -141,7 +176,7 @@ def _read_user(path: Path) -> tuple[Saved, dict]:
     states = nest(load_file(path / ADAPTERS), meta["sites"])
     heads = nest(load_file(path / HEADS), meta["sites"]) if (path / HEADS).is_file() else {}
     heads = {site: params for site, params in heads.items() if params}
-    return Saved(meta.get("user", DEFAULT_USER), meta["config"], states, path, heads), meta
+    return Saved(meta.get("user", DEFAULT_USER), meta["config"], states, path, heads, read_labels(meta)), meta
 
 
 def read(directory: str | Path) -> tuple[list[Saved], dict]:
@@ -167,7 +202,7 @@ def read(directory: str | Path) -> tuple[list[Saved], dict]:
 def pick(saved: list[Saved], user: str, path) -> Saved:
     """`user`'s adapters: by id from a checkpoint of several users; a single-user one's, whatever its id."""
     if len(saved) == 1:
-        return Saved(user, saved[0].config, saved[0].states, saved[0].source, saved[0].heads)
+        return Saved(user, saved[0].config, saved[0].states, saved[0].source, saved[0].heads, saved[0].labels)
     found = [s for s in saved if s.user == user]
     if not found:
         raise ValueError(f"{path} holds no user {user!r}; its users: {', '.join(repr(s.user) for s in saved)}")
@@ -233,3 +268,5 @@ def load_adapters_into(cola_model, directory: str | Path, user: str | None = Non
     for s in saved:
         load_states(cola_model.user_adapters(s.user),
                     cola_model.adopt_head_bases(s.user, s.heads, s.states, keep=before - {s.user}))
+        if s.labels is not None:
+            cola_model.labels[s.user] = s.labels

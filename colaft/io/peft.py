@@ -6,8 +6,15 @@
         dir/<adapter name>/  every other user's adapter
         dir/colaft_peft_users.json  {"adapters": {adapter name: user id}} (PEFT names are safe, ids free-form)
 
-Task heads become PEFT `modules_to_save`, holding the merged weight W + delta_W. The model is
-handed in (`cola_model`: a ColaModel); `ColaModel.from_peft` builds one from `read_peft`.
+Task heads become PEFT `modules_to_save`, holding the merged weight W + delta_W. A classifier's
+labels go next to each adapter's config in `colaft_labels.json` ({"num_labels", "id2label",
+"label2id"}, as a classifier's config.json holds them): PEFT's LoraConfig has no place for them
+(unknown keys in adapter_config.json are dropped or refused, depending on PEFT's version), and a
+PEFT user names the outputs when building the base model the adapter goes on:
+`from_pretrained(base, num_labels=n, id2label={int(i): v for i, v in id2label.items()})` (JSON
+keys are text; transformers wants the indices as ints). `ColaModel.from_peft` reads it back.
+
+The model is handed in (`cola_model`: a ColaModel); `ColaModel.from_peft` builds one from `read_peft`.
 """
 from __future__ import annotations
 
@@ -25,8 +32,9 @@ from transformers.pytorch_utils import Conv1D
 
 from colaft.adapters.lowrank import LowRankEmbedding, LowRankLinear
 from colaft.config import DEFAULT_USER, ColaConfig
-from colaft.io.adapters import States, check_states, load_states, safe_names
-from colaft.io.files import atomic_dir, write_json
+from colaft.io.adapters import States, check_states, label_meta, load_states, safe_names
+from colaft.io.adapters import read_labels as labels_in
+from colaft.io.files import atomic_dir, read_json, write_json
 from colaft.sites import Site
 
 PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix (peft.utils.save_and_load)
@@ -34,6 +42,7 @@ LORA_PARAMS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embed
 BASE_LAYER = "base_layer.weight"  # PEFT also saves a targeted embedding's own weight ("embed_tokens")
 PEFT_DEFAULT = "default"  # the adapter PeftModel.from_pretrained(base, dir) loads from dir itself
 PEFT_USERS = "colaft_peft_users.json"
+LABELS = "colaft_labels.json"  # a classifier's labels (see the module docstring)
 
 
 # ---------------------------------------------------------------- export
@@ -60,7 +69,7 @@ def _merged_head(site: Site, adapter: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{site.name}.{k}": v for k, v in out.items()}
 
 
-def _peft_adapter(cola_model, user: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def _peft_adapter(cola_model, user: str) -> tuple[LoraConfig, dict[str, torch.Tensor], list | None]:
     """`user`'s adapters as a PEFT LoRA config and its weights; ValueError if PEFT cannot hold them."""
     tensors, targets, heads = {}, [], []
     for site in cola_model.sites.values():
@@ -79,13 +88,22 @@ def _peft_adapter(cola_model, user: str) -> tuple[LoraConfig, dict[str, torch.Te
                              target_modules=targets, modules_to_save=sorted(heads) or None,
                              fan_in_fan_out=bool(linear) and all(isinstance(m, Conv1D) for m in linear),  # W (in, out)
                              base_model_name_or_path=getattr(cola_model.model, "name_or_path", None) or None)
-    return peft_config, {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return peft_config, {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in tensors.items()}, \
+        cola_model.labels.get(user)
 
 
-def _write_peft(directory: Path, adapter: tuple[LoraConfig, dict[str, torch.Tensor]]) -> None:
-    peft_config, tensors = adapter
+def _write_peft(directory: Path, adapter: tuple[LoraConfig, dict[str, torch.Tensor], list | None]) -> None:
+    peft_config, tensors, labels = adapter
     peft_config.save_pretrained(str(directory))
     save_file(tensors, directory / PEFT_WEIGHTS, metadata={"format": "pt"})
+    if labels is not None:
+        write_json(directory / LABELS, {"num_labels": len(labels), **label_meta(labels)})
+
+
+def read_labels(directory: str | Path) -> list | None:
+    """The labels an exported classifier's adapter folder names (None without `colaft_labels.json`)."""
+    path = Path(directory) / LABELS
+    return labels_in(read_json(path)) if path.is_file() else None
 
 
 def peft_names(users: list[str]) -> dict[str, str]:

@@ -118,7 +118,7 @@ class Job(Base):
                 "validation_file": self.validation_file, "estimated_finish": None, "integrations": [],
                 "metadata": self.meta, "suffix": self.suffix,
                 "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-                "colaft": dict(self.options)}
+                "colaft": dict(self.options) | ({"labels": list(self.labels)} if self.labels is not None else {})}
 
 
 class Event(Base):

@@ -69,6 +69,8 @@ class ModelHost:
     def _added(self, job_id: str, mode: str, labels: list | None) -> None:
         self.modes[job_id] = mode
         self.labels[job_id] = list(labels or [])
+        if labels:  # saved with the job's adapters: its downloads name the head's outputs
+            self.cola.labels[job_id] = list(labels)
 
     def add_job(self, job_id: str, mode: str, config: ColaConfig, fit: dict, labels: list | None) -> None:
         """A job whose fits run on the server: its adapters and an owner on the backend."""

@@ -127,3 +127,53 @@ def test_a_head_of_another_shape_is_refused_before_anything_changes(tiny_bert_di
     with pytest.raises(ValueError, match="classifier"):
         ColaModel.from_pretrained(base, tmp_path / "adapters")
     assert not hasattr(base.classifier, "__dict__") or "forward" not in base.classifier.__dict__  # no site left
+
+
+def test_label_names_are_saved_and_restored_per_user(tiny_bert_dir, tmp_path):
+    """ColaModel.labels: each user's names of the head's outputs, in colaft_config.json, next to a PEFT
+    export (colaft_labels.json) and in a merged model's config; integer labels stay integers."""
+    from colaft.io import adapters as adapter_io
+    from colaft.io import peft as peft_io
+
+    cola, _ = trained(tiny_bert_dir, ["alice", "bob"])
+    cola.labels = {"alice": ["neg", "pos", "mixed"], "bob": [10, 20, 30]}
+    cola.save_pretrained(tmp_path / "colaft")
+    index = json.loads((tmp_path / "colaft" / adapter_io.USERS).read_text())
+    folders = {e["user"]: e["folder"] for e in index["users"]}
+    bob = json.loads((tmp_path / "colaft" / folders["bob"] / adapter_io.CONFIG).read_text())
+    assert bob["id2label"] == {"0": 10, "1": 20, "2": 30} and bob["label2id"] == {"10": 0, "20": 1, "30": 2}
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=LABELS)
+    assert ColaModel.from_pretrained(base(), tmp_path / "colaft").labels == cola.labels
+    assert ColaModel.from_pretrained(base(), tmp_path / "colaft", user="bob").labels == {"bob": [10, 20, 30]}
+    other = ColaModel(base(), ColaConfig(target_modules=["query"]), user="carol")
+    other.load_adapters(tmp_path / "colaft", user="alice")
+    assert other.labels == {"alice": ["neg", "pos", "mixed"]}
+    other.remove_user("alice")
+    assert other.labels == {}
+
+    cola.export_peft(tmp_path / "peft")  # alice's adapter is the default one; bob's in its folder
+    assert peft_io.read_labels(tmp_path / "peft") == ["neg", "pos", "mixed"]
+    assert json.loads((tmp_path / "peft" / "bob" / peft_io.LABELS).read_text())["num_labels"] == 3
+    assert ColaModel.from_peft(base(), tmp_path / "peft" / "bob", user="b").labels == {"b": [10, 20, 30]}
+
+    cola.remove_user("alice")
+    merged = cola.merge_and_unload()
+    assert merged.config.id2label == {0: 10, 1: 20, 2: 30} and merged.config.label2id == {"10": 0, "20": 1, "30": 2}
+    merged.save_pretrained(tmp_path / "merged")
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").config.id2label == \
+        {0: 10, 1: 20, 2: 30}
+
+
+def test_a_model_without_label_names_saves_none(tiny_bert_dir, tmp_path):
+    from colaft.io import adapters as adapter_io
+
+    cola, _ = trained(tiny_bert_dir, ["alice"])
+    cola.save_pretrained(tmp_path / "colaft")
+    assert "id2label" not in json.loads((tmp_path / "colaft" / adapter_io.CONFIG).read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=LABELS)
+    assert ColaModel.from_pretrained(base, tmp_path / "colaft").labels == {}
+    assert adapter_io.read_labels({"id2label": {"1": "b", "0": "a"}}) == ["a", "b"]
+    with pytest.raises(ValueError, match="id2label must number the outputs 0..1"):
+        adapter_io.read_labels({"id2label": {"0": "a", "2": "b"}})

@@ -1,10 +1,13 @@
 """Inference (colaft.serve.inference), through the real server: requests for several adapters
 and the base model batched together answer as they do one by one; a classification job's
-model answers with its labels.
+model answers with its labels, which its adapters' downloads name too.
 """
 from __future__ import annotations
 
+import io
+import json
 import threading
+import zipfile
 
 from serve_helpers import CHAT, REVIEWS, upload, wait_job
 from tiny_models import BAD, GOOD, QA
@@ -26,6 +29,13 @@ def test_classification_job_and_completions(server, bob):
     assert labels <= {"pos", "neg"}
     chat = bob.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": GOOD[0]}])
     assert chat.choices[0].message.content in {"pos", "neg"}
+    assert job.model_extra["colaft"]["labels"] == ["neg", "pos"]  # head output i means labels[i]
+    for fmt, name in (("colaft", "colaft_config.json"), ("peft", "colaft_labels.json")):
+        with server.http(server.keys["bob"]) as h:
+            r = h.get(f"/v1/fine_tuning/jobs/{job.id}/adapter?format={fmt}")
+        assert r.status_code == 200, r.text
+        saved = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read(name))
+        assert saved["id2label"] == {"0": "neg", "1": "pos"} and saved["label2id"] == {"neg": 0, "pos": 1}
 
 
 def test_inference_batches_rows_of_different_adapters(server, alice, bob):

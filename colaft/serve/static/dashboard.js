@@ -124,6 +124,9 @@
     $("detail").classList.toggle("shown", Boolean(job));
     if (!job) { dropChart(); return; }
     $("detail-id").textContent = job.id;
+    // a classification job answers with these names (head output i is labels[i])
+    const labels = job.colaft && job.colaft.labels;
+    $("labels").textContent = labels && labels.length ? "Labels: " + labels.map(String).join(" · ") : "";
     renderChart(job);
     const rec = state.events.get(job.id);
     const list = rec ? rec.list.slice(-MAX_EVENTS_SHOWN).reverse() : [];
