@@ -25,10 +25,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from matplotlib.figure import Figure
-from tqdm import tqdm
-
-from colaft.tasks import get_task
 
 METHODS: dict[str, list[str]] = {
     "full": ["--method", "full"],
@@ -84,6 +80,8 @@ def experiment(
 ) -> int:
     """Train every method on the same budget and seeds; write results.json, results.md and curves.png
     (users.png with users)."""
+    from colaft.tasks import get_task  # torch: imported when the command runs, not for --help
+
     job = get_task(task)
     out = out or Path("experiments") / task
     names = [m for m in METHODS if not m.startswith("users-")] if methods == "all" else \
@@ -159,6 +157,8 @@ class _Runs:
                 "--seed", str(seed), "--out", str(self.folder(method, lr, seed))]
 
     def run(self, keys: Sequence[tuple[str, float, int]], what: str) -> dict[tuple, dict]:
+        from tqdm import tqdm
+
         keys = list(dict.fromkeys(keys))
         todo = [k for k in keys if not (self.folder(*k) / "run.json").exists()]
         with ThreadPoolExecutor(self.jobs) as executor, \
@@ -286,6 +286,8 @@ def _users_table(by_method: dict[str, list[dict]], metric: str) -> list[str]:
 
 def users_plot(out: Path, runs: list[dict], metric: str) -> bool:
     """users.png: each user's held-out `metric` after each method, less before (mean over seeds)."""
+    from matplotlib.figure import Figure  # no pyplot: headless (Agg)
+
     before, after = _per_user(_by_method(runs), metric)
     if not after:
         return False
@@ -325,6 +327,8 @@ def _mean_spread(values: list[float]) -> str:
 
 def curves(out: Path, runs: list[dict], metric: str) -> None:
     """curves.png: each method's training loss (mean over seeds, smoothed) and held-out `metric`."""
+    from matplotlib.figure import Figure  # no pyplot: headless (Agg)
+
     fig = Figure(figsize=(14, 5), dpi=100)
     train_ax, eval_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     by_method = _by_method([r for r in runs if "folder" in r])  # finished runs: their histories

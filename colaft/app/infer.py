@@ -7,12 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
-
-from colaft.app import loop, runs
-from colaft.runtime import set_threads
-from colaft.tasks import get_task
 
 
 def evaluate(
@@ -24,6 +19,10 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="Also write the metrics to this JSON file.")] = None,
 ) -> None:
     """Evaluate a run's saved adapters: on its held-out split (its "after" metrics) or on --data."""
+    # torch and the models: imported when the command runs, so that --help is quick
+    from colaft.app import loop, runs
+    from colaft.runtime import set_threads
+
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, not {batch_size}")
     set_threads()
@@ -67,7 +66,12 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seeds the sampling.")] = 0,
 ) -> None:
     """Answer prompts with a causal LM and a run's adapters, formatted with the model's chat template."""
+    import torch
+
+    from colaft.app import runs
+    from colaft.runtime import set_threads
     from colaft.serve.commands import model_task
+    from colaft.tasks import get_task
 
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
