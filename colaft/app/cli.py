@@ -6,6 +6,7 @@ benchmark `colaft bench startup` measures it.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -55,6 +56,20 @@ def _quiet_transformers() -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+class Interrupted(Exception):
+    """Ctrl-C in a command, with what was kept (typer would turn a KeyboardInterrupt into a silent 130)."""
+
+
+def _interruptible(command: Callable) -> Callable:
+    @functools.wraps(command)  # typer reads the signature through __wrapped__
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt as e:  # a command that kept something says what; else nothing was
+            raise Interrupted(str(e) if e.args else "nothing was saved") from None
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `colaft` console script; returns the exit status."""
     _quiet_transformers()
@@ -62,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="ColA: fine-tune frozen models with Gradient Learning.")
     app.callback()(lambda: None)  # a group even with one command, so `colaft train` names it
     for name, command in COMMANDS.items():
-        app.command(name)(command)
+        app.command(name)(_interruptible(command))
     from colaft.bench import bench_app  # its own sub-commands: colaft bench server, ...
     app.add_typer(bench_app, name="bench")
     try:
@@ -72,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if message := _message(error):  # empty when bare `colaft` has just printed the help
             print(f"colaft: error: {message}", file=sys.stderr)
         return error.exit_code if isinstance(error, typer.TyperException) else 1
-    except (KeyboardInterrupt, typer.Abort) as error:
-        # a command that kept something says what (KeyboardInterrupt's message); else nothing was
-        kept = str(error) if isinstance(error, KeyboardInterrupt) and error.args else "nothing was saved"
+    except (Interrupted, KeyboardInterrupt, typer.Abort) as error:
+        kept = str(error) if isinstance(error, Interrupted) else "nothing was saved"
         print(f"colaft: interrupted: {kept}", file=sys.stderr)
         return 130
 

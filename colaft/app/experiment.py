@@ -161,11 +161,20 @@ class _Runs:
 
         keys = list(dict.fromkeys(keys))
         todo = [k for k in keys if not (self.folder(*k) / "run.json").exists()]
-        with ThreadPoolExecutor(self.jobs) as executor, \
-                tqdm(total=len(keys), initial=len(keys) - len(todo), desc=what, unit="run") as bar:
-            for key, _ in zip(todo, executor.map(self._one, todo)):
-                bar.set_postfix_str(f"{key[0]} lr {key[1]:g} seed {key[2]}")
-                bar.update()
+        try:
+            with ThreadPoolExecutor(self.jobs) as executor, \
+                    tqdm(total=len(keys), initial=len(keys) - len(todo), desc=what, unit="run") as bar:
+                try:
+                    for key, _ in zip(todo, executor.map(self._one, todo)):
+                        bar.set_postfix_str(f"{key[0]} lr {key[1]:g} seed {key[2]}")
+                        bar.update()
+                except KeyboardInterrupt:  # Ctrl-C reaches the runs too: they stop and leave nothing half-done
+                    bar.leave = False  # no half-drawn bar before the command's last line
+                    raise
+        except KeyboardInterrupt:
+            done = sum((self.folder(*k) / "run.json").exists() for k in keys)
+            raise KeyboardInterrupt(f"{done} of {len(keys)} runs finished, kept in {str(self.out)!r}; "
+                                    "the same command resumes from them") from None
         return {k: self._result(k) for k in keys}
 
     def _one(self, key: tuple[str, float, int]) -> None:

@@ -297,3 +297,36 @@ def test_main_job_defaults_on_real_minilm(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["resolved"]["max_length"] == get_task("sc").recipe.max_length
     assert 0.3 < run["before"]["accuracy"] < 0.7  # an untrained head on two classes
+
+
+def test_ctrl_c_says_what_was_kept_and_leaves_no_temporary(tiny_args, tmp_path):
+    """SIGINT once training runs: the bar is wiped, one line says what was kept, status 130."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    out = tmp_path / "runs" / "run"
+    args = [a if a != "6" else "1000000" for a in tiny_args]  # --max-steps: longer than the test
+    proc = subprocess.Popen([sys.executable, "-m", "colaft.app.cli", *args, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err, started = bytearray(), threading.Event()
+
+    def read() -> None:  # the bar is drawn with \r, no newline: read bytes as they come
+        while chunk := proc.stderr.read1(4096):
+            err.extend(chunk)
+            if b"train:" in err:
+                started.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(120), err.decode()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        proc.kill()
+    reader.join(10)
+    lines = err.decode().rstrip("\n").split("\n")
+    assert lines[-1].split("\r")[-1] == f"colaft: interrupted: nothing was saved ('{out}' was not written)"
+    assert not any("Traceback" in line or "interrupted" in line for line in lines[:-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.jsonl"]  # no runs/, no hidden temporary
