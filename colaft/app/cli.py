@@ -70,9 +70,8 @@ def _interruptible(command: Callable) -> Callable:
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `colaft` console script; returns the exit status."""
-    _quiet_transformers()
+def build_app() -> typer.Typer:
+    """The `colaft` typer app: every command of COMMANDS, and `colaft bench`."""
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="ColA: fine-tune frozen models with Gradient Learning.")
     app.callback()(lambda: None)  # a group even with one command, so `colaft train` names it
@@ -80,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         app.command(name)(_interruptible(command))
     from colaft.bench import bench_app  # its own sub-commands: colaft bench server, ...
     app.add_typer(bench_app, name="bench")
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `colaft` console script; returns the exit status."""
+    _quiet_transformers()
+    app = build_app()
     try:
         result = app(args=argv, prog_name="colaft", standalone_mode=False)
         return result if isinstance(result, int) else 0
