@@ -87,3 +87,13 @@ def test_help_imports_no_heavy_library():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[] 1"  # and the hub stays offline for later imports
+
+
+def test_broken_jsonl_is_one_line(tiny_args, tmp_path, capsys):
+    """The data reader's message (where the file breaks) reaches the user as one line."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"review": "good", "sentiment": "pos"}\n{"review": "bad", sentiment: neg}\n')
+    args = [str(broken) if a.endswith("reviews.jsonl") else a for a in tiny_args]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"colaft: error: {broken}") and not (tmp_path / "run").exists()
