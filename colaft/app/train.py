@@ -108,7 +108,8 @@ def train(
     recipe = job.recipe
     config = checked.cola_config(recipe.targets)
     runs.load(setup)  # records, users, the held-out split, the base model
-    _check_targets(setup.base, config)
+    if not init_adapter:  # else the PEFT folder names the targets
+        _check_targets(setup.base, config)
     names, train_records, held_out = setup.names, setup.train, setup.held_out
     shared, evaluated = mode == "shared", None  # shared: one adapter; the users only group the metrics
     if shared:
@@ -179,7 +180,7 @@ def train(
         if isinstance(e, OSError) and _writing_to(e, built):  # name the flag and the user's path, not a temporary
             folder = next(str(f) for f, _ in built if _writing_to(e, [(f, None)]))
             flag = "--out" if folder == str(out) else "--export-peft"
-            raise ValueError(f"{flag} {folder!r}: cannot write there ({e.strerror or e})") from None
+            raise ValueError(f"{flag}: {folder!r}: cannot write there ({e.strerror or e})") from None
         raise
     trainer.close()
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))

@@ -250,7 +250,7 @@ def test_a_failed_write_names_out_and_leaves_no_temporary(tiny_args, tmp_path, c
     out = tmp_path / "runs" / "r"
     assert main([*tiny_args, "--out", str(out)]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"colaft: error: --out '{out}': cannot write there (Permission denied)"]
+        f"colaft: error: --out: '{out}': cannot write there (Permission denied)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.jsonl"]  # no runs/, no hidden temporary
 
 
