@@ -21,17 +21,15 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import httpx
 import typer
 
-from colaft.adapters import SiteSpec, build_adapter
-from colaft.config import ColaConfig
-from colaft.io.tensors import state_from_bytes, state_to_bytes
-from colaft.model import _HeadConfig
-from colaft.packets import packets_from_bytes
-from colaft.users import FitConfig, Owner, Update
+# torch (through colaft's core) and httpx are imported where used, so that `colaft --help` is quick
+if TYPE_CHECKING:
+    import httpx
+
+    from colaft.users import Owner, Update
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -69,6 +67,11 @@ class Summary:
 
 def build_owner(job: str, meta: dict, state: dict, device: str = "cpu") -> Owner:
     """The job's Owner, rebuilt from fit/state: its adapters from the sites' specs, then the state."""
+    from colaft.adapters import SiteSpec, build_adapter
+    from colaft.config import ColaConfig
+    from colaft.model import _HeadConfig
+    from colaft.users import FitConfig, Owner
+
     config = ColaConfig.from_dict(meta["cola_config"])
     adapters = {}
     for name, site in meta["sites"].items():
@@ -100,6 +103,8 @@ class Client:
         self.job, self.wait, self.compress, self.patience, self.device = job, wait, compress, patience, device
         self.quiet = quiet
         self.path = f"/v1/fine_tuning/jobs/{job}"
+        import httpx
+
         self.http = httpx.Client(base_url=base,
                                  headers={"Authorization": f"Bearer {api_key}"}, timeout=wait + 60)
         self.summary = Summary(job)
@@ -110,6 +115,8 @@ class Client:
 
     # ------------------------------------------------------------- HTTP, retried while the server is away
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        import httpx
+
         deadline = time.monotonic() + self.patience
         while True:
             try:
@@ -134,6 +141,8 @@ class Client:
         if r.headers.get("content-type", "").startswith("application/json"):
             self._over(r.json())
             return None
+        from colaft.io.tensors import state_from_bytes
+
         state, meta = state_from_bytes(r.content)
         owner = build_owner(self.job, meta, state, self.device)
         self.meta = meta
@@ -143,6 +152,8 @@ class Client:
         """'applied', 'duplicate' or 'resync'."""
         meta = {"version": update.version, "seq": seq, "skipped": update.states is None, "rows": update.rows,
                 "lr": update.lr}
+        from colaft.io.tensors import state_to_bytes
+
         body = state_to_bytes(owner.state(), meta)
         r = self._request("POST", "/fit/updates", content=body,
                           headers={"Content-Type": "application/octet-stream"})
@@ -173,6 +184,8 @@ class Client:
         return self.summary
 
     def _run(self) -> None:
+        from colaft.packets import packets_from_bytes
+
         got = self.fetch_state()
         if got is None:
             return

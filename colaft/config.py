@@ -12,6 +12,17 @@ from pydantic.dataclasses import dataclass
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
+# The adapter fields' types, shared by every front end that takes them (`colaft train`'s options,
+# the service's "colaft" field), so that a constraint is written once, here.
+Rank = PositiveInt
+"""Rank r of `lowrank` adapters."""
+Alpha = Annotated[float, Field(gt=0)]
+"""`lowrank` scale is alpha / rank (PEFT's lora_alpha)."""
+Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+"""Dropout on the adapter's input."""
+Hidden = PositiveInt
+"""Hidden width of `mlp` adapters."""
+
 DEFAULT_USER = "default"
 """The id of a model's only user when none is named."""
 
@@ -29,13 +40,13 @@ class ColaConfig:
     """Modules that get an adapter (see above)."""
     adapter: str = "lowrank"
     """Adapter type, a key of the adapter registry (`colaft.adapters.ADAPTERS`)."""
-    rank: PositiveInt = 8
+    rank: Rank = 8
     """Rank r of `lowrank` adapters."""
-    alpha: float = 16.0
+    alpha: Alpha = 16.0
     """`lowrank` scale is alpha / rank (PEFT's lora_alpha)."""
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    dropout: Dropout = 0.0
     """Dropout on the adapter's input (not on embeddings). Needs merge=False."""
-    hidden: PositiveInt = 128
+    hidden: Hidden = 128
     """Hidden width of `mlp` adapters."""
     layers: Annotated[int, Field(ge=2)] = 2
     """Number of linear layers of `mlp` adapters (2: in -> hidden -> out)."""

@@ -13,6 +13,7 @@ packet carries.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -76,29 +77,41 @@ def select_sites(model: nn.Module, target_modules: list[str] | str, heads: list[
         targets = [n for n in candidates if re.fullmatch(target_modules, n)]
     else:
         targets = []
+        missing = [key for key in target_modules if not any(_matches(n, key) for n in candidates)]
+        if missing:  # every key must match something; name them all at once
+            others = f" (nor {', '.join(map(repr, missing[1:]))})" if missing[1:] else ""
+            raise ValueError(_no_match(f"target {missing[0]!r} matches no module{others}", candidates, modules,
+                                       missing))
         for key in target_modules:
-            found = [n for n in candidates if _matches(n, key)]
-            if not found:
-                raise ValueError(_no_match(f"target {key!r} matches no module", candidates, modules, key))
-            targets += [n for n in found if n not in targets]
+            targets += [n for n in candidates if _matches(n, key) and n not in targets]
     only_heads = targets and all(n in head_names for n in targets)
     targets = [n for n in targets if n not in head_names]
     if only_heads:
         raise ValueError(f"target_modules {target_modules!r} match only task heads ({', '.join(head_names)}), "
                          "which get a linear adapter anyway; name the layers to adapt")
     if not targets:
-        raise ValueError(_no_match(f"target_modules {target_modules!r} match no module", candidates, modules, None))
+        raise ValueError(_no_match(f"target_modules {target_modules!r} match no module", candidates, modules,
+                                   [target_modules] if isinstance(target_modules, str) else []))
     return targets, head_names
 
 
-def _no_match(what: str, candidates: list[str], modules: dict, key: str | None) -> str:
-    other = [f"{n} ({type(m).__name__})" for n, m in modules.items() if key and n and _matches(n, key)]
-    hint = f"; it names unsupported modules: {', '.join(other[:5])}" if other else ""
-    shown = ", ".join(candidates[:12]) + (f", ... ({len(candidates)} in all)" if len(candidates) > 12 else "")
+def _no_match(what: str, candidates: list[str], modules: dict, keys: list[str]) -> str:
+    """One short line: what failed, then the closest module names (else the names there are)."""
+    other = [f"{n} ({type(m).__name__})" for n, m in modules.items()
+             if n and n not in candidates and any(_matches(n, k) for k in keys)]
+    hint = f"; it names unsupported modules: {', '.join(other[:3])}" if other else ""
     # the short names are what a user types (PEFT-style suffixes): list each once
-    suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in candidates))
-    by_suffix = f"; by name: {', '.join(suffixes)}" if len(suffixes) < len(candidates) else ""
-    return f"{what}{hint}. Candidate modules: {shown or 'none'}{by_suffix}"
+    names = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in candidates))
+    close = []
+    for key in keys:
+        parts = key.count(".") + 1  # a dotted key is compared with dotted suffixes as long
+        pool = list(dict.fromkeys(".".join(n.split(".")[-parts:]) for n in candidates))
+        starts = [n for n in pool if key and n.lower().startswith(key.lower())]
+        close += starts[:3] + difflib.get_close_matches(key, pool, n=3, cutoff=0.6)
+    if close := list(dict.fromkeys(close))[:6]:
+        return f"{what}{hint}; closest: {', '.join(close)}"
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    return f"{what}{hint}; modules by name: {shown or 'none'}"
 
 
 # ---------------------------------------------------------------- the wrapper at a site

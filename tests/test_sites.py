@@ -73,15 +73,16 @@ def test_heads_inside_a_container_and_user_heads():
                                                          for i in range(2)], [])
 
 
-CNN_CANDIDATES = "Candidate modules: conv1, conv2, fc"
+CNN_CANDIDATES = "modules by name: conv1, conv2, fc"
 
 
 @pytest.mark.parametrize("targets,message", [
-    (["nope"], f"target 'nope' matches no module. {CNN_CANDIDATES}"),
-    (["conv1", "conv3"], f"target 'conv3' matches no module. {CNN_CANDIDATES}"),  # every key must match
-    (["onv1"], f"target 'onv1' matches no module. {CNN_CANDIDATES}"),  # a suffix ends at a dot
-    (["act"], f"target 'act' matches no module; it names unsupported modules: act (ReLU). {CNN_CANDIDATES}"),
-    ("conv", f"target_modules 'conv' match no module. {CNN_CANDIDATES}"),  # a regex matches the whole name
+    (["nope"], f"target 'nope' matches no module; {CNN_CANDIDATES}"),
+    (["conv1", "conv3"], "target 'conv3' matches no module; closest: conv2, conv1"),  # every key must match
+    (["onv1"], "target 'onv1' matches no module; closest: conv1, conv2"),  # a suffix ends at a dot
+    (["act"], f"target 'act' matches no module; it names unsupported modules: act (ReLU); {CNN_CANDIDATES}"),
+    ("conv", "target_modules 'conv' match no module; closest: conv1, conv2"),  # a regex matches the whole name
+    (["nope", "onv2"], "target 'nope' matches no module (nor 'onv2'); closest: conv2, conv1"),  # all named
 ])
 def test_selection_errors_list_the_candidates(targets, message):
     with pytest.raises(ValueError) as info:
@@ -91,8 +92,7 @@ def test_selection_errors_list_the_candidates(targets, message):
 
 def test_selection_errors_on_a_transformer():
     with pytest.raises(ValueError, match=r"target 'ln_f' matches no module; it names unsupported modules: "
-                                         r"transformer\.ln_f \(LayerNorm\)\. Candidate modules: transformer\.wte, "
-                                         r"transformer\.wpe, transformer\.h\.0\.attn\.c_attn, "):
+                                         r"transformer\.ln_f \(LayerNorm\); modules by name: wte, wpe, c_attn, "):
         ColaModel(tiny_gpt2(), ColaConfig(target_modules=["ln_f"]))
     with pytest.raises(ValueError, match=r"target_modules \['classifier'\] match only task heads"):
         select_sites(tiny_bert(), ["classifier"], HEADS)
@@ -118,6 +118,16 @@ def test_padding_rows_are_dropped():
     del batch["attention_mask"]
     packets = server_step(cm, batch).packets
     assert {len(p.x) for p in packets if p.site != "classifier"} == {len(LENGTHS) * SEQ}
+
+
+def test_no_match_error_is_short_and_names_the_closest_modules():
+    """What a user typed wrong, and what they meant: not every module of the model."""
+    with pytest.raises(ValueError) as info:
+        select_sites(tiny_bert(), ["q", "v"], HEADS)
+    assert str(info.value) == "target 'q' matches no module (nor 'v'); closest: query, value"
+    with pytest.raises(ValueError) as info:  # a dotted key is compared with dotted suffixes
+        select_sites(tiny_bert(), ["self.qury"], HEADS)
+    assert str(info.value) == "target 'self.qury' matches no module; closest: self.query, self.key, self.value"
 
 
 def test_no_match_error_lists_the_short_names_once():

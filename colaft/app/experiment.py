@@ -25,10 +25,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from matplotlib.figure import Figure
-from tqdm import tqdm
-
-from colaft.tasks import get_task
 
 METHODS: dict[str, list[str]] = {
     "full": ["--method", "full"],
@@ -84,6 +80,8 @@ def experiment(
 ) -> int:
     """Train every method on the same budget and seeds; write results.json, results.md and curves.png
     (users.png with users)."""
+    from colaft.tasks import get_task  # torch: imported when the command runs, not for --help
+
     job = get_task(task)
     out = out or Path("experiments") / task
     names = [m for m in METHODS if not m.startswith("users-")] if methods == "all" else \
@@ -159,13 +157,24 @@ class _Runs:
                 "--seed", str(seed), "--out", str(self.folder(method, lr, seed))]
 
     def run(self, keys: Sequence[tuple[str, float, int]], what: str) -> dict[tuple, dict]:
+        from tqdm import tqdm
+
         keys = list(dict.fromkeys(keys))
         todo = [k for k in keys if not (self.folder(*k) / "run.json").exists()]
-        with ThreadPoolExecutor(self.jobs) as executor, \
-                tqdm(total=len(keys), initial=len(keys) - len(todo), desc=what, unit="run") as bar:
-            for key, _ in zip(todo, executor.map(self._one, todo)):
-                bar.set_postfix_str(f"{key[0]} lr {key[1]:g} seed {key[2]}")
-                bar.update()
+        try:
+            with ThreadPoolExecutor(self.jobs) as executor, \
+                    tqdm(total=len(keys), initial=len(keys) - len(todo), desc=what, unit="run") as bar:
+                try:
+                    for key, _ in zip(todo, executor.map(self._one, todo)):
+                        bar.set_postfix_str(f"{key[0]} lr {key[1]:g} seed {key[2]}")
+                        bar.update()
+                except KeyboardInterrupt:  # Ctrl-C reaches the runs too: they stop and leave nothing half-done
+                    bar.leave = False  # no half-drawn bar before the command's last line
+                    raise
+        except KeyboardInterrupt:
+            done = sum((self.folder(*k) / "run.json").exists() for k in keys)
+            raise KeyboardInterrupt(f"{done} of {len(keys)} runs finished, kept in {str(self.out)!r}; "
+                                    "the same command resumes from them") from None
         return {k: self._result(k) for k in keys}
 
     def _one(self, key: tuple[str, float, int]) -> None:
@@ -286,6 +295,8 @@ def _users_table(by_method: dict[str, list[dict]], metric: str) -> list[str]:
 
 def users_plot(out: Path, runs: list[dict], metric: str) -> bool:
     """users.png: each user's held-out `metric` after each method, less before (mean over seeds)."""
+    from matplotlib.figure import Figure  # no pyplot: headless (Agg)
+
     before, after = _per_user(_by_method(runs), metric)
     if not after:
         return False
@@ -325,6 +336,8 @@ def _mean_spread(values: list[float]) -> str:
 
 def curves(out: Path, runs: list[dict], metric: str) -> None:
     """curves.png: each method's training loss (mean over seeds, smoothed) and held-out `metric`."""
+    from matplotlib.figure import Figure  # no pyplot: headless (Agg)
+
     fig = Figure(figsize=(14, 5), dpi=100)
     train_ax, eval_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     by_method = _by_method([r for r in runs if "folder" in r])  # finished runs: their histories

@@ -5,16 +5,12 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
 
-from colaft import data as datasets
-from colaft.app import loop, predict, runs
-from colaft.model import ColaModel
-from colaft.runtime import set_threads
-from colaft.tasks import get_task
+if TYPE_CHECKING:
+    from colaft.app import runs
 
 
 def evaluate(
@@ -26,6 +22,10 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="Also write the metrics to this JSON file.")] = None,
 ) -> None:
     """Evaluate a run's saved adapters: on its held-out split (its "after" metrics) or on --data."""
+    # torch and the models: imported when the command runs, so that --help is quick
+    from colaft.app import loop, runs
+    from colaft.runtime import set_threads
+
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, not {batch_size}")
     set_threads()
@@ -60,6 +60,9 @@ def evaluate(
 
 def _labelled(run: Path, setup: runs.Setup, data: str) -> list[dict]:
     """The records of `data`; data without the run's labels (or answers) is pointed to colaft predict."""
+    from colaft import data as datasets
+    from colaft.app import predict, runs
+
     try:
         return runs.read_records(setup, data)
     except ValueError as error:
@@ -78,6 +81,9 @@ def _labelled(run: Path, setup: runs.Setup, data: str) -> list[dict]:
 def _per_label(setup: runs.Setup, model, records: list[dict], batch_size: int) -> dict[str, dict]:
     """Label name -> rows, predicted rows, precision, recall and F1 of that label."""
     from sklearn.metrics import precision_recall_fscore_support
+
+    from colaft.app import predict
+    from colaft.model import ColaModel
 
     cola = model if isinstance(model, ColaModel) else None
     users = [r["user"] for r in records] if cola is not None and len(cola.users) > 1 else None
@@ -113,7 +119,12 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seeds the sampling.")] = 0,
 ) -> None:
     """Answer prompts with a causal LM and a run's adapters, formatted with the model's chat template."""
+    import torch
+
+    from colaft.app import runs
+    from colaft.runtime import set_threads
     from colaft.serve.commands import model_task
+    from colaft.tasks import get_task
 
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, not {max_new_tokens}")

@@ -14,6 +14,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -112,7 +113,7 @@ def train(trainer: TrainerLike, cola_model, task: Task, batches: DataLoader, eva
 
         before = evaluate(0)
         start, smooth = time.perf_counter(), None
-        with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar:
+        with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar, _cleared_on_interrupt(bar):
             for step in train_steps(trainer, batches, steps):  # ends with a flush: a partial interval counts
                 loss = step.loss
                 if not math.isfinite(loss):
@@ -138,6 +139,16 @@ def train(trainer: TrainerLike, cola_model, task: Task, batches: DataLoader, eva
         (out / "users.md").write_text(table)
         log(f"held-out per user, before -> after:\n{table}")
     return {"before": before, "after": after, "train_seconds": seconds, "skipped_fits": skipped}
+
+
+@contextmanager
+def _cleared_on_interrupt(bar: tqdm):
+    """Ctrl-C: the bar is wiped as it closes (no half-drawn line before the command's last word)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        bar.leave = False
+        raise
 
 
 def _rows_per_user(batches: DataLoader, eval_batches: list[dict]) -> dict[str, tuple[int, int]]:

@@ -13,16 +13,15 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import torch
 import typer
-from torch import nn
 
-from colaft import data as datasets
-from colaft.app import runs
-from colaft.model import ColaModel
-from colaft.runtime import set_threads
+if TYPE_CHECKING:  # the heavy modules load when a prediction runs, not for `colaft --help`
+    import torch
+    from torch import nn
+
+    from colaft.app import runs
 
 INPUT = {"sc": "text", "ic": "image", "clm": "question"}
 """The field a task reads its input from."""
@@ -52,6 +51,11 @@ def predict(
     seed: Annotated[int, typer.Option(help="Seeds the sampling.")] = 0,
 ) -> None:
     """Predict with a run's saved adapters: label and class probabilities (sc, ic), or the answer (clm)."""
+    import torch
+
+    from colaft.app import runs
+    from colaft.runtime import set_threads
+
     if [data is not None, bool(text), stdin is not None].count(True) != 1:
         raise ValueError("give the inputs one way: --data FILE, --text T (repeatable), or - (stdin)")
     if stdin is not None and stdin != "-":
@@ -96,6 +100,9 @@ def predict(
 def _records(saved: dict, task_name: str, data: str | None, text: list[str] | None, stdin: str | None,
              user: str | None) -> list[dict]:
     """The rows to predict, with the task's input field (and "user" from the run's user column)."""
+    from colaft import data as datasets
+    from colaft.app import runs
+
     field = INPUT[task_name]
     if data is None:
         if task_name == "ic":
@@ -118,6 +125,8 @@ def _records(saved: dict, task_name: str, data: str | None, text: list[str] | No
 
 def _users(model: nn.Module, records: list[dict], user: str | None, user_field: str | None) -> list[str] | None:
     """Each row's user (None: the model has one user, or one adapter answers every row)."""
+    from colaft.model import ColaModel
+
     if not isinstance(model, ColaModel):  # a baseline, or --mode shared: one adapter answers every row
         if user is not None and not hasattr(model, "cola_model"):
             raise ValueError(f"--user {user!r}: the run trained one model for every row; it has no users")
@@ -141,10 +150,11 @@ def _users(model: nn.Module, records: list[dict], user: str | None, user_field: 
 
 
 # ------------------------------------------------------------------ model
-@torch.no_grad()
 def classify(setup: runs.Setup, model: nn.Module, records: list[dict], users: list[str] | None,
              batch_size: int) -> torch.Tensor:
     """Class probabilities of every record, in order (N, classes), routed to `users` (one per row)."""
+    import torch
+
     task, filler = setup.task, (setup.labels or [0])[0]  # encode wants a label: any known one, then dropped
     features = task.encode([{k: v for k, v in r.items() if k != "user"} | {"label": filler} for r in records],
                            setup.resolved["max_length"])
@@ -154,7 +164,8 @@ def classify(setup: runs.Setup, model: nn.Module, records: list[dict], users: li
         batch = task.collate(features[start:start + batch_size])
         batch.pop("labels")
         routed = {} if users is None else {"users": users[start:start + batch_size]}
-        out.append(torch.softmax(model(**batch, **routed).logits.float(), -1))  # (B, classes)
+        with torch.no_grad():
+            out.append(torch.softmax(model(**batch, **routed).logits.float(), -1))  # (B, classes)
     return torch.cat(out)
 
 

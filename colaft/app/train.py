@@ -6,37 +6,23 @@ Tomatoes, printing held-out accuracy before and after.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 
-from colaft.app import baselines, loop, runs
-from colaft.config import DEFAULT_USER, ColaConfig
-from colaft.io.files import build_atomically
-from colaft.model import ColaModel
-from colaft.runtime import set_threads
-from colaft.tasks import TASKS
-from colaft.trainer import Trainer, TrainerLike
+from colaft.app import options as checks
+from colaft.app.options import ADAPTER_NAMES, BACKEND_NAMES, METHOD_NAMES, TASK_NAMES, parse_targets
 
-_REGEX_CHARS = re.compile(r"[\\^$*+?()\[\]{}|]")
-
-
-def parse_targets(spec: str) -> list[str] | str:
-    """--targets: "all-linear", a regex (has regex syntax), or comma-separated module names."""
-    if spec == "all-linear" or _REGEX_CHARS.search(spec):
-        return spec
-    return [name.strip() for name in spec.split(",") if name.strip()]
+__all__ = ["parse_targets", "train"]  # parse_targets: --targets' syntax, defined with the other options
 
 
 def train(
     model: Annotated[Optional[str], typer.Option(
         help="minilm-l6 | smollm2-135m | a model folder; for ic: cnn | mlp. (default: the task's)")] = None,
-    task: Annotated[str, typer.Option(help=f"{' | '.join(TASKS)}")] = "sc",
+    task: Annotated[str, typer.Option(help=f"{' | '.join(TASK_NAMES)}")] = "sc",
     data: Annotated[Optional[str], typer.Option(
         help="rotten-tomatoes | chatterbot | digits | fashion-mnist | FILE.jsonl | FILE.csv. "
              "(default: the task's)")] = None,
@@ -55,11 +41,11 @@ def train(
         help="collaborative mode: each user's delta counts equally (equal), or by its training rows (rows).")
     ] = "equal",
     method: Annotated[str, typer.Option(
-        help="cola, or a backprop baseline: full | lora | adalora | ia3 | prompt | prefix | ptuning "
+        help=f"cola, or a backprop baseline: {' | '.join(METHOD_NAMES)} "
              "(PEFT's; they use --rank, --alpha, --dropout, --hidden).")] = "cola",
     targets: Annotated[Optional[str], typer.Option(
         help="Adapter sites: comma-separated module names, a regex, or all-linear. (default: the task's)")] = None,
-    adapter: Annotated[str, typer.Option(help="lowrank | linear | mlp")] = "lowrank",
+    adapter: Annotated[str, typer.Option(help=" | ".join(ADAPTER_NAMES))] = "lowrank",
     rank: Annotated[int, typer.Option(help="Rank of lowrank adapters.")] = 8,
     alpha: Annotated[float, typer.Option(help="lowrank scale is alpha / rank.")] = 16.0,
     dropout: Annotated[float, typer.Option(help="Dropout on the adapters' input.")] = 0.0,
@@ -85,7 +71,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run folder. (default: runs/<timestamp>)")] = None,
     export_peft: Annotated[Optional[Path], typer.Option(help="Also export the adapters as a PEFT folder here.")] = None,
     eval_every: Annotated[int, typer.Option(help="Evaluate every so many steps (0: before and after only).")] = 0,
-    backend: Annotated[str, typer.Option(help="Where the fits run: inline | process | ray.")] = "inline",
+    backend: Annotated[str, typer.Option(help=f"Where the fits run: {' | '.join(BACKEND_NAMES)}.")] = "inline",
     workers: Annotated[Optional[int], typer.Option(
         help="Worker processes or Ray actors. (default: the idle cores less the server's threads)")] = None,
     ray_address: Annotated[Optional[str], typer.Option(
@@ -97,20 +83,21 @@ def train(
 ) -> None:
     """Fine-tune a frozen model with ColA and report held-out metrics before and after."""
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    checked = checks.check(options)  # every option, as a whole, before anything is loaded
+    # the heavy libraries are imported only now: `colaft --help` stays quick
+    import torch
+
+    from colaft.app import baselines, loop, runs
+    from colaft.config import DEFAULT_USER
+    from colaft.io.files import build_atomically
+    from colaft.model import ColaModel
+    from colaft.runtime import set_threads
+    from colaft.trainer import Trainer, TrainerLike
+
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    for folder in (out, export_peft):
-        if folder is not None and folder.exists():
-            raise ValueError(f"{str(folder)!r} already exists; choose another folder")
     setup = runs.plan(options)  # the task's recipe fills every option left out
-    _check_method(method, task, setup.multi, backend, staleness, interval, fit_steps, merge, init_adapter,
-                  export_peft)
-    if mode not in ("personal", "collaborative", "shared"):
-        raise ValueError(f"--mode {mode!r}: use one of personal, collaborative, shared")
-    if mode == "shared" and not setup.multi:
-        raise ValueError("--mode shared needs users (--user-field or --users) to report on")
-    if user_weights not in ("equal", "rows") or (user_weights == "rows" and mode != "collaborative"):
-        raise ValueError(f"--user-weights {user_weights!r}: equal, or rows with --mode collaborative")
-    backend_options = _backend_options(backend, workers, ray_address, staleness, transfer_dtype)
+    backend_options = ({} if workers is None else {"workers": workers}) | \
+        ({"address": ray_address} if ray_address else {})
     set_threads()
     if backend == "process" or (backend == "ray" and ray_address is None):  # local workers: leave them cores
         torch.set_num_threads(max(1, torch.get_num_threads() - (workers or 1)))
@@ -119,9 +106,10 @@ def train(
     # Everything that can reject the input runs before anything is written.
     job, resolved, multi = setup.task, setup.resolved, setup.multi
     recipe = job.recipe
-    config = ColaConfig(target_modules=parse_targets(targets) if targets else recipe.targets, adapter=adapter,
-                        rank=rank, alpha=alpha, dropout=dropout, hidden=hidden, merge=merge, bias=bias)
+    config = checked.cola_config(recipe.targets)
     runs.load(setup)  # records, users, the held-out split, the base model
+    if not init_adapter:  # else the PEFT folder names the targets
+        _check_targets(setup.base, config)
     names, train_records, held_out = setup.names, setup.train, setup.held_out
     shared, evaluated = mode == "shared", None  # shared: one adapter; the users only group the metrics
     if shared:
@@ -149,7 +137,7 @@ def train(
             ColaModel(setup.base, config, user=first)
         trainer = Trainer(cola_model, **fit, interval=interval, fit_steps=fit_steps, backend=backend,
                           backend_options=backend_options, staleness=staleness,
-                          transfer_dtype=_TRANSFER_DTYPES[transfer_dtype])
+                          transfer_dtype=_transfer_dtype(transfer_dtype))
         for user in names[1:]:  # the same adapter config and fit settings as the first user
             if init_adapter:  # every user starts from the PEFT adapter
                 cola_model.load_peft(init_adapter, user=user)
@@ -186,46 +174,35 @@ def train(
     built = [(out, write)] + ([(export_peft, cola_model.export_peft)] if export_peft else [])
     try:
         build_atomically(built)
-    except BaseException:
+    except BaseException as e:
         trainer.close(wait=False)  # stop the workers at once
+        if isinstance(e, KeyboardInterrupt):  # build_atomically has removed the half-built folders
+            raise KeyboardInterrupt(f"nothing was saved ({str(out)!r} was not written)") from None
+        if isinstance(e, OSError) and _writing_to(e, built):  # name the flag and the user's path, not a temporary
+            folder = next(str(f) for f, _ in built if _writing_to(e, [(f, None)]))
+            flag = "--out" if folder == str(out) else "--export-peft"
+            raise ValueError(f"{flag}: {folder!r}: cannot write there ({e.strerror or e})") from None
         raise
     trainer.close()
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
 
 
-_TRANSFER_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: packets leave as the server made them
+def _writing_to(error: OSError, built: list) -> bool:
+    """Whether `error` is about one of the folders being built (or their temporaries beside them)."""
+    paths = [Path(f) for f in (error.filename, error.filename2) if f]
+    return any(p.resolve().is_relative_to(Path(folder).parent.resolve()) for p in paths for folder, _ in built)
 
 
-def _backend_options(backend: str, workers: int | None, ray_address: str | None, staleness: int,
-                     transfer_dtype: str) -> dict:
-    """Check the offload options together (before anything is loaded); the backend's keyword arguments."""
-    from colaft.backends import BACKENDS
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if transfer_dtype not in _TRANSFER_DTYPES:
-        raise ValueError(f"--transfer-dtype {transfer_dtype!r}: use one of {', '.join(_TRANSFER_DTYPES)}")
-    if staleness < 0:
-        raise ValueError(f"--staleness must be >= 0, not {staleness}")
-    if workers is not None and (backend == "inline" or workers < 1):
-        raise ValueError("--workers: a number >= 1, with --backend process or ray")
-    if ray_address is not None and backend != "ray":
-        raise ValueError("--ray-address needs --backend ray")
-    options = {} if workers is None else {"workers": workers}
-    return options | ({"address": ray_address} if ray_address else {})
+def _transfer_dtype(name: str):
+    """--transfer-dtype as a torch dtype; None: packets leave as the server made them."""
+    import torch
+    return {"float32": None, "bfloat16": torch.bfloat16}[name]
 
 
-def _check_method(method: str, task: str, multi: bool, backend: str, staleness: int, interval: int, fit_steps: int,
-                  merge: bool, init_adapter, export_peft) -> None:
-    """Backprop baselines train one model in this process: refuse the options only ColA has."""
-    if method == "cola":
-        return
-    if method not in baselines.METHODS:
-        raise ValueError(f"--method {method!r}: use cola or one of {', '.join(baselines.METHODS)}")
-    if method != "full" and task not in baselines.TASK_TYPES:
-        raise ValueError(f"--method {method}: PEFT methods run on the tasks {', '.join(baselines.TASK_TYPES)}; "
-                         f"task {task} compares ColA with --method full")
-    colas = {"--user-field/--users": multi, "--backend": backend != "inline", "--staleness": staleness,
-             "--interval": interval != 1, "--fit-steps": fit_steps != 1, "--merge": merge,
-             "--init-adapter": init_adapter, "--export-peft": export_peft}
-    if given := [name for name, value in colas.items() if value]:
-        raise ValueError(f"{', '.join(given)}: options of ColA, not of --method {method}")
+def _check_targets(base, config) -> None:
+    """--targets against the loaded model, as the adapters will select them (one line naming the flag)."""
+    from colaft.sites import select_sites
+    try:
+        select_sites(base, config.target_modules, config.heads)
+    except ValueError as e:
+        raise ValueError(f"--targets: {e}") from None

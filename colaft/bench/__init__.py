@@ -194,3 +194,19 @@ def serve_command(
     data = run_serve(settings, out, command=_command_line("serve"), log=log)
     typer.echo(summary(data))
     typer.echo(f"report: {out / 'serve.md'}")
+
+
+@bench_app.command("startup")
+def startup_command(
+    runs: Annotated[int, typer.Option(help="Fresh processes per command (their median is reported).")] = 7,
+    quick: Annotated[bool, typer.Option(help="Two runs each: a smoke test.")] = False,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
+) -> None:
+    """Seconds before a command does anything: `colaft --help`, `colaft train --help`, `import colaft`."""
+    from colaft.bench.startup import run_startup, summary
+
+    if runs < 1:
+        raise ValueError(f"--runs must be >= 1, not {runs}")
+    data = run_startup(min(runs, 2) if quick else runs, out, command=_command_line("startup"), log=_timed_log())
+    typer.echo(summary(data))
+    typer.echo(f"report: {out / 'startup.md'}")

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from colaft.adapters import ADAPTERS
+from colaft.config import Alpha, Hidden, Rank
 
 Auto = Literal["auto"]
 
@@ -33,11 +34,12 @@ class ColaftOptions(BaseModel):
 
     adapter: str = "lowrank"
     """Adapter type: lowrank | linear | mlp (or a registered one)."""
-    rank: Annotated[int, Field(ge=1, le=1024)] = 8
+    # ColaConfig's field types (one definition of each constraint), with the service's caps on top
+    rank: Annotated[Rank, Field(le=1024)] = 8
     """Rank of lowrank adapters."""
-    alpha: Annotated[float, Field(gt=0)] = 16.0
+    alpha: Alpha = 16.0
     """lowrank scale is alpha / rank."""
-    hidden: Annotated[int, Field(ge=1, le=8192)] = 128
+    hidden: Annotated[Hidden, Field(le=8192)] = 128
     """Hidden width of mlp adapters."""
     targets: list[str] | str | None = None
     """Adapted modules: names, a regex or "all-linear" (None: the task's default)."""

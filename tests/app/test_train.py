@@ -220,6 +220,40 @@ def test_existing_out_folder_is_refused(tiny_args, tmp_path, capsys):
     assert list((tmp_path / "taken").iterdir()) == []
 
 
+def test_options_are_checked_as_a_whole_before_anything_loads(tiny_args, tmp_path, capsys, monkeypatch):
+    from colaft.app import runs
+    monkeypatch.setattr(runs, "load", lambda setup: pytest.fail("loaded before the options were checked"))
+    assert main([*tiny_args, "--batch-size", "0", "--epochs", "0", "--warmup", "1", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["colaft: error: --warmup: Input should be less than 1; --batch-size: Input should be greater "
+                   "than 0; --epochs: Input should be greater than 0"]  # in --help's order
+
+
+@pytest.mark.parametrize("flag", ["--out", "--export-peft"])
+def test_out_under_a_file_is_one_line_naming_the_flag(tiny_args, tmp_path, capsys, flag):
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "run"
+    extra = [flag, str(bad)] + (["--out", str(tmp_path / "run")] if flag != "--out" else [])
+    assert main([*tiny_args, *extra]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"colaft: error: {flag}: '{bad}': '{tmp_path / 'file'}' is a file, not a folder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "reviews.jsonl"]
+
+
+def test_a_failed_write_names_out_and_leaves_no_temporary(tiny_args, tmp_path, capsys, monkeypatch):
+    from colaft.app import loop
+
+    def refuse(trainer, model, task, batches, eval_batches, steps, run, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(run / "metrics.jsonl"))  # as a read-only disk would
+
+    monkeypatch.setattr(loop, "train", refuse)
+    out = tmp_path / "runs" / "r"
+    assert main([*tiny_args, "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"colaft: error: --out: '{out}': cannot write there (Permission denied)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.jsonl"]  # no runs/, no hidden temporary
+
+
 # ---------------------------------------------------------------- where the fits run
 
 @pytest.fixture
@@ -242,11 +276,11 @@ def test_cli_trains_on_worker_processes_and_stops_them(cli_args, tmp_path, capsy
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--backend", "pigeon"], "--backend 'pigeon': use one of inline, process, ray"),
+    (["--backend", "pigeon"], "--backend: unknown backend 'pigeon'; use one of inline, process, ray"),
     (["--workers", "2"], "--workers: a number >= 1, with --backend process or ray"),
     (["--ray-address", "127.0.0.1:6379"], "--ray-address needs --backend ray"),
-    (["--staleness", "-1"], "--staleness must be >= 0"),
-    (["--transfer-dtype", "int8"], "--transfer-dtype 'int8': use one of float32, bfloat16"),
+    (["--staleness", "-1"], "--staleness: Input should be greater than or equal to 0"),
+    (["--transfer-dtype", "int8"], "--transfer-dtype: unknown transfer dtype 'int8'; use one of float32, bfloat16"),
 ])
 def test_cli_offload_options_are_checked(cli_args, tmp_path, capsys, extra, message):
     assert main([*cli_args, *extra, "--out", str(tmp_path / "run")]) == 1
@@ -263,3 +297,36 @@ def test_main_job_defaults_on_real_minilm(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["resolved"]["max_length"] == get_task("sc").recipe.max_length
     assert 0.3 < run["before"]["accuracy"] < 0.7  # an untrained head on two classes
+
+
+def test_ctrl_c_says_what_was_kept_and_leaves_no_temporary(tiny_args, tmp_path):
+    """SIGINT once training runs: the bar is wiped, one line says what was kept, status 130."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    out = tmp_path / "runs" / "run"
+    args = [a if a != "6" else "1000000" for a in tiny_args]  # --max-steps: longer than the test
+    proc = subprocess.Popen([sys.executable, "-m", "colaft.app.cli", *args, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err, started = bytearray(), threading.Event()
+
+    def read() -> None:  # the bar is drawn with \r, no newline: read bytes as they come
+        while chunk := proc.stderr.read1(4096):
+            err.extend(chunk)
+            if b"train:" in err:
+                started.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(120), err.decode()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        proc.kill()
+    reader.join(10)
+    lines = err.decode().rstrip("\n").split("\n")
+    assert lines[-1].split("\r")[-1] == f"colaft: interrupted: nothing was saved ('{out}' was not written)"
+    assert not any("Traceback" in line or "interrupted" in line for line in lines[:-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reviews.jsonl"]  # no runs/, no hidden temporary
