@@ -177,3 +177,40 @@ def test_a_model_without_label_names_saves_none(tiny_bert_dir, tmp_path):
     assert adapter_io.read_labels({"id2label": {"1": "b", "0": "a"}}) == ["a", "b"]
     with pytest.raises(ValueError, match="id2label must number the outputs 0..1"):
         adapter_io.read_labels({"id2label": {"0": "a", "2": "b"}})
+
+
+IC_RELOAD = r"""
+import json, sys, torch
+from colaft import ColaModel
+from colaft.tasks import get_task
+saved, seed = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(1)  # as the test process: a convolution's sums round by how they are split
+records = [{"image": [[0.0] * 8] * 8, "label": i % 10} for i in range(10)]
+base = get_task("ic").load("cnn", records, seed=0)  # the run's frozen body (its seed)
+torch.manual_seed(seed)
+base.classifier.reset_parameters()  # ... under a new head, as a pretrained body would get
+model = ColaModel.from_pretrained(base, saved).eval()
+pixels = torch.tensor(json.loads(sys.stdin.read()))
+with torch.no_grad():
+    print(json.dumps(model(pixel_values=pixels).logits.tolist()))
+"""
+
+
+def test_an_image_classifier_reloads_exactly_under_a_new_head(tmp_path):
+    from colaft.tasks import get_task
+
+    records = [{"image": [[0.0] * 8] * 8, "label": i % 10} for i in range(10)]
+    base = get_task("ic").load("cnn", records, seed=0)
+    cola = ColaModel(base, ColaConfig(target_modules=r"conv\d+|fc\d*", rank=2, alpha=4))
+    trainer = Trainer(cola, lr=5e-2)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(6, 1, 8, 8, generator=g)
+    for _ in range(3):
+        trainer.step({"pixel_values": pixels, "labels": torch.randint(0, 10, (6,), generator=g)})
+    trainer.close()
+    cola.eval()
+    want = logits(cola, {"pixel_values": pixels})
+    cola.save_pretrained(tmp_path / "adapters")
+    out = subprocess.run([sys.executable, "-c", IC_RELOAD, str(tmp_path / "adapters"), "4321"],
+                         input=json.dumps(pixels.tolist()), capture_output=True, text=True, check=True)
+    assert torch.equal(torch.tensor(json.loads(out.stdout.strip().splitlines()[-1])), want)
