@@ -202,6 +202,8 @@ class TrainOptions(BaseModel):
     def _together(self):
         if self.user_field and self.users is not None:
             raise ValueError("--user-field and --users both make users: give one")
+        if self.merge and self.dropout > 0:  # ColaConfig's own check, named by the flags
+            raise ValueError("--merge needs --dropout 0: a merged weight has no separate adapter input")
         if self.mode == "shared" and not self.multi:
             raise ValueError("--mode shared needs users (--user-field or --users) to report on")
         if self.user_weights == "rows" and self.mode != "collaborative":

@@ -19,7 +19,7 @@ BAD_INPUT = [
     (["--targets", "q,v"], "--targets: target 'q' matches no module (nor 'v'); closest: query, value"),
     (["--rank", "0"], "--rank: Input should be greater than 0"),
     (["--targets", ","], "--targets: target_modules is empty"),
-    (["--merge", "--dropout", "0.1"], "dropout needs merge=False"),
+    (["--merge", "--dropout", "0.1"], "--merge needs --dropout 0"),
     (["--adapter", "huge"], "--adapter: unknown adapter 'huge'; use one of "),
     (["--adapter", "lowrnak"], "--adapter: unknown adapter 'lowrnak'; closest: lowrank; use one of "),
     (["--optimizer", "lion"], "--optimizer: unknown optimizer 'lion'; use one of adamw, adam, sgd"),
