@@ -10,7 +10,7 @@ from importlib import import_module
 from importlib.metadata import version
 
 _HOMES = {"ADAPTERS": "colaft.adapters", "SiteSpec": "colaft.adapters", "register_adapter": "colaft.adapters",
-          "DEFAULT_USER": "colaft.config", "ColaConfig": "colaft.config", "fit": "colaft.fit",
+          "DEFAULT_USER": "colaft.config", "ColaConfig": "colaft.config", "fit": "colaft.fitting",
           "ColaModel": "colaft.model", "Packet": "colaft.packets", "server_step": "colaft.server",
           "Trainer": "colaft.trainer", "TrainerLike": "colaft.trainer", "train_steps": "colaft.trainer",
           "FitConfig": "colaft.users", "Owner": "colaft.users"}

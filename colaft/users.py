@@ -1,7 +1,7 @@
 """The adapters' owners: one user's trainable adapters, optimizer, scheduler and interval.
 
 An Owner is the cheap side of ColA. It receives the packets of its user, buffers them for
-`interval` server steps, fits its adapters (colaft.fit) and answers with an Update: the new
+`interval` server steps, fits its adapters (colaft.fitting) and answers with an Update: the new
 weights and a version. It holds no reference to the server, so it runs wherever a backend
 puts it (in the server's process, in a worker process, in a Ray actor) and pickles as is.
 """
@@ -20,7 +20,7 @@ from pydantic.dataclasses import dataclass as typed_dataclass
 from torch import nn
 from transformers import get_scheduler
 
-from colaft.fit import fit
+from colaft.fitting import fit
 from colaft.packets import Packet
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

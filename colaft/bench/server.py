@@ -29,7 +29,7 @@ from colaft.bench import harness
 from colaft.bench.models import Preset, build_model, make_batch, parse_spec, share_weights
 from colaft.bench.server_report import Run, header, plot_run, run_markdown
 from colaft.config import ColaConfig
-from colaft.fit import fit
+from colaft.fitting import fit
 from colaft.model import ColaModel
 from colaft.packets import Packet
 from colaft.server import server_step

@@ -162,3 +162,11 @@ def test_literal_residual_drifts_on_a_tiny_llama(adapter):
     literal_err = max_rel_err(flat_state(literal), want)
     print(f"tiny Llama, {adapter}, 12 AdamW steps: colaft {cola_err:.2e}, literal residual {literal_err:.2e}")
     assert cola_err <= 1e-5 and literal_err > 1e-3
+
+
+def test_the_public_fit_is_the_function_even_once_its_module_is_loaded():
+    """`colaft` imports its names lazily: a submodule called `fit` would shadow the function."""
+    import colaft
+    import colaft.users  # loads colaft.fitting
+
+    assert callable(colaft.fit) and colaft.fit.__module__ == "colaft.fitting"
