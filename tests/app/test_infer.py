@@ -5,6 +5,7 @@ import io
 import json
 
 import pytest
+from cli_helpers import error_of, run_cli
 from tiny_models import QA, review_records, write_jsonl
 
 from colaft import data
@@ -12,20 +13,6 @@ from colaft.app.cli import main
 from colaft.tasks import get_task
 
 FIELDS = ["--text-field", "review", "--label-field", "sentiment"]
-
-
-def run_cli(capsys, *args) -> tuple[int, str, list[str]]:
-    """(exit status, stdout, stderr lines) of `colaft ARGS`."""
-    status = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err.strip().splitlines()
-
-
-def error_of(capsys, *args) -> str:
-    """The one error line of a command that must fail."""
-    status, _, err = run_cli(capsys, *args)
-    assert status != 0 and len(err) == 1 and err[0].startswith("colaft: error: "), err
-    return err[0]
 
 
 # ---------------------------------------------------------------- eval

@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+from cli_helpers import error_of, run_cli
 from tiny_models import BAD, GOOD, QA, review_records, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
@@ -16,18 +17,6 @@ from colaft.model import ColaModel
 
 FIELDS = ["--text-field", "review", "--label-field", "sentiment"]
 INT_LABELS = {"neg": 3, "pos": 7}  # integers that are not the head's output indices
-
-
-def run_cli(capsys, *args) -> tuple[int, str, list[str]]:
-    status = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err.strip().splitlines()
-
-
-def error_of(capsys, *args) -> str:
-    status, _, err = run_cli(capsys, *args)
-    assert status != 0 and len(err) == 1 and err[0].startswith("colaft: error: "), err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
