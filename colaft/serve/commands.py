@@ -39,7 +39,10 @@ def make_private(data_dir: Path) -> None:
         for name in folders + files:
             path = os.path.join(root, name)
             if not os.path.islink(path):  # a link's target may lie outside: leave it as it is
-                os.chmod(path, 0o700 if name in folders else 0o600)
+                try:
+                    os.chmod(path, 0o700 if name in folders else 0o600)
+                except FileNotFoundError:  # a running server's temporary file, renamed since it was listed
+                    pass
 
 
 def parse_model(spec: str) -> tuple[str, str]:
