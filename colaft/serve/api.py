@@ -14,6 +14,8 @@ colaft.serve.routes (files, fine-tuning jobs, inference, the dashboard page at /
 """
 from __future__ import annotations
 
+import copy
+import logging
 import re
 from contextlib import asynccontextmanager
 
@@ -26,12 +28,51 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from colaft.serve.routes import dashboard, files, fit, inference, jobs
 from colaft.serve.routes.common import APIError, Service, error_response
 
-__all__ = ["APIError", "Service", "create_app"]
+__all__ = ["APIError", "RedactKeys", "Service", "create_app", "log_config", "redact"]
 
 HTTP_THREADS = 256
 """Threads that run the plain-function handlers. A client-fit job's long poll (fit/packets, up
 to 60 s) holds one while it waits; with anyio's default of 40, 40 waiting clients would leave
 every other request (a status call) queued behind them."""
+
+_KEY = re.compile(r"sk(?:-|%2d)colaft(?:-|%2d)[\w%-]*", re.IGNORECASE)  # keys are URL-safe base64
+_SECRET_PARAM = re.compile(r"([?&;][^=&;\s]*(?:key|token|secret|password|auth)[^=&;\s]*=)[^&;#\s\"]*",
+                           re.IGNORECASE)
+
+
+class RedactKeys(logging.Filter):
+    """Keeps keys out of every log line: an API key (by its prefix, also percent-encoded), and the
+    value of any query parameter named like a secret (`?api_key=...`, `token=`, ...).
+
+    The server takes keys only from the Authorization header, which is never logged; a client
+    that puts one in a URL anyway gets a 401, and uvicorn's access log would print that URL.
+    The access log formats its record's arguments (the path with its query), so they are
+    redacted too, not only the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+
+def redact(text: str) -> str:
+    return _SECRET_PARAM.sub(r"\1[redacted]", _KEY.sub("sk-colaft-[redacted]", text))
+
+
+def log_config() -> dict:
+    """uvicorn's logging configuration with RedactKeys on each of its handlers (access and errors)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_keys"] = {"()": RedactKeys}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact_keys")
+    return config
+
 
 _TYPE_TAG = re.compile(r"[-\[]|^(int|float|str|bool|list|dict)$")
 

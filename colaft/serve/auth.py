@@ -2,11 +2,16 @@
 
 A key is 32 random bytes (URL-safe base64) behind the prefix "sk-colaft-": with that much
 entropy a plain hash cannot be reversed by guessing, so no slow password hash is needed,
-and looking a key up is one indexed query. Requests carry it as `Authorization: Bearer KEY`.
+and looking a key up is one indexed query. Requests carry it as `Authorization: Bearer KEY`,
+and nowhere else: a URL lands in logs and histories.
+
+A user name is 1 to 64 ASCII letters, digits and `._@-` (NAME), so it prints as itself on one
+line anywhere; a name an older server stored outside that set prints escaped (`shown`).
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 
 from sqlalchemy import select
@@ -14,6 +19,8 @@ from sqlalchemy import select
 from colaft.serve.db import Database, User, new_id
 
 PREFIX = "sk-colaft-"
+NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+NAME_RULE = "1 to 64 ASCII letters, digits, '.', '_', '@' or '-'"
 
 
 def hash_key(key: str) -> str:
@@ -23,8 +30,8 @@ def hash_key(key: str) -> str:
 def add_user(db: Database, name: str) -> tuple[User, str]:
     """A new user named `name` and its API key (returned once, never stored)."""
     name = name.strip()
-    if not name or len(name) > 200:
-        raise ValueError("a user name is 1 to 200 characters")
+    if not NAME.fullmatch(name):
+        raise ValueError(f"user name {name!r} refused: a name is {NAME_RULE}")
     key = PREFIX + secrets.token_urlsafe(32)
     with db.session() as s:
         if s.scalar(select(User).where(User.name == name)) is not None:
@@ -43,6 +50,12 @@ def rotate_key(db: Database, name: str) -> str:
             raise ValueError(f"no user {name!r}")
         user.key_hash = hash_key(key)
     return key
+
+
+def shown(name: str) -> str:
+    """`name` to print: itself when it is in NAME's set, else quoted with its control and
+    non-ASCII characters escaped, so that no name can break or forge a line of output."""
+    return name if NAME.fullmatch(name) else ascii(name)
 
 
 def list_users(db: Database) -> list[User]:

@@ -18,10 +18,31 @@ SWITCH_INTERVAL = float(os.environ.get("COLAFT_SWITCH_INTERVAL", "0.001"))
 
 
 def _database(data_dir: Path, database_url: str | None):
+    """The service's database, in a data folder only its owner can read (SQLite's file included)."""
     from colaft.serve.db import Database
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private(data_dir)
+    if database_url is None:
+        # Created 0600 before SQLite opens it: SQLite gives its -wal, -shm and -journal files the
+        # database file's mode, and `colaft users` runs without the server's umask.
+        os.close(os.open(data_dir / "colaft.db", os.O_CREAT | os.O_WRONLY, 0o600))
     return Database(database_url or f"sqlite:///{data_dir.resolve() / 'colaft.db'}")
+
+
+def make_private(data_dir: Path) -> None:
+    """Create `data_dir` 0700, or tighten an existing one: its folders 0700 and files 0600 (an
+    older server left them 0755 and 0644). Uploads, adapters and the database are the users'
+    data; nobody else on the machine may read them."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    for root, folders, files in os.walk(data_dir):
+        for name in folders + files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):  # a link's target may lie outside: leave it as it is
+                try:
+                    os.chmod(path, 0o700 if name in folders else 0o600)
+                except FileNotFoundError:  # a running server's temporary file, renamed since it was listed
+                    pass
 
 
 def parse_model(spec: str) -> tuple[str, str]:
@@ -75,7 +96,7 @@ def serve(
 
     from colaft.backends import BACKENDS
     from colaft.runtime import set_threads
-    from colaft.serve.api import Service, create_app
+    from colaft.serve.api import RedactKeys, Service, create_app, log_config
     from colaft.serve.db import File
     from colaft.serve.scheduler import Engine
     from colaft.serve.settings import Settings, default_backend
@@ -93,7 +114,13 @@ def serve(
     specs = [parse_model(m) for m in (model or DEFAULT_MODELS)]
     if len({i for i, _ in specs}) != len(specs):
         raise ValueError("two --model options have the same id: name them ID=NAME_OR_DIR")
+    # Everything this process and the workers it starts write is the users' data, written under
+    # --data-dir: files 0600, folders 0700, whichever writer (SQLite, safetensors, shutil) makes
+    # them. The server writes nothing meant for other accounts, so no writer needs a wider mode.
+    os.umask(0o077)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactKeys())
     set_threads()
     db = _database(data_dir, database_url)
     settings = Settings(data_dir=data_dir.resolve(), backend=backend, backend_options=options,
@@ -120,7 +147,7 @@ def serve(
     # database call, every socket write gives it up). 5 ms (the default) made a status call
     # ~100-200 ms during 64 jobs' steps; 1 ms keeps it near its unloaded time.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), log_config=log_config())
 
 
 def _remove_orphans(db, data_dir: Path, File) -> None:
@@ -155,15 +182,15 @@ def users(
     try:
         if action == "add":
             user, key = auth.add_user(db, name)
-            print(f"user {user.name!r} ({user.id}) added; its API key, shown only now:", file=sys.stderr)
+            print(f"user {auth.shown(user.name)} ({user.id}) added; its API key, shown only now:", file=sys.stderr)
             print(key)
         elif action == "rotate-key":
             key = auth.rotate_key(db, name)
-            print(f"new API key of {name!r} (the old one no longer works), shown only now:", file=sys.stderr)
+            print(f"new API key of {auth.shown(name)} (the old one no longer works), shown only now:", file=sys.stderr)
             print(key)
         else:
             for user in auth.list_users(db):
                 since = time.strftime('%Y-%m-%d %H:%M', time.localtime(user.created_at))
-                print(f"{user.name}\t{user.id}\tsince {since}")
+                print(f"{auth.shown(user.name)}\t{user.id}\tsince {since}")
     finally:
         db.close()

@@ -1,6 +1,11 @@
 """`colaft serve` and `colaft users` (colaft.serve.commands): options refused before anything
-loads, and a user's key printed once and stored only as its hash (with the real server)."""
+loads, and a user's key printed once and stored only as its hash (with the real server); user
+names in a documented character set, printed so that none can forge a line; the data folder
+and the database created private."""
 from __future__ import annotations
+
+import os
+import stat
 
 
 def test_users_cli_prints_the_key_once_and_stores_only_its_hash(server, capsys):
@@ -37,3 +42,41 @@ def test_serve_refuses_bad_options_before_loading_anything(capsys, tmp_path):
         assert message in capsys.readouterr().err
     assert main(["users", "remove", "x", "--data-dir", str(tmp_path / "d")]) == 1
     assert "unknown action" in capsys.readouterr().err
+
+
+def test_user_names_are_checked_and_printed_on_one_line(tmp_path, capsys):
+    from colaft.app.cli import main
+    from colaft.serve.db import Database, User, new_id
+
+    data = tmp_path / "d"
+    for name in ("eve\nforged\tuser-9\tsince 2020-01-01 00:00", "a b", "x" * 65, " ", "mallory\x1b[2J", "zoë"):
+        assert main(["users", "add", name, "--data-dir", str(data)]) == 1
+        err = capsys.readouterr().err
+        assert "user name" in err and "letters, digits" in err and err.count("\n") == 1, err
+    assert main(["users", "add", "eve.o_k@x-1", "--data-dir", str(data)]) == 0
+    assert "user eve.o_k@x-1 (user-" in capsys.readouterr().err
+    # a name an older server stored outside the set lists on its own line, escaped
+    db = Database(f"sqlite:///{data / 'colaft.db'}")
+    with db.session() as s:
+        s.add(User(id=new_id("user"), name="eve\nforged\tuser-9", key_hash="0" * 64))
+    db.close()
+    assert main(["users", "list", "--data-dir", str(data)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(len(line.split("\t")) == 3 for line in lines)
+    assert {line.split("\t")[0] for line in lines} == {"eve.o_k@x-1", "'eve\\nforged\\tuser-9'"}
+    assert main(["users", "rotate-key", "eve\nforged\tuser-9", "--data-dir", str(data)]) == 0
+    assert "new API key of 'eve\\nforged\\tuser-9'" in capsys.readouterr().err
+
+
+def test_users_makes_the_data_folder_and_database_private(tmp_path, capsys):
+    from colaft.app.cli import main
+
+    data = tmp_path / "new" / "d"
+    assert main(["users", "add", "ann", "--data-dir", str(data)]) == 0
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    made = list(data.iterdir())
+    assert made and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in made), made  # with -wal, -shm
+    os.chmod(data, 0o755)  # an older data folder is tightened, its files too
+    os.chmod(data / "colaft.db", 0o644)
+    assert main(["users", "list", "--data-dir", str(data)]) == 0
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700 and stat.S_IMODE((data / "colaft.db").stat().st_mode) == 0o600
