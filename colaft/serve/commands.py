@@ -29,10 +29,18 @@ def _database(data_dir: Path, database_url: str | None):
     return Database(database_url or f"sqlite:///{data_dir.resolve() / 'colaft.db'}")
 
 
+DATA_MARKERS = ("colaft.db", "files", "jobs")
+"""What a colaft data folder holds (the database, uploads, jobs' checkpoints and adapters)."""
+
+
 def make_private(data_dir: Path) -> None:
     """Create `data_dir` 0700, or tighten an existing one: its folders 0700 and files 0600 (an
     older server left them 0755 and 0644). Uploads, adapters and the database are the users'
-    data; nobody else on the machine may read them."""
+    data; nobody else on the machine may read them. A folder holding other things (a mistyped
+    --data-dir, a home folder) is refused: its modes are not ours to change."""
+    if data_dir.is_dir() and any(data_dir.iterdir()) and not any((data_dir / m).exists() for m in DATA_MARKERS):
+        raise ValueError(f"--data-dir {str(data_dir)!r} holds other files and no colaft data "
+                         f"({', '.join(DATA_MARKERS)}): give a new or empty folder")
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     for root, folders, files in os.walk(data_dir):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 
 def test_users_cli_prints_the_key_once_and_stores_only_its_hash(server, capsys):
     from colaft.app.cli import main
@@ -80,3 +82,14 @@ def test_users_makes_the_data_folder_and_database_private(tmp_path, capsys):
     os.chmod(data / "colaft.db", 0o644)
     assert main(["users", "list", "--data-dir", str(data)]) == 0
     assert stat.S_IMODE(data.stat().st_mode) == 0o700 and stat.S_IMODE((data / "colaft.db").stat().st_mode) == 0o600
+
+
+def test_a_data_folder_holding_other_files_is_refused_and_left_as_it_was(tmp_path):
+    """Tightening modes is for colaft's own data: a mistyped --data-dir (a home folder) is refused."""
+    from colaft.serve.commands import make_private
+
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "notes.txt").chmod(0o644)
+    with pytest.raises(ValueError, match="holds other files and no colaft data"):
+        make_private(tmp_path)
+    assert (tmp_path / "notes.txt").stat().st_mode & 0o777 == 0o644
