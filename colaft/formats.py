@@ -66,7 +66,7 @@ MAX_JSON_DEPTH = 32
 lines are refused before parsing, which would otherwise recurse until Python's stack limit."""
 
 
-def _too_deep(line: str, limit: int = MAX_JSON_DEPTH) -> bool:
+def too_deep(line: str, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether `line` nests arrays/objects deeper than `limit` (brackets inside strings ignored)."""
     depth, in_string, escaped = 0, False, False
     if line.count("[") + line.count("{") <= limit:  # the common case: no scan
@@ -95,7 +95,7 @@ def _jsonl_rows(text: str) -> list[tuple[int, dict]]:
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        if _too_deep(line):
+        if too_deep(line):
             raise DataError(f"line {number}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
             record = json.loads(line)

@@ -43,9 +43,19 @@ def test_deeply_nested_json_is_refused(server):
             assert r.status_code == 400, r.text
             error = r.json()["error"]
             assert error["param"] == "file" and "line 1: JSON nested deeper than 32 levels" in error["message"]
-        body = '{"model": "llama", "training_file": "file-x", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}"
-        r = _job(h, body)
-        assert 400 <= r.status_code < 500, r.text
+        for depth in (40, 300, 100_000):  # past the limit; parsed at full depth before; past Python's stack
+            nested = "[" * depth + "]" * depth
+            for path, body in [("/v1/fine_tuning/jobs",
+                                 f'{{"model": "llama", "training_file": "x", "metadata": {nested}}}'),
+                               ("/v1/chat/completions", '{"model": "llama", "messages": [{"role": "user", '
+                                                        f'"content": "hi", "name": {nested}}}]}}')]:
+                r = h.post(path, content=body, headers={"Content-Type": "application/json"})
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert (error["param"], error["code"]) == ("body", "too_deep"), error
+        r = h.post("/v1/chat/completions", json={"model": "llama", "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "[[[[" * 20 + "{{{{" * 20}]}]})
+        assert r.status_code == 200, r.text  # brackets inside strings are text, not nesting
 
 
 def test_sampling_values_are_checked_or_handled(server):

@@ -18,11 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from colaft.serve.db import Job, User
 from colaft.serve.inference import Answer
 from colaft.serve.inference import Request as InferenceRequest
-from colaft.serve.routes.common import APIError, Me, Service, TheService
+from colaft.serve.routes.common import APIError, BoundedJSON, Me, Service, TheService
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import MIN_TEMPERATURE, ChatRequest, CompletionRequest
 
-router = APIRouter()
+router = APIRouter(route_class=BoundedJSON)
 
 
 @router.get("/v1/models")

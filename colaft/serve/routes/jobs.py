@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from colaft.serve import files as datafiles
 from colaft.serve.db import FINAL, Checkpoint, Event, File, Job, new_id, now
-from colaft.serve.routes.common import APIError, Me, TheService, owned, page
+from colaft.serve.routes.common import APIError, BoundedJSON, Me, TheService, owned, page
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import JobCreate
 from colaft.sites import select_sites
@@ -28,7 +28,7 @@ MIN_LR = 2.0 ** -126
 """The smallest learning rate a job may resolve to: float32's smallest normal number. Below it the
 fit's rate is subnormal or 0 in float32, and the job would only fail when it starts."""
 
-router = APIRouter()
+router = APIRouter(route_class=BoundedJSON)
 
 
 @router.post("/v1/fine_tuning/jobs")
