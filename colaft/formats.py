@@ -61,11 +61,42 @@ def rows_of(data: bytes, kind: str) -> list[tuple[int, dict]]:
     return _jsonl_rows(text) if kind == "jsonl" else _csv_rows(text)
 
 
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects a JSONL record may have (a chat record needs 4): deeper
+lines are refused before parsing, which would otherwise recurse until Python's stack limit."""
+
+
+def too_deep(line: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `line` nests arrays/objects deeper than `limit` (brackets inside strings ignored)."""
+    depth, in_string, escaped = 0, False, False
+    if line.count("[") + line.count("{") <= limit:  # the common case: no scan
+        return False
+    for char in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def _jsonl_rows(text: str) -> list[tuple[int, dict]]:
     rows = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        if too_deep(line):
+            raise DataError(f"line {number}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:

@@ -40,11 +40,18 @@ def all_finite(packets: list[Packet]) -> bool:
 
 
 def packets_to_bytes(packets: list[Packet]) -> bytes:
-    """Serialise packets with safetensors (order kept in the metadata)."""
-    tensors, order = {}, []
+    """Serialise packets with safetensors (order kept in the metadata).
+
+    Sites fed by one input (q, k and v projections) record the same `x` tensor; safetensors
+    refuses tensors that share memory, so a tensor whose storage is already stored is copied.
+    """
+    tensors, order, storages = {}, [], set()
     for i, p in enumerate(packets):
-        tensors[f"{i}.x"] = p.x.contiguous()
-        tensors[f"{i}.grad"] = p.grad.contiguous()
+        for name, t in ((f"{i}.x", p.x), (f"{i}.grad", p.grad)):
+            t = t.contiguous()
+            storage = t.untyped_storage().data_ptr()
+            tensors[name] = t.clone() if storage in storages else t
+            storages.add(storage)
         order.append([p.site, p.user])
     return st_save(tensors, metadata={"packets": json.dumps(order)})
 

@@ -17,6 +17,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
+import re2
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,7 +64,11 @@ def select_sites(model: nn.Module, target_modules: list[str] | str, heads: list[
     A list matches a module name exactly or as a dotted suffix (every key must match
     something); a string is a regex full-match; "all-linear" takes every linear layer
     except the output head. Heads are taken when present. Raises ValueError listing the
-    candidates when nothing matches.
+    candidates when nothing matches, and on a pattern that is not a valid regex.
+
+    Patterns run on RE2, which has no backtracking: the service matches its users' patterns
+    here, and a pattern like `(a+)+$` must cost linear time, not seconds of the server's CPU.
+    RE2 has no lookaround and no backreferences; module names do not need them.
     """
     candidates = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED)]
     modules = dict(model.named_modules())
@@ -74,7 +79,8 @@ def select_sites(model: nn.Module, target_modules: list[str] | str, heads: list[
         out_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         targets = [n for n in candidates if isinstance(modules[n], LINEAR_KINDS) and modules[n] is not out_head]
     elif isinstance(target_modules, str):
-        targets = [n for n in candidates if re.fullmatch(target_modules, n)]
+        pattern = _pattern(target_modules)
+        targets = [n for n in candidates if pattern.fullmatch(n)]
     else:
         targets = []
         missing = [key for key in target_modules if not any(_matches(n, key) for n in candidates)]
@@ -93,6 +99,17 @@ def select_sites(model: nn.Module, target_modules: list[str] | str, heads: list[
         raise ValueError(_no_match(f"target_modules {target_modules!r} match no module", candidates, modules,
                                    [target_modules] if isinstance(target_modules, str) else []))
     return targets, head_names
+
+
+def _pattern(pattern: str):
+    """`pattern` compiled by RE2 (linear time; see select_sites), or a ValueError saying why not."""
+    options = re2.Options()
+    options.log_errors = False  # a bad pattern is the caller's error, not a line in the server's log
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as e:
+        reason = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ValueError(f"target_modules {pattern!r} is not a valid regex (RE2 syntax): {reason}") from None
 
 
 def _no_match(what: str, candidates: list[str], modules: dict, keys: list[str]) -> str:

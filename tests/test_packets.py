@@ -98,3 +98,13 @@ def test_a_cast_packet_keeps_token_ids_whole():
     assert small[1].nbytes == rows.nbytes // 2 and ids.nbytes == 2 * 8 + 8 * 4
     assert rows.to("cpu").x.dtype == torch.float32  # a move alone keeps the dtype
     assert all_finite([]) and all_finite([ids, rows])
+
+
+def test_packets_that_share_a_tensor_round_trip():
+    """Sites fed by one input (q, k, v) record the same x; safetensors refuses shared memory."""
+    x, rows = torch.randn(4, 6), torch.randn(8, 6)
+    packets = [Packet("q_proj", x, torch.randn(4, 2)), Packet("k_proj", x, torch.randn(4, 2)),
+               Packet("v_proj", rows[:4], torch.randn(4, 2)), Packet("v_proj", rows[4:], torch.randn(4, 2))]
+    back = packets_from_bytes(packets_to_bytes(packets))
+    for a, b in zip(back, packets):
+        assert torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad)

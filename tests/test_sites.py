@@ -133,3 +133,24 @@ def test_no_match_error_is_short_and_names_the_closest_modules():
 def test_no_match_error_lists_the_short_names_once():
     with pytest.raises(ValueError, match=r"by name: wte, wpe, c_attn, c_proj, c_fc, lm_head$"):
         ColaModel(tiny_gpt2(), ColaConfig(target_modules=["qkv"]))
+
+
+class _LongNames(nn.Module):
+    """Linear layers whose names invite catastrophic backtracking: 'aaaa…a' then a suffix."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({"a" * 60 + str(i): nn.Linear(2, 2) for i in range(4)})
+
+
+def test_a_catastrophic_pattern_is_matched_without_backtracking():
+    # with Python's re, (a+)+$ on 60 a's then a digit backtracks through 2**60 splits
+    with pytest.raises(ValueError, match="match no module"):
+        select_sites(_LongNames(), r"blocks\.(a+)+$", [])
+
+
+def test_an_invalid_pattern_is_a_value_error_naming_the_pattern():
+    with pytest.raises(ValueError, match=r"'blocks\(' is not a valid regex \(RE2 syntax\): missing \)"):
+        select_sites(_LongNames(), "blocks(", [])
+    targets, _ = select_sites(_LongNames(), r"blocks\.a+[0-3]", [])
+    assert len(targets) == 4

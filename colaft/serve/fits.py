@@ -48,11 +48,12 @@ class Accepted:
 
 
 class Refused(Exception):
-    """A pull or push the channel cannot take: `code` says why (the API answers 409)."""
+    """A pull or push the channel cannot take: `code` says why; the API answers `status` naming
+    `param` (409 and the version, unless the body itself is bad)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, status: int = 409, param: str = "version"):
         super().__init__(message)
-        self.code = code
+        self.code, self.status, self.param = code, status, param
 
 
 class Channel:
@@ -202,6 +203,25 @@ class Channel:
                     not isinstance(got[k], torch.Tensor) or tuple(got[k].shape) != shape
                     or not got[k].is_floating_point() for k, shape in shapes.items()):
                 raise Refused("invalid_update", f"the state's adapter at {site} does not fit this job's")
+        # the adapters and the optimizer's moments only: buffered packets may be non-finite (the
+        # server's own; the owner skips their fit), and the client cannot change them
+        bad = _non_finite(adapters, "adapters") or _non_finite(state.get("optimizer", {}), "optimizer")
+        if bad is not None:  # taken, they would be the job's adapters: NaN outputs, a NaN adapter at the end
+            raise Refused("non_finite_update", f"the state's tensor {bad} holds NaN or Inf; the update is "
+                                               "not applied (the job goes on from its current version)",
+                          400, "body")
+
+
+def _non_finite(obj, path: str) -> str | None:
+    """The path of the first floating tensor in `obj` (nested dicts/lists) holding NaN or Inf."""
+    if isinstance(obj, torch.Tensor):
+        return path if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
+    for key, value in items:
+        bad = _non_finite(value, f"{path}.{key}")
+        if bad is not None:
+            return bad
+    return None
 
 
 def client_info(cola, trainer, user: str) -> dict:

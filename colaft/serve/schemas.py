@@ -3,6 +3,9 @@
 Shaped like OpenAI's fine-tuning and chat APIs, so their clients work unchanged; colaft's
 own job options travel in the extra field "colaft" (`extra_body={"colaft": {...}}` with the
 openai package).
+
+Every number is bounded and finite (`allow_inf_nan=False`: JSON's 1e999 parses to inf): a value
+out of range is a 422 naming its field, before anything is created.
 """
 from __future__ import annotations
 
@@ -16,8 +19,15 @@ from colaft.config import Alpha, Hidden, Rank
 Auto = Literal["auto"]
 
 
+FINITE = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+MIN_TEMPERATURE = 1e-2
+"""Temperatures below this are greedy: dividing logits by a tiny temperature overflows them to
+inf (NaN probabilities), and sampling that cold picks the top token anyway."""
+
+
 class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = FINITE
 
     n_epochs: Auto | Annotated[int, Field(ge=1, le=1000)] = "auto"
     """Passes over the training file ("auto": 3)."""
@@ -30,14 +40,14 @@ class Hyperparameters(BaseModel):
 class ColaftOptions(BaseModel):
     """colaft's own job options (the request's "colaft" field)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = FINITE
 
     adapter: str = "lowrank"
     """Adapter type: lowrank | linear | mlp (or a registered one)."""
     # ColaConfig's field types (one definition of each constraint), with the service's caps on top
     rank: Annotated[Rank, Field(le=1024)] = 8
     """Rank of lowrank adapters."""
-    alpha: Alpha = 16.0
+    alpha: Annotated[Alpha, Field(le=1e6)] = 16.0
     """lowrank scale is alpha / rank."""
     hidden: Annotated[Hidden, Field(le=8192)] = 128
     """Hidden width of mlp adapters."""
@@ -116,7 +126,7 @@ class Method(BaseModel):
 class JobCreate(BaseModel):
     """POST /v1/fine_tuning/jobs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = FINITE
 
     model: str
     training_file: str
@@ -139,31 +149,52 @@ class JobCreate(BaseModel):
         return self
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content list; only "text" parts are read."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v):  # one message for a bad part, not a failure per branch of the union
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ValueError(f"part {i} is not a content part: an object with a string \"type\"")
+                if part.get("text") is not None and not isinstance(part["text"], str):
+                    raise ValueError(f"part {i}'s text is not a string")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 
 class Sampling(BaseModel):
     """Generation settings shared by both completion endpoints."""
 
-    model_config = ConfigDict(extra="allow")  # unsupported OpenAI options (logprobs, ...) are ignored
+    # unsupported OpenAI options (logprobs, ...) are ignored
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
     max_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    """0 or absent: greedy (deterministic); above 0: sampling."""
+    """0 or absent: greedy (deterministic); from MIN_TEMPERATURE: sampling; in between: greedy."""
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-2**63, le=2**64 - 1)] | None = None
+    """torch's seed range: 64 bits."""
     stream: bool | None = None
     user: str | None = None
 

@@ -173,3 +173,34 @@ def test_resume_restores_the_collaborative_mode(tmp_path):
     assert (resumed.model.mode, resumed.model.weights) == ("collaborative", {"user.1": 3.0})
     batch, _ = mixed("bert", trainer.model.users, seed=9)  # every row sees the weighted mean: no users needed
     assert torch.equal(logits(resumed.model.eval(), batch), logits(trainer.model.eval(), batch))
+
+
+@pytest.mark.parametrize("mode", ["personal", "collaborative"])
+def test_a_checkpoint_holds_buffered_packets_that_share_their_input(tmp_path, mode):
+    """q, k and v read one input: their buffered packets hold the same x tensor, which safetensors
+    refused to store (shared memory) at any checkpoint taken between fits (interval > 1)."""
+    def make() -> Trainer:
+        config = ColaConfig(target_modules=["q_proj", "k_proj", "v_proj"], rank=4, alpha=8)
+        cola = ColaModel(tiny("llama", "cpu"), config)
+        if mode == "collaborative":
+            cola.set_mode("collaborative")
+        return Trainer(cola, interval=3, optimizer="adamw", lr=2e-2)
+
+    def unpadded(i: int) -> dict:  # no padding: every packet is a flat view of its site's x, not a copy
+        b = batch("llama", i)
+        return {"input_ids": b["input_ids"], "labels": b["input_ids"]}
+
+    torch.manual_seed(1)
+    reference = make()
+    ref_losses = [reference.step(unpadded(i)) for i in range(6)]
+    torch.manual_seed(1)
+    first = make()
+    losses = [first.step(unpadded(i)) for i in range(4)]
+    pending = first.owner().pending
+    assert len({p.x.untyped_storage().data_ptr() for p in pending}) < len(pending)  # shared inputs
+    first.save_checkpoint(tmp_path / "ckpt")
+    resumed = make()
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    losses += [resumed.step(unpadded(i)) for i in range(4, 6)]
+    assert losses == ref_losses
+    assert_states_equal(resumed.model.adapters(), reference.model.adapters())

@@ -65,3 +65,13 @@ def test_csv_uploads_and_fields_the_task_does_not_read():
         {"question": [{"role": "user", "content": "who are you"}], "answer": "a bot"}]
     assert files.upload_name(None, b"text,label\n") == "upload.csv"
     assert files.upload_name(None, lines(chat)) == "upload.jsonl" and files.upload_name("a.txt", b"") == "a.txt"
+
+
+def test_json_nested_deeper_than_the_limit_is_refused_with_its_line():
+    ok = lines({"text": "fine", "label": "a"})
+    deep = lambda n: ('{"text": "x", "label": "a", "extra": ' + "[" * n + "]" * n + "}").encode()
+    brackets_in_text = lines({"text": "[" * 100 + "{", "label": "b"})  # inside a string: not nesting
+    assert len(files.parse(ok + deep(31) + b"\n" + brackets_in_text)[1]) == 3
+    for n in (32, 100_000):  # one level past the limit (the record's own object counts); past Python's stack
+        with pytest.raises(files.DataError, match="line 2: JSON nested deeper than 32 levels"):
+            files.parse(ok + deep(n))

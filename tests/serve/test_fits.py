@@ -83,12 +83,19 @@ def test_an_update_is_accepted_once_and_in_order():
                (2, 2, state(5), "unexpected_update"),  # the state is not at the version it claims
                (2, 2, state(2, t={"w": torch.zeros(2, 2)}), "invalid_update"),  # another site
                (2, 2, state(2, s={"w": torch.zeros(2, 3)}), "invalid_update"),  # another shape
-               (2, 2, state(2, s={"w": torch.zeros(2, 2, dtype=torch.long)}), "invalid_update")]  # not floating
+               (2, 2, state(2, s={"w": torch.zeros(2, 2, dtype=torch.long)}), "invalid_update"),  # not floating
+               (2, 2, state(2, s={"w": torch.full((2, 2), float("nan"))}), "non_finite_update"),
+               (2, 2, state(2, s={"w": torch.tensor([[0.0, float("inf")], [0.0, 0.0]])}), "non_finite_update"),
+               (2, 2, {**state(2), "optimizer": {"state": {"0": {"exp_avg": torch.tensor([float("-inf")])}}}},
+                "non_finite_update")]
     for version, seq, pushed, code in refused:
         with pytest.raises(Refused) as e:
             ch.push(version, seq, pushed, skipped=False)
         assert e.value.code == code, (version, seq)
     assert (ch.version, ch.acked, woken) == (1, 1, [1])  # nothing refused changed anything
+    with pytest.raises(Refused) as e:
+        ch.push(2, 2, state(2, s={"w": torch.full((2, 2), float("nan"))}), skipped=False)
+    assert (e.value.status, e.value.param) == (400, "body") and "adapters.s.w holds NaN or Inf" in str(e.value)
     ch.push(2, 2, state(2), skipped=True)  # the owner skipped its fit (non-finite packets)
     accepted = ch.take_updates()
     assert [(a.version, a.seq) for a in accepted] == [(1, 1), (2, 2)]

@@ -7,7 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
+from colaft import formats
 from colaft.serve import auth
 from colaft.serve.db import Database, User
 from colaft.serve.scheduler import Engine
@@ -30,6 +32,25 @@ class APIError(Exception):
                  type: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+class BoundedJSON(APIRoute):
+    """A route whose JSON body may nest arrays and objects at most formats.MAX_JSON_DEPTH levels
+    (a request needs 6): a 400 naming `body` otherwise. Without it a body nested past Python's
+    recursion limit is refused only by the parser's failure, and one just under it is parsed
+    and validated at full depth."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request):
+            if "json" in request.headers.get("content-type", ""):
+                body = await request.body()  # cached: the handler reads it again for free
+                limit = formats.MAX_JSON_DEPTH
+                if body.count(b"[") + body.count(b"{") > limit and formats.too_deep(body.decode(errors="replace")):
+                    raise APIError(400, f"body: JSON nested deeper than {limit} levels", "body", "too_deep")
+            return await handler(request)
+        return bounded
 
 
 def error_response(status: int, message: str, param=None, code=None, type="invalid_request_error") -> JSONResponse:

@@ -105,6 +105,6 @@ def _take_update(service: Service, user, job_id: str, body: bytes) -> dict:
     try:
         channel.push(version, seq, state, skipped)
     except Refused as e:
-        raise APIError(409, str(e), "version", e.code) from None
+        raise APIError(e.status, str(e), e.param, e.code) from None
     return {"object": "fine_tuning.job.fit_update", "job_id": job_id, "version": version, "seq": seq,
             "accepted": True}

@@ -18,11 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from colaft.serve.db import Job, User
 from colaft.serve.inference import Answer
 from colaft.serve.inference import Request as InferenceRequest
-from colaft.serve.routes.common import APIError, Me, Service, TheService
+from colaft.serve.routes.common import APIError, BoundedJSON, Me, Service, TheService
 from colaft.serve.scheduler import Engine
-from colaft.serve.schemas import ChatRequest, CompletionRequest
+from colaft.serve.schemas import MIN_TEMPERATURE, ChatRequest, CompletionRequest
 
-router = APIRouter()
+router = APIRouter(route_class=BoundedJSON)
 
 
 @router.get("/v1/models")
@@ -81,8 +81,11 @@ async def completions(user: Me, service: TheService, body: CompletionRequest):
 
 
 def _sampling(body, default_max_tokens: int) -> dict:
+    temperature = body.temperature or 0.0
     return {"max_tokens": body.max_completion_tokens or body.max_tokens or default_max_tokens,
-            "temperature": body.temperature or 0.0, "top_p": body.top_p or 1.0, "stops": body.stops(),
+            # too cold to sample without overflow: greedy (schemas.MIN_TEMPERATURE)
+            "temperature": temperature if temperature >= MIN_TEMPERATURE else 0.0,
+            "top_p": body.top_p or 1.0, "stops": body.stops(),
             "seed": body.seed}
 
 

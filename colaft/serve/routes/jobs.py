@@ -17,15 +17,18 @@ from sqlalchemy import select
 
 from colaft.serve import files as datafiles
 from colaft.serve.db import FINAL, Checkpoint, Event, File, Job, new_id, now
-from colaft.serve.routes.common import APIError, Me, TheService, owned, page
+from colaft.serve.routes.common import APIError, BoundedJSON, Me, TheService, owned, page
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import JobCreate
 from colaft.sites import select_sites
 
 AUTO_EPOCHS = 3
 """Epochs of a job whose n_epochs is "auto"."""
+MIN_LR = 2.0 ** -126
+"""The smallest learning rate a job may resolve to: float32's smallest normal number. Below it the
+fit's rate is subnormal or 0 in float32, and the job would only fail when it starts."""
 
-router = APIRouter()
+router = APIRouter(route_class=BoundedJSON)
 
 
 @router.post("/v1/fine_tuning/jobs")
@@ -36,6 +39,11 @@ def create_job(user: Me, service: TheService, body: JobCreate):
             else ""
         raise APIError(422, f"model: unknown model {body.model!r}{hint}; models: {', '.join(service.engines)}",
                        "model", "model_not_found")
+    multiplier = body.hyperparameters.learning_rate_multiplier
+    if multiplier != "auto" and engine.host.task.recipe.lr * multiplier < MIN_LR:
+        raise APIError(422, f"hyperparameters.learning_rate_multiplier: {multiplier} makes the learning rate "
+                            f"{engine.host.task.recipe.lr} x {multiplier} smaller than {MIN_LR:.3g}",
+                       "hyperparameters.learning_rate_multiplier", "invalid_value")
     options = body.colaft.model_dump()
     options["targets"] = options["targets"] or engine.host.task.recipe.targets
     try:
