@@ -113,7 +113,7 @@ def create_app(service: Service) -> FastAPI:
     # ------------------------------------------------------------- errors
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code, e.type)
+        return error_response(e.status, e.message, e.param, e.code, e.type, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):

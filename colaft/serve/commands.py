@@ -97,6 +97,16 @@ def serve(
     client_timeout: Annotated[float, typer.Option(
         help="A client-fit job whose `colaft client` has not pulled for so many seconds waits (other jobs "
              "go on) until it is back.")] = 30.0,
+    max_active_jobs_per_user: Annotated[int, typer.Option(
+        help="Quota: a user's queued and running jobs at once; one more is refused (429). 0: no limit.")] = 32,
+    max_stored_mb_per_user: Annotated[float, typer.Option(
+        help="Quota: MiB of a user's files (uploads and jobs' results files); an upload past it is refused "
+             "(429). 0: no limit.")] = 10240.0,
+    max_requests_per_minute_per_user: Annotated[int, typer.Option(
+        help="Quota: API requests per user per minute (a moving window); past it 429 with Retry-After. "
+             "0 (default): no limit.")] = 0,
+    rate_window: Annotated[int, typer.Option(
+        hidden=True, help="Seconds of the request-rate window (tests shorten the minute).")] = 60,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Serve fine-tuning (OpenAI-shaped API) and inference on one or more base models."""
@@ -113,6 +123,10 @@ def serve(
             or client_timeout <= 0:
         raise ValueError("--checkpoint-every >= 1, --num-labels >= 2, --max-upload-mb > 0, "
                          "--max-loaded-adapters >= 1 and --client-timeout > 0, please")
+    if min(max_active_jobs_per_user, max_stored_mb_per_user, max_requests_per_minute_per_user) < 0 \
+            or rate_window < 1:
+        raise ValueError("--max-active-jobs-per-user, --max-stored-mb-per-user and "
+                         "--max-requests-per-minute-per-user are >= 0 (0: no limit), please")
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
@@ -133,7 +147,11 @@ def serve(
     db = _database(data_dir, database_url)
     settings = Settings(data_dir=data_dir.resolve(), backend=backend, backend_options=options,
                         checkpoint_every=checkpoint_every, num_labels=num_labels,
-                        max_loaded_adapters=max_loaded_adapters, client_timeout=client_timeout)
+                        max_loaded_adapters=max_loaded_adapters, client_timeout=client_timeout,
+                        max_active_jobs=max_active_jobs_per_user,
+                        max_stored_bytes=max(1, int(max_stored_mb_per_user * 2**20)) if max_stored_mb_per_user
+                        else 0,
+                        max_requests=max_requests_per_minute_per_user, rate_window=rate_window)
     _remove_orphans(db, settings.data_dir, File)
     engines = {}
     for model_id, source in specs:

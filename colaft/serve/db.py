@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, create_engine, event, select
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, create_engine, event, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ACTIVE = ("validating_files", "queued", "running")
@@ -152,6 +152,16 @@ class Checkpoint(Base):
         return {"id": self.id, "object": "fine_tuning.job.checkpoint", "created_at": self.created_at,
                 "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{self.step}", "fine_tuning_job_id": self.job_id,
                 "metrics": {"step": self.step, **self.metrics}, "step_number": self.step}
+
+
+def active_jobs(s: Session, user_id: str) -> int:
+    """The user's jobs that are queued or running (ACTIVE)."""
+    return s.scalar(select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status.in_(ACTIVE)))
+
+
+def stored_bytes(s: Session, user_id: str) -> int:
+    """Bytes of the user's files: uploads and results files."""
+    return s.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.user_id == user_id))
 
 
 class Database:

@@ -31,3 +31,13 @@ class Settings:
     client_timeout: float = 30.0
     """A client-fit job whose client has not pulled for this many seconds waits (its rows
     leave the batches) until the client is back."""
+    max_active_jobs: int = 32
+    """Quota: a user's jobs that are queued or running at once (0: no limit); one more is a 429."""
+    max_stored_bytes: int = 10 * 2**30
+    """Quota: bytes of a user's files, uploads and results files together (0: no limit); an
+    upload past it is a 429. Results files are written whatever the total (a job never fails
+    for them), so they can take a user past it; the next upload is refused."""
+    max_requests: int = 0
+    """Quota: authenticated requests a user may make per `rate_window` seconds (0: no limit);
+    past it a 429 with Retry-After."""
+    rate_window: int = 60

@@ -10,8 +10,8 @@ from sqlalchemy import select
 
 from colaft.io.files import write_atomic
 from colaft.serve import files as datafiles
-from colaft.serve.db import ACTIVE, File, Job, new_id, now
-from colaft.serve.routes.common import APIError, Me, TheService, owned, page
+from colaft.serve.db import ACTIVE, File, Job, User, new_id, now, stored_bytes
+from colaft.serve.routes.common import APIError, Me, TheService, owned, page, quota_exceeded
 
 router = APIRouter()
 
@@ -22,6 +22,10 @@ def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileP
     if purpose != "fine-tune":
         raise APIError(422, f"purpose {purpose!r}: this server takes only 'fine-tune'", "purpose",
                        "invalid_value")
+    quota = service.settings.max_stored_bytes
+    if quota:  # refused before the upload is read when the user's files already fill the quota
+        with service.db.read() as s:
+            _within_stored_quota(stored_bytes(s, user.id), 0, quota)
     data = file.file.read(service.max_upload_bytes + 1)
     if len(data) > service.max_upload_bytes:
         raise APIError(413, f"the upload is larger than the limit of {service.max_upload_bytes} bytes",
@@ -36,6 +40,9 @@ def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileP
     write_atomic(path, data)  # on disk before the row that points at it
     try:
         with service.db.session() as s:
+            if quota:  # the user's row locked: two uploads at once are counted one after the other
+                s.get(User, user.id, with_for_update=True)
+                _within_stored_quota(stored_bytes(s, user.id), len(data), quota)
             row = File(id=file_id, user_id=user.id, filename=name[:500],
                        purpose=purpose, bytes=len(data), format=fmt, rows=len(records), labels=labels,
                        created_at=now())
@@ -85,3 +92,12 @@ def delete_file(user: Me, service: TheService, file_id: str):
         s.delete(row)
     (service.settings.data_dir / "files" / file_id).unlink(missing_ok=True)  # after the row is gone
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _within_stored_quota(stored: int, size: int, quota: int) -> None:
+    """A 429 if `size` more bytes take the user's files (`stored` bytes now) past `quota`; size 0
+    (not yet known): if they already fill it."""
+    if stored + size > quota or stored >= quota:
+        more = f"; this upload's {size} more would pass" if size else ", which fills"
+        raise quota_exceeded(f"Quota exceeded: your files hold {stored} bytes{more} the limit of {quota} bytes "
+                             "(colaft serve --max-stored-mb-per-user); delete files first", "file")

@@ -16,8 +16,8 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from colaft.serve import files as datafiles
-from colaft.serve.db import FINAL, Checkpoint, Event, File, Job, new_id, now
-from colaft.serve.routes.common import APIError, BoundedJSON, Me, TheService, owned, page
+from colaft.serve.db import FINAL, Checkpoint, Event, File, Job, User, active_jobs, new_id, now
+from colaft.serve.routes.common import APIError, BoundedJSON, Me, TheService, owned, page, quota_exceeded
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import JobCreate
 from colaft.sites import select_sites
@@ -51,6 +51,7 @@ def create_job(user: Me, service: TheService, body: JobCreate):
     except ValueError as e:
         raise APIError(422, f"colaft.targets: {e}", "colaft.targets", "invalid_value") from None
     with service.db.session() as s:
+        _within_active_quota(s, user, service.settings.max_active_jobs)
         # locked: a concurrent delete of the file waits for this job's row, then sees it
         train = _data_file(s, owned(s, File, body.training_file, user, "file", "training_file", lock=True),
                            engine, "training_file")
@@ -135,6 +136,19 @@ def download_adapter(user: Me, service: TheService, job_id: str,
                             "format=colaft (ColaModel.from_pretrained reads it)", "format", "no_peft_form")
     return Response(_zip(folder), media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{job_id}-{format}.zip"'})
+
+
+def _within_active_quota(s, user: User, limit: int) -> None:
+    """A 429 if the user already has `limit` queued or running jobs (0: no limit). The user's row is
+    locked until the job is added: two creations at once are counted one after the other."""
+    if not limit:
+        return
+    s.get(User, user.id, with_for_update=True)
+    count = active_jobs(s, user.id)
+    if count >= limit:
+        raise quota_exceeded(f"Quota exceeded: {count} of your jobs are queued or running, and the limit is "
+                             f"{limit} (colaft serve --max-active-jobs-per-user); cancel one or wait until "
+                             "one ends", "model")
 
 
 def _data_file(s, row: File, engine: Engine, param: str) -> File:
