@@ -12,7 +12,7 @@ from serve_helpers import REVIEWS, Server, add_user, jsonl
 def quota_server(tmp_path_factory, tiny_bert_dir):
     """Two active jobs and 2,000 bytes of files per user (REVIEWS is 752 bytes: two fit, three do not)."""
     data = tmp_path_factory.mktemp("quotas") / "data"
-    keys = {name: add_user(data, name) for name in ("alice", "bob", "carol", "dave")}
+    keys = {name: add_user(data, name) for name in ("alice", "bob", "carol", "dave", "erin")}
     srv = Server(data, [f"bert={tiny_bert_dir}"], "--max-active-jobs-per-user", "2",
                  "--max-stored-mb-per-user", str(2000 / 2**20)).start()
     srv.keys = keys
@@ -93,3 +93,14 @@ def test_request_rate_quota(rate_server):
         assert rate_server.http("sk-colaft-wrong").get("/v1/models").status_code == 401  # a bad key is not throttled
         time.sleep(wait)
         assert alice.get("/v1/models").status_code == 200  # allowed again after Retry-After
+
+
+def test_full_stored_quota_refuses_before_reading(quota_server):
+    records = [dict(r) for r in REVIEWS]
+    records[0]["text"] += "x" * (2000 - len(jsonl(REVIEWS)))  # exactly the quota
+    assert len(jsonl(records)) == 2000
+    with quota_server.http(quota_server.keys["erin"]) as erin:
+        r = erin.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("full.jsonl", jsonl(records))})
+        assert r.status_code == 200, r.text  # up to the quota is allowed
+        r = erin.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("one.jsonl", b"x")})
+        _quota_error(r, "2000 bytes, which fills the limit of 2000 bytes")  # not a 400 for the bad file
