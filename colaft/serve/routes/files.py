@@ -11,7 +11,7 @@ from sqlalchemy import select
 from colaft.io.files import write_atomic
 from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, File, Job, new_id, now
-from colaft.serve.routes.common import APIError, Me, TheService, owned, page
+from colaft.serve.routes.common import APIError, Me, TheService, owned, page, too_large
 
 router = APIRouter()
 
@@ -24,8 +24,7 @@ def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileP
                        "invalid_value")
     data = file.file.read(service.max_upload_bytes + 1)
     if len(data) > service.max_upload_bytes:
-        raise APIError(413, f"the upload is larger than the limit of {service.max_upload_bytes} bytes",
-                       "file", "file_too_large")
+        raise too_large(service.max_upload_bytes, "the upload", "file", "file_too_large")
     name = datafiles.upload_name(file.filename, data)
     try:
         fmt, records, labels = datafiles.parse(data, name)
