@@ -94,10 +94,12 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit, error = self.cap(scope)
-        length = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
         if limit is not None and length.isdigit() and int(length) > limit:
             return await _refuse(error, scope, receive, send)
-        received, over, started, done = 0, False, False, False
+        done = length in (b"", b"0") and b"transfer-encoding" not in headers  # no body: nothing left unread
+        received, over, started = 0, False, False
 
         async def counted():
             nonlocal received, over, done
