@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from colaft.serve.routes import dashboard, files, fit, inference, jobs
-from colaft.serve.routes.common import APIError, Service, error_response
+from colaft.serve.routes.common import APIError, BodyLimit, Service, error_response
 
 __all__ = ["APIError", "RedactKeys", "Service", "create_app", "log_config", "redact"]
 
@@ -77,24 +77,6 @@ def log_config() -> dict:
 _TYPE_TAG = re.compile(r"[-\[]|^(int|float|str|bool|list|dict)$")
 
 
-class UploadLimit:
-    """ASGI middleware: an upload whose Content-Length is past the limit answers 413 before its body is read."""
-
-    SLACK = 64 * 1024  # multipart headers and the purpose field around the file
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.limit + self.SLACK:
-                await error_response(413, f"the upload is larger than the limit of {self.limit} bytes",
-                                     "file", "file_too_large")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -106,7 +88,7 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="colaft", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
-    app.add_middleware(UploadLimit, limit=service.max_upload_bytes)
+    app.add_middleware(BodyLimit, upload_limit=service.max_upload_bytes)
     for router in (files.router, jobs.router, fit.router, inference.router, dashboard.router):
         app.include_router(router)
 

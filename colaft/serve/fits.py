@@ -20,6 +20,7 @@ applied twice.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +74,8 @@ class Channel:
         self.job_id, self.interval, self.staleness, self.info, self.wake = job_id, interval, staleness, info, wake
         self.shapes = {site: {k: tuple(v.shape) for k, v in params.items()}
                        for site, params in state["adapters"].items()}
+        self.elements = sum(math.prod(shape) for params in self.shapes.values() for shape in params.values())
+        """The adapters' values: what the size of an update (the owner's whole state) follows."""
         self.cond = threading.Condition()
         self.state = state  # the snapshot: the owner after the last accepted update
         self.version = state["version"]  # accepted versions (the engine applies them in order)

@@ -182,3 +182,15 @@ def test_a_pull_body_holds_its_messages_packets_and_is_made_once():
     assert all(torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad) for a, b in zip(got, packets))
     assert ch.body(ch.pull(0, wait=0)[0]) is body  # a retried pull gets the same bytes, not serialised again
     assert packets_from_bytes(ch.body(messages[1:])) and ch.body(messages) is not body  # only the last is kept
+
+
+def test_the_channel_knows_its_adapters_size_and_an_update_is_capped_by_it():
+    from colaft.serve.routes.fit import update_limit
+    small = channel()
+    big = Channel("job", interval=1, staleness=0, state=state(s={"a": torch.zeros(64, 8), "b": torch.zeros(8, 64)},
+                                                              t={"w": torch.zeros(3)}),
+                  seq=0, info={}, wake=lambda: None)
+    assert small.elements == 4 and big.elements == 64 * 8 * 2 + 3
+    # an update after a fit (adapters and Adam's moments, float32) fits; ten times the adapters does not
+    assert 3 * 4 * big.elements + (1 << 16) < update_limit(big.elements) < 10 * 8 * big.elements + (1 << 20)
+    assert update_limit(big.elements) - update_limit(small.elements) == 32 * (big.elements - small.elements)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,103 @@ class BoundedJSON(APIRoute):
                     raise APIError(400, f"body: JSON nested deeper than {limit} levels", "body", "too_deep")
             return await handler(request)
         return bounded
+
+
+JSON_BODY_LIMIT = 1 << 20
+"""Bytes a request body may have on every route but an upload and a client-fit update (1 MiB)."""
+UPLOAD_SLACK = 64 * 1024
+"""What an upload's body may hold past --max-upload-mb: multipart headers and the purpose field."""
+_UPDATES = re.compile(r"/v1/fine_tuning/jobs/[^/]+/fit/updates/?")
+
+
+def too_large(limit: int, what: str = "the request body", param: str = "body",
+              code: str = "body_too_large") -> APIError:
+    return APIError(413, f"{what} is larger than the limit of {limit} bytes", param, code)
+
+
+class BodyLimit:
+    """ASGI middleware: every request body is capped while it streams, so the server never holds
+    more of one than its route takes. A Content-Length past the cap answers 413 before a byte is
+    read; a body that grows past it (chunked, or longer than declared) answers 413 when it does,
+    whatever the handler was doing with it. Caps: an upload --max-upload-mb (plus multipart slack),
+    a client-fit update its route's (it depends on the job, known only once the job is looked
+    up: `read_body`), anything else JSON_BODY_LIMIT.
+
+    An answer sent before the body was read whole (an error, a 404 before an update's body)
+    closes the connection: the server does not go on reading what is left of it."""
+
+    def __init__(self, app, upload_limit: int):
+        self.app, self.upload_limit = app, upload_limit
+
+    def cap(self, scope) -> tuple[int | None, APIError | None]:
+        """The route's cap and the error past it; (None, None) when the route caps its body itself."""
+        path = scope["path"]
+        if scope["method"] == "POST" and path.rstrip("/") == "/v1/files":
+            limit = self.upload_limit + UPLOAD_SLACK
+            return limit, too_large(self.upload_limit, "the upload", "file", "file_too_large")
+        if _UPDATES.fullmatch(path):
+            return None, None
+        return JSON_BODY_LIMIT, too_large(JSON_BODY_LIMIT)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, error = self.cap(scope)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if limit is not None and length.isdigit() and int(length) > limit:
+            return await _refuse(error, scope, receive, send)
+        done = length in (b"", b"0") and b"transfer-encoding" not in headers  # no body: nothing left unread
+        received, over, started = 0, False, False
+
+        async def counted():
+            nonlocal received, over, done
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if limit is not None and received > limit:
+                    over = True
+                    raise error
+            return message
+
+        async def answer(message):
+            nonlocal started
+            if over:
+                return  # the handler's answer to the cut body; the 413 goes out instead
+            if message["type"] == "http.response.start":
+                started = True
+                if not done:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, counted, answer)
+        except Exception:
+            if not over or started:
+                raise
+        if over and not started:
+            await _refuse(error, scope, receive, send)
+
+
+async def _refuse(error: APIError, scope, receive, send) -> None:
+    response = error_response(error.status, error.message, error.param, error.code)
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int, what: str = "the request body") -> bytes:
+    """The request's body, or a 413 as soon as it is known to be past `limit` (its Content-Length,
+    or the bytes received so far): never more than `limit` bytes are held."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large(limit, what)
+    body = bytearray()
+    async for chunk in request.stream():
+        if len(body) + len(chunk) > limit:
+            raise too_large(limit, what)
+        body += chunk
+    return bytes(body)
 
 
 def error_response(status: int, message: str, param=None, code=None, type="invalid_request_error",

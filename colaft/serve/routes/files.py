@@ -11,7 +11,7 @@ from sqlalchemy import select
 from colaft.io.files import write_atomic
 from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, File, Job, User, new_id, now, stored_bytes
-from colaft.serve.routes.common import APIError, Me, TheService, owned, page, quota_exceeded
+from colaft.serve.routes.common import APIError, Me, TheService, owned, page, quota_exceeded, too_large
 
 router = APIRouter()
 
@@ -28,8 +28,7 @@ def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileP
             _within_stored_quota(stored_bytes(s, user.id), 0, quota)
     data = file.file.read(service.max_upload_bytes + 1)
     if len(data) > service.max_upload_bytes:
-        raise APIError(413, f"the upload is larger than the limit of {service.max_upload_bytes} bytes",
-                       "file", "file_too_large")
+        raise too_large(service.max_upload_bytes, "the upload", "file", "file_too_large")
     name = datafiles.upload_name(file.filename, data)
     try:
         fmt, records, labels = datafiles.parse(data, name)

@@ -8,7 +8,9 @@ its state and packets and brings its updates (colaft.serve.fits holds the server
          [&compress=gzip]               X-Colaft-Messages lists [seq, kind, packets] per message;
                                         409 resync when SEQ or V is not where the server is
     POST .../fit/updates                safetensors: the owner's state at the new version;
-                                        409 duplicate_update / unexpected_update / job_finished
+                                        409 duplicate_update / unexpected_update / job_finished;
+                                        413 past update_limit (the key and the job are
+                                        checked before the body is read)
 
 A job that is over answers JSON ({"status", "fine_tuned_model"}) on state and packets.
 Another user's job answers 404, a missing or wrong key 401, as everywhere.
@@ -26,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from colaft.io.tensors import state_from_bytes, state_to_bytes
 from colaft.serve.db import FINAL, Job
 from colaft.serve.fits import Refused
-from colaft.serve.routes.common import APIError, Me, Service, TheService, owned
+from colaft.serve.routes.common import APIError, Me, Service, TheService, owned, read_body
 
 router = APIRouter()
 PREFIX = "/v1/fine_tuning/jobs/{job_id}/fit"
@@ -89,14 +91,22 @@ def fit_packets(user: Me, service: TheService, job_id: str, after: Annotated[int
 
 @router.post(PREFIX + "/updates")
 async def fit_update(user: Me, service: TheService, job_id: str, request: Request):
-    body = await request.body()
-    return await run_in_threadpool(_take_update, service, user, job_id, body)
-
-
-def _take_update(service: Service, user, job_id: str, body: bytes) -> dict:
-    job, engine, channel = _channel(service, user, job_id)
+    # the key (a dependency) and the job are checked before a byte of the body is read
+    job, engine, channel = await run_in_threadpool(_channel, service, user, job_id)
     if channel is None:
         raise APIError(409, f"the job has {job.status}: no update is taken", "job_id", "job_finished")
+    body = await read_body(request, update_limit(channel.elements), "the update")
+    return await run_in_threadpool(_take_update, channel, job_id, body)
+
+
+def update_limit(elements: int) -> int:
+    """The largest update body taken for adapters of `elements` values: 32 bytes a value (the
+    adapter and Adam's two moments, even in float64, with room to spare), plus 1 MiB for the
+    header and metadata. An update is the owner's state just after a fit: nothing buffered."""
+    return 32 * elements + (1 << 20)
+
+
+def _take_update(channel, job_id: str, body: bytes) -> dict:
     try:
         state, meta = state_from_bytes(body)
         version, seq, skipped = int(meta["version"]), int(meta["seq"]), bool(meta.get("skipped", False))
