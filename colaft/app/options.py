@@ -14,6 +14,7 @@ import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
+from importlib import import_module
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -40,6 +42,28 @@ METHOD_NAMES = ("full", "lora", "adalora", "ia3", "prompt", "prefix", "ptuning")
 MODES = ("personal", "collaborative", "shared")
 USER_WEIGHTS = ("equal", "rows")
 TRANSFER_DTYPES = ("float32", "bfloat16")
+
+
+def _registry(module: str, name: str):
+    """A registry's names, imported only when an option is checked (not for `colaft --help`)."""
+    return lambda: getattr(import_module(module), name)
+
+
+def _schedulers():
+    from transformers import SchedulerType
+    return [s.value for s in SchedulerType]
+
+
+CHOICES = {  # option -> (what the error calls it, its valid values)
+    "task": ("task", _registry("colaft.tasks", "TASKS")),
+    "mode": ("mode", lambda: MODES),
+    "user_weights": ("user weighting", lambda: USER_WEIGHTS),
+    "adapter": ("adapter", _registry("colaft.adapters", "ADAPTERS")),
+    "optimizer": ("optimizer", _registry("colaft.users", "OPTIMIZERS")),
+    "scheduler": ("scheduler", _schedulers),
+    "backend": ("backend", _registry("colaft.backends", "BACKENDS")),
+    "transfer_dtype": ("transfer dtype", lambda: TRANSFER_DTYPES),
+}
 
 OPTION_OF_FIELD = {"target_modules": "targets"}
 """Fields named differently on the command line (ColaConfig's)."""
@@ -147,50 +171,12 @@ class TrainOptions(BaseModel):
     def _new_folder(cls, v: Path | None) -> Path | None:
         return new_folder(v)
 
-    @field_validator("task")
+    @field_validator("task", "mode", "user_weights", "adapter", "optimizer", "scheduler", "backend",
+                     "transfer_dtype")
     @classmethod
-    def _task(cls, v: str) -> str:
-        from colaft.tasks import TASKS
-        return choose(v, TASKS, "task")
-
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v: str) -> str:
-        return choose(v, MODES, "mode")
-
-    @field_validator("user_weights")
-    @classmethod
-    def _user_weights(cls, v: str) -> str:
-        return choose(v, USER_WEIGHTS, "user weighting")
-
-    @field_validator("adapter")
-    @classmethod
-    def _adapter(cls, v: str) -> str:
-        from colaft.adapters import ADAPTERS
-        return choose(v, ADAPTERS, "adapter")
-
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer(cls, v: str) -> str:
-        from colaft.users import OPTIMIZERS
-        return choose(v, OPTIMIZERS, "optimizer")
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler(cls, v: str) -> str:
-        from transformers import SchedulerType
-        return choose(v, [s.value for s in SchedulerType], "scheduler")
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, v: str) -> str:
-        from colaft.backends import BACKENDS
-        return choose(v, BACKENDS, "backend")
-
-    @field_validator("transfer_dtype")
-    @classmethod
-    def _transfer_dtype(cls, v: str) -> str:
-        return choose(v, TRANSFER_DTYPES, "transfer dtype")
+    def _one_of(cls, v: str, info: ValidationInfo) -> str:
+        what, choices = CHOICES[info.field_name]
+        return choose(v, choices(), what)
 
     # ---------------------------------------------------------------- across fields
     @property
