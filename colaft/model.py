@@ -241,9 +241,9 @@ class ColaModel(nn.Module):
         exactly; a head one of them adapts keeps its weights, and the difference joins `user`'s
         delta instead (exact to round-off).
         """
-        out = dict(states)
+        out, heads = dict(states), self.head_bases(user)
         for name, base in bases.items():
-            site, own = self.site(name), self.head_bases(user)[name]
+            site, own = self.site(name), heads[name]
             if all(torch.equal(base[k].to(own[k]), own[k]) for k in own):
                 continue
             if any(u in keep for u in site.users if u != user):

@@ -33,6 +33,14 @@ from colaft.users import DTYPES, FitConfig, Owner, Update
 __all__ = ["Step", "Trainer", "TrainerLike", "epochs", "train_steps"]
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """FitConfig's name of a torch dtype ("float32", ...); a ValueError for one owners cannot train in."""
+    name = {v: k for k, v in DTYPES.items()}.get(dtype)
+    if name is None:
+        raise ValueError(f"fit_dtype {dtype}: use one of {', '.join(DTYPES)}")
+    return name
+
+
 @runtime_checkable
 class TrainerLike(Protocol):
     """What the training loop, the runs and the tasks' evaluations use of a trainer.
@@ -114,9 +122,7 @@ class Trainer(TrainerLike):
                  backend_options: Mapping | None = None):
         if interval < 1 or fit_steps < 1:
             raise ValueError("interval and fit_steps must be >= 1")
-        dtype_name = {v: k for k, v in DTYPES.items()}.get(fit_dtype)
-        if dtype_name is None:
-            raise ValueError(f"fit_dtype {fit_dtype}: use one of {', '.join(DTYPES)}")
+        dtype_name = _dtype_name(fit_dtype)
         self.model, self.loss_fn, self.transfer_dtype = model, loss_fn, transfer_dtype
         fit_config = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                           optimizer_kwargs=dict(optimizer_kwargs or {}), scheduler=scheduler,
@@ -176,8 +182,7 @@ class Trainer(TrainerLike):
         if "fit_device" in fit:
             fit["device"] = str(fit.pop("fit_device"))
         if "fit_dtype" in fit:
-            dtype = fit.pop("fit_dtype")
-            fit["dtype"] = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
+            fit["dtype"] = _dtype_name(fit.pop("fit_dtype"))
         return self.fit_config.replace(**fit)
 
     def remove_user(self, user: str) -> None:

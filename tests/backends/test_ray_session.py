@@ -1,23 +1,17 @@
 """A Ray cluster's address is checked in seconds: refused, malformed, or a running cluster."""
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 from colaft.backends.ray import RayBackend
 from colaft.backends.ray_session import check_reachable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from colaft.serve.launch import free_port
 
 
 def test_an_unreachable_ray_address_fails_within_seconds():
-    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=f"no Ray cluster reachable at {address}"):
         RayBackend(address=address, connect_timeout=2.0)
