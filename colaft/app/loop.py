@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,7 +113,7 @@ def train(trainer: TrainerLike, cola_model, task: Task, batches: DataLoader, eva
 
         before = evaluate(0)
         start, smooth = time.perf_counter(), None
-        with tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar, _cleared_on_interrupt(bar):
+        with _progress_bar(total=steps, desc="train", unit="step", dynamic_ncols=True) as bar:
             for step in train_steps(trainer, batches, steps):  # ends with a flush: a partial interval counts
                 loss = step.loss
                 if not math.isfinite(loss):
@@ -142,13 +142,20 @@ def train(trainer: TrainerLike, cola_model, task: Task, batches: DataLoader, eva
 
 
 @contextmanager
-def _cleared_on_interrupt(bar: tqdm):
-    """Ctrl-C: the bar is wiped as it closes (no half-drawn line before the command's last word)."""
+def _progress_bar(**kwargs) -> Iterator[tqdm]:
+    """A tqdm bar that Ctrl-C wipes as it closes (no half-drawn line before the command's last word).
+
+    The bar draws nothing until its first update (`delay`): every draw happens inside the `try`,
+    so an interrupt can never land between a first draw and the guard that wipes it.
+    """
+    bar = tqdm(delay=1e-9, **kwargs)
     try:
-        yield
+        yield bar
     except KeyboardInterrupt:
         bar.leave = False
         raise
+    finally:
+        bar.close()
 
 
 def _rows_per_user(batches: DataLoader, eval_batches: list[dict]) -> dict[str, tuple[int, int]]:

@@ -89,3 +89,18 @@ def test_the_loop_drives_cola_and_the_backprop_baseline_alike(method, tmp_path):
     trained = [p for a in model.adapters().values() for p in a.parameters()] if method == "cola" else \
         list(model.net.parameters())  # ColA: the adapters; full fine-tuning: every weight
     assert trainer.trainable_parameters() == sum(p.numel() for p in trained) > 0
+
+
+def test_the_progress_bar_draws_only_inside_its_interrupt_guard():
+    """Ctrl-C right after the bar first appeared left it half-drawn before the command's last word:
+    the bar drew in its constructor, before the guard that wipes it was entered."""
+    import io
+
+    stream = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        with loop._progress_bar(total=10, desc="train", file=stream, mininterval=0) as bar:
+            assert stream.getvalue() == ""  # nothing drawn before the guard is in place
+            bar.update()
+            assert "train:" in stream.getvalue()
+            raise KeyboardInterrupt
+    assert stream.getvalue().split("\r")[-1] == ""  # the bar is wiped: the next line starts clean
