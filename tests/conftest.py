@@ -36,6 +36,16 @@ from transformers import (
 # each other (and pytest -n 2 already uses both cores).
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _one_thread_again():
+    """Commands run in-process (colaft train, runtime.set_threads) set torch's threads for the
+    whole process: back to one after each test, or a later test's sums would round by however
+    many threads the test before it left (xdist orders tests by load, so it would vary by run)."""
+    yield
+    torch.set_num_threads(1)
+
+
 VOCAB, DIM, SEQ, BATCH = 40, 16, 6, 4
 LENGTHS = (6, 4, 3, 5)  # right padding: rows 1-3 have zeros in attention_mask
 

@@ -80,8 +80,11 @@ def adapter(server, user: str, job_id: str) -> dict[str, torch.Tensor]:
 
 
 def assert_same(a: dict, b: dict) -> None:
-    """Two trained adapters agree to round-off (the same job, its fits elsewhere or disturbed)."""
+    """Two trained adapters agree to round-off (the same job, its fits elsewhere or disturbed).
+
+    Round-off, not bits: a server's batches mix whichever jobs run at that moment, and its torch
+    threads follow the machine's idle cores, so the sums of two runs may split differently."""
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert any(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)  # it did train
