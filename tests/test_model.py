@@ -76,7 +76,9 @@ def test_merged_training_equals_unmerged_training(arch, adapter):
         runs.append((losses, flat_state(trainer.owner_adapters)))
     (losses, unmerged), (merged_losses, merged) = runs
     assert merged_losses == pytest.approx(losses, rel=1e-5)
-    assert max_rel_err(merged, unmerged) <= 1e-5
+    # x(W + BA) and xW + (xA)B round differently, and Adam's normalised steps carry that through
+    # ten updates: ~1e-5 after them, by the CPU's kernels (AVX2 or AVX-512); a wrong merge is ~1e-1.
+    assert max_rel_err(merged, unmerged) <= 5e-5
 
 
 def _no_wrappers(model) -> bool:
