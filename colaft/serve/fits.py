@@ -73,11 +73,13 @@ class Channel:
             covering the messages up to `seq`.
         info: how the client builds the owner (sites, ColaConfig, FitConfig; see `client_info`).
         wake: called when an update is accepted (wakes the engine).
+        user: the job's owner (the API finds a running job's channel without the database).
     """
 
     def __init__(self, job_id: str, interval: int, staleness: int, state: dict, seq: int, info: dict,
-                 wake: Callable[[], None]):
+                 wake: Callable[[], None], user: str | None = None):
         self.job_id, self.interval, self.staleness, self.info, self.wake = job_id, interval, staleness, info, wake
+        self.user = user
         self.shapes = {site: {k: tuple(v.shape) for k, v in params.items()}
                        for site, params in state["adapters"].items()}
         self.elements = sum(math.prod(shape) for params in self.shapes.values() for shape in params.values())

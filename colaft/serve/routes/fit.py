@@ -55,6 +55,15 @@ def _channel(service: Service, user, job_id: str):
     return job, engine, channel
 
 
+def _running(service: Service, user, job_id: str):
+    """The channel of the user's running client-fit job, found in memory (no thread, no query); else None."""
+    for engine in service.engines.values():
+        channel = engine.channels.get(job_id)
+        if channel is not None and channel.user == user.id:
+            return channel
+    return None
+
+
 def _over(job: Job) -> dict:
     return {"status": job.status, "fine_tuned_model": job.fine_tuned_model, "error": job.error}
 
@@ -77,9 +86,11 @@ async def fit_packets(request: Request, user: Me, service: TheService, job_id: s
                       after: Annotated[int, Query(ge=0)], wait: Annotated[float, Query(ge=0, le=60)] = 20.0,
                       compress: Literal["gzip", "none"] = "none", version: Annotated[int | None, Query(ge=0)] = None):
     with service.polls.place(user.id):
-        job, engine, channel = await run_in_threadpool(_channel, service, user, job_id)
-        if channel is None:
-            return _over(job)
+        channel = _running(service, user, job_id)
+        if channel is None:  # not running (yet or any more), not a client-fit job, or not the user's
+            job, engine, channel = await run_in_threadpool(_channel, service, user, job_id)
+            if channel is None:
+                return _over(job)
         try:
             got = await _unless_gone(request, channel.poll(after, wait, version))
         except Refused as e:
