@@ -93,7 +93,8 @@ class Client:
         wait: seconds a pull waits on the server for the next step's packets.
         compress: ask for gzip-compressed packets (pays only on slow links: float
             gradients compress little; see README).
-        patience: seconds to keep retrying while the server cannot be reached.
+        patience: seconds to keep retrying while the server cannot be reached. A 429 (a
+            quota of the server's) is waited out as its Retry-After says, however long.
         device: where the owner fits (a torch device).
     """
 
@@ -125,6 +126,12 @@ class Client:
                 if time.monotonic() > deadline:
                     raise ClientError(f"the server cannot be reached for {self.patience:.0f} s: {e}") from None
                 time.sleep(1.0)
+                continue
+            if r.status_code == 429:  # a quota of requests or of polls: the server says when to come back
+                wait = retry_after(r)
+                self.say(f"{_message(r)} (429): asking again in {wait:g} s")
+                time.sleep(wait)
+                deadline = time.monotonic() + self.patience  # the server is there: patience starts again
                 continue
             if r.status_code in (401, 404, 422) or (r.status_code == 409 and _code(r) == "not_a_client_job"):
                 raise ClientError(f"{r.status_code}: {_message(r)}")
@@ -246,6 +253,22 @@ class Client:
             r = self._request("GET", "")
             body = r.json() if r.status_code == 200 else body
         self._over(body)
+
+
+def retry_after(r: httpx.Response, default: float = 1.0, most: float = 3600.0) -> float:
+    """Seconds a 429's Retry-After asks to wait (a number of seconds, or an HTTP date); `default`
+    when it is missing or unreadable; at least 0.1 s (no busy loop), never more than `most`."""
+    from email.utils import parsedate_to_datetime
+
+    value = r.headers.get("retry-after", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            seconds = default
+    return min(max(seconds, 0.1), most) if seconds == seconds else default  # NaN: the default
 
 
 def _code(r: httpx.Response) -> str | None:

@@ -26,7 +26,8 @@ TIMEOUT = 3.0  # --client-timeout of the test server
 def server(tmp_path_factory, tiny_llama_dir):
     data = tmp_path_factory.mktemp("remote") / "data"
     keys = {name: add_user(data, name) for name in ("alice", "bob")}
-    srv = Server(data, [f"llama={tiny_llama_dir}"], "--backend", "inline", "--client-timeout", str(TIMEOUT)).start()
+    srv = Server(data, [f"llama={tiny_llama_dir}"], "--backend", "inline", "--client-timeout", str(TIMEOUT),
+                 "--max-polls-per-key", "64").start()  # 48 at once in test_waiting_clients_...
     srv.keys = keys
     srv.openai = {name: srv.client(key) for name, key in keys.items()}
     yield srv
@@ -181,7 +182,8 @@ def test_only_the_owner_pulls_and_pushes(server):
 
 
 def test_waiting_clients_do_not_hold_up_other_requests(server):
-    """More long polls waiting at once than anyio's default 40 threads: a status call still answers at once."""
+    """More long polls of one key waiting at once than the server's 40 handler threads: a status
+    call still answers at once."""
     import concurrent.futures
     import time
 
@@ -203,3 +205,45 @@ def test_waiting_clients_do_not_hold_up_other_requests(server):
         assert [f.result() for f in waiting] == [204] * polls
     assert seconds < 2.0, seconds  # not behind the polls' 4 s
     server.openai["alice"].fine_tuning.jobs.cancel(job.id)
+
+
+def test_the_client_waits_out_a_429s_retry_after_and_tries_again():
+    """A server that answers 429 (a quota of requests or of polls) with Retry-After once: the
+    client waits that long and asks again, instead of taking the error for an answer."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append((time.monotonic(), self.path))
+            if len(asked) == 1:
+                status, headers = 429, {"Retry-After": "2"}
+                body = {"error": {"message": "Too many requests: retry after 2 s", "type": "rate_limit_exceeded",
+                                  "param": None, "code": "quota_exceeded"}}
+            else:
+                status, headers, body = 200, {}, {"status": "succeeded", "fine_tuned_model": "ft:llama:job"}
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for k, v in {**headers, "Content-Type": "application/json", "Content-Length": str(len(data))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        summary = Client(f"http://127.0.0.1:{httpd.server_address[1]}", "sk-colaft-x", "job", quiet=True,
+                         patience=1).run()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert summary.status == "succeeded" and summary.fine_tuned_model == "ft:llama:job"
+    assert [path for _, path in asked] == ["/v1/fine_tuning/jobs/job/fit/state"] * 2
+    assert asked[1][0] - asked[0][0] >= 2.0  # it waited as long as it was told (past its patience of 1 s)

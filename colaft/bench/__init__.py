@@ -196,6 +196,27 @@ def serve_command(
     typer.echo(f"report: {out / 'serve.md'}")
 
 
+@bench_app.command("polls")
+def polls_command(
+    polls: Annotated[int, typer.Option(help="Long polls of one client-fit job waiting at once.")] = 1000,
+    wait: Annotated[float, typer.Option(help="Seconds each poll may wait on the server.")] = 30.0,
+    probes: Annotated[int, typer.Option(help="Calls each of /health and the job's status, per phase.")] = 300,
+    quick: Annotated[bool, typer.Option(help="100 polls, 50 probes: a smoke test.")] = False,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
+) -> None:
+    """/health and a job's status (p50, p99) with no poll, then while many long polls wait."""
+    from colaft.bench.polls import Settings, run_polls, summary
+
+    if polls < 1 or probes < 1 or wait <= 0:
+        raise ValueError("--polls >= 1, --probes >= 1 and --wait > 0, please")
+    if quick:
+        polls, probes = min(polls, 100), min(probes, 50)
+    data = run_polls(Settings(polls=polls, wait=wait, probes=probes), out, command=_command_line("polls"),
+                     log=_timed_log())
+    typer.echo(summary(data))
+    typer.echo(f"report: {out / 'polls.md'}")
+
+
 @bench_app.command("startup")
 def startup_command(
     runs: Annotated[int, typer.Option(help="Fresh processes per command (their median is reported).")] = 7,

@@ -5,7 +5,9 @@
                (a thread-safe queue; never waited for) -> the answer
 
 Handlers that touch the database are plain functions (FastAPI runs them in its thread
-pool); completions await the engine's future. So the event loop never blocks on training.
+pool), each a few short queries; completions await the engine's future and a client-fit
+job's long poll awaits its channel, so nothing waits in a thread and the event loop never
+blocks on training.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Another user's
 id answers exactly like an id that does not exist (404).
 
@@ -30,10 +32,10 @@ from colaft.serve.routes.common import APIError, BodyLimit, Service, error_respo
 
 __all__ = ["APIError", "RedactKeys", "Service", "create_app", "log_config", "redact"]
 
-HTTP_THREADS = 256
-"""Threads that run the plain-function handlers. A client-fit job's long poll (fit/packets, up
-to 60 s) holds one while it waits; with anyio's default of 40, 40 waiting clients would leave
-every other request (a status call) queued behind them."""
+HTTP_THREADS = 40
+"""Threads that run the plain-function handlers (anyio's default). None of them waits on a
+client or on the engine (a long poll is a coroutine), so this bounds the handlers' work at
+once, not the clients a server can hold."""
 
 _KEY = re.compile(r"sk(?:-|%2d)colaft(?:-|%2d)[\w%-]*", re.IGNORECASE)  # keys are URL-safe base64
 _SECRET_PARAM = re.compile(r"([?&;][^=&;\s]*(?:key|token|secret|password|auth)[^=&;\s]*=)[^&;#\s\"]*",
@@ -117,8 +119,8 @@ def create_app(service: Service) -> FastAPI:
         return error_response(e.status_code, str(e.detail))
 
     @app.get("/health")
-    def health():
-        return {"status": "ok", "models": list(service.engines),
+    async def health():  # in the event loop: no thread, no database, whatever else is going on
+        return {"status": "ok", "models": list(service.engines), "long_polls": service.polls.waiting,
                 "ready": all(e.ready.is_set() for e in service.engines.values()),
                 "training": {m: {"steps": e.steps, "rows": e.rows, "step_seconds": round(e.step_seconds, 6),
                                  "running_jobs": len(e.runs)} for m, e in service.engines.items()}}

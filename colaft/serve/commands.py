@@ -105,6 +105,10 @@ def serve(
     max_requests_per_minute_per_user: Annotated[int, typer.Option(
         help="Quota: API requests per user per minute (a moving window); past it 429 with Retry-After. "
              "0 (default): no limit.")] = 0,
+    max_polls_per_key: Annotated[int, typer.Option(
+        help="Quota: long polls of client-fit jobs' packets (GET .../fit/packets?wait=S) one API key may have "
+             "waiting at once; one more is refused (429 with Retry-After). A client holds one per job it fits. "
+             "0: no limit.")] = 32,
     rate_window: Annotated[int, typer.Option(
         hidden=True, help="Seconds of the request-rate window (tests shorten the minute).")] = 60,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
@@ -123,10 +127,10 @@ def serve(
             or client_timeout <= 0:
         raise ValueError("--checkpoint-every >= 1, --num-labels >= 2, --max-upload-mb > 0, "
                          "--max-loaded-adapters >= 1 and --client-timeout > 0, please")
-    if min(max_active_jobs_per_user, max_stored_mb_per_user, max_requests_per_minute_per_user) < 0 \
-            or rate_window < 1:
-        raise ValueError("--max-active-jobs-per-user, --max-stored-mb-per-user and "
-                         "--max-requests-per-minute-per-user are >= 0 (0: no limit), please")
+    if min(max_active_jobs_per_user, max_stored_mb_per_user, max_requests_per_minute_per_user,
+           max_polls_per_key) < 0 or rate_window < 1:
+        raise ValueError("--max-active-jobs-per-user, --max-stored-mb-per-user, --max-requests-per-minute-per-user "
+                         "and --max-polls-per-key are >= 0 (0: no limit), please")
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
@@ -151,7 +155,8 @@ def serve(
                         max_active_jobs=max_active_jobs_per_user,
                         max_stored_bytes=max(1, int(max_stored_mb_per_user * 2**20)) if max_stored_mb_per_user
                         else 0,
-                        max_requests=max_requests_per_minute_per_user, rate_window=rate_window)
+                        max_requests=max_requests_per_minute_per_user, rate_window=rate_window,
+                        max_polls=max_polls_per_key)
     _remove_orphans(db, settings.data_dir, File)
     engines = {}
     for model_id, source in specs:
@@ -173,7 +178,27 @@ def serve(
     # database call, every socket write gives it up). 5 ms (the default) made a status call
     # ~100-200 ms during 64 jobs' steps; 1 ms keeps it near its unloaded time.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    raise_open_files()
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), log_config=log_config())
+
+
+OPEN_FILES = 65536
+"""Open files (sockets included) the server asks for: every waiting long poll holds a connection,
+and a soft limit of 1024 (a common default) would refuse connections past it."""
+
+
+def raise_open_files(wanted: int = OPEN_FILES) -> int:
+    """Raise this process's soft limit of open files to `wanted` (at most the hard limit); the limit now."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
 
 
 def _remove_orphans(db, data_dir: Path, File) -> None:

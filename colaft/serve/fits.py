@@ -11,14 +11,16 @@
                      client was seen lately: otherwise the job waits and other jobs go on
 
 Nothing here blocks the engine's thread: the engine asks `runnable()` before forming a
-batch and takes accepted updates with `take_updates()`. The HTTP handlers wait on the
-channel's condition (long polls), never on the engine. A client that dies loses nothing:
-it starts again from the snapshot (the state after the last applied update) and is sent
-the messages after it again; a duplicate or stale push is refused (409), so no update is
-applied twice.
+batch and takes accepted updates with `take_updates()`. A long poll (`poll`) is a coroutine
+awaiting an asyncio event that the engine's thread sets through the poll's loop
+(`call_soon_threadsafe`): a waiting client costs no thread and never waits on the engine.
+A client that dies loses nothing: it starts again from the snapshot (the state after the
+last applied update) and is sent the messages after it again; a duplicate or stale push is
+refused (409), so no update is applied twice.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import threading
@@ -48,6 +50,10 @@ class Accepted:
     states: dict[str, dict[str, torch.Tensor]] | None
 
 
+SEEN_EVERY = 5.0
+"""Seconds between a waiting pull's checks: each counts its client as seen (a waiting client is alive)."""
+
+
 class Refused(Exception):
     """A pull or push the channel cannot take: `code` says why; the API answers `status` naming
     `param` (409 and the version, unless the body itself is bad)."""
@@ -67,11 +73,13 @@ class Channel:
             covering the messages up to `seq`.
         info: how the client builds the owner (sites, ColaConfig, FitConfig; see `client_info`).
         wake: called when an update is accepted (wakes the engine).
+        user: the job's owner (the API finds a running job's channel without the database).
     """
 
     def __init__(self, job_id: str, interval: int, staleness: int, state: dict, seq: int, info: dict,
-                 wake: Callable[[], None]):
+                 wake: Callable[[], None], user: str | None = None):
         self.job_id, self.interval, self.staleness, self.info, self.wake = job_id, interval, staleness, info, wake
+        self.user = user
         self.shapes = {site: {k: tuple(v.shape) for k, v in params.items()}
                        for site, params in state["adapters"].items()}
         self.elements = sum(math.prod(shape) for params in self.shapes.values() for shape in params.values())
@@ -87,6 +95,20 @@ class Channel:
         self.connected = False  # a client has pulled since the job was admitted
         self.final: str | None = None  # the job's status once it is over
         self._cache: dict[tuple, bytes] = {}
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()  # the polls waiting now
+
+    def _notify(self) -> None:
+        """Wake every waiting pull (the caller holds `cond`): threads on the condition, polls
+        through their loops (one call per loop, whatever the number of polls)."""
+        self.cond.notify_all()
+        loops: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+        for loop, event in self._waiters:
+            loops.setdefault(loop, []).append(event)
+        for loop, events in loops.items():
+            try:
+                loop.call_soon_threadsafe(_set_all, events)
+            except RuntimeError:  # the loop is closed: nobody waits there any more
+                pass
 
     # ------------------------------------------------------------- the engine's side
     def offer(self, kind: str, packets: list[Packet]) -> None:
@@ -98,7 +120,7 @@ class Channel:
                 self.since_fit = 0
             self.sent += 1
             self.messages[self.sent] = _Message(self.sent, kind, packets, ends_fit)
-            self.cond.notify_all()
+            self._notify()
 
     @property
     def pending_steps(self) -> int:
@@ -132,7 +154,7 @@ class Channel:
         with self.cond:
             self.final = status
             self.messages.clear()
-            self.cond.notify_all()
+            self._notify()
 
     # ------------------------------------------------------------- the API's side
     def seen(self) -> None:
@@ -142,23 +164,55 @@ class Channel:
     def pull(self, after: int, wait: float, version: int | None = None) -> tuple[list[_Message], bool]:
         """The messages after `after`, waiting up to `wait` s for one; (messages, job over).
         `version`: the client's; one the server does not hold (the server went back to a
-        checkpoint, another client pushed meanwhile) makes the client start again from fit/state."""
+        checkpoint, another client pushed meanwhile) makes the client start again from fit/state.
+        This waits in the calling thread; the API awaits `poll`, its coroutine twin."""
         deadline = time.monotonic() + wait
         with self.cond:
             while True:
-                self.seen()
-                if self.final is not None:
-                    return [], True
-                if not self.acked <= after <= self.sent or (version is not None and version != self.version):
-                    raise Refused("resync", f"the server holds version {self.version} and messages "
-                                            f"{self.acked + 1}..{self.sent}, not version {version} after "
-                                            f"message {after}: fetch fit/state and start from it")
-                if self.sent > after:
-                    return [self.messages[s] for s in range(after + 1, self.sent + 1)], False
+                answer = self._answer(after, version)
+                if answer is not None:
+                    return answer
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return [], False
-                self.cond.wait(min(left, 5.0))  # wake now and then: a waiting client counts as seen
+                self.cond.wait(min(left, SEEN_EVERY))  # wake now and then: a waiting client counts as seen
+
+    async def poll(self, after: int, wait: float, version: int | None = None) -> tuple[list[_Message], bool]:
+        """`pull` as a coroutine: it waits on an asyncio event, set from the engine's thread
+        through this loop, so a waiting poll holds no thread. Cancelled (its client went
+        away), it leaves nothing behind."""
+        deadline = time.monotonic() + wait
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = (loop, asyncio.Event())
+            with self.cond:
+                answer = self._answer(after, version)
+                if answer is not None:
+                    return answer
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return [], False
+                self._waiters.add(waiter)  # under the lock: a message offered from now on sets it
+            try:
+                await asyncio.wait_for(waiter[1].wait(), min(left, SEEN_EVERY))
+            except TimeoutError:
+                pass
+            finally:
+                with self.cond:
+                    self._waiters.discard(waiter)
+
+    def _answer(self, after: int, version: int | None) -> tuple[list[_Message], bool] | None:
+        """What a pull answers now (the caller holds `cond`), or None: nothing new yet."""
+        self.seen()
+        if self.final is not None:
+            return [], True
+        if not self.acked <= after <= self.sent or (version is not None and version != self.version):
+            raise Refused("resync", f"the server holds version {self.version} and messages "
+                                    f"{self.acked + 1}..{self.sent}, not version {version} after "
+                                    f"message {after}: fetch fit/state and start from it")
+        if self.sent > after:
+            return [self.messages[s] for s in range(after + 1, self.sent + 1)], False
+        return None
 
     def body(self, messages: list[_Message]) -> bytes:
         """The messages' packets, serialised once (colaft.packets' safetensors form)."""
@@ -175,26 +229,32 @@ class Channel:
         """Accept the update `version` answering message `seq`, or raise Refused."""
         with self.cond:
             self.seen()
-            if self.final is not None:
-                raise Refused("job_finished", f"the job has {self.final}: no update is taken")
-            if version <= self.version:
-                raise Refused("duplicate_update", f"version {version} is already applied (the server holds "
-                                                  f"version {self.version}); it is not applied again")
-            fits = [m.seq for m in self.messages.values() if m.ends_fit]
-            if version != self.version + 1 or not fits or seq != fits[0]:
-                expected = f"version {self.version + 1} answering message {fits[0]}" if fits else \
-                    f"no update before message {self.acked + 1} is fitted"
-                raise Refused("unexpected_update", f"version {version} for message {seq}: the server expects "
-                                                   f"{expected}; fetch fit/state and start from it")
-            if int(state["version"]) != version:
-                raise Refused("unexpected_update", f"the state is at version {state['version']}, not {version}")
-            self._check(state)
+            self._expect(version, seq, state)
+        self._check(state)  # its tensors are checked without the lock: a poll never waits on them
+        with self.cond:
+            self._expect(version, seq, state)  # again: another push may have been taken meanwhile
             self.version, self.acked, self.state = version, seq, state
             for s in [s for s in self.messages if s <= seq]:
                 del self.messages[s]
             self.accepted.append(Accepted(version, seq, None if skipped else state["adapters"]))
-            self.cond.notify_all()
+            self._notify()
         self.wake()
+
+    def _expect(self, version: int, seq: int, state: dict) -> None:
+        """Refused unless `version` answering `seq` is the update the channel waits for (the caller holds `cond`)."""
+        if self.final is not None:
+            raise Refused("job_finished", f"the job has {self.final}: no update is taken")
+        if version <= self.version:
+            raise Refused("duplicate_update", f"version {version} is already applied (the server holds "
+                                              f"version {self.version}); it is not applied again")
+        fits = [m.seq for m in self.messages.values() if m.ends_fit]
+        if version != self.version + 1 or not fits or seq != fits[0]:
+            expected = f"version {self.version + 1} answering message {fits[0]}" if fits else \
+                f"no update before message {self.acked + 1} is fitted"
+            raise Refused("unexpected_update", f"version {version} for message {seq}: the server expects "
+                                               f"{expected}; fetch fit/state and start from it")
+        if int(state["version"]) != version:
+            raise Refused("unexpected_update", f"the state is at version {state['version']}, not {version}")
 
     def _check(self, state: dict) -> None:
         adapters = state["adapters"]
@@ -213,6 +273,11 @@ class Channel:
             raise Refused("non_finite_update", f"the state's tensor {bad} holds NaN or Inf; the update is "
                                                "not applied (the job goes on from its current version)",
                           400, "body")
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 def _non_finite(obj, path: str) -> str | None:

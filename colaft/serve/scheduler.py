@@ -200,7 +200,7 @@ class Engine:
             run.tokens = admission.checkpoint.metrics.get("trained_tokens", 0)
         if run.client:
             self.channels[job_id] = Channel(job_id, options["interval"], options.get("staleness", 0), state, run.step,
-                                            self.host.client_info(job_id), self._wake.set)
+                                            self.host.client_info(job_id), self._wake.set, job.user_id)
         self.runs[job_id] = run
         if not self.store.start(run, admission.resumed):  # cancelled meanwhile
             self._drop(job_id)

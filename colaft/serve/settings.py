@@ -41,3 +41,7 @@ class Settings:
     """Quota: authenticated requests a user may make per `rate_window` seconds (0: no limit);
     past it a 429 with Retry-After."""
     rate_window: int = 60
+    max_polls: int = 32
+    """Quota: a key's long polls of client-fit jobs' packets in progress at once (0: no limit);
+    one more is a 429 with Retry-After. A client holds one per job it fits, and a user may
+    have --max-active-jobs-per-user jobs (32 by default)."""

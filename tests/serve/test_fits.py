@@ -194,3 +194,38 @@ def test_the_channel_knows_its_adapters_size_and_an_update_is_capped_by_it():
     # an update after a fit (adapters and Adam's moments, float32) fits; ten times the adapters does not
     assert 3 * 4 * big.elements + (1 << 16) < update_limit(big.elements) < 10 * 8 * big.elements + (1 << 20)
     assert update_limit(big.elements) - update_limit(small.elements) == 32 * (big.elements - small.elements)
+
+
+def test_a_poll_is_woken_from_the_engines_thread_holds_no_thread_and_leaves_nothing_when_cancelled():
+    """`poll`, the coroutine the API awaits: many polls wait in one thread, each woken through the
+    loop by a message offered from another thread (the engine's), or by the job's end."""
+    import asyncio
+
+    ch = channel()
+    ch.offer("push", [])
+
+    async def main():
+        threads = threading.active_count()
+        polls = [asyncio.create_task(ch.poll(1, wait=30)) for _ in range(50)]
+        while len(ch._waiters) < 50:
+            await asyncio.sleep(0.01)
+        assert threading.active_count() == threads  # fifty waiting polls, no thread more
+        await asyncio.to_thread(ch.offer, "push", [])  # from another thread, as the engine does
+        answers = await asyncio.gather(*polls)
+        assert all([m.seq for m in messages] == [2] and not over for messages, over in answers)
+        assert not ch._waiters
+        assert await ch.poll(2, wait=0.05) == ([], False)  # nothing new: waited, then nothing
+        cancelled = asyncio.create_task(ch.poll(2, wait=30))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()  # its client went away
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert not ch._waiters
+        with pytest.raises(Refused):
+            await ch.poll(0, wait=0, version=5)
+        ending = asyncio.create_task(ch.poll(2, wait=30))
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(ch.close, "cancelled")
+        assert await ending == ([], True)
+
+    asyncio.run(main())

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -32,9 +34,11 @@ class Service:
     max_upload_bytes: int
     started_at: int
     rate: RateLimit = field(init=False)
+    polls: PollLimit = field(init=False)
 
     def __post_init__(self):
         self.rate = RateLimit(self.settings.max_requests, self.settings.rate_window)
+        self.polls = PollLimit(self.settings.max_polls)
 
 
 class RateLimit:
@@ -52,6 +56,38 @@ class RateLimit:
             return None
         reset = self.limiter.get_window_stats(self.item, user_id).reset_time
         return max(1, math.ceil(reset - time.time()))
+
+
+class PollLimit:
+    """At most `limit` long polls per user at once (0: no limit). Counted in the event loop's
+    thread (the polls are coroutines), so no lock is needed."""
+
+    RETRY_AFTER = 1
+    """Seconds a refused poll is told to wait: a place frees as soon as one of the user's polls ends."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held: Counter[str] = Counter()
+
+    @property
+    def waiting(self) -> int:
+        """Polls in progress, all users together."""
+        return self.held.total()
+
+    @contextmanager
+    def place(self, user_id: str) -> Iterator[None]:
+        """Hold one of the user's places while the poll runs, or a 429 with Retry-After."""
+        if self.limit and self.held[user_id] >= self.limit:
+            raise quota_exceeded(f"Too many polls at once: at most {self.limit} per API key (colaft serve "
+                                 f"--max-polls-per-key); retry after {self.RETRY_AFTER} s, when one of yours "
+                                 "has answered", headers={"Retry-After": str(self.RETRY_AFTER)})
+        self.held[user_id] += 1
+        try:
+            yield
+        finally:
+            self.held[user_id] -= 1
+            if not self.held[user_id]:
+                del self.held[user_id]
 
 
 class APIError(Exception):

@@ -14,9 +14,15 @@ its state and packets and brings its updates (colaft.serve.fits holds the server
 
 A job that is over answers JSON ({"status", "fine_tuned_model"}) on state and packets.
 Another user's job answers 404, a missing or wrong key 401, as everywhere.
+
+A waiting poll is a coroutine (the channel's `poll`), never a thread: the key check and the
+job's lookup are short calls in the thread pool, then it awaits the channel's event. A key
+holds at most --max-polls-per-key polls at once (429 with Retry-After past it); a poll whose
+client goes away stops waiting and frees its place at once.
 """
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from typing import Annotated, Literal
@@ -49,6 +55,15 @@ def _channel(service: Service, user, job_id: str):
     return job, engine, channel
 
 
+def _running(service: Service, user, job_id: str):
+    """The channel of the user's running client-fit job, found in memory (no thread, no query); else None."""
+    for engine in service.engines.values():
+        channel = engine.channels.get(job_id)
+        if channel is not None and channel.user == user.id:
+            return channel
+    return None
+
+
 def _over(job: Job) -> dict:
     return {"status": job.status, "fine_tuned_model": job.fine_tuned_model, "error": job.error}
 
@@ -67,20 +82,51 @@ def fit_state(user: Me, service: TheService, job_id: str):
 
 
 @router.get(PREFIX + "/packets")
-def fit_packets(user: Me, service: TheService, job_id: str, after: Annotated[int, Query(ge=0)],
-                wait: Annotated[float, Query(ge=0, le=60)] = 20.0, compress: Literal["gzip", "none"] = "none",
-                version: Annotated[int | None, Query(ge=0)] = None):
-    job, engine, channel = _channel(service, user, job_id)
-    if channel is None:
-        return _over(job)
-    try:
-        messages, over = channel.pull(after, wait, version)
-    except Refused as e:
-        raise APIError(409, str(e), "after", e.code) from None
+async def fit_packets(request: Request, user: Me, service: TheService, job_id: str,
+                      after: Annotated[int, Query(ge=0)], wait: Annotated[float, Query(ge=0, le=60)] = 20.0,
+                      compress: Literal["gzip", "none"] = "none", version: Annotated[int | None, Query(ge=0)] = None):
+    with service.polls.place(user.id):
+        channel = _running(service, user, job_id)
+        if channel is None:  # not running (yet or any more), not a client-fit job, or not the user's
+            job, engine, channel = await run_in_threadpool(_channel, service, user, job_id)
+            if channel is None:
+                return _over(job)
+        try:
+            got = await _unless_gone(request, channel.poll(after, wait, version))
+        except Refused as e:
+            raise APIError(409, str(e), "after", e.code) from None
+    if got is None:
+        return Response(status_code=204)  # its client went away: nobody reads this
+    messages, over = got
     if over:
         return {"status": "finishing", "fine_tuned_model": None}
     if not messages:
         return Response(status_code=204)
+    return await run_in_threadpool(_packets, channel, messages, compress)
+
+
+async def _unless_gone(request: Request, poll):
+    """`poll`'s result, or None as soon as the client disconnects (the poll is cancelled)."""
+    waiting, gone = asyncio.ensure_future(poll), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, gone):
+            task.cancel()
+    if waiting.done() and not waiting.cancelled():
+        return waiting.result()
+    gone.result()  # a body sent with the poll past its cap raises here (413)
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the server reads the connection meanwhile)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _packets(channel, messages, compress: str) -> Response:
+    """The messages' packets as a response (serialised, and compressed when asked, in a worker thread)."""
     body = channel.body(messages)
     headers = {"X-Colaft-Messages": json.dumps([[m.seq, m.kind, len(m.packets)] for m in messages])}
     if compress == "gzip":
