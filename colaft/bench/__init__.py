@@ -177,6 +177,10 @@ def serve_command(
     checkpoint_every: Annotated[int, typer.Option(help="The server's --checkpoint-every.")] = 1000,
     log_level: Annotated[str, typer.Option(
         help="The server's log level; other than warning, its whole log is kept as serve-server.log.")] = "warning",
+    abuse: Annotated[bool, typer.Option(
+        help="Hostile clients too in the load windows (oversized, nested, slow bodies, floods, long polls, ...); "
+             "each good user also runs a short job that must succeed.")] = False,
+    abuse_scale: Annotated[float, typer.Option(help="Times each attack's concurrency (--abuse).")] = 1.0,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
 ) -> None:
     """The service under load: many users' requests while training runs, vs the same jobs with no traffic."""
@@ -187,9 +191,10 @@ def serve_command(
     if quick:
         users, window, pairs, warmup = min(users, 8), min(window, 3.0), 1, 1.0
         client_every = client_every and min(client_every, 4)
+        abuse_scale = min(abuse_scale, 0.05)
     settings = Settings(users=users, client_every=client_every, model=model, backend=backend, think=think,
                         window=window, pairs=pairs, warmup=warmup, checkpoint_every=checkpoint_every,
-                        log_level=log_level)
+                        log_level=log_level, abuse=abuse, abuse_scale=abuse_scale)
     log = _timed_log()
     data = run_serve(settings, out, command=_command_line("serve"), log=log)
     typer.echo(summary(data))

@@ -11,6 +11,9 @@
     the engine's counters (GET /health: steps, rows) before and after each window give its
     training throughput; the ratio load / quiet is paired per (quiet, load) pair
     end:   cancel every job, the clients end, the server is stopped
+    --abuse: the load windows also hold colaft.bench.abuse's hostile clients (their own keys),
+           a /health probe, and one short job per good user, which must succeed; the server's
+           resident set is sampled throughout the windows
 
 Bounded in count (users, windows) and time (windows of `window` seconds, a ramp deadline).
 Every request's latency and outcome is kept; any non-2xx answer or transport error counts
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import httpx
 
+from colaft.bench import abuse
 from colaft.bench.harness import machine, write_report
 from colaft.bench.serve_load_report import Sample, markdown, summarise
 from colaft.serve.launch import SOURCE, ServerProcess
@@ -70,6 +74,14 @@ class Settings:
     """The server's log level (its log's tail is kept in the JSON report)."""
     upload_every: int = 10
     """A user uploads a file (and lists its files) every so many of its polls."""
+    abuse: bool = False
+    """Hostile clients in the load windows (colaft.bench.abuse)."""
+    abuse_scale: float = 1.0
+    """Times each attack's concurrency (abuse.ATTACKS)."""
+    short_epochs: int = 2
+    """Epochs of each good user's short job in the abuse run."""
+    jobs_timeout: float = 300.0
+    """Seconds after the windows the short jobs have to end."""
 
 
 @dataclass
@@ -212,7 +224,7 @@ async def _poll(h: httpx.AsyncClient, job: str, i: int, settings: Settings, rec:
 
 
 async def _windows(url: str, keys: list[str], jobs: list[str], settings: Settings, rec: Recorder,
-                   log: Callable[[str], None]) -> list[dict]:
+                   log: Callable[[str], None], hostile=None, short: dict | None = None) -> list[dict]:
     """The (quiet, load) pairs, ABBA order. Every user's connection is opened once, before the
     first window, so that no window starts with 64 connections being set up at once."""
     clients = [httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=60) for k in keys]
@@ -226,6 +238,12 @@ async def _windows(url: str, keys: list[str], jobs: list[str], settings: Setting
                 tasks = [] if phase == "quiet" else [
                     asyncio.create_task(_poll(h, j, i, settings, rec, stop, pauses[i]))
                     for i, (h, j) in enumerate(zip(clients, jobs))]
+                if hostile is not None and phase == "load":
+                    first = not any(w["phase"] == "load" for w in windows)  # the short jobs start with it
+                    tasks += [asyncio.create_task(hostile.run(stop)),
+                              asyncio.create_task(abuse.probe_health(url, rec, stop))]
+                    tasks += [asyncio.create_task(abuse.short_job(h, j, "bench", settings.short_epochs, rec, short))
+                              for h, j in zip(clients, jobs) if first]
                 await asyncio.sleep(settings.window)
                 after, t1 = await asyncio.to_thread(health, url), time.perf_counter()
                 stop.set()
@@ -262,11 +280,14 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
         model = str(tiny_model_dir(tmp / "tiny")) if settings.model == "tiny" else settings.model
         db = Database(f"sqlite:///{data / 'colaft.db'}")
         keys = [auth.add_user(db, f"user{i}")[1] for i in range(settings.users)]
+        hostile_keys = [auth.add_user(db, f"hostile{i}")[1] for i in range(2 if settings.abuse else 0)]
         db.close()
+        limits = ("--max-upload-mb", str(abuse.MAX_UPLOAD_MB), "--max-requests-per-minute-per-user",
+                  str(abuse.RATE_PER_MINUTE)) if settings.abuse else ()
         server = ServerProcess(data, [f"bench={model}"], "--backend", settings.backend, "--client-timeout", "120",
                                "--log-level", settings.log_level, "--checkpoint-every", str(settings.checkpoint_every),
-                               log=tmp / "server.log")
-        clients = None
+                               *limits, log=tmp / "server.log")
+        clients, attack = None, None
         try:
             t = time.perf_counter()
             server.start(timeout=300)
@@ -292,7 +313,18 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
             while health(server.url)["steps"] < first + 3 and time.monotonic() < deadline:
                 time.sleep(0.5)
             time.sleep(settings.warmup)
-            windows = asyncio.run(_windows(server.url, keys, jobs, settings, rec, log))
+            hostile, short, rss = None, {}, None
+            if settings.abuse:
+                hostile = abuse.Hostile(server.url, hostile_keys, "bench", settings.abuse_scale)
+                asyncio.run(hostile.setup())
+                rss = abuse.RssSampler(server.proc.pid).start()
+            windows = asyncio.run(_windows(server.url, keys, jobs, settings, rec, log, hostile, short))
+            if settings.abuse:
+                attack = {"memory": rss.stop(), "outcomes": {k: dict(v) for k, v in hostile.outcomes.items()},
+                          "slots": {k: max(1, round(n * settings.abuse_scale)) for k, n in abuse.ATTACKS.items()},
+                          "long_jobs": abuse.final_statuses(server.url, dict(zip(jobs, keys)), 0)}
+                log(f"attack over; waiting for {len(short)} short jobs")
+                attack["short_jobs"] = abuse.final_statuses(server.url, short, settings.jobs_timeout)
             for key, job in zip(keys, jobs):
                 r = httpx.post(f"{server.url}/v1/fine_tuning/jobs/{job}/cancel",
                                headers={"Authorization": f"Bearer {key}"}, timeout=60)
@@ -313,6 +345,6 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "serve-server.log").write_text(server_log)
             server_log = server_log[-4000:]
-    data = summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log)
+    data = summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log, attack)
     write_report(out, "serve", markdown(data), data)
     return data

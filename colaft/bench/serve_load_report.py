@@ -38,7 +38,8 @@ def _stats(samples: list[Sample]) -> dict:
             "p50_ms": _pct(ms, 0.5), "p99_ms": _pct(ms, 0.99), "max_ms": max(ms) if ms else None}
 
 
-def summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log) -> dict:
+def summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log,
+              attack: dict | None = None) -> dict:
     load_windows = [w for w in windows if w["phase"] == "load"]
     t_zero = min((x.start for x in rec.samples), default=0.0)
     in_load = [s for s in rec.samples if s.phase == "load"]
@@ -59,6 +60,14 @@ def summarise(settings, info, command, rec, windows, ramp_seconds, client_result
     quiet_rows = [w["rows_per_s"] for w in windows if w["phase"] == "quiet"]
     load_rows = [w["rows_per_s"] for w in load_windows]
     ratio = statistics.median(ratios) if ratios else None
+    targets = {"no_failed_request": failed == 0,
+               "status_p99_under_100ms": status["p99_ms"] is not None and status["p99_ms"] < 100,
+               "throughput_within_20pct": ratio is not None and ratio >= 0.8}
+    if attack is not None:
+        attack = _abuse(attack, _stats([s for s in in_load if s.kind == "health"]))
+        targets.update({"good_jobs_all_succeeded": attack["good_jobs_not_succeeded"] == 0,
+                        "health_p99_under_100ms": (attack["health_latency"]["p99_ms"] or 1e9) < 100,
+                        "rss_growth_under_200mb": attack["memory"]["growth_mb"] < 200})
     return {
         "settings": asdict(settings), "machine": info, "command": command,
         "requests": {"total": len(rec.samples), "failed": failed, "errors": rec.errors[:20],
@@ -71,15 +80,47 @@ def summarise(settings, info, command, rec, windows, ramp_seconds, client_result
                                                               if w["phase"] == "quiet"),
                        "load_steps_per_s": statistics.median(w["steps_per_s"] for w in load_windows),
                        "ratios": ratios, "ratio": ratio},
-        "targets": {"no_failed_request": failed == 0,
-                    "status_p99_under_100ms": status["p99_ms"] is not None and status["p99_ms"] < 100,
-                    "throughput_within_20pct": ratio is not None and ratio >= 0.8},
+        "targets": targets, "abuse": attack,
         "clients": client_results, "server_log_tail": server_log,
         "wall_zero": rec.wall_zero + t_zero,  # Unix time of the first request (to match the server's log)
         "slowest": [{"kind": x.kind, "phase": x.phase, "at_s": round(x.start - t_zero, 3),
                      "ms": round(1000 * x.seconds, 1), "status": x.status} for phase in ("ramp", "load")
                     for x in sorted((y for y in rec.samples if y.phase == phase), key=lambda y: -y.seconds)[:15]],
     }
+
+
+def _abuse(attack: dict, health: dict) -> dict:
+    """The abuse run's figures: the good jobs that did not succeed, /health under attack, memory."""
+    short, long = attack["short_jobs"], attack["long_jobs"]
+    bad = {j: s for j, s in short.items() if s != "succeeded"}
+    bad.update({j: s for j, s in long.items() if s not in ("running", "queued")})  # to be cancelled at the end
+    return {**attack, "health_latency": health, "good_jobs": len(short) + len(long),
+            "good_jobs_not_succeeded": len(bad), "bad_jobs": dict(list(bad.items())[:20]),
+            "hostile_requests": sum(sum(c.values()) for c in attack["outcomes"].values()),
+            "hostile_5xx": sum(n for c in attack["outcomes"].values() for code, n in c.items()
+                               if code.isdigit() and int(code) >= 500)}
+
+
+def abuse_markdown(data: dict) -> list[str]:
+    a, st = data["abuse"], data["status_latency"]
+    h, m = a["health_latency"], a["memory"]
+    lines = ["## Under attack (`--abuse`)", "",
+             "Hostile clients (their own keys) ran through every load window: " + ", ".join(
+                 f"{k} x{n}" for k, n in a["slots"].items()) + ".", "",
+             f"- good requests that failed: **{data['requests']['failed']}** (goal 0)",
+             f"- good jobs that did not succeed: **{a['good_jobs_not_succeeded']}** of {a['good_jobs']} "
+             f"(goal 0){': ' + str(a['bad_jobs']) if a['bad_jobs'] else ''}",
+             f"- `/health` under attack: p50 {h['p50_ms']:.1f} ms, **p99 {h['p99_ms']:.1f} ms** ({h['n']} calls; "
+             "goal < 100 ms)" if h["n"] else "- `/health` under attack: no call",
+             f"- job status under attack: p50 {st['p50_ms']:.1f} ms, **p99 {st['p99_ms']:.1f} ms** (goal < 100 ms)"
+             if st["n"] else "- job status under attack: no call",
+             f"- server resident set: {m['baseline_mb']:.0f} MiB before, {m['peak_mb']:.0f} MiB peak, **growth "
+             f"{m['growth_mb']:.0f} MiB** (goal < 200 MB)",
+             f"- hostile requests: {a['hostile_requests']}, of which 5xx: {a['hostile_5xx']}", ""]
+    t = Table(["attack", "answers (status: count; 0: connection closed; open: unanswered at the end)"])
+    for k, c in a["outcomes"].items():
+        t.rows.append([k, ", ".join(f"{code}: {n}" for code, n in sorted(c.items()))])
+    return lines + [t.markdown(), ""]
 
 
 def markdown(data: dict) -> str:
@@ -120,6 +161,8 @@ def markdown(data: dict) -> str:
         lines += ["Failed requests (first 20):", ""] + [f"- `{e}`" for e in req["errors"]] + [""]
     bad = {j: r for j, r in data["clients"].items() if "error" in r}
     lines.append(f"Fit clients: {len(data['clients'])}, {len(bad)} failed" + (f": {bad}" if bad else ""))
+    if data.get("abuse"):
+        lines += [""] + abuse_markdown(data)
     return "\n".join(lines)
 
 

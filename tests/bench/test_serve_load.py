@@ -24,3 +24,20 @@ def test_serve_quick(tmp_path):
         "no_failed_request", "status_p99_under_100ms", "throughput_within_20pct"}
     assert len(data["clients"]) == 2 and all(c.get("status") == "cancelled" for c in data["clients"].values())
     assert "p99" in markdown and "load / quiet" in markdown
+
+
+def test_serve_quick_abuse(tmp_path):
+    """--abuse with a few hostile slots: the report has its fields, no good request failed, no hostile one got a 5xx."""
+    result = CliRunner().invoke(bench_app, ["serve", "--quick", "--abuse", "--backend", "inline", "--client-every", "0",
+                                            "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "serve.json").read_text())
+    assert data["requests"]["failed"] == 0, data["requests"]["errors"]
+    abuse = data["abuse"]
+    assert abuse["good_jobs"] == 16 and abuse["good_jobs_not_succeeded"] == 0, abuse["bad_jobs"]
+    assert abuse["health_latency"]["n"] > 0 and abuse["health_latency"]["failed"] == 0
+    assert abuse["memory"]["peak_mb"] >= abuse["memory"]["baseline_mb"] > 0
+    assert abuse["hostile_requests"] > 0 and abuse["hostile_5xx"] == 0, abuse["outcomes"]
+    assert {"oversized", "malformed", "invalid keys", "multipart", "flood", "long polls"} <= abuse["outcomes"].keys()
+    assert {"good_jobs_all_succeeded", "health_p99_under_100ms", "rss_growth_under_200mb"} <= data["targets"].keys()
+    assert "Under attack" in (tmp_path / "serve.md").read_text()

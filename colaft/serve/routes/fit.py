@@ -156,7 +156,8 @@ def _take_update(channel, job_id: str, body: bytes) -> dict:
     try:
         state, meta = state_from_bytes(body)
         version, seq, skipped = int(meta["version"]), int(meta["seq"]), bool(meta.get("skipped", False))
-    except (ValueError, KeyError, TypeError) as e:
+        int(state["version"])  # the channel reads it too: a bad one is the client's fault, a 400 here
+    except (ValueError, KeyError, TypeError, OverflowError) as e:  # OverflowError: JSON's Infinity
         raise APIError(400, f"not an update: {e}", "body", "invalid_update") from None
     try:
         channel.push(version, seq, state, skipped)
