@@ -105,6 +105,12 @@ def serve(
     max_requests_per_minute_per_user: Annotated[int, typer.Option(
         help="Quota: API requests per user per minute (a moving window); past it 429 with Retry-After. "
              "0 (default): no limit.")] = 0,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(
+        help="Cap on a completion's prompt tokens; a longer prompt is refused (400, param messages or prompt). "
+             "Default: the model's context less the completion cap; never past the context.")] = None,
+    max_completion_tokens: Annotated[Optional[int], typer.Option(
+        help="Cap on a completion's max_tokens (400 past it, param max_tokens); prompt plus max_tokens must "
+             "also fit the model's context. Default: half the model's context, 4096 at most.")] = None,
     rate_window: Annotated[int, typer.Option(
         hidden=True, help="Seconds of the request-rate window (tests shorten the minute).")] = 60,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
@@ -127,6 +133,8 @@ def serve(
             or rate_window < 1:
         raise ValueError("--max-active-jobs-per-user, --max-stored-mb-per-user and "
                          "--max-requests-per-minute-per-user are >= 0 (0: no limit), please")
+    if min(max_prompt_tokens or 1, max_completion_tokens or 1) < 1:
+        raise ValueError("--max-prompt-tokens and --max-completion-tokens are >= 1, please")
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
@@ -151,7 +159,8 @@ def serve(
                         max_active_jobs=max_active_jobs_per_user,
                         max_stored_bytes=max(1, int(max_stored_mb_per_user * 2**20)) if max_stored_mb_per_user
                         else 0,
-                        max_requests=max_requests_per_minute_per_user, rate_window=rate_window)
+                        max_requests=max_requests_per_minute_per_user, rate_window=rate_window,
+                        max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens)
     _remove_orphans(db, settings.data_dir, File)
     engines = {}
     for model_id, source in specs:
