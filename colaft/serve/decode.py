@@ -133,7 +133,7 @@ class Batch:
 
     def keep(self, rows: list[int]) -> None:
         """Only these rows stay; columns that are padding in every row left go."""
-        index = torch.tensor(rows, device=self.mask.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.mask = self.mask[index]
         first = int(self.mask.any(0).int().argmax())
         self.mask = self.mask[:, first:]
@@ -260,7 +260,9 @@ class Generation:
         for row in batch.rows:
             if row.done(eos):
                 row.request.future.set_result(answer_of(self.host.task.tokenizer, row.request, row.out, row.prompt))
-        if len(keep) < len(batch.rows):
+        if not keep:
+            batch.rows = []  # the batch goes (advance, _prefill), its cache with it
+        elif len(keep) < len(batch.rows):
             batch.keep(keep)
 
 
