@@ -222,6 +222,25 @@ def polls_command(
     typer.echo(f"report: {out / 'polls.md'}")
 
 
+@bench_app.command("completions")
+def completions_command(
+    model: Annotated[str, typer.Option(help="The served base model: a built-in name or a folder.")] = "smollm2-135m",
+    short_tokens: Annotated[int, typer.Option(help="max_tokens of the short completion.")] = 16,
+    long_tokens: Annotated[int, typer.Option(help="max_tokens of the long one (within the server's cap).")] = 2000,
+    runs: Annotated[int, typer.Option(help="Runs (alone, then beside a long one); medians are reported.")] = 3,
+    threads: Annotated[int | None, typer.Option(help="The server's OMP_NUM_THREADS (default: its own).")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
+) -> None:
+    """A short completion's latency alone and while a long completion runs, on a live `colaft serve`."""
+    from colaft.bench.completions import run_completions
+
+    data = run_completions(model, out, _command_line("completions"), threads=threads, log=_timed_log(),
+                           short_tokens=short_tokens, long_tokens=long_tokens, runs=runs)
+    typer.echo(f"short alone {data['alone_s']:.3f} s, beside a long one {data['beside_s']:.3f} s: "
+               f"{data['ratio']:.2f}x{'' if data['valid'] else ' (invalid: a long one ended first)'}")
+    typer.echo(f"report: {out / 'completions.md'}")
+
+
 @bench_app.command("startup")
 def startup_command(
     runs: Annotated[int, typer.Option(help="Fresh processes per command (their median is reported).")] = 7,

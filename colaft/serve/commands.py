@@ -109,6 +109,12 @@ def serve(
         help="Quota: long polls of client-fit jobs' packets (GET .../fit/packets?wait=S) one API key may have "
              "waiting at once; one more is refused (429 with Retry-After). A client holds one per job it fits. "
              "0: no limit.")] = 32,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(
+        help="Cap on a completion's prompt tokens; a longer prompt is refused (400, param messages or prompt). "
+             "Default: the model's context less the completion cap; never past the context.")] = None,
+    max_completion_tokens: Annotated[Optional[int], typer.Option(
+        help="Cap on a completion's max_tokens (400 past it, param max_tokens); prompt plus max_tokens must "
+             "also fit the model's context. Default: half the model's context, 4096 at most.")] = None,
     rate_window: Annotated[int, typer.Option(
         hidden=True, help="Seconds of the request-rate window (tests shorten the minute).")] = 60,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
@@ -131,6 +137,8 @@ def serve(
            max_polls_per_key) < 0 or rate_window < 1:
         raise ValueError("--max-active-jobs-per-user, --max-stored-mb-per-user, --max-requests-per-minute-per-user "
                          "and --max-polls-per-key are >= 0 (0: no limit), please")
+    if min(max_prompt_tokens or 1, max_completion_tokens or 1) < 1:
+        raise ValueError("--max-prompt-tokens and --max-completion-tokens are >= 1, please")
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
@@ -156,7 +164,8 @@ def serve(
                         max_stored_bytes=max(1, int(max_stored_mb_per_user * 2**20)) if max_stored_mb_per_user
                         else 0,
                         max_requests=max_requests_per_minute_per_user, rate_window=rate_window,
-                        max_polls=max_polls_per_key)
+                        max_polls=max_polls_per_key,
+                        max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens)
     _remove_orphans(db, settings.data_dir, File)
     engines = {}
     for model_id, source in specs:

@@ -116,11 +116,12 @@ class ModelHost:
             self.finished[job_id] = None
             self.finished.move_to_end(job_id)
 
-    def unload_unused(self) -> None:
-        """Unload the least recently used finished personal jobs' adapters past max_loaded_adapters.
-        Called between batches, never inside one, so a batch may briefly hold more."""
-        while len(self.finished) > self.settings.max_loaded_adapters:
-            job_id, _ = self.finished.popitem(last=False)
+    def unload_unused(self, keep: set[str] | frozenset = frozenset()) -> None:
+        """Unload the least recently used finished personal jobs' adapters past max_loaded_adapters,
+        but none of `keep` (jobs whose completions are in flight): those may briefly be more."""
+        for job_id in [j for j in self.finished if j not in keep]:
+            if len(self.finished) <= self.settings.max_loaded_adapters:
+                break
             self.remove(job_id)
             log.info("%s: unloaded the adapters of %s (least recently used)", self.id, job_id)
 

@@ -1,24 +1,20 @@
-"""Inference on the base model and its fine-tuned adapters, batched across adapters.
+"""Inference requests and answers: what the API queues on an engine and what comes back.
 
     requests (from the API) -> the engine's thread, between training steps
-      -> grouped by mode and sampling settings -> one left-padded batch per group, each row
-         routed to its job's adapters (None: the base model alone) -> generate / classify
-      -> each request's future gets its text, finish reason and token counts
+      -> colaft.serve.decode: generated a few tokens per turn, interleaved across requests,
+         each row routed to its job's adapters (None: the base model alone); a
+         classification model answers at once (`classify`)
+      -> each request's future gets its text, finish reason and token counts, or TooLong
 
 Runs on the engine's thread, on its model host (colaft.serve.host), because the ColaModel's
 mode and routing are shared state.
 """
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig
-
-log = logging.getLogger("colaft.serve")
 
 
 @dataclass
@@ -34,7 +30,13 @@ class Request:
     top_p: float = 1.0
     stops: list[str] = field(default_factory=list)
     seed: int | None = None
+    max_tokens_param: str | None = "max_tokens"  # the body's field that set max_tokens (errors name it);
+    # None: the client set none, max_tokens is a default (cut to the caps, never refused)
     future: Future | None = None
+
+    @property
+    def prompt_param(self) -> str:
+        return "prompt" if self.messages is None else "messages"
 
 
 @dataclass
@@ -45,29 +47,15 @@ class Answer:
     completion_tokens: int
 
 
-def serve_requests(host, requests: list[Request], load: Callable[[str], None]) -> None:
-    """Answer `requests` (setting their futures), one batch per (mode, sampling) group, on `host`
-    (a ModelHost); `load(job_id)` makes sure a finished job's adapters are in its ColaModel."""
-    groups: dict[tuple, list[Request]] = {}
-    for r in requests:
-        groups.setdefault((r.mode, r.temperature, r.top_p, r.seed), []).append(r)
-    for (mode, *_), group in groups.items():
-        try:
-            for r in group:
-                if r.user is not None:
-                    load(r.user)
-            host.set_mode(mode)
-            answers = _classify(host, group) if host.task_name == "sc" else _generate(host, group)
-        except Exception as e:  # answer every request of the group; the engine goes on
-            log.exception("%s: inference failed", host.id)
-            for r in group:
-                r.future.set_exception(e)
-            continue
-        for r, a in zip(group, answers):
-            r.future.set_result(a)
+class TooLong(ValueError):
+    """A request past the caps (a prompt or max_tokens too long): the API answers 400 naming `param`."""
+
+    def __init__(self, message: str, param: str, code: str):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
-def _prompt_ids(host, r: Request) -> list[int]:
+def prompt_ids(host, r: Request) -> list[int]:
     tok = host.task.tokenizer
     if r.messages is not None:
         text = host.task.prompt(r.messages)
@@ -76,38 +64,21 @@ def _prompt_ids(host, r: Request) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
 
 
-@torch.no_grad()
-def _generate(host, group: list[Request]) -> list[Answer]:
-    tok = host.task.tokenizer
-    prompts = [_prompt_ids(host, r) for r in group]
-    batch = tok.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")  # (B, T)
-    first = group[0]
-    sample = first.temperature > 0
-    config = GenerationConfig(max_new_tokens=max(r.max_tokens for r in group), do_sample=sample,
-                              temperature=first.temperature if sample else None,
-                              top_p=first.top_p if sample else None, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
-    if first.seed is not None:
-        torch.manual_seed(first.seed)
-    model, routing = host.model([r.user for r in group])
-    model.eval()
-    out = model.generate(**batch, generation_config=config, **routing)  # (B, T + new)
-    answers = []
-    for r, ids, prompt in zip(group, out[:, batch["input_ids"].shape[1]:].tolist(), prompts):
-        ids = ids[:r.max_tokens]
-        finish = "length"
-        if tok.eos_token_id in ids:
-            ids, finish = ids[:ids.index(tok.eos_token_id)], "stop"
-        text = tok.decode(ids, skip_special_tokens=True)
-        for stop in r.stops:
-            if stop and stop in text:
-                text, finish = text[:text.index(stop)], "stop"
-        answers.append(Answer(text, finish, len(prompt), len(ids)))
-    return answers
+def answer_of(tok, r: Request, ids: list[int], prompt_tokens: int) -> Answer:
+    """The answer of generated token `ids`: cut at eos (finish "stop"), then at the first stop string."""
+    ids = ids[:r.max_tokens]
+    finish = "length"
+    if tok.eos_token_id in ids:
+        ids, finish = ids[:ids.index(tok.eos_token_id)], "stop"
+    text = tok.decode(ids, skip_special_tokens=True)
+    for stop in r.stops:
+        if stop and stop in text:
+            text, finish = text[:text.index(stop)], "stop"
+    return Answer(text, finish, prompt_tokens, len(ids))
 
 
 @torch.no_grad()
-def _classify(host, group: list[Request]) -> list[Answer]:
+def classify(host, group: list[Request]) -> list[Answer]:
     """A classification model answers with the label it predicts (the job's labels, as text)."""
     tok = host.task.tokenizer
     texts = [r.prompt if r.messages is None else _last_user_text(r.messages) for r in group]

@@ -17,7 +17,8 @@ and itself the running jobs (colaft.serve.jobs.Run), the client-fit jobs' channe
                   (collaborative jobs form a second batch, in collaborative mode)
                -> per-job loss -> events; checkpoints; at its last step the job's adapters
                   are saved, exported and it succeeds
-    between ticks: inference requests, batched across adapters (colaft.serve.inference)
+    between ticks: inference requests, batched across adapters, a few tokens of each per turn
+                   (colaft.serve.decode): a long completion never holds the thread
 
 Why a tick and not colaft.app.loop.train: that loop runs a fixed DataLoader for a fixed set of
 users and steps. Here jobs arrive, finish and are cancelled between any two steps, and the
@@ -41,9 +42,9 @@ from concurrent.futures import Future
 import torch
 
 from colaft.serve.db import ACTIVE, Database, File
+from colaft.serve.decode import Generation
 from colaft.serve.fits import Channel
 from colaft.serve.host import ModelHost
-from colaft.serve.inference import serve_requests
 from colaft.serve.jobs import LISTED, Run, cola_config, fit_settings
 from colaft.serve.settings import Settings
 from colaft.serve.store import JobStore
@@ -63,6 +64,7 @@ class Engine:
     def __init__(self, model_id: str, source: str, task: str, db: Database, settings: Settings):
         self.id, self.settings = model_id, settings
         self.host = ModelHost(model_id, source, task, settings)
+        self.generation = Generation(self.host, settings)  # completions in flight
         self.store = JobStore(model_id, db, settings.data_dir)
         self.runs: dict[str, Run] = {}
         self.channels: dict[str, Channel] = {}  # client-fit jobs (colaft.serve.fits), read by the API too
@@ -116,8 +118,8 @@ class Engine:
                 self._take_admits()
                 self._serve()
                 self._client_jobs()
-                if self.runs and self._tick():
-                    continue
+                if (self.runs and self._tick()) or self.generation.active:
+                    continue  # completions in flight go on at the next turn, right away
             except Exception:  # e.g. the database went away for a moment: keep serving
                 log.exception("%s: the engine's loop failed; going on", self.id)
             self._wake.wait(0.5 if self.runs else 1.0)  # a client's push or pull wakes it sooner
@@ -143,6 +145,7 @@ class Engine:
                 self._admits.put(job.id)
 
     def _shutdown(self) -> None:
+        self.generation.close(RuntimeError("the server stopped before the completion was done"))
         for run in list(self.runs.values()):
             if run.client and not self.channels[run.job_id].idle():
                 continue  # its owner's state is with its client: resume from the last checkpoint
@@ -368,15 +371,19 @@ class Engine:
 
     # ------------------------------------------------------------- inference
     def _serve(self) -> None:
+        """New requests join the completions in flight (max_inference_batch rows at most), which
+        then advance by a few tokens each (colaft.serve.decode)."""
         requests = []
-        while len(requests) < self.settings.max_inference_batch:
+        while self.generation.active + len(requests) < self.settings.max_inference_batch:
             try:
                 requests.append(self._requests.get_nowait())
             except queue.Empty:
                 break
         if requests:
-            serve_requests(self.host, requests, self._ensure_adapters)
-            self.host.unload_unused()
+            self.generation.add(requests, self._ensure_adapters)
+        if requests or self.generation.active:
+            self.generation.advance()
+            self.host.unload_unused(keep=self.generation.users())
 
     def _ensure_adapters(self, job_id: str) -> None:
         """A finished job's adapters in the ColaModel (loaded from disk after a restart or an unload)."""

@@ -186,8 +186,9 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
-    max_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    # bounded here; the model's cap (colaft serve --max-completion-tokens) is a 400 past it
+    max_tokens: Annotated[int, Field(ge=1, le=2**20)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=2**20)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     """0 or absent: greedy (deterministic); from MIN_TEMPERATURE: sampling; in between: greedy."""
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None

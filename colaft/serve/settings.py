@@ -25,6 +25,13 @@ class Settings:
     num_labels: int = 2
     """Classification heads have this many outputs; a job may use up to that many labels."""
     max_inference_batch: int = 32
+    """Completions in flight at once per base model (generated together); more wait their turn."""
+    decode_steps: int = 8
+    """Tokens every completion in flight takes per turn of the engine, between training steps."""
+    max_prompt_tokens: int | None = None
+    """Cap on a prompt's tokens, past it a 400 (None: the model's context less the completion cap)."""
+    max_completion_tokens: int | None = None
+    """Cap on max_tokens, past it a 400 (None: half the model's context, 4096 at most)."""
     max_loaded_adapters: int = 8
     """Finished personal jobs whose adapters stay loaded for inference; the least recently
     used one past this is unloaded, and loaded from disk again when next asked for."""

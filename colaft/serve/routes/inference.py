@@ -1,9 +1,10 @@
 """Inference: /v1/models (the base models and the caller's fine-tuned ones), /v1/chat/completions
 and /v1/completions.
 
-A completion is queued on its base model's engine, which batches requests across adapters
-between training steps (colaft.serve.inference); the handler awaits its future, so the
-event loop is never blocked.
+A completion is queued on its base model's engine, which generates it a few tokens at a time
+with the others in flight, between training steps (colaft.serve.decode); the handler awaits
+its future, so the event loop is never blocked. A prompt or max_tokens past the model's caps
+(colaft serve --max-prompt-tokens, --max-completion-tokens) is a 400 naming the param.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from colaft.serve.db import Job, User
-from colaft.serve.inference import Answer
+from colaft.serve.inference import Answer, TooLong
 from colaft.serve.inference import Request as InferenceRequest
 from colaft.serve.routes.common import APIError, BoundedJSON, Me, Service, TheService
 from colaft.serve.scheduler import Engine
@@ -53,7 +54,13 @@ def resolve(service: Service, model: str, user: User) -> tuple[Engine, str | Non
 
 
 async def complete(request: InferenceRequest, engine: Engine) -> Answer:
-    return await asyncio.wrap_future(engine.infer(request))
+    """The answer, or a 400 naming the param when the request is past the model's caps (the
+    prompt's tokens are counted on the engine's thread, which holds the tokenizer)."""
+    try:
+        engine.generation.check(request)
+        return await asyncio.wrap_future(engine.infer(request))
+    except TooLong as e:
+        raise APIError(400, str(e), e.param, e.code) from None
 
 
 @router.post("/v1/chat/completions")
@@ -83,6 +90,8 @@ async def completions(user: Me, service: TheService, body: CompletionRequest):
 def _sampling(body, default_max_tokens: int) -> dict:
     temperature = body.temperature or 0.0
     return {"max_tokens": body.max_completion_tokens or body.max_tokens or default_max_tokens,
+            "max_tokens_param": "max_completion_tokens" if body.max_completion_tokens
+            else "max_tokens" if body.max_tokens else None,
             # too cold to sample without overflow: greedy (schemas.MIN_TEMPERATURE)
             "temperature": temperature if temperature >= MIN_TEMPERATURE else 0.0,
             "top_p": body.top_p or 1.0, "stops": body.stops(),
