@@ -17,6 +17,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+TRANSFER_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+"""The choices of --transfer-dtype: what packets are cast to for transport (None: left as the
+server made them, float32: exact). The fit itself keeps its own dtype."""
+
 
 @dataclass
 class Packet:
