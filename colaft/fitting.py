@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from colaft.packets import Packet, all_finite
+from colaft.packets import Packet, all_finite, tensor_key
 
 
 @dataclass
@@ -37,10 +37,14 @@ def fit(adapters: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer, pac
     if not all_finite(packets):
         return FitResult(skipped=True)
     inputs, grads, g0 = [], [], []
+    moved: dict[tuple, torch.Tensor] = {}  # a shared x (q, k, v: one input) is moved and cast once
     for p in packets:
         first = next(adapters[p.site].parameters())
-        x = p.x.to(first.device)
-        inputs.append(x.to(first.dtype) if x.is_floating_point() else x)
+        key = (tensor_key(p.x), first.device, first.dtype)
+        if key not in moved:
+            x = p.x.to(first.device)
+            moved[key] = x.to(first.dtype) if x.is_floating_point() else x
+        inputs.append(moved[key])
         g = p.grad.to(first.device, first.dtype)
         grads.append(g if grad_scale == 1.0 else g * grad_scale)
     for k in range(steps):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from colaft.model import ColaModel, batch_rows
-from colaft.packets import Packet
+from colaft.packets import Packet, tensor_key
 from colaft.routing import Route, per_row
 from colaft.sites import Call, Kept
 
@@ -91,11 +91,11 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
     # by graph edge, not by tensor: a tensor modified in place afterwards would give dL/d(modified)
     grads = list(torch.autograd.grad(loss, [c.edge for c in calls], allow_unused=True))
     keep = _kept_rows(calls, grads, padding)
-    packets = []
+    packets, inputs = [], {}  # inputs: x rows cut once per shared input (Site.split)
     for i, c in enumerate(calls):
         g, grads[i] = grads[i], None  # with padding, each full dL/dh is freed once its rows are copied
         if g is not None:
-            packets += [Packet(c.site.name, x, gu, user) for user, x, gu in c.site.split(c, g, keep[i])]
+            packets += [Packet(c.site.name, x, gu, user) for user, x, gu in c.site.split(c, g, keep[i], inputs)]
     return ServerStep(loss.detach(), packets, {u: v.item() for u, v in user_losses.items()})
 
 
@@ -131,6 +131,9 @@ def _kept_rows(calls: list[Call], grads: list[torch.Tensor | None],
     with zero dL/dh adds exactly nothing to the fit's gradient, so dropping stays exact
     whatever the model does with its masks. All calls' counts come back in one transfer, so
     a GPU server waits once, not once per site.
+
+    Calls that read the same input (q, k, v) and keep the same rows get one Kept object, so
+    that their packets share one x (`Site.split`); each call still keeps exactly its own rows.
     """
     keep: list[Kept | None] = [None] * len(calls)
     if not padding:
@@ -142,11 +145,18 @@ def _kept_rows(calls: list[Call], grads: list[torch.Tensor | None],
             nonzero = g.ne(0).flatten(pad.dim()).any(-1)  # (B, T): dL/dh has a non-zero entry
             masks[i] = nonzero | ~pad.to(g.device)
     if masks:
-        counts = torch.cat([m.sum(-1) for m in masks.values()]).tolist()  # (calls * B,), one sync
+        first: dict[tuple, int] = {}  # input -> the first call reading it
+        pairs = [(i, lead) for i in masks if (lead := first.setdefault(tensor_key(calls[i].x), i)) != i]
+        same_rows = [(masks[i] == masks[lead]).all().reshape(1) for i, lead in pairs]  # (1,) each
+        counts = torch.cat([m.sum(-1) for m in masks.values()] + same_rows).tolist()  # (calls * B + pairs,): one sync
         for j, (i, m) in enumerate(masks.items()):
             rows = counts[j * m.shape[0]:(j + 1) * m.shape[0]]
             if sum(rows) < m.numel():
                 keep[i] = Kept(m, rows)
+        same = counts[len(counts) - len(pairs):]
+        for (i, lead), equal in zip(pairs, same):
+            if equal:
+                keep[i] = keep[lead]
     return keep
 
 

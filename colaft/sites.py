@@ -25,6 +25,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from transformers.pytorch_utils import Conv1D
 
 from colaft.adapters import SiteSpec, is_mergeable
+from colaft.packets import tensor_key
 from colaft.routing import Route, routed_delta
 
 SUPPORTED = (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
@@ -132,6 +133,14 @@ def _no_match(what: str, candidates: list[str], modules: dict, keys: list[str]) 
 
 
 # ---------------------------------------------------------------- the wrapper at a site
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied when it views a small part of a larger storage (a pooler's first token of
+    (B, T, d)): a transport that moves storages would otherwise send all of it."""
+    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.contiguous() if not t.is_contiguous() else t.clone()
+    return t
+
 
 @dataclass
 class Kept:
@@ -318,35 +327,53 @@ class Site(nn.Module):
             return None
         return tuple(x.shape) if self.spec.kind == "embedding" else tuple(x.shape[:-1])
 
-    def split(self, call: Call, grad: torch.Tensor, keep: Kept | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    def split(self, call: Call, grad: torch.Tensor, keep: Kept | None,
+              inputs: dict | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(user, x rows, dL/dg rows) for every user with an adapter here: each user's own rows only.
 
         `keep`: the token rows that go into the packets (None: all, as flat views, no copy).
+        `inputs`: one server step's memo of cut x rows. Calls whose x is the same tensor (q, k
+        and v read one hidden state) and that keep the same rows (the same `keep` object) get
+        the very same x rows object, cut once, which every transport then sends once.
         """
         grad = self._scaled(grad)  # dL/dg: h = f(x) + s * g(x) at a scaled embedding
+        memo = {} if inputs is None else inputs
+        base = (tensor_key(call.x), self.spec.kind, None if keep is None else id(keep), id(call.route))
         route = call.route
         user = self._solo_user(route) if route is None or route.single is not None else None
         if user is not None:
-            return [(user, *self.rows(call.x, grad, keep))] if user in self.keys else []
+            if user not in self.keys:
+                return []
+            x, index = self._x_rows(memo, base + (user,), lambda: call.x, keep)
+            return [(user, x, self._grad_rows(grad, index))]
         out = []
         for u in route.order:
             if u in self.keys:
                 rows = route.rows_of([u], grad.device)
                 mine = None if keep is None else keep.of_rows(rows, [i for i, v in enumerate(route.users) if v == u])
-                out.append((u, *self.rows(call.x.index_select(0, rows), grad.index_select(0, rows), mine)))
+                x, index = self._x_rows(memo, base + (u,), lambda rows=rows: call.x.index_select(0, rows), mine)
+                out.append((u, x, self._grad_rows(grad.index_select(0, rows), index)))
         return out
 
-    def rows(self, x: torch.Tensor, grad: torch.Tensor, keep: Kept | None):
-        """The packet rows of one call: tokens flattened, only the kept ones (see `split`)."""
+    def _x_rows(self, memo: dict, key: tuple, x_of, keep: Kept | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the packet's x rows, the kept rows' index or None: all), made once per `key`."""
+        if key not in memo:
+            x = x_of()
+            index = None
+            if self.spec.kind != "conv2d":  # (B, C, H, W) stays whole
+                x = x.reshape(-1) if self.spec.kind == "embedding" else x.reshape(-1, x.shape[-1])  # (B*T,) | (B*T, d)
+                if keep is not None and sum(keep.counts) != len(x):
+                    # the count is known on the host, so finding the rows does not wait for the device
+                    index = torch.nonzero_static(keep.mask.reshape(-1), size=sum(keep.counts)).squeeze(1)  # (N,)
+                    x = x.index_select(0, index.to(x.device))
+            memo[key] = (_compact(x), index)
+        return memo[key]
+
+    def _grad_rows(self, grad: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         if self.spec.kind == "conv2d":
-            return x, grad  # (B, C, H, W), (B, C', H', W')
-        x = x.reshape(-1) if self.spec.kind == "embedding" else x.reshape(-1, x.shape[-1])  # (B*T,) | (B*T, d_in)
+            return _compact(grad)  # (B, C', H', W')
         grad = grad.reshape(-1, grad.shape[-1])  # (B*T, d_out)
-        if keep is None or sum(keep.counts) == len(grad):
-            return x, grad
-        # the count is known on the host, so finding the rows does not wait for the device
-        index = torch.nonzero_static(keep.mask.reshape(-1), size=sum(keep.counts)).squeeze(1)  # (N,)
-        return x.index_select(0, index.to(x.device)), grad.index_select(0, index.to(grad.device))
+        return _compact(grad if index is None else grad.index_select(0, index.to(grad.device)))
 
     def detach_from_model(self) -> None:
         """Give the module its own forward back."""

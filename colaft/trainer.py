@@ -26,6 +26,7 @@ from colaft.backends import Backend, make_backend
 from colaft.config import ColaConfig
 from colaft.io import state as state_io
 from colaft.model import ColaModel
+from colaft.packets import cast_packets, packets_nbytes
 from colaft.pipeline import Pipeline
 from colaft.server import LossFn, server_step
 from colaft.users import DTYPES, FitConfig, Owner, Update
@@ -227,9 +228,11 @@ class Trainer(TrainerLike):
         self.stats["server_seconds"] += time.perf_counter() - start
         by_user: dict[str, list] = {u: [] for u in out.user_losses}
         for p in out.packets:
-            by_user[p.user].append(p if self.transfer_dtype is None else p.to(dtype=self.transfer_dtype))
+            by_user[p.user].append(p)
+        # cast once per shared x, which stays shared; the bytes are those sent, each shared x once
+        by_user = {u: cast_packets(ps, self.transfer_dtype) for u, ps in by_user.items()}
         self.stats["steps"] += 1
-        self.stats["packet_bytes"] = sum(p.nbytes for ps in by_user.values() for p in ps)
+        self.stats["packet_bytes"] = sum(packets_nbytes(ps) for ps in by_user.values())
         self.stats["packet_bytes_total"] += self.stats["packet_bytes"]
         self.last_user_losses = out.user_losses
         for user, packets in by_user.items():

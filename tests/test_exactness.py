@@ -37,11 +37,11 @@ def _split_key_bias(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("adapter", ["lowrank", "linear", "mlp"])
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_cola_follows_backprop(arch, optimizer, adapter, report_error):
-    factory, targets, kind = ARCHS[arch]
+def _train_both(arch, optimizer, adapter, targets, loss_tol=TOL, **trainer_options):
+    """STEPS steps of ColA and of its reference (PEFT for lowrank, else autograd) from the same
+    start, their losses within `loss_tol`; returns the trainer, the reference's adapters then
+    and the start."""
+    factory, _, kind = ARCHS[arch]
     base = factory()
     twin = copy.deepcopy(base)
     cm = ColaModel(base, ColaConfig(target_modules=targets, adapter=adapter, rank=4, alpha=8.0, hidden=8))
@@ -59,18 +59,25 @@ def test_cola_follows_backprop(arch, optimizer, adapter, report_error):
             randomize_(a, std=0.05, seed=i)  # non-zero start: the adapters' input Jacobians matter
         ref = Backprop(twin, cm.adapters(), make_optimizer)
         want = lambda: flat_state(ref.adapters)
-    trainer = Trainer(cm, optimizer, lr=LR[optimizer], weight_decay=weight_decay)
-    init = flat_state(trainer.owner_adapters)
+    trainer = Trainer(cm, optimizer, lr=LR[optimizer], weight_decay=weight_decay, **trainer_options)
+    init = flat_state(cm.adapters())
     assert max_rel_err(init, want()) == 0.0
 
     batches = [make_batch(kind, seed) for seed in range(4)]
     for step in range(STEPS):
         batch = batches[step % len(batches)]
         loss, ref_loss = trainer.step(batch), ref.step(batch)
-        assert loss == pytest.approx(ref_loss, rel=TOL)
+        assert loss == pytest.approx(ref_loss, rel=loss_tol)
+    trainer.flush()
+    return trainer, want(), init
 
-    got, expected = flat_state(trainer.owner_adapters), want()
-    server = flat_state(cm.adapters())
+
+@pytest.mark.parametrize("adapter", ["lowrank", "linear", "mlp"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cola_follows_backprop(arch, optimizer, adapter, report_error):
+    trainer, expected, init = _train_both(arch, optimizer, adapter, ARCHS[arch][1])
+    got, server = flat_state(trainer.owner_adapters), flat_state(trainer.model.adapters())
     noise = [_split_key_bias(s) for s in (got, expected, init)]
     err, update_err = max_rel_err(got, expected), max_update_rel_err(got, expected, init)
     report_error(arch, optimizer, adapter, err, update_err)
@@ -82,6 +89,50 @@ def test_cola_follows_backprop(arch, optimizer, adapter, report_error):
     assert trainer.stats["version"] == STEPS and trainer.stats["skipped_fits"] == 0
     # the server runs the owner's latest weights
     assert max_rel_err(server, flat_state(trainer.owner_adapters)) == 0.0
+
+
+# sites that read one input: q, k, v (and gate, up) share one x in the packets
+SHARED = {"llama": (["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], [3, 2]),
+          "bert": (["query", "key", "value", "intermediate.dense", "output.dense"], [3])}
+# bfloat16 packets (8-bit mantissa: x and dL/dh within 0.4%), 20 SGD steps: max |difference| within
+# 1% of how far the adapters moved (measured 0.3% llama, 0.5% bert). AdamW divides by sqrt(v):
+# weights whose gradient is near zero move by ~lr whatever its rounding, so there the same
+# packets differ by 17-22% of the movement on these tiny random models (the real task's
+# held-out loss is unchanged to 3 digits, BENCHMARKS.md).
+BF16_TOL = 1e-2
+
+
+@pytest.mark.parametrize("transfer", ["float32", "bfloat16"])
+@pytest.mark.parametrize("backend", ["inline", "process"])
+@pytest.mark.parametrize("arch", list(SHARED))
+def test_shared_inputs_follow_backprop(arch, backend, transfer, report_error):
+    """Packets that share x train as backprop does: in float32 to round-off (exactness unchanged),
+    in bfloat16 within BF16_TOL of the adapters' movement; on a worker process too (packets
+    through shared memory, a shared x once)."""
+    targets, groups = SHARED[arch]
+    cm = ColaModel(ARCHS[arch][0](), ColaConfig(target_modules=targets))
+    packets = server_step(cm, make_batch(ARCHS[arch][2], 0)).packets  # padded: rows are cut
+    by_x = {}
+    for p in packets:
+        by_x.setdefault(id(p.x), []).append(p.site)
+    assert sorted(map(len, by_x.values()), reverse=True)[:2 * len(groups)] == sorted(groups * 2, reverse=True)
+
+    dtype = {"float32": None, "bfloat16": torch.bfloat16}[transfer]
+    optimizer = "adamw" if dtype is None else "sgd"  # see BF16_TOL
+    options = {} if backend == "inline" else {"backend_options": {"workers": 1}}
+    trainer, expected, init = _train_both(arch, optimizer, "lowrank", targets, TOL if dtype is None else BF16_TOL,
+                                          backend=backend, transfer_dtype=dtype, **options)
+    try:
+        got = flat_state(trainer.model.adapters())  # S = 0: the owner's latest weights
+        err, update_err = max_rel_err(got, expected), max_update_rel_err(got, expected, init)
+        report_error(arch, optimizer, f"lowrank, shared x, {backend}, {transfer}", err, update_err)
+        if dtype is None:
+            assert err <= TOL and update_err <= 1e-3
+        else:
+            assert update_err <= BF16_TOL
+        assert all((got[k] - init[k]).abs().max() > 0 for k in got)
+    finally:
+        trainer.close()
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -3,12 +3,15 @@ count rows x (d_in + d_out) x bytes per element, summed over the sites; their sa
 which packets are finite."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import LENGTHS, image_batch, text_batch, tiny_cnn, tiny_gpt2, tiny_llama
+from torch import nn
 
 from colaft import ColaConfig, ColaModel, Packet, Trainer, server_step
-from colaft.packets import all_finite, packets_from_bytes, packets_to_bytes
+from colaft.packets import all_finite, cast_packets, packets_from_bytes, packets_nbytes, packets_to_bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -108,3 +111,115 @@ def test_packets_that_share_a_tensor_round_trip():
     back = packets_from_bytes(packets_to_bytes(packets))
     for a, b in zip(back, packets):
         assert torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------- sites that read one input share its x
+
+LLAMA_SITES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+
+
+def _llama_x(packets: list[Packet], user: str = "default") -> dict[str, list[torch.Tensor]]:
+    """layer -> the x of its 7 sites, in LLAMA_SITES order."""
+    x = {p.site.split("layers.")[1]: p.x for p in packets if p.user == user}
+    return {layer: [x[f"{layer}.{s}"] for s in LLAMA_SITES] for layer in ("0", "1")}
+
+
+def test_sites_that_read_one_input_share_one_x():
+    """q, k, v read one hidden state, gate and up another: their packets hold one x object, cut
+    once from the padded batch; o_proj and down_proj read their own. The bytes count each x once."""
+    cm = ColaModel(tiny_llama(), ColaConfig(target_modules="all-linear"))
+    batch = text_batch(0)
+    packets = server_step(cm, batch).packets
+    assert len(packets) == 14
+    xs = _llama_x(packets)
+    for q, k, v, o, gate, up, down in xs.values():
+        assert q is k is v and gate is up
+        assert len({id(t) for t in (q, o, gate, down)}) == 4
+    assert xs["0"][0] is not xs["1"][0]
+    rows, d, kv, ff = 18, 16, 8, 32  # real tokens (padding dropped); hidden, k/v width, MLP width
+    x_once = d + d + d + ff  # q/k/v's input, o's, gate/up's, down's
+    grads = d + kv + kv + d + ff + ff + d
+    assert packets_nbytes(packets) == 2 * rows * (x_once + grads) * 4 == 29952
+    assert sum(p.nbytes for p in packets) == 2 * rows * ((3 * d + d + 2 * d + ff) + grads) * 4 == 36864
+
+    trainer = Trainer(cm, "adamw", lr=1e-3)
+    trainer.step(batch)
+    assert trainer.stats["packet_bytes"] == 29952  # as sent, each shared x once
+    small = Trainer(ColaModel(tiny_llama(), ColaConfig(target_modules="all-linear")), "adamw", lr=1e-3,
+                    transfer_dtype=torch.bfloat16)
+    small.step(batch)
+    assert small.stats["packet_bytes"] == 29952 // 2
+
+
+def test_a_shared_x_is_sent_once_and_arrives_shared():
+    cm = ColaModel(tiny_llama(), ColaConfig(target_modules="all-linear"))
+    packets = server_step(cm, text_batch(1)).packets
+    for wire in (packets, cast_packets(packets, torch.bfloat16)):
+        data = packets_to_bytes(wire)
+        header = int.from_bytes(data[:8], "little")
+        assert len(data) == 8 + header + packets_nbytes(wire)
+        back = packets_from_bytes(data)
+        assert [(p.site, p.user) for p in back] == [(p.site, p.user) for p in wire]
+        assert all(torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad) for a, b in zip(back, wire))
+        for q, k, v, o, gate, up, down in _llama_x(back).values():
+            assert q is k is v and gate is up and q is not o and gate is not down
+            assert q.dtype == wire[0].x.dtype
+
+
+def test_a_malformed_input_index_is_refused():
+    x = torch.randn(2, 3)
+    data = packets_to_bytes([Packet("a", x, torch.randn(2, 1)), Packet("b", x, torch.randn(2, 1))])
+    bad = data.replace(b'[0, 0]', b'[1, 1]')  # the second packet's x was never stored
+    assert bad != data
+    with pytest.raises(ValueError, match="inputs"):
+        packets_from_bytes(bad)
+
+
+def test_each_users_sites_share_only_that_users_rows():
+    cm = ColaModel(tiny_llama(), ColaConfig(target_modules="all-linear"), user="ann")
+    cm.add_user("bob")
+    users = ["ann", "bob", "bob", "ann"]
+    packets = server_step(cm, text_batch(2), users=users).packets
+    ann, bob = _llama_x(packets, "ann"), _llama_x(packets, "bob")
+    for layer in ann:
+        for xs, rows in ((ann[layer], 6 + 5), (bob[layer], 4 + 3)):
+            q, k, v, o, gate, up, down = xs
+            assert q is k is v and gate is up and len(q) == rows
+        assert ann[layer][0] is not bob[layer][0]
+
+
+def test_sites_with_different_inputs_do_not_share():
+    """Dropout on the adapters' input gives every site its own x."""
+    cm = ColaModel(tiny_llama(), ColaConfig(target_modules="all-linear", dropout=0.3))
+    cm.train()
+    packets = server_step(cm, text_batch(0)).packets
+    assert len({id(p.x) for p in packets}) == len(packets) == 14
+    assert packets_nbytes(packets) == sum(p.nbytes for p in packets)
+
+
+class _TwoReaders(nn.Module):
+    """Two linear layers on one input; only one ignores the padded positions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.a, self.b = nn.Embedding(40, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        h = self.emb(input_ids)  # (B, T, 8)
+        a = self.a(h) * attention_mask[..., None]  # dL/da = 0 at padding: those rows are dropped
+        return SimpleNamespace(loss=a.sum() + self.b(h).pow(2).sum())  # dL/db is not
+
+
+def test_sites_that_keep_different_rows_keep_their_own():
+    """One input, different kept rows: each site's packet keeps exactly its own rows (as before
+    inputs were shared), so the two do not share x."""
+    batch = text_batch(0)
+    cm = ColaModel(_TwoReaders(), ColaConfig(target_modules=["a", "b"]))
+    a, b = server_step(cm, batch).packets
+    assert (a.site, b.site) == ("a", "b")
+    assert len(a.x) == int(batch["attention_mask"].sum()) == 18 and len(b.x) == batch["input_ids"].numel()
+    assert a.x is not b.x
+    h = cm.model.emb(batch["input_ids"]).reshape(-1, 8)
+    assert torch.equal(b.x, h) and torch.equal(a.x, h[batch["attention_mask"].reshape(-1).bool()])

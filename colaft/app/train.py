@@ -195,8 +195,8 @@ def _writing_to(error: OSError, built: list) -> bool:
 
 def _transfer_dtype(name: str):
     """--transfer-dtype as a torch dtype; None: packets leave as the server made them."""
-    import torch
-    return {"float32": None, "bfloat16": torch.bfloat16}[name]
+    from colaft.packets import TRANSFER_DTYPES
+    return TRANSFER_DTYPES[name]
 
 
 def _check_targets(base, config) -> None:

@@ -115,6 +115,26 @@ def offload_command(
     typer.echo(f"report: {out / 'offload.md'}")
 
 
+@bench_app.command("packets")
+def packets_command(
+    model: Annotated[str, typer.Option(help="The sc task's model: minilm-l6 or a folder.")] = "minilm-l6",
+    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 32,
+    max_length: Annotated[int | None, typer.Option(help="Token cap (default: the task recipe's).")] = None,
+    steps: Annotated[int, typer.Option(help="Training batches measured.")] = 8,
+    quick: Annotated[bool, typer.Option(help="Two batches of 8 rows: a smoke test.")] = False,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
+) -> None:
+    """Packet bytes per server step: every x sent per site (before) vs a shared x once, float32 and bfloat16."""
+    from colaft.bench.packets import Settings, run_packets, summary
+
+    if quick:
+        steps, batch_size = min(steps, 2), min(batch_size, 8)
+    data = run_packets(Settings(model=model, batch_size=batch_size, max_length=max_length, steps=steps), out,
+                       command=_command_line("packets"), log=_timed_log())
+    typer.echo(summary(data))
+    typer.echo(f"report: {out / 'packets.md'}")
+
+
 @bench_app.command("users")
 def users_command(
     model: Annotated[str, typer.Option(

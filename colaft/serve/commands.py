@@ -88,6 +88,9 @@ def serve(
         help="Where the fits run: process | ray | inline (default: process when installed, else inline).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes or Ray actors (process, ray).")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="An existing Ray cluster (ray backend).")] = None,
+    transfer_dtype: Annotated[str, typer.Option(
+        help="Precision of the packets sent to the workers and to fit clients: float32 (exact) | bfloat16 "
+             "(half the bytes; the fits keep their own precision).")] = "float32",
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (413 past it).")] = 100.0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint each running job every so many steps.")] = 20,
     num_labels: Annotated[int, typer.Option(help="Outputs of a classification model's head.")] = 2,
@@ -123,6 +126,7 @@ def serve(
     import uvicorn
 
     from colaft.backends import BACKENDS
+    from colaft.packets import TRANSFER_DTYPES
     from colaft.runtime import set_threads
     from colaft.serve.api import RedactKeys, Service, create_app, log_config
     from colaft.serve.db import File
@@ -143,6 +147,9 @@ def serve(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
     options = {k: v for k, v in {"workers": workers, "address": ray_address}.items() if v is not None}
+    if transfer_dtype not in TRANSFER_DTYPES:
+        raise ValueError(f"--transfer-dtype: unknown transfer dtype {transfer_dtype!r}; "
+                         f"use one of {', '.join(TRANSFER_DTYPES)}")
     if (workers is not None and backend not in ("process", "ray")) or (ray_address and backend != "ray"):
         raise ValueError("--workers is an option of the process and ray backends, --ray-address of ray")
     specs = [parse_model(m) for m in (model or DEFAULT_MODELS)]
@@ -158,6 +165,7 @@ def serve(
     set_threads()
     db = _database(data_dir, database_url)
     settings = Settings(data_dir=data_dir.resolve(), backend=backend, backend_options=options,
+                        transfer_dtype=transfer_dtype,
                         checkpoint_every=checkpoint_every, num_labels=num_labels,
                         max_loaded_adapters=max_loaded_adapters, client_timeout=client_timeout,
                         max_active_jobs=max_active_jobs_per_user,

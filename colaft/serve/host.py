@@ -26,6 +26,7 @@ from colaft.backends import make_backend
 from colaft.config import ColaConfig
 from colaft.io.state import load_owner, read_owner, save_owner
 from colaft.model import ColaModel
+from colaft.packets import TRANSFER_DTYPES
 from colaft.serve.fits import client_info
 from colaft.serve.settings import Settings
 from colaft.tasks import get_task
@@ -63,7 +64,8 @@ class ModelHost:
             return False
         self.cola = ColaModel(self.base, config, user=job_id)
         self.trainer = Trainer(self.cola, backend=make_backend(self.settings.backend,
-                                                               **self.settings.backend_options), **fit)
+                                                               **self.settings.backend_options),
+                               transfer_dtype=TRANSFER_DTYPES[self.settings.transfer_dtype], **fit)
         return True
 
     def _added(self, job_id: str, mode: str, labels: list | None) -> None:

@@ -20,6 +20,8 @@ class Settings:
     backend: str = "inline"
     backend_options: dict = field(default_factory=dict)
     """Keyword arguments of the backend (workers, address)."""
+    transfer_dtype: str = "float32"
+    """Precision of the packets sent to workers and fit clients: float32 (exact) | bfloat16 (half the bytes)."""
     checkpoint_every: int = 20
     """Save each running job's state every so many of its steps (and at every epoch end)."""
     num_labels: int = 2

@@ -1,4 +1,5 @@
-"""The process backend: settings it cannot send refused clearly, no process left behind, an idle worker's death."""
+"""The process backend: settings it cannot send refused clearly, no process left behind, an idle worker's death,
+a shared x sent as one tensor."""
 from __future__ import annotations
 
 import gc
@@ -10,9 +11,9 @@ import psutil
 import pytest
 import torch
 from backend_helpers import build, new_children
-from conftest import text_batch
+from conftest import text_batch, tiny_llama
 
-from colaft import Trainer
+from colaft import ColaConfig, ColaModel, Trainer
 from colaft.backends.process import ProcessBackend
 
 
@@ -50,3 +51,20 @@ def test_a_worker_dying_while_idle_is_replaced():
         assert state["version"] == 0 and backend.pids[0] != first and trainer.stats["recoveries"] == 1
     finally:
         backend.close()
+
+
+def test_a_shared_x_reaches_the_worker_as_one_tensor():
+    """q, k, v (and gate, up) share one x: the worker's owner holds one tensor for them, as sent."""
+    cm = ColaModel(tiny_llama(), ColaConfig(target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]))
+    trainer = Trainer(cm, "adamw", lr=1e-2, backend="process", backend_options={"workers": 1}, interval=2)
+    try:
+        trainer.step(text_batch(0))
+        pending = trainer.owner_state()["pending"]  # the step's packets, buffered on the worker
+        x = {p.site.split("layers.")[1]: p.x for p in pending}
+        for layer in ("0", "1"):
+            q, k, v, gate, up = (x[f"{layer}.{s}"] for s in ("self_attn.q_proj", "self_attn.k_proj",
+                                                             "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"))
+            assert q is k is v and gate is up and q is not gate and len(q) == 18
+        assert x["0.self_attn.q_proj"] is not x["1.self_attn.q_proj"]
+    finally:
+        trainer.close()

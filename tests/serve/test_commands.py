@@ -37,6 +37,7 @@ def test_serve_refuses_bad_options_before_loading_anything(capsys, tmp_path):
     assert parse_model(str(tmp_path)) == (tmp_path.name, str(tmp_path))
     for args, message in [(["--backend", "nope"], "unknown backend 'nope'"),
                           (["--backend", "inline", "--workers", "2"], "--workers is an option"),
+                          (["--transfer-dtype", "int8"], "--transfer-dtype: unknown transfer dtype 'int8'"),
                           (["--model", "a:b=x"], "an id has no ':'"),
                           (["--model", "x=smollm2-135m", "--model", "x=minilm-l6"], "the same id"),
                           (["--num-labels", "1"], "--num-labels >= 2")]:

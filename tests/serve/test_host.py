@@ -144,11 +144,36 @@ CONFIG = ColaConfig(target_modules=["q_proj", "v_proj"])
 FIT = {"optimizer": "adamw", "lr": 1e-2, "scheduler": "linear", "total_steps": 4, "interval": 2}
 
 
-def _host(tmp_path, tiny_llama_dir):
+def _host(tmp_path, tiny_llama_dir, **settings):
     from colaft.serve.host import ModelHost
     from colaft.serve.settings import Settings
 
-    return ModelHost("llama", str(tiny_llama_dir), "clm", Settings(data_dir=tmp_path))
+    return ModelHost("llama", str(tiny_llama_dir), "clm", Settings(data_dir=tmp_path, **settings))
+
+
+def test_a_client_job_is_sent_bfloat16_packets_with_one_x_per_input(tmp_path, tiny_llama_dir):
+    """--transfer-dtype bfloat16: a fit client's packets are cast for the transfer, q and v still
+    sharing one x (sent once in the safetensors body the client pulls), and the client fits from them."""
+    from colaft.packets import packets_from_bytes, packets_nbytes, packets_to_bytes
+
+    host = _host(tmp_path, tiny_llama_dir, transfer_dtype="bfloat16")
+    pushed = []
+    owner = host.add_client_job("c", "personal", CONFIG, {**FIT, "interval": 1}, None, sink=pushed.append)
+    try:
+        # every token trains (a chat batch's ignored prompt rows are kept by v_proj, whose dL/dh
+        # is not zero there, and dropped by the last q_proj: those two keep their own rows)
+        host.step({**text_batch(0), "users": ["c"] * 4}, "personal")
+        packets = packets_from_bytes(packets_to_bytes(pushed[0]))  # as the client receives them
+        assert host.trainer.stats["packet_bytes"] == packets_nbytes(packets)
+        assert all(p.x.dtype == p.grad.dtype == torch.bfloat16 for p in packets)
+        x = {p.site.rsplit(".", 1)[0]: [] for p in packets}
+        for p in packets:
+            x[p.site.rsplit(".", 1)[0]].append(p.x)
+        assert all(len(xs) == 2 and xs[0] is xs[1] for xs in x.values())  # q_proj and v_proj: one x
+        update = owner.push(packets)  # one fit from the shared x
+        assert update is not None and all(s["lora_B.weight"].abs().max() > 0 for s in update.states.values())
+    finally:
+        host.close()
 
 
 def _batch(host, user: str, rows: int = 2) -> dict:
