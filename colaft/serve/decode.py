@@ -9,7 +9,10 @@ continuous batching, on the engine's thread between training steps.
              -> they join their mode's batch: its KV cache and mask left-padded to one length
       advance every batch `decode_steps` steps: one forward of all its rows per token, each
              row on its job's adapters (per-row routing) and with its own sampling
-             -> rows done (eos, max_tokens) leave the batch; their futures get their answers
+             -> rows done (eos, a stop string, max_tokens: colaft.serve.output) leave the batch;
+                a request's future gets its answer when its last row is done
+             -> each streamed row's new text goes to its request's sink, once per turn
+             rows of a request whose client went away (`cancelled`) leave at the next turn
     then the training step, then the next turn: a long completion holds the thread for one
     chunk, never for its whole length, and never stops training either.
 
@@ -19,6 +22,11 @@ launch overhead per layer), so rows that share the forward cost each other littl
 completion beside a long one takes about its time alone. Slices in turn would give every
 request the thread for its slice, so a short one would wait one slice of every other request
 per token of its own (twice its time alone beside one long one, more beside several).
+
+A request with n choices is n rows of one prompt, admitted together (they count n against
+max_inference_batch). Row i samples with its own generator, seeded by `seed` for row 0 and
+by a value derived from `seed` and i for the others: choice 0 is the answer the same request
+with n=1 gets, and the others differ from it.
 
 Only the mode splits rows (personal or collaborative: the ColaModel's state, not a row's);
 rows of different adapters and sampling settings share a batch. Greedy rows take the argmax
@@ -30,8 +38,9 @@ training between chunks.
 from __future__ import annotations
 
 import logging
+import queue
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +48,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from colaft.serve.inference import Request, TooLong, answer_of, classify, prompt_ids
+from colaft.serve.inference import Answer, Choice, Delta, Request, TooLong, classify, prompt_ids
+from colaft.serve.output import Output
 from colaft.serve.settings import Settings
 
 log = logging.getLogger("colaft.serve")
 
 TOP_K = 50
 """HF generate's default top-k when sampling (what the service sampled with before)."""
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads the seeds of a request's rows over torch's 64-bit range
 
 
 def context_length(config) -> int | None:
@@ -99,16 +110,31 @@ class Caps:
 
 
 @dataclass
-class Row:
-    """One request being generated."""
+class Ask:
+    """A request in flight: its choices as its rows finish; answered when the last one does."""
 
     request: Request
     prompt: int  # its prompt's tokens
-    generator: torch.Generator | None  # sampling rows
-    out: list[int]
+    choices: list[Choice | None] = field(default_factory=list)
 
-    def done(self, eos: int | None) -> bool:
-        return len(self.out) >= self.request.max_tokens or (eos is not None and self.out[-1] == eos)
+    def finish(self, choice: Choice) -> None:
+        self.choices[choice.index] = choice
+        future = self.request.future
+        if all(c is not None for c in self.choices) and not future.done():
+            future.set_result(Answer(self.choices, self.prompt))
+
+
+@dataclass
+class Row:
+    """One choice of a request being generated."""
+
+    ask: Ask
+    generator: torch.Generator | None  # sampling rows
+    output: Output
+
+    @property
+    def request(self) -> Request:
+        return self.ask.request
 
 
 class Batch:
@@ -146,20 +172,49 @@ class Generation:
     """The completions in flight on one model host (colaft.serve.host.ModelHost)."""
 
     def __init__(self, host, settings: Settings):
-        self.host, self.decode_steps = host, settings.decode_steps
+        self.host, self.decode_steps, self.max_rows = host, settings.decode_steps, settings.max_inference_batch
         self.caps = Caps.of(context_length(host.base.config), settings.max_prompt_tokens,
                             settings.max_completion_tokens)
         self.batches: list[Batch] = []
+        self.held: Request | None = None  # taken from the queue, waiting for room for its n rows
 
     def check(self, r: Request) -> None:
-        """What can be checked of a request before it is queued (its max_tokens): TooLong past the caps."""
+        """What can be checked of a request before it is queued (its max_tokens, n): TooLong past the caps."""
+        if r.n > self.max_rows:
+            raise TooLong(f"n is too large: {r.n}; this server generates at most {self.max_rows} rows at once",
+                          "n", "invalid_value")
         if self.host.task_name != "sc":
             self.caps.check_max_tokens(r)
+
+    def take(self, requests: queue.SimpleQueue) -> list[Request]:
+        """The queued requests whose rows fit beside those in flight (max_inference_batch rows in
+        all); the first that does not fit waits, and nothing after it is taken before it."""
+        taken, room = [], self.max_rows - self.active
+        while room > 0:
+            try:
+                r = self.held or requests.get_nowait()
+            except queue.Empty:
+                break
+            self.held = None
+            if r.cancelled.is_set():
+                r.future.cancel()
+                continue
+            if r.n > room and (taken or self.active):
+                self.held = r
+                break
+            taken.append(r)
+            room -= r.n
+        return taken
 
     @property
     def active(self) -> int:
         """Rows in flight."""
         return sum(len(b.rows) for b in self.batches)
+
+    @property
+    def busy(self) -> bool:
+        """Rows in flight, or a request waiting for room: the engine turns again at once."""
+        return bool(self.active or self.held)
 
     def users(self) -> set[str]:
         """The jobs whose adapters rows in flight use (not to be unloaded)."""
@@ -167,7 +222,6 @@ class Generation:
 
     def add(self, requests: list[Request], load: Callable[[str], None]) -> None:
         """Admit `requests`; `load(job_id)` makes sure a finished job's adapters are in the ColaModel."""
-        tok = self.host.task.tokenizer
         rows: dict[str, list[tuple[Request, list[int]]]] = {}
         for r in requests:
             try:
@@ -188,24 +242,32 @@ class Generation:
             if self.host.task_name == "sc":
                 self._run(mode, requests, self._classify, requests)
             else:
-                self._run(mode, requests, self._prefill, mode, group, tok)
+                self._run(mode, requests, self._prefill, mode, group)
 
     def advance(self) -> None:
-        """Every batch takes up to `decode_steps` tokens; rows done answer and leave."""
+        """Every batch takes up to `decode_steps` tokens; rows done answer and leave; streamed rows
+        send what they gained; rows whose request was cancelled leave first."""
         for batch in list(self.batches):
+            self._drop_cancelled(batch)
+            ok = True
             for _ in range(self.decode_steps):
-                if not self._run(batch.mode, [r.request for r in batch.rows], self._step, batch):
-                    self.batches.remove(batch)
-                    break
                 if not batch.rows:
-                    self.batches.remove(batch)
                     break
+                ok = self._run(batch.mode, [r.request for r in batch.rows], self._step, batch)
+                if not ok:  # every row's request has the error
+                    break
+            if ok:
+                for row in batch.rows:
+                    self._send(row)
+            if not ok or not batch.rows:
+                self.batches.remove(batch)
 
     def close(self, error: Exception) -> None:
-        for batch in self.batches:
-            for row in batch.rows:
-                row.request.future.set_exception(error)
-        self.batches = []
+        requests = [row.request for batch in self.batches for row in batch.rows] + [self.held] * bool(self.held)
+        for r in requests:
+            if not r.future.done():
+                r.future.set_exception(error)
+        self.batches, self.held = [], None
 
     # ------------------------------------------------------------- inside
     def _run(self, mode: str, requests: list[Request], work: Callable, *args) -> bool:
@@ -223,12 +285,40 @@ class Generation:
 
     def _classify(self, requests: list[Request]) -> None:
         for r, a in zip(requests, classify(self.host, requests)):
+            if r.sink is not None:
+                for c in a.choices:
+                    r.sink(Delta(c.index, c.text, None, c.finish_reason))
             r.future.set_result(a)
 
+    def _drop_cancelled(self, batch: Batch) -> None:
+        """Rows of requests whose client went away leave the batch (their slots free for others)."""
+        keep = [i for i, row in enumerate(batch.rows) if not row.request.cancelled.is_set()]
+        if len(keep) == len(batch.rows):
+            return
+        for row in batch.rows:
+            if row.request.cancelled.is_set():
+                row.request.future.cancel()
+        if keep:
+            batch.keep(keep)
+        else:
+            batch.rows = []
+
+    def _send(self, row: Row) -> None:
+        """A streamed row's new text (and its finish once done) to its request's sink."""
+        if row.request.sink is not None and not row.request.cancelled.is_set():
+            delta = row.output.delta()
+            if delta is not None:
+                row.request.sink(delta)
+
     @torch.no_grad()
-    def _prefill(self, mode: str, group: list[tuple[Request, list[int]]], tok) -> None:
-        batch = tok.pad({"input_ids": [ids for _, ids in group]}, padding_side="left", return_tensors="pt")
-        rows = [Row(r, len(ids), _generator(r), []) for r, ids in group]
+    def _prefill(self, mode: str, group: list[tuple[Request, list[int]]]) -> None:
+        tok = self.host.task.tokenizer
+        rows, prompts = [], []
+        for r, ids in group:
+            ask = Ask(r, len(ids), [None] * r.n)
+            rows += [Row(ask, _generator(r, i), Output(tok, r, i)) for i in range(r.n)]
+            prompts += [ids] * r.n
+        batch = tok.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
         new = Batch(mode, rows, DynamicCache(), batch["attention_mask"])
         self._forward(new, batch["input_ids"])
         same = [b for b in self.batches if b.mode == mode and b.mergeable()]
@@ -239,7 +329,7 @@ class Generation:
 
     @torch.no_grad()
     def _step(self, batch: Batch) -> None:
-        tokens = torch.tensor([[r.out[-1]] for r in batch.rows])
+        tokens = torch.tensor([[r.output.ids[-1]] for r in batch.rows])
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         self._forward(batch, tokens)
 
@@ -253,13 +343,14 @@ class Generation:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         logits = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions,
                        past_key_values=batch.cache, use_cache=True, **routing).logits[:, -1].float()  # (B, V)
-        eos = self.host.task.tokenizer.eos_token_id
         for i, row in enumerate(batch.rows):
-            row.out.append(_pick(logits[i:i + 1], row))
-        keep = [i for i, row in enumerate(batch.rows) if not row.done(eos)]
+            token = _pick(logits[i:i + 1], row)
+            row.output.add(token, logits[i].log_softmax(-1) if row.request.logprobs is not None else None)
+        keep = [i for i, row in enumerate(batch.rows) if not row.output.done]
         for row in batch.rows:
-            if row.done(eos):
-                row.request.future.set_result(answer_of(self.host.task.tokenizer, row.request, row.out, row.prompt))
+            if row.output.done:
+                self._send(row)
+                row.ask.finish(row.output.choice())
         if not keep:
             batch.rows = []  # the batch goes (advance, _prefill), its cache with it
         elif len(keep) < len(batch.rows):
@@ -270,14 +361,15 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _generator(r: Request) -> torch.Generator | None:
+def _generator(r: Request, index: int) -> torch.Generator | None:
+    """Row `index`'s generator: seeded by the request's seed (row 0), or by one derived from it."""
     if r.temperature <= 0:
         return None
     generator = torch.Generator()
     if r.seed is None:
         generator.seed()
     else:
-        generator.manual_seed(r.seed)
+        generator.manual_seed(r.seed if index == 0 else (r.seed + index * _GOLDEN) % 2**64)
     return generator
 
 

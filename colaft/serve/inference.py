@@ -4,13 +4,17 @@
       -> colaft.serve.decode: generated a few tokens per turn, interleaved across requests,
          each row routed to its job's adapters (None: the base model alone); a
          classification model answers at once (`classify`)
-      -> each request's future gets its text, finish reason and token counts, or TooLong
+      -> each request's future gets its choices (text, finish reason, tokens, logprobs) and
+         its prompt's tokens, or TooLong; a streamed request's `sink` gets each choice's new
+         text as the engine produces it (a Delta per choice per engine turn)
 
 Runs on the engine's thread, on its model host (colaft.serve.host), because the ColaModel's
 mode and routing are shared state.
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -32,6 +36,10 @@ class Request:
     seed: int | None = None
     max_tokens_param: str | None = "max_tokens"  # the body's field that set max_tokens (errors name it);
     # None: the client set none, max_tokens is a default (cut to the caps, never refused)
+    n: int = 1  # choices: rows of the same prompt
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k most likely alternatives
+    sink: Callable[[Delta], None] | None = None  # a streamed request: called on the engine's thread
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set: its rows leave (client gone)
     future: Future | None = None
 
     @property
@@ -40,11 +48,52 @@ class Request:
 
 
 @dataclass
-class Answer:
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its logits, before
+    temperature, top-k and top-p), and the `top` most likely tokens at its place."""
+
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's own bytes (a part of a character decodes to U+FFFD in `token`)
+    top: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    index: int
     text: str
     finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
+    tokens: int  # completion tokens: up to the one that completed a stop string; an eos is not counted
+    logprobs: list[TokenLogprob] | None = None  # one per counted token (None: not asked for)
+
+
+@dataclass
+class Delta:
+    """What one choice adds to a stream: its new text and tokens' logprobs, and its finish reason
+    once it is done (None before)."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Answer:
+    choices: list[Choice]
+    prompt_tokens: int  # counted once, however many choices
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
 
 
 class TooLong(ValueError):
@@ -64,19 +113,6 @@ def prompt_ids(host, r: Request) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
 
 
-def answer_of(tok, r: Request, ids: list[int], prompt_tokens: int) -> Answer:
-    """The answer of generated token `ids`: cut at eos (finish "stop"), then at the first stop string."""
-    ids = ids[:r.max_tokens]
-    finish = "length"
-    if tok.eos_token_id in ids:
-        ids, finish = ids[:ids.index(tok.eos_token_id)], "stop"
-    text = tok.decode(ids, skip_special_tokens=True)
-    for stop in r.stops:
-        if stop and stop in text:
-            text, finish = text[:text.index(stop)], "stop"
-    return Answer(text, finish, prompt_tokens, len(ids))
-
-
 @torch.no_grad()
 def classify(host, group: list[Request]) -> list[Answer]:
     """A classification model answers with the label it predicts (the job's labels, as text)."""
@@ -90,7 +126,8 @@ def classify(host, group: list[Request]) -> list[Answer]:
     for i, r in enumerate(group):
         labels = host.labels[r.user] if r.user is not None else list(range(logits.shape[1]))
         label = labels[int(logits[i, :len(labels)].argmax())]
-        answers.append(Answer(str(label), "stop", int(batch["attention_mask"][i].sum()), 1))
+        answers.append(Answer([Choice(k, str(label), "stop", 1) for k in range(r.n)],
+                              int(batch["attention_mask"][i].sum())))
     return answers
 
 

@@ -118,7 +118,7 @@ class Engine:
                 self._take_admits()
                 self._serve()
                 self._client_jobs()
-                if (self.runs and self._tick()) or self.generation.active:
+                if (self.runs and self._tick()) or self.generation.busy:
                     continue  # completions in flight go on at the next turn, right away
             except Exception:  # e.g. the database went away for a moment: keep serving
                 log.exception("%s: the engine's loop failed; going on", self.id)
@@ -373,12 +373,7 @@ class Engine:
     def _serve(self) -> None:
         """New requests join the completions in flight (max_inference_batch rows at most), which
         then advance by a few tokens each (colaft.serve.decode)."""
-        requests = []
-        while self.generation.active + len(requests) < self.settings.max_inference_batch:
-            try:
-                requests.append(self._requests.get_nowait())
-            except queue.Empty:
-                break
+        requests = self.generation.take(self._requests)
         if requests:
             self.generation.add(requests, self._ensure_adapters)
         if requests or self.generation.active:

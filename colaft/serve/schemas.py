@@ -179,11 +179,33 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class Sampling(BaseModel):
-    """Generation settings shared by both completion endpoints."""
+PENALTIES = {"frequency_penalty", "presence_penalty", "logit_bias"}
+CHAT_UNSUPPORTED = PENALTIES | {"audio", "function_call", "functions", "modalities", "parallel_tool_calls",
+                                "prediction", "reasoning_effort", "tool_choice", "tools", "verbosity",
+                                "web_search_options"}
+COMPLETION_UNSUPPORTED = PENALTIES | {"best_of", "echo", "suffix"}
+"""OpenAI's options of each endpoint that colaft does not honour: a request that sets one is a 400 naming it."""
+NEUTRAL = {"frequency_penalty": [0], "presence_penalty": [0], "logit_bias": [{}], "modalities": [["text"]],
+           "best_of": [1], "echo": [False], "suffix": [""]}
+"""Values of those options that ask for nothing (what OpenAI does without them): accepted, as is null."""
 
-    # unsupported OpenAI options (logprobs, ...) are ignored
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+    """A last chunk with the usage of the whole request (and no choices); every other chunk has usage null."""
+    include_obfuscation: bool | None = None
+    """Accepted and not needed: chunks are never padded."""
+
+
+class Sampling(BaseModel):
+    """Generation settings shared by both completion endpoints.
+
+    Other fields are refused (`refusal`, a 400 naming the field): OpenAI's options that colaft
+    does not honour (tools, response formats other than text, penalties, ...) and unknown ones;
+    the schema says so (no additional properties)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, json_schema_extra={"additionalProperties": False})
 
     model: str
     # bounded here; the model's cap (colaft serve --max-completion-tokens) is a 400 past it
@@ -192,30 +214,97 @@ class Sampling(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     """0 or absent: greedy (deterministic); from MIN_TEMPERATURE: sampling; in between: greedy."""
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
-    stop: str | list[str] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    """Choices (rows of the same prompt); greedy ones are all equal. The server's --max-inference-batch caps it too."""
+    stop: Annotated[str, Field(max_length=1000)] | Annotated[
+        list[Annotated[str, Field(max_length=1000)]], Field(max_length=4)] | None = None
+    """Up to 4 strings: the text ends right before the first of them to appear (finish "stop")."""
     seed: Annotated[int, Field(ge=-2**63, le=2**64 - 1)] | None = None
     """torch's seed range: 64 bits."""
     stream: bool | None = None
+    """Server-sent events: a chunk per choice per engine turn, then `data: [DONE]`."""
+    stream_options: StreamOptions | None = None
     user: str | None = None
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, v):
-        if v:
-            raise ValueError("streaming is not supported: send stream=false")
-        return v
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def top_logprobs_asked(self) -> int | None:
+        """Alternatives per token the request asks for (None: no logprobs)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _unsupported(cls) -> set[str]:
+        raise NotImplementedError
+
+    def refusal(self) -> tuple[str, str, str | None] | None:
+        """(param, message, code) of the first field of the request that colaft does not honour, or None."""
+        for name, value in (self.model_extra or {}).items():
+            if name in self._unsupported():
+                if value is None or value in NEUTRAL.get(name, []):
+                    continue
+                return name, f"Unsupported parameter: '{name}' is not supported by colaft.", "unsupported_parameter"
+            return name, f"Unrecognized request argument supplied: {name}", "unrecognized_argument"
+        if self.stream_options is not None and not self.stream:
+            return ("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                    "invalid_value")
+        return None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    """Only "text" (json_object and json_schema are refused: 400 naming response_format)."""
+
 
 class ChatRequest(Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool | None = None
+    """Each content token's log-probability under the model (before temperature and top-p)."""
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    """The most likely tokens at each place, with their log-probabilities (needs logprobs: true)."""
+    response_format: ResponseFormat | None = None
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+    """Accepted; not stored."""
+    store: bool | None = None
+    """Only false: completions are never stored."""
+    service_tier: str | None = None
+    """Accepted: there is one tier."""
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @classmethod
+    def _unsupported(cls) -> set[str]:
+        return CHAT_UNSUPPORTED
+
+    def refusal(self) -> tuple[str, str, str | None] | None:
+        if (refused := super().refusal()) is not None:
+            return refused
+        if self.response_format is not None and self.response_format.type != "text":
+            return ("response_format", f"Unsupported parameter: response_format of type "
+                    f"{self.response_format.type!r} is not supported by colaft (only 'text').",
+                    "unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "logprobs must be set to true if top_logprobs is set.", "invalid_value"
+        if self.store:
+            return "store", "Unsupported parameter: 'store' is not supported by colaft.", "unsupported_parameter"
+        return None
 
 
 class CompletionRequest(Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    """The log-probability of each token and of the `logprobs` most likely ones at its place."""
 
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
+
+    @classmethod
+    def _unsupported(cls) -> set[str]:
+        return COMPLETION_UNSUPPORTED

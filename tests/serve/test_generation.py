@@ -124,3 +124,67 @@ def test_the_api_answers_400_past_the_caps(server):
         r = h.post("/v1/chat/completions", json={"model": "llama", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] <= 64
+
+
+def _until_done(engine: Engine, *futures) -> int:
+    turns = 0
+    while not all(f.done() for f in futures):
+        engine._serve()
+        turns += 1
+    return turns
+
+
+def test_a_streamed_request_gets_each_turns_tokens_as_they_come(engine):
+    """A sink gets each turn's new text while the request is in flight; joined, the deltas are the
+    answer (text and logprobs), and the last one carries the finish reason."""
+    deltas = []
+    future = engine.infer(Request(None, "personal", prompt="who are you", max_tokens=40, logprobs=2,
+                                  sink=deltas.append))
+    engine._serve()
+    assert deltas and not future.done()  # the first tokens came before the answer
+    first = len(deltas)
+    _until_done(engine, future)
+    assert len(deltas) > first
+    answer = future.result()
+    assert "".join(d.text for d in deltas) == answer.text == _alone(engine, "who are you", 40)
+    assert [t for d in deltas for t in d.logprobs] == answer.choices[0].logprobs
+    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
+
+
+def test_a_cancelled_request_leaves_the_batch_at_the_next_turn(engine):
+    gone = engine.infer(Request(None, "personal", prompt="who are you", max_tokens=60, n=3))
+    stays = engine.infer(Request(None, "personal", prompt="hello there", max_tokens=30))
+    engine._serve()
+    assert engine.generation.active == 4
+    gone_request = engine.generation.batches[0].rows[0].request
+    gone_request.cancelled.set()  # what the route does when its client goes away
+    engine._serve()
+    assert gone.cancelled() and engine.generation.active == 1  # the slots are free
+    _until_done(engine, stays)
+    assert stays.result().text == _alone(engine, "hello there", 30)
+    assert engine.generation.active == 0
+
+
+def test_a_requests_n_rows_are_admitted_together_within_the_batch_cap(tmp_path, tiny_llama_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    db = Database(f"sqlite:///{data / 'colaft.db'}")
+    engine = Engine("llama", str(tiny_llama_dir), "clm", db, Settings(data_dir=data, max_inference_batch=4))
+    try:
+        with pytest.raises(TooLong) as refused:
+            engine.generation.check(Request(None, "personal", prompt="hi", n=5))
+        assert refused.value.param == "n"
+        three = engine.infer(Request(None, "personal", prompt="who are you", max_tokens=20, n=3))
+        two = engine.infer(Request(None, "personal", prompt="hello", max_tokens=20, n=2))
+        engine._serve()
+        assert engine.generation.active == 3 and engine.generation.held is not None  # two waits for room
+        _until_done(engine, three)
+        assert not two.done()
+        _until_done(engine, two)
+        answer = three.result()
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        assert {c.text for c in answer.choices} == {_alone(engine, "who are you", 20)}  # greedy: all equal
+        assert answer.completion_tokens == 60 and len(two.result().choices) == 2
+    finally:
+        engine._shutdown()
+        db.close()
