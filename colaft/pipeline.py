@@ -12,6 +12,11 @@ the last snapshot: when a worker dies, its users' owners are rebuilt from their 
 and the messages replayed; replies already seen are dropped by number, updates by version,
 so no update is lost or applied twice.
 
+A user's fault - its fit raised on the worker, or its update could not be applied here (a
+device the server cannot read, non-finite weights) - is kept in `faults` and raised as
+UserFaults by `raise_faults`, once every other user's reply has been taken: one user's fault
+never stops another's update.
+
 Figures kept in `stats` (the Trainer's): wait_seconds (blocked on the staleness bound),
 send_seconds (handing messages to the backend; inline: the fits themselves),
 transfer_seconds (the backend serialising and deserialising, from the backend),
@@ -29,6 +34,16 @@ import torch
 from colaft.backends import Backend, Message, Reply, WorkerLost
 from colaft.packets import Packet
 from colaft.users import Owner, Update
+
+
+class UserFaults(RuntimeError):
+    """Some users' fits or updates failed (user -> why); every other user's step is done.
+
+    The faulty users' owners are in an unknown state: remove them (or stop)."""
+
+    def __init__(self, faults: dict[str, str], traces: dict[str, str] | None = None):
+        super().__init__("; ".join(f"user {u!r}: {why}" for u, why in faults.items()))
+        self.faults, self.traces = faults, traces or {}
 
 
 @dataclass
@@ -61,6 +76,8 @@ class Pipeline:
             raise ValueError(f"staleness must be >= 0, not {staleness}")
         self.backend, self.apply, self.staleness = backend, apply, staleness
         self.tracks: dict[str, _Track] = {}
+        self.faults: dict[str, str] = {}  # user -> why its fit or update failed, until raised
+        self.traces: dict[str, str] = {}
         self.stats = stats if stats is not None else {}
         for k, v in {"recoveries": 0, "wait_seconds": 0.0, "send_seconds": 0.0, "transfer_seconds": 0.0,
                      "update_bytes": 0, "snapshot_bytes": 0, "skipped_fits": 0}.items():
@@ -76,6 +93,20 @@ class Pipeline:
         self.settle(0, users=[user])
         self.backend.remove(user)
         del self.tracks[user]
+        self.faults.pop(user, None)
+        self.traces.pop(user, None)
+
+    def fault(self, user: str, why: str, trace: str | None = None) -> None:
+        """Blame `user` for a failure of its own (kept until `raise_faults`)."""
+        self.faults.setdefault(user, why)
+        if trace:
+            self.traces.setdefault(user, trace)
+
+    def raise_faults(self) -> None:
+        """Raise UserFaults for the faults kept since the last call, if any."""
+        if self.faults:
+            faults, traces, self.faults, self.traces = self.faults, self.traces, {}, {}
+            raise UserFaults(faults, traces)
 
     def lr(self, user: str) -> float:
         return self.tracks[user].lr
@@ -120,7 +151,13 @@ class Pipeline:
         if self.backend.recoverable:
             track.log.append(msg)
         start = time.perf_counter()
-        self.backend.submit(msg)
+        try:
+            self.backend.submit(msg)
+        except BaseException:  # not sent: no reply to wait for
+            track.sent -= 1
+            if track.log and track.log[-1] is msg:
+                track.log.pop()
+            raise
         self.stats["send_seconds"] += time.perf_counter() - start
         self.stats["transfer_seconds"] = getattr(self.backend, "transfer_seconds", 0.0)
 
@@ -150,6 +187,9 @@ class Pipeline:
         if track is None or reply.seq <= track.answered:
             return  # a replayed message answered again, or a removed user
         track.answered = reply.seq
+        if reply.error is not None:
+            self.fault(reply.user, reply.error, reply.trace)
+            return
         update = reply.update
         if update is None:
             return
@@ -165,7 +205,10 @@ class Pipeline:
             self.stats["skipped_fits"] += 1
             return
         self.stats["update_bytes"] += update.nbytes
-        self.apply(update)
+        try:
+            self.apply(update)
+        except Exception as e:  # noqa: BLE001 - this user's weights (e.g. on a device the server cannot read)
+            self.fault(reply.user, f"its update could not be applied: {type(e).__name__}: {e}")
 
     def _recover(self, users: list[str]) -> None:
         """Rebuild the lost users' owners from their snapshots and replay what they had not answered."""

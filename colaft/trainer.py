@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from colaft.backends import Backend, make_backend
+from colaft.backends import Backend, WorkerError, make_backend
 from colaft.config import ColaConfig
 from colaft.io import state as state_io
 from colaft.model import ColaModel
@@ -151,10 +151,14 @@ class Trainer(TrainerLike):
 
         Keyword arguments override this trainer's fit settings for the user, named as the
         constructor names them (lr, optimizer, interval, scheduler, total_steps, fit_device, ...).
+        A user the model already has (its first) gets a fresh owner with these settings.
         """
         fit_config = self._user_fit_config(fit)  # validate before changing anything
         if user not in self.model.users:
             self.model.add_user(user, config)
+        elif user in self.pipeline.tracks:  # e.g. the model's first user: its owner had the defaults
+            self.pipeline.remove(user)
+        self.remote.pop(user, None)
         self.user_fit[user] = fit_config
         self._start_owner(user)
 
@@ -216,15 +220,17 @@ class Trainer(TrainerLike):
 
         Each user's packets go to its owner, which fits every `interval` of its steps; the
         server then waits until no user is more than `staleness` fits behind.
+
+        Raises:
+            what the server step raised: before any packet left, so nothing has changed but
+                the random state (dropout); the step may be tried again.
+            UserFaults: the named users' fits or updates failed; every other user's step is
+                done (its update applied).
+            WorkerError: the backend failed; it is not usable any more.
         """
-        was_training = self.model.training
         self._sync_users()
         start = time.perf_counter()
-        self.model.train()  # dropout at sites and in the base, as training means it
-        try:
-            out = server_step(self.model, batch, self.loss_fn, users)
-        finally:
-            self.model.train(was_training)  # inference after a step is not dropout-noisy
+        out = self._server_step(batch, users)
         self.stats["server_seconds"] += time.perf_counter() - start
         by_user: dict[str, list] = {u: [] for u in out.user_losses}
         for p in out.packets:
@@ -236,18 +242,40 @@ class Trainer(TrainerLike):
         self.stats["packet_bytes_total"] += self.stats["packet_bytes"]
         self.last_user_losses = out.user_losses
         for user, packets in by_user.items():
-            if user in self.remote:
-                self.remote[user](packets)
-            else:
-                self.pipeline.push(user, packets)
+            try:
+                if user in self.remote:
+                    self.remote[user](packets)
+                else:
+                    self.pipeline.push(user, packets)
+            except WorkerError:  # the backend's, not this user's
+                raise
+            except Exception as e:  # noqa: BLE001 - this user's packets could not be handed over: its fault alone
+                self.pipeline.fault(user, f"its packets could not be sent: {type(e).__name__}: {e}")
         self.pipeline.settle()
+        self.pipeline.raise_faults()
         return out.loss.item()
+
+    def check(self, batch: Mapping, users: Sequence[str] | None = None) -> None:
+        """The server step of `batch` with nothing sent: raises what `step` would raise before
+        any packet leaves (to find which users' rows make it fail); changes nothing but the
+        random state."""
+        self._server_step(batch, users)
+
+    def _server_step(self, batch: Mapping, users: Sequence[str] | None):
+        was_training = self.model.training
+        self.model.train()  # dropout at sites and in the base, as training means it
+        try:
+            return server_step(self.model, batch, self.loss_fn, users)
+        finally:
+            self.model.train(was_training)  # inference after a step is not dropout-noisy
 
     def flush(self, users: list[str] | None = None) -> None:
         """Fit every user's partial interval and wait for all updates (call after the last step).
 
-        `users`: only theirs (a user whose training ends while others go on)."""
+        `users`: only theirs (a user whose training ends while others go on). Raises
+        UserFaults as `step` does."""
         self.pipeline.flush(users)
+        self.pipeline.raise_faults()
 
     def apply_update(self, update: Update) -> None:
         """Load a remote user's update into the server's adapters (its owner runs elsewhere)."""
@@ -257,6 +285,9 @@ class Trainer(TrainerLike):
             self._apply(update)
 
     def _apply(self, update: Update) -> None:
+        tensors = [t for state in update.states.values() for t in state.values() if t.is_floating_point()]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            raise ValueError(f"the update of user {update.user!r} has non-finite weights (NaN or Inf)")
         self.model.load_adapter_state(update.states, user=update.user)
         self.stats["version"] += 1
 

@@ -14,6 +14,7 @@ Adding a backend means one new file that calls `register_backend`.
 """
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +39,8 @@ class Reply:
     user: str
     seq: int  # the Message this answers
     update: Update | None  # None: the packets were buffered (interval) or nothing was pending
+    error: str | None = None  # the fit raised: "Type: message" (the owner's state is then unknown)
+    trace: str | None = None  # and its traceback, for the server's log
 
 
 class WorkerLost(RuntimeError):
@@ -49,8 +52,9 @@ class WorkerLost(RuntimeError):
 
 
 class WorkerError(RuntimeError):
-    """A worker raised while handling a message (a bug in a fit, a bad packet); the text holds
-    the worker's traceback. Not recoverable by replaying: the same message would fail again."""
+    """A worker raised outside any one owner's fit (unpacking a message, a state request); the
+    text holds the worker's traceback. Not recoverable by replaying: the same message would
+    fail again. (A fit that raises is its user's fault alone: a Reply with `error`.)"""
 
 
 class Worker:
@@ -67,10 +71,15 @@ class Worker:
 
     def handle(self, msg: Message) -> Reply | Any:
         owner = self.owners[msg.user]
-        if msg.kind == "push":
-            return Reply(msg.user, msg.seq, owner.push(msg.packets))
-        if msg.kind == "flush":
-            return Reply(msg.user, msg.seq, owner.flush())
+        if msg.kind in ("push", "flush"):
+            # a fit that raises (its device, its settings, its packets) is its user's fault: the
+            # reply says so and the worker goes on serving the other users
+            try:
+                return Reply(msg.user, msg.seq, owner.push(msg.packets) if msg.kind == "push" else owner.flush())
+            except Exception as e:  # noqa: BLE001 - answered, for the server to blame the user
+                error = "".join(traceback.format_exception_only(type(e), e)).strip()
+                return Reply(msg.user, msg.seq, None, error=f"{describe(msg)} failed: {error}",
+                             trace=traceback.format_exc())
         if msg.kind == "state":
             return owner.state()
         if msg.kind == "load":

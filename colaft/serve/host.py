@@ -27,6 +27,7 @@ from colaft.config import ColaConfig
 from colaft.io.state import load_owner, read_owner, save_owner
 from colaft.model import ColaModel
 from colaft.packets import TRANSFER_DTYPES
+from colaft.pipeline import UserFaults
 from colaft.serve.fits import client_info
 from colaft.serve.settings import Settings
 from colaft.tasks import get_task
@@ -56,17 +57,20 @@ class ModelHost:
         self.finished: OrderedDict[str, None] = OrderedDict()
 
     # ------------------------------------------------------------- users
-    def _attach(self, job_id: str, config: ColaConfig, fit: dict) -> bool:
-        """Make the ColaModel, with the job's adapters (`config`), and its Trainer (the job's `fit`
-        its settings) unless they exist. True when made: the job is then the model's first user,
-        with an owner on the backend."""
+    def _attach(self, job_id: str, config: ColaConfig) -> None:
+        """Make the ColaModel, with the job's adapters (`config`), and its Trainer unless they
+        exist. The Trainer keeps the library's fit defaults: each job's fit settings are its own
+        (`add_user`), never the first job's for every later one."""
         if self.cola is not None:
-            return False
+            return
         self.cola = ColaModel(self.base, config, user=job_id)
-        self.trainer = Trainer(self.cola, backend=make_backend(self.settings.backend,
-                                                               **self.settings.backend_options),
-                               transfer_dtype=TRANSFER_DTYPES[self.settings.transfer_dtype], **fit)
-        return True
+        try:
+            self.trainer = Trainer(self.cola, backend=make_backend(self.settings.backend,
+                                                                   **self.settings.backend_options),
+                                   transfer_dtype=TRANSFER_DTYPES[self.settings.transfer_dtype])
+        except BaseException:
+            self.cola = None  # a later job tries again from nothing
+            raise
 
     def _added(self, job_id: str, mode: str, labels: list | None) -> None:
         self.modes[job_id] = mode
@@ -76,8 +80,13 @@ class ModelHost:
 
     def add_job(self, job_id: str, mode: str, config: ColaConfig, fit: dict, labels: list | None) -> None:
         """A job whose fits run on the server: its adapters and an owner on the backend."""
-        if not self._attach(job_id, config, fit):
-            self.trainer.add_user(job_id, config, **fit)
+        self._attach(job_id, config)
+        try:
+            self.trainer.add_user(job_id, config, **fit)  # a first user's owner is made again, with its fit
+        except BaseException:
+            if job_id in self.cola.users:
+                self.trainer.remove_user(job_id)
+            raise
         self.training.add(job_id)
         self._added(job_id, mode, labels)
 
@@ -85,7 +94,7 @@ class ModelHost:
                        sink: Callable[[list], None]) -> Owner:
         """A job whose fits run on its client: adapters here, its packets to `sink`, never to the
         backend. Returns a fresh owner of the job, to hand to the client."""
-        self._attach(job_id, config, fit)  # a first user loses the owner the Trainer gave it
+        self._attach(job_id, config)  # a first user loses the owner the Trainer gave it
         owner = self.trainer.add_remote_user(job_id, config, sink, **fit)
         self.training.add(job_id)
         self._added(job_id, mode, labels)
@@ -93,7 +102,7 @@ class ModelHost:
 
     def load_finished(self, job_id: str, mode: str, config: ColaConfig, folder: Path, labels: list | None) -> None:
         """A finished job's saved adapters (`folder`, saved with `config`), for inference."""
-        self._attach(job_id, config, {})
+        self._attach(job_id, config)
         try:
             self.cola.load_adapters(folder, user=job_id)  # a first user's fresh adapters get the saved weights
         except BaseException:
@@ -147,16 +156,37 @@ class ModelHost:
             self.cola.set_mode("personal")
 
     # ------------------------------------------------------------- training
-    def step(self, batch: dict, mode: str) -> tuple[dict[str, float], float]:
-        """One training step in `mode` on `batch` (rows of several jobs): (each job's loss, seconds in Trainer.step)."""
+    def step(self, batch: dict, mode: str) -> tuple[dict[str, float], float, dict[str, str]]:
+        """One training step in `mode` on `batch` (rows of several jobs): (each job's loss, seconds
+        in Trainer.step, the jobs whose own fit or update failed -> why). Raises when the shared
+        server step failed: then nothing was sent or applied (Trainer.step)."""
         self.set_mode(mode)
         start = time.perf_counter()
-        self.trainer.step(batch)
-        return self.trainer.last_user_losses, time.perf_counter() - start
+        faults = {}
+        try:
+            self.trainer.step(batch)
+        except UserFaults as e:  # the other jobs' steps are done
+            faults = self._faults(e)
+        return self.trainer.last_user_losses, time.perf_counter() - start, faults
 
-    def flush(self, job_id: str) -> None:
-        """Fit the job's partial interval and wait for its updates (its last step is done)."""
-        self.trainer.flush([job_id])
+    def check(self, batch: dict, mode: str) -> None:
+        """The server step of `batch` in `mode` with nothing sent or applied: raises as `step` would."""
+        self.set_mode(mode)
+        self.trainer.check(batch)
+
+    def flush(self, job_id: str) -> dict[str, str]:
+        """Fit the job's partial interval and wait for its updates (its last step is done); the
+        jobs whose fit failed meanwhile -> why."""
+        try:
+            self.trainer.flush([job_id])
+        except UserFaults as e:
+            return self._faults(e)
+        return {}
+
+    def _faults(self, e: UserFaults) -> dict[str, str]:
+        for job_id, trace in e.traces.items():
+            log.warning("%s: the fit of job %s failed:\n%s", self.id, job_id, trace)
+        return e.faults
 
     def apply_update(self, update: Update) -> None:
         """A client-fit job's update, brought by its client."""

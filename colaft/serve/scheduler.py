@@ -8,7 +8,7 @@ The Engine is the scheduler. It holds, and alone calls, two parts:
                                          database and the disk
 
 and itself the running jobs (colaft.serve.jobs.Run), the client-fit jobs' channels
-(colaft.serve.fits) and the queues the API fills:
+(colaft.serve.fits, tended between steps by colaft.serve.clients) and the queues the API fills:
 
     queued job -> admit: rows encoded, the job added to the host, resumed from its checkpoint
     each tick  -> every running job's next `batch_size` rows, all jobs' rows collated into
@@ -17,6 +17,9 @@ and itself the running jobs (colaft.serve.jobs.Run), the client-fit jobs' channe
                   (collaborative jobs form a second batch, in collaborative mode)
                -> per-job loss -> events; checkpoints; at its last step the job's adapters
                   are saved, exported and it succeeds
+               -> a fault fails only the job it is blamed on: its own fit or update, or the
+                  shared step on its rows (found by halving the batch, colaft.serve.isolation);
+                  the other jobs step on, from the same state
     between ticks: inference requests, batched across adapters, a few tokens of each per turn
                    (colaft.serve.decode): a long completion never holds the thread
 
@@ -41,6 +44,8 @@ from concurrent.futures import Future
 
 import torch
 
+from colaft.backends import WorkerError
+from colaft.serve import clients, isolation
 from colaft.serve.db import ACTIVE, Database, File
 from colaft.serve.decode import Generation
 from colaft.serve.fits import Channel
@@ -48,7 +53,6 @@ from colaft.serve.host import ModelHost
 from colaft.serve.jobs import LISTED, Run, cola_config, fit_settings
 from colaft.serve.settings import Settings
 from colaft.serve.store import JobStore
-from colaft.users import Update
 
 log = logging.getLogger("colaft.serve")
 
@@ -117,7 +121,8 @@ class Engine:
                 self._take_cancels()
                 self._take_admits()
                 self._serve()
-                self._client_jobs()
+                clients.tend(self.channels, self.runs, self.host, self.store, self.settings.client_timeout,
+                             self._checkpoint, self._finish)
                 if (self.runs and self._tick()) or self.generation.busy:
                     continue  # completions in flight go on at the next turn, right away
             except Exception:  # e.g. the database went away for a moment: keep serving
@@ -242,21 +247,47 @@ class Engine:
         """One step per mode over the jobs that may step; False when none may (all wait for clients)."""
         stepped = False
         for mode in ("personal", "collaborative"):
-            runs = [r for r in self.runs.values() if r.mode == mode and self._may_step(r)]
+            runs = [r for r in self.runs.values() if r.mode == mode and
+                    clients.may_step(r, self.channels.get(r.job_id), self.settings.client_timeout)]
             if runs:
                 stepped = True
                 try:
-                    self._step(runs, mode)
-                except Exception as e:
-                    log.exception("%s: a step of %d jobs failed", self.id, len(runs))
+                    self._step(runs, mode)  # blames the step's own faults on their jobs
+                except Exception as e:  # recording the step (database, checkpoints) failed: stop its jobs
+                    log.exception("%s: a step of %d jobs could not be recorded", self.id, len(runs))
                     for r in runs:
-                        self._fail(r.job_id, "internal_error", f"training stopped: {type(e).__name__}")
+                        if r.job_id in self.runs:
+                            self._fail(r.job_id, "internal_error", f"training stopped: {type(e).__name__}")
         return stepped
 
+    def _batch(self, runs: list[Run]) -> dict:
+        return self.host.task.collate([f for r in runs for f in r.next_rows()])
+
     def _step(self, runs: list[Run], mode: str) -> None:
+        """One step of `runs`. A job whose own fit fails fails alone; when the shared server step
+        fails, the jobs it is blamed on fail and the others step again (colaft.serve.isolation)."""
         rows = {r.job_id: r.next_rows() for r in runs}
         batch = self.host.task.collate([f for r in runs for f in rows[r.job_id]])
-        losses, seconds = self.host.step(batch, mode)
+        try:
+            with isolation.rewind():
+                losses, seconds, faults = self.host.step(batch, mode)
+        except WorkerError as e:  # the backend broke, after packets left: no job can go on
+            log.exception("%s: the fit backend failed", self.id)
+            for r in runs:
+                self._fail(r.job_id, "internal_error", f"training stopped: {type(e).__name__}")
+            return
+        except Exception as e:
+            log.warning("%s: the server step of %d jobs failed; finding the jobs it fails on", self.id, len(runs),
+                        exc_info=True)
+            blamed, retries = isolation.blame(runs, e, lambda rs: self.host.check(self._batch(rs), mode))
+            for job_id, why in blamed.items():
+                self._fail(job_id, "training_failed", f"the training step failed on this job's rows: {why}")
+            for group in retries:
+                self._step(group, mode)
+            return
+        for job_id, why in faults.items():
+            self._fail(job_id, "fit_failed", f"the job's fit failed: {why}")
+        runs = [r for r in runs if r.job_id not in faults]
         self.steps += 1
         self.rows += len(batch["users"])
         self.step_seconds += seconds
@@ -293,7 +324,7 @@ class Engine:
         """Save the job's adapters and owner. `listed`: the end of one of the last LISTED epochs,
         shown by the API (as OpenAI does); the others only let a restarted server resume, and
         only the newest of them is kept. A client-fit job's checkpoint waits until no fit of
-        it is in flight (`_client_jobs` takes it then): the server holds its owner's state
+        it is in flight (`clients.tend` takes it then): the server holds its owner's state
         only as of the last update."""
         metrics = metrics or {"train_loss": sum(run.losses) / len(run.losses) if run.losses else None,
                               "trained_tokens": run.tokens}
@@ -311,7 +342,10 @@ class Engine:
         job_id = run.job_id
         channel = self.channels.get(job_id)
         if channel is None:
-            self.host.flush(job_id)
+            for failed, why in self.host.flush(job_id).items():
+                self._fail(failed, "fit_failed", f"the job's fit failed: {why}")
+            if job_id not in self.runs:
+                return
         else:  # the client fits the partial interval; the job ends once every update is applied
             if not run.finishing:
                 run.finishing = True
@@ -332,42 +366,6 @@ class Engine:
             channel.close("succeeded")
         self.host.finish(job_id)
         log.info("%s: job %s succeeded", self.id, job_id)
-
-    # ------------------------------------------------------------- client-fit jobs
-    def _may_step(self, run: Run) -> bool:
-        """A server-fit job always; a client-fit job while its fits in flight are within its
-        staleness bound, its client was seen lately and no checkpoint waits for its fits."""
-        if not run.client:
-            return True
-        channel = self.channels[run.job_id]
-        if run.finishing or not channel.runnable(self.settings.client_timeout):
-            return False
-        return run.due is None or channel.pending_steps > 0  # at a fit boundary a due checkpoint comes first
-
-    def _client_jobs(self) -> None:
-        """Between steps: apply the updates clients brought, take due checkpoints, end jobs whose
-        last update came, and say in the events when a job waits for its client or resumes."""
-        for job_id, channel in list(self.channels.items()):
-            run = self.runs.get(job_id)
-            if run is None:
-                continue
-            for accepted in channel.take_updates():
-                self.host.apply_update(Update(job_id, accepted.version, accepted.states))
-            gone = channel.gone(self.settings.client_timeout)
-            if gone and not run.waiting:
-                self.store.add_event(job_id, f"Waiting for the fit client: none has pulled for "
-                                     f"{self.settings.client_timeout:g} s; the job's steps pause while "
-                                     "other jobs go on", level="warn", data={"fit_client": "waiting"})
-            elif not gone and channel.connected and (run.waiting or not run.seen_client):
-                text = "The fit client is back" if run.seen_client else "The fit client connected"
-                self.store.add_event(job_id, text + (": training resumes" if run.waiting else ""),
-                                     data={"fit_client": "connected"})
-            run.waiting = gone
-            run.seen_client = run.seen_client or channel.connected
-            if run.due is not None and channel.idle():
-                self._checkpoint(run, *run.due)
-            if run.finishing and channel.idle():
-                self._finish(run)
 
     # ------------------------------------------------------------- inference
     def _serve(self) -> None:

@@ -86,8 +86,14 @@ class ColaftOptions(BaseModel):
             device = torch.device(v)
         except RuntimeError as e:
             raise ValueError(f"not a torch device: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {v!r} is not available on this server")
+        # refused here rather than when the job's first fit fails: only devices the fit can train
+        # on and the server can read the weights back from ("meta" holds no data)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        mps = torch.backends.mps.is_available()
+        usable = {"cpu": True, "cuda": (device.index or 0) < gpus, "mps": mps and not device.index}
+        if not usable.get(device.type, False):
+            here = ["cpu"] + ([f"cuda:0 to cuda:{gpus - 1}"] if gpus else []) + (["mps"] if mps else [])
+            raise ValueError(f"device {v!r} is not available on this server (it has {', '.join(here)})")
         return v
 
     @field_validator("targets")

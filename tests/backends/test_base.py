@@ -16,8 +16,9 @@ from backend_helpers import KINDS, build, states
 from conftest import ARCHS, Backprop, flat_state, make_opt, max_rel_err, text_batch
 
 from colaft import ColaConfig, Packet, Trainer
-from colaft.backends import BACKENDS, WorkerError, make_backend
+from colaft.backends import BACKENDS, make_backend
 from colaft.backends.process import ProcessBackend
+from colaft.pipeline import UserFaults
 
 REMOTE = ["process", "ray"]
 
@@ -146,14 +147,25 @@ def test_non_finite_packets_never_reach_an_adapter(remote):
 
 
 @pytest.mark.parametrize("remote", REMOTE, indirect=True)
-def test_an_exception_in_a_worker_is_raised_in_the_server(remote):
-    trainer = Trainer(build(["user.0"]), backend=remote(1))
-    trainer.step(text_batch(0))
-    trainer.pipeline.push("user.0", [Packet("no.such.site", torch.randn(3, 16), torch.randn(3, 16), "user.0")])
-    for _ in range(2):  # and again: an unanswered message must not turn into a hang
-        with pytest.raises(WorkerError, match=r"(?s)push #2 of user 'user.0'.*KeyError.*no\.such\.site"):
-            trainer.pipeline.settle()
-    trainer.close(wait=False)
+def test_an_exception_in_a_fit_is_its_users_fault_alone(remote):
+    """A fit that raises on the worker is answered as its user's fault (UserFaults, with the
+    worker's traceback for the log); the other user's step is done and the backend goes on."""
+    for backend in ("inline", remote(1)):
+        trainer = Trainer(build(["user.0", "user.1"]), backend=backend)
+        trainer.step(*batch(0, ["user.0", "user.1"]))
+        bad = Packet("no.such.site", torch.randn(3, 16), torch.randn(3, 16), "user.0")
+        trainer.pipeline.push("user.0", [bad])
+        trainer.pipeline.settle()  # answered: no hang, and nothing raised before every reply is taken
+        with pytest.raises(UserFaults, match=r"user 'user.0': push #2 of user 'user.0' failed: KeyError.*no\.such"
+                           ) as e:
+            trainer.pipeline.raise_faults()
+        assert list(e.value.faults) == ["user.0"] and "Traceback" in e.value.traces["user.0"]
+        trainer.pipeline.raise_faults()  # raised once
+        version = trainer.stats["version"]
+        trainer.remove_user("user.0")
+        trainer.step(*batch(1, ["user.1"]))  # the other user trains on, on the same workers
+        assert trainer.stats["version"] == version + 1
+        trainer.close()
 
 
 # ---------------------------------------------------------------- the registry

@@ -184,7 +184,8 @@ def _batch(host, user: str, rows: int = 2) -> dict:
 def test_the_first_job_makes_the_model_and_trainer_however_it_comes_and_the_next_ones_join_them(
         tmp_path, tiny_llama_dir):
     """A finished job's saved adapters, a server-fit job or a client-fit job: whichever comes
-    first makes the host's ColaModel and Trainer (with its adapters, fit and owner), once."""
+    first makes the host's ColaModel and Trainer (with its adapters and owner), once; its fit
+    settings stay its own."""
     trained = _host(tmp_path, tiny_llama_dir)
     trained.add_job("done", "personal", CONFIG, FIT, ["pos", "neg"])
     for adapter in trained.cola.user_adapters("done").values():
@@ -213,16 +214,17 @@ def test_the_first_job_makes_the_model_and_trainer_however_it_comes_and_the_next
     pushed = []
     client_first.add_client_job("c", "personal", CONFIG, FIT, None, sink=pushed.append)
     trainer = client_first.trainer
-    assert client_first.cola.users == ["c"] and trainer.fit_config.lr == 1e-2
+    assert client_first.cola.users == ["c"] and trainer.user_fit["c"].lr == 1e-2  # its own fit, not the defaults
     assert "c" in trainer.remote and "c" not in trainer.pipeline.tracks  # the owner the Trainer gave it is gone
-    losses, _ = client_first.step(_batch(client_first, "c"), "personal")
-    assert set(losses) == {"c"} and len(pushed) == 1 and pushed[0]  # its packets went to its sink
+    losses, _, faults = client_first.step(_batch(client_first, "c"), "personal")
+    assert set(losses) == {"c"} and not faults and len(pushed) == 1 and pushed[0]  # its packets went to its sink
     client_first.close()
 
     server_first = _host(tmp_path, tiny_llama_dir)
     server_first.add_job("a", "personal", CONFIG, FIT, None)
     assert server_first.cola.users == ["a"] and "a" in server_first.trainer.pipeline.tracks
-    assert server_first.trainer.fit_config.lr == 1e-2 and server_first.trainer.fit_config.interval == 2
+    fit = server_first.trainer.owner("a").config
+    assert (fit.lr, fit.interval) == (1e-2, 2) and server_first.trainer.fit_config.lr != 1e-2  # the job's, alone
     server_first.close()
 
 
@@ -240,4 +242,16 @@ def test_finished_adapters_that_do_not_fit_leave_nothing_behind(tmp_path, tiny_l
     assert host.cola.users == ["done"]
     host.remove("done")
     assert not host.holds("done") and host.modes == {} and host.labels == {} and host.finished == {}
+    host.close()
+
+
+def test_each_job_fits_with_its_own_settings_whichever_came_first(tmp_path, tiny_llama_dir):
+    """The first job makes the Trainer, but its fit settings are its own, not every later job's
+    defaults: a second job that names no fit_device fits where the server's adapters are."""
+    host = _host(tmp_path, tiny_llama_dir)
+    host.add_job("first", "personal", CONFIG, {**FIT, "fit_device": "cpu", "lr": 2e-2}, None)
+    host.add_job("second", "personal", CONFIG, FIT, None)
+    first, second = (host.trainer.owner(job).config for job in ("first", "second"))
+    assert (first.device, first.lr) == ("cpu", 2e-2)
+    assert (second.device, second.lr) == (None, 1e-2)
     host.close()
