@@ -6,7 +6,7 @@ at: the caller's files, a succeeded job (its fine-tuned model, adapter, checkpoi
 file), a client-fit job waiting for its client, and another user's file and job. Each operation
 is fuzzed with schema-valid and schema-violating requests (schemathesis' positive and negative
 modes), with generated path ids and with each real one, and with real values (model names, file
-ids, a purpose) mixed into generated bodies, so requests get past the first 404/422 and reach
+ids, a purpose) mixed into generated bodies, so requests get past the first 404/400 and reach
 the code behind it. Only `not_a_server_error` is checked: whether the schema describes every
 answer truthfully is another matter. Hypothesis runs derandomized, so a run is reproducible.
 """

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from colaft.serve.db import Job, User
 from colaft.serve.inference import Answer
 from colaft.serve.inference import Request as InferenceRequest
-from colaft.serve.routes.common import APIError, BoundedJSON, Me, Service, TheService
+from colaft.serve.routes.common import APIError, BoundedJSON, Me, Service, TheService, fingerprint
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import MIN_TEMPERATURE, ChatRequest, CompletionRequest
 
@@ -41,10 +41,10 @@ def resolve(service: Service, model: str, user: User) -> tuple[Engine, str | Non
     """(engine, job id or None for the base model, mode) of a model id the user may use."""
     if model in service.engines:
         return service.engines[model], None, "personal"
-    parts = model.split(":")
-    if len(parts) == 3 and parts[0] == "ft":
+    parts = model.split(":")  # ft:<base>[:<suffix>]:<job id>
+    if len(parts) >= 3 and parts[0] == "ft":
         with service.db.read() as s:
-            job = s.get(Job, parts[2])
+            job = s.get(Job, parts[-1])
         if job is not None and job.user_id == user.id and job.status == "succeeded" \
                 and job.fine_tuned_model == model and job.model in service.engines:
             return service.engines[job.model], job.id, job.options["mode"]
@@ -63,7 +63,7 @@ async def chat(user: Me, service: TheService, body: ChatRequest):
                 for m in body.messages]
     answer = await complete(InferenceRequest(job_id, mode, messages=messages, **_sampling(body, 128)), engine)
     return {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.model, "system_fingerprint": None,
+            "model": body.model, "system_fingerprint": fingerprint(engine.id),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
                          "finish_reason": answer.finish_reason, "logprobs": None}],
             "usage": _usage(answer)}
@@ -74,7 +74,7 @@ async def completions(user: Me, service: TheService, body: CompletionRequest):
     engine, job_id, mode = await run_in_threadpool(resolve, service, body.model, user)
     answer = await complete(InferenceRequest(job_id, mode, prompt=body.text(), **_sampling(body, 16)), engine)
     return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-            "model": body.model, "system_fingerprint": None,
+            "model": body.model, "system_fingerprint": fingerprint(engine.id),
             "choices": [{"index": 0, "text": answer.text, "finish_reason": answer.finish_reason,
                          "logprobs": None}],
             "usage": _usage(answer)}
