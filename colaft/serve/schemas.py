@@ -126,14 +126,14 @@ METHODS = ("supervised",)
 
 class Method(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str = "supervised"
+    type: Literal["supervised"] = "supervised"  # METHODS
     supervised: SupervisedMethod | None = None
 
-    @field_validator("type")
+    @field_validator("type", mode="before")
     @classmethod
-    def _supported(cls, v: str) -> str:
+    def _supported(cls, v):  # before the Literal's check: the answer names the method asked for
         if v not in METHODS:
-            raise ValueError(f"method {v!r} is not supported: this server fine-tunes with "
+            raise ValueError(f"method {v!r:.80} is not supported: this server fine-tunes with "
                              f"{', '.join(repr(m) for m in METHODS)} only")
         return v
 
