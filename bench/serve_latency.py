@@ -31,9 +31,9 @@ key = add_user(data, "lat", url)
 srv = Server(data, [model], *options).start(timeout=300)
 try:
     client = srv.client(key)
-    f = upload(client, CHAT)
+    f = upload(client, CHAT * 2)
     job = client.fine_tuning.jobs.create(model=model, training_file=f.id,
-                                         hyperparameters={"n_epochs": 100, "batch_size": 4})
+                                         hyperparameters={"n_epochs": 50, "batch_size": 4})
     wait_job(client, job.id, 300, until=("running",))
     wait_for(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=5).data),
              300)

@@ -133,7 +133,8 @@ class Client:
                 time.sleep(wait)
                 deadline = time.monotonic() + self.patience  # the server is there: patience starts again
                 continue
-            if r.status_code in (401, 404, 422) or (r.status_code == 409 and _code(r) == "not_a_client_job"):
+            if r.status_code in (401, 404, 422) or (r.status_code == 400 and _code(r) == "invalid_value") \
+                    or (r.status_code == 409 and _code(r) == "not_a_client_job"):
                 raise ClientError(f"{r.status_code}: {_message(r)}")
             if r.status_code >= 500 or (r.status_code == 409 and _code(r) == "job_not_started"):
                 if time.monotonic() > deadline:

@@ -4,10 +4,11 @@ A file is JSONL (one JSON object a line) or CSV (a header row, then one record a
 apart by its name (.jsonl, .json, .csv) or, without one, by its first character ("{": JSONL).
 Every record of a file has one format, recognised by its fields:
 
-    chat            {"messages": [{"role": "system" | "developer" | "user" | "assistant" | "tool",
+    chat            {"messages": [{"role": "system" | "developer" | "user" | "assistant" | "tool" | "function",
                                    "content": text, or a list of {"type": "text", "text": ...} parts,
-                                   "weight": 0 | 1 (assistant turns only)}, ...]}
-                    every assistant turn is learnt unless its weight is 0                   -> clm
+                                   "weight": 0 | 1 (assistant turns only)}, ...], "tools": [...]}
+                    every assistant turn is learnt unless its weight is 0; tool calls, tool
+                    turns and tools as OpenAI's fine-tuning data has them (colaft.chats)     -> clm
     prompt          {"prompt": text, "completion": text} (or "question", "answer")         -> clm
     classification  {"text": text, "label": text or an integer}                             -> sc
     image           {"image": a path relative to the file, or nested lists of pixels,
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
+from colaft import chats
+
+ROLES = chats.ROLES
 FORMATS = ("chat", "prompt", "classification", "image")
 TASK_OF_FORMAT = {"chat": "clm", "prompt": "clm", "classification": "sc", "image": "ic"}
 _INT = re.compile(r"[+-]?\d+")
@@ -177,53 +180,24 @@ def _label(value, line: int):
     return value
 
 
-def _content(message: dict, i: int, line: int) -> str:
-    """A message's text: a string, or its text parts joined."""
-    content = message.get("content")
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise DataError(f"line {line}: message {i} \"content\" parts must be {{\"type\": \"text\", "
-                            "\"text\": text}")
-        return "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise DataError(f"line {line}: message {i} \"content\" must be text or a list of text parts")
-    return content
-
-
 def _messages(value, line: int) -> list[dict]:
-    """Checked chat messages: {"role", "content": text} and, for assistant turns, "weight" 0 or 1."""
-    if not isinstance(value, list) or not value:
-        raise DataError(f"line {line}: \"messages\" must be a non-empty list")
-    messages = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise DataError(f"line {line}: message {i} must be {{\"role\": one of {', '.join(ROLES)}, "
-                            "\"content\": text}")
-        message = {"role": m["role"], "content": _content(m, i, line)}
-        if m["role"] == "assistant":
-            weight = m.get("weight", 1)
-            if weight not in (0, 1) or isinstance(weight, bool):
-                raise DataError(f"line {line}: message {i} \"weight\" must be 0 or 1")
-            message["weight"] = int(weight)
-        elif "weight" in m:
-            raise DataError(f"line {line}: message {i} \"weight\": only assistant turns have one")
-        messages.append(message)
-    learnt = [i for i, m in enumerate(messages) if m.get("weight")]
-    if not learnt:
-        has = "every assistant turn has weight 0" if any(m["role"] == "assistant" for m in messages) \
-            else "there is none"
-        raise DataError(f"line {line}: the last message to learn must be an assistant turn, but {has}")
-    if not any(m["role"] == "user" for m in messages[:learnt[0]]):
-        raise DataError(f"line {line}: no user message before the first answer to learn")
-    return messages
+    """Checked chat messages (colaft.chats.messages), or a DataError naming the line."""
+    try:
+        return chats.messages(value)
+    except ValueError as e:
+        raise DataError(f"line {line}: {e}") from None
 
 
 def check(fmt: str, row: Mapping, line: int) -> dict:
     """The record's fields of `fmt`, checked and tidied (chat content as text, weights set);
     other fields of the row (a user column, say) are kept."""
     if fmt == "chat":
-        return {**row, "messages": _messages(row["messages"], line)}
+        try:
+            tools = chats.tools(row)
+        except ValueError as e:
+            raise DataError(f"line {line}: {e}") from None
+        rest = {k: v for k, v in row.items() if k not in ("tools", "functions")}
+        return {**rest, "messages": _messages(row["messages"], line), **({"tools": tools} if tools else {})}
     if fmt == "prompt":
         a, b = needed(fmt, row)
         if a == "question" and isinstance(row.get(a), list):  # the clm task's own form: a conversation
@@ -282,7 +256,8 @@ def task_records(fmt: str, records: list[dict], labels: list | None = None, base
 
     clm {"question", "answer"}: a chat's question is the conversation before its last learnt
     answer (assistant turns in it keep their "weight": 1 learnt, 0 context); the turns after
-    that answer are dropped, as nothing learnt depends on them in a causal LM. sc {"text",
+    that answer are dropped, as nothing learnt depends on them in a causal LM. The answer is its
+    text, or the whole message when it calls tools; a chat's "tools" are kept. sc {"text",
     "label"}, ic {"image", "label"}: with `labels`, a label becomes its index in them. An image
     path is taken relative to `base` (the file's folder).
     """
@@ -293,7 +268,9 @@ def task_records(fmt: str, records: list[dict], labels: list | None = None, base
             messages = _messages(r["messages"], number)  # as `check` leaves them (unchanged if checked)
             last = max(i for i, m in enumerate(messages) if m.get("weight"))
             rest = {k: v for k, v in r.items() if k != "messages"}
-            out.append({"question": messages[:last], "answer": messages[last]["content"], **rest})
+            answer = messages[last]
+            out.append({"question": messages[:last], "answer": answer if chats.calls(answer) else answer["content"],
+                        **rest})
         elif fmt == "prompt":
             a, b = needed(fmt, r)
             rest = {k: v for k, v in r.items() if k not in (a, b)}

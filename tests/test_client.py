@@ -178,7 +178,7 @@ def test_only_the_owner_pulls_and_pushes(server):
     with server.http(server.keys["alice"]) as h:
         r = h.post("/v1/fine_tuning/jobs", json={"model": "llama", "training_file": server_job.training_file,
                                                  "colaft": {"staleness": 2}})
-        assert r.status_code == 422 and "client-fit" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "client-fit" in r.json()["error"]["message"]
 
 
 def test_waiting_clients_do_not_hold_up_other_requests(server):

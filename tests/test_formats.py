@@ -73,6 +73,27 @@ def test_a_chat_of_one_answer_is_a_question_and_its_answer():
         {"question": [{"role": "system", "content": "be brief"}, user("hi")], "answer": "hello"}]
 
 
+def test_tool_calls_tool_turns_and_tools_as_openais_fine_tuning_data():
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    chat = {"messages": [user("weather?"), bot(None, tool_calls=[call]),
+                         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "sunny"}]},
+                         bot("sunny"), user("and now?"),
+                         {"role": "assistant", "function_call": {"name": "weather", "arguments": "{}"}, "weight": 1},
+                         {"role": "function", "name": "weather", "content": "rain"}, bot("rain", weight=0)],
+            "functions": [{"name": "weather"}]}
+    fmt, records, _ = formats.parse(lines(chat), "t.jsonl")
+    checked = records[0]["messages"]
+    assert checked[1] == {"role": "assistant", "content": "", "tool_calls": [call], "weight": 1}
+    assert checked[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
+    assert checked[6] == {"role": "function", "content": "rain", "name": "weather"}
+    assert records[0]["tools"] == [{"type": "function", "function": {"name": "weather"}}]  # functions -> tools
+    record = formats.task_records(fmt, records)[0]
+    # the last learnt turn calls a function: the answer is the whole message
+    assert record["answer"] == {"role": "assistant", "content": "",
+                                "function_call": {"name": "weather", "arguments": "{}"}, "weight": 1}
+    assert record["question"] == checked[:5] and record["tools"] == records[0]["tools"]
+
+
 def test_labels_become_their_index_in_sorted_order():
     fmt, records, labels = formats.parse(b"text,label\na,pos\nb,neg\n", "r.csv")
     assert labels == ["neg", "pos"]
@@ -89,6 +110,14 @@ def test_labels_become_their_index_in_sorted_order():
     ("c.jsonl", lines({"messages": [user([{"type": "image_url", "image_url": "x"}]), bot("a")]}),
      "line 1: message 0 \"content\" parts must be"),
     ("c.jsonl", lines({"messages": [bot("a"), user("hi"), bot("b")]}), "line 1: no user message before the first"),
+    ("c.jsonl", lines({"messages": [user("hi"), bot(None)]}), "line 1: message 1 \"content\" must be text"),
+    ("c.jsonl", lines({"messages": [user("hi"), bot(None, tool_calls=[{"type": "function", "function": {}}])]}),
+     "line 1: message 1 tool call 0 \"name\" must be non-empty text"),
+    ("c.jsonl", lines({"messages": [user("hi"), bot("a", tool_calls=[{"type": "function", "function": {
+        "name": "f", "arguments": {"x": 1}}}])]}), "line 1: message 1 tool call 0 \"arguments\" must be text"),
+    ("c.jsonl", lines({"messages": [user("hi"), {"role": "function", "content": "x"}, bot("a")]}),
+     "line 1: message 1 \"name\" must be non-empty text"),
+    ("c.jsonl", lines({"messages": [user("hi"), bot("a")], "tools": {"f": 1}}), "line 1: \"tools\" must be a list"),
     ("r.csv", b"text,label\ngood,pos\n\n\"a\nb\",neg\nbad\n", "line 6: 1 cells, but the header has 2 columns"),
     ("r.csv", b"text,label\ngood,pos\n,neg\n", "line 3: \"text\" must be non-empty text"),
     ("r.csv", b"text,text\na,b\n", "line 1: the header needs distinct"),

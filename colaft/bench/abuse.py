@@ -101,13 +101,13 @@ class Hostile:
     async def setup(self) -> None:
         """A hostile user's file and a client-fit job with no client: the long polls' target."""
         async with self.client(self.keys[0]) as h:
-            lines = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 8
+            lines = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 160
             r = await h.post("/v1/files", data={"purpose": "fine-tune"},
                              files={"file": ("h.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode())})
             r.raise_for_status()
             self.file_id = r.json()["id"]
             r = await h.post("/v1/fine_tuning/jobs", json={"model": self.model, "training_file": self.file_id,
-                                                           "hyperparameters": {"n_epochs": 1000},
+                                                           "hyperparameters": {"n_epochs": 50},
                                                            "colaft": {"fit": "client"}})
             r.raise_for_status()
             self.poll_job = r.json()["id"]

@@ -138,6 +138,11 @@ def tiny_model_dir(folder: Path) -> Path:
     return folder
 
 
+LONG_EPOCHS, LONG_REPEATS = 50, 20
+"""A job that outlasts a run: n_epochs is at most 50 (OpenAI's range), so its file holds its rows
+LONG_REPEATS times over."""
+
+
 def _records(user: int, rows: int) -> bytes:
     lines = []
     for i in range(rows):
@@ -179,12 +184,12 @@ def health(url: str) -> dict:
 
 async def _ramp(url: str, keys: list[str], settings: Settings, rec: Recorder) -> list[str]:
     """Each user uploads its file and creates its job, all at once; then polls until it runs."""
-    hyper = {"n_epochs": 1000, "batch_size": settings.batch_size}
+    hyper = {"n_epochs": LONG_EPOCHS, "batch_size": settings.batch_size}
 
     async def one(i: int, key: str) -> str | None:
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
             r = await rec.call(h, "upload", "ramp", "POST", "/v1/files", data={"purpose": "fine-tune"},
-                               files={"file": (f"user{i}.jsonl", _records(i, settings.rows))})
+                               files={"file": (f"user{i}.jsonl", _records(i, settings.rows * LONG_REPEATS))})
             if r is None or r.status_code != 200:
                 return None
             client = settings.client_every and i % settings.client_every == settings.client_every - 1

@@ -8,8 +8,9 @@ Handlers that touch the database are plain functions (FastAPI runs them in its t
 pool), each a few short queries; completions await the engine's future and a client-fit
 job's long poll awaits its channel, so nothing waits in a thread and the event loop never
 blocks on training.
-Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Another user's
-id answers exactly like an id that does not exist (404).
+Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}; an invalid request
+(a body or query that breaks the schema) is a 400 `invalid_request_error` naming the field in
+`param`, as OpenAI answers. Another user's id answers exactly like an id that does not exist (404).
 
 This module assembles the app: middleware, error handlers, /health, and the routers of
 colaft.serve.routes (files, fine-tuning jobs, inference, the dashboard page at /).
@@ -108,7 +109,7 @@ def create_app(service: Service) -> FastAPI:
         message = str(first.get("ctx", {}).get("error", first["msg"])) if first["type"] == "value_error" \
             else first["msg"]
         param = ".".join(loc) or None
-        return error_response(422, f"{param}: {message}" if param else message, param, "invalid_value")
+        return error_response(400, f"{param}: {message}" if param else message, param, "invalid_value")
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):  # logged by the server; the client learns nothing more

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, create_engine, event, func, select
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, create_engine, event, func, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ACTIVE = ("validating_files", "queued", "running")
@@ -83,7 +83,7 @@ class File(Base):
     def to_api(self) -> dict:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
                 "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "status_details": None}
+                "status_details": f"{self.rows} {self.format} records", "expires_at": None}
 
 
 class Job(Base):
@@ -98,6 +98,7 @@ class Job(Base):
     seed: Mapped[int] = mapped_column(Integer)
     suffix: Mapped[str | None] = mapped_column(String(64), default=None)
     meta: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # the API's "metadata"
+    integrations: Mapped[list[Any] | None] = mapped_column(default=None)  # as given (shown, not acted on)
     status: Mapped[str] = mapped_column(String(20), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
@@ -108,6 +109,12 @@ class Job(Base):
     labels: Mapped[list[Any] | None] = mapped_column(default=None)  # classification: head output i is labels[i]
     result_files: Mapped[list[Any]] = mapped_column(default=list)
 
+    @property
+    def model_name(self) -> str:
+        """The fine-tuned model's id once the job succeeds: ft:<base>:<suffix>:<job id> (OpenAI's
+        form, with the base model for the organisation), ft:<base>:<job id> without a suffix."""
+        return ":".join(["ft", self.model, *([self.suffix] if self.suffix else []), self.id])
+
     def to_api(self) -> dict:
         hyper = dict(self.hyperparameters)
         return {"id": self.id, "object": "fine_tuning.job", "created_at": self.created_at, "error": self.error,
@@ -115,7 +122,8 @@ class Job(Base):
                 "hyperparameters": hyper, "model": self.model, "organization_id": self.user_id,
                 "result_files": list(self.result_files or []), "seed": self.seed, "status": self.status,
                 "trained_tokens": self.trained_tokens, "training_file": self.training_file,
-                "validation_file": self.validation_file, "estimated_finish": None, "integrations": [],
+                "validation_file": self.validation_file, "estimated_finish": None,
+                "integrations": list(self.integrations or []),
                 "metadata": self.meta, "suffix": self.suffix,
                 "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
                 "colaft": dict(self.options) | ({"labels": list(self.labels)} if self.labels is not None else {})}
@@ -134,7 +142,7 @@ class Event(Base):
 
     def to_api(self) -> dict:
         return {"id": self.id, "object": "fine_tuning.job.event", "created_at": self.created_at,
-                "level": self.level, "message": self.message, "data": self.data, "type": self.type}
+                "level": self.level, "message": self.message, "data": self.data or {}, "type": self.type}
 
 
 class Checkpoint(Base):
@@ -162,6 +170,19 @@ def active_jobs(s: Session, user_id: str) -> int:
 def stored_bytes(s: Session, user_id: str) -> int:
     """Bytes of the user's files: uploads and results files."""
     return s.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.user_id == user_id))
+
+
+def _add_new_columns(engine) -> None:
+    """Add the nullable columns a newer colaft has to the tables of an older one's database
+    (create_all makes missing tables only): their rows read them as None."""
+    tables = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in tables.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
 
 
 class Database:
@@ -193,6 +214,7 @@ class Database:
                 immediate = connection.get_execution_options().get("immediate", False)
                 connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
         Base.metadata.create_all(self.engine)
+        _add_new_columns(self.engine)
         self._writers = sessionmaker(self.engine.execution_options(immediate=True), expire_on_commit=False)
         self._readers = sessionmaker(self.engine, expire_on_commit=False)
 

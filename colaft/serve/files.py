@@ -5,7 +5,8 @@ An upload is JSONL or CSV (by its name's extension, else by its first character)
 in one of the formats a base model of the service trains on:
 
     chat            {"messages": [{"role": ..., "content": text or text parts, "weight": 0 | 1}, ...]}
-                    every assistant turn is learnt unless its weight is 0; causal LMs
+                    every assistant turn is learnt unless its weight is 0, tool calls and tool
+                    turns rendered by the model's chat template (colaft.chats); causal LMs
     prompt          {"prompt": "...", "completion": "..."}: one user turn; causal LMs
     classification  {"text": "...", "label": "..." | int}; classification models
 
@@ -39,7 +40,7 @@ def parse(data: bytes, name: str = "") -> tuple[str, list[dict], list | None]:
 def task_records(fmt: str, records: list[dict], labels: list | None = None) -> list[dict]:
     """Records in the fields a task reads, and no other: clm {"question", "answer"} (a chat's
     question: the conversation before its last learnt answer), sc {"text", "label"} with the
-    label as its index in `labels`. A column such as "user" would route rows to users the
-    data names; here every row is the job's."""
-    fields = ("text", "label") if fmt == "classification" else ("question", "answer")
-    return [{k: r[k] for k in fields} for r in formats.task_records(fmt, records, labels)]
+    label as its index in `labels`; a chat's "tools" too. A column such as "user" would route
+    rows to users the data names; here every row is the job's."""
+    fields = ("text", "label") if fmt == "classification" else ("question", "answer", "tools")
+    return [{k: r[k] for k in fields if k in r} for r in formats.task_records(fmt, records, labels)]

@@ -5,11 +5,12 @@ own job options travel in the extra field "colaft" (`extra_body={"colaft": {...}
 openai package).
 
 Every number is bounded and finite (`allow_inf_nan=False`: JSON's 1e999 parses to inf): a value
-out of range is a 422 naming its field, before anything is created.
+out of range is a 400 (OpenAI's `invalid_request_error`) naming its field in `param`, before
+anything is created. Ranges are OpenAI's where it has one (hyperparameters, metadata, suffix).
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,12 +30,14 @@ inf (NaN probabilities), and sampling that cold picks the top token anyway."""
 class Hyperparameters(BaseModel):
     model_config = FINITE
 
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=1000)] = "auto"
-    """Passes over the training file ("auto": 3)."""
-    batch_size: Auto | Annotated[int, Field(ge=1, le=512)] = "auto"
-    """This job's rows in every mixed batch ("auto": the task's default, at most the file's rows)."""
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
-    """Times the task's learning rate (1e-3 for both tasks; "auto": 1)."""
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    """Passes over the training file, 1 to 50 as OpenAI's ("auto": 3)."""
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
+    """This job's rows in every mixed batch, 1 to 256 as OpenAI's ("auto": the task's default, at
+    most the file's rows)."""
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0)] = "auto"
+    """Times the task's learning rate (1e-3 for both tasks; "auto": 1); any positive number, as
+    OpenAI's, as long as the rate stays a normal float32 (checked against the task's rate)."""
 
 
 class ColaftOptions(BaseModel):
@@ -123,10 +126,43 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+METHODS = ("supervised",)
+"""OpenAI's fine-tuning methods this server trains with (not "dpo" nor "reinforcement")."""
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal["supervised"] = "supervised"
+    type: Literal["supervised"] = "supervised"  # METHODS
     supervised: SupervisedMethod | None = None
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _supported(cls, v):  # before the Literal's check: the answer names the method asked for
+        if v not in METHODS:
+            raise ValueError(f"method {v!r:.80} is not supported: this server fine-tunes with "
+                             f"{', '.join(repr(m) for m in METHODS)} only")
+        return v
+
+
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+"""OpenAI's limits on an object's metadata: pairs, characters of a key, characters of a value."""
+
+
+class Wandb(BaseModel):
+    """A Weights & Biases integration's settings, as OpenAI's (recorded and shown on the job;
+    this server sends nothing to W&B)."""
+
+    model_config = ConfigDict(extra="forbid")
+    project: Annotated[str, Field(min_length=1, max_length=256)]
+    name: Annotated[str, Field(max_length=256)] | None = None
+    entity: Annotated[str, Field(max_length=256)] | None = None
+    tags: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=50)] | None = None
+
+
+class Integration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["wandb"]
+    wandb: Wandb
 
 
 class JobCreate(BaseModel):
@@ -141,10 +177,26 @@ class JobCreate(BaseModel):
     method: Method | None = None
     """OpenAI's newer form: {"type": "supervised", "supervised": {"hyperparameters": {...}}}."""
     suffix: Annotated[str, Field(max_length=64)] | None = None
+    """Part of the fine-tuned model's name: ft:<base>:<suffix>:<job id> (empty: ft:<base>:<job id>)."""
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     metadata: dict[str, str] | None = None
-    integrations: list[Any] | None = None
+    """At most 16 pairs, keys of at most 64 characters, values of at most 512 (OpenAI's limits)."""
+    integrations: Annotated[list[Integration], Field(max_length=16)] | None = None
     colaft: ColaftOptions = ColaftOptions()
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, v: dict[str, str] | None):
+        if v is None:
+            return v
+        if len(v) > METADATA_PAIRS:
+            raise ValueError(f"{len(v)} pairs; at most {METADATA_PAIRS}")
+        for key, value in v.items():
+            if len(key) > METADATA_KEY:
+                raise ValueError(f"key {key[:METADATA_KEY]!r}... is longer than {METADATA_KEY} characters")
+            if len(value) > METADATA_VALUE:
+                raise ValueError(f"the value of {key!r} is longer than {METADATA_VALUE} characters")
+        return v
 
     @model_validator(mode="after")
     def _one_place_for_hyperparameters(self):

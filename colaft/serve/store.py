@@ -153,7 +153,7 @@ class JobStore:
                 return False
             results = self._results_file(s, job)
             job.status, job.finished_at = "succeeded", now()
-            job.fine_tuned_model = f"ft:{self.model_id}:{job_id}"
+            job.fine_tuned_model = job.model_name
             job.trained_tokens = run.tokens
             job.result_files = [results]
             if metrics:

@@ -1,5 +1,7 @@
 """Causal language modelling: question -> answer, the loss on the answer tokens only (and on
-the learnt assistant turns of a conversation: every one of a chat file's, unless weight 0)."""
+the learnt assistant turns of a conversation: every one of a chat file's, unless weight 0).
+Tool calls, tool turns and tools are rendered by the chat template, or in colaft.chats' plain
+form by a template that does not know tools (and without a template)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +12,7 @@ from rouge_score import rouge_scorer
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
+from colaft import chats
 from colaft.assets import resolve_model
 from colaft.server import element_losses
 from colaft.tasks.base import Recipe, eval_outputs, keeps_users, register_task, user_of, with_users
@@ -53,25 +56,28 @@ class CausalLM:
             raise ValueError("the tokenizer's chat template does not extend the prompt with the answer")
         return prompt, full[len(prompt):]
 
-    def pieces(self, question: str | list[dict], answer: str) -> list[tuple[str, bool]]:
+    def pieces(self, question: str | list[dict], answer: str | dict,
+               tools: list[dict] | None = None) -> list[tuple[str, bool]]:
         """The example's text in order, in pieces each learnt (True) or not: the answer, and the
         question's assistant turns whose "weight" is 1 (chat files weigh every turn, see
         colaft.formats; any other assistant turn of a question is context).
 
         With a chat template, the text before each learnt turn is the conversation up to it
         rendered with the generation prompt, and the turn is what rendering it adds; one
-        question and answer make `prompt_and_answer`'s two pieces."""
+        question and answer make `prompt_and_answer`'s two pieces. `answer`: its text, or the
+        assistant message when it calls tools; `tools`: those the conversation may call."""
         if not isinstance(question, list):
             prompt, answer = self.prompt_and_answer(question, answer)
             return [(prompt, False), (answer, True)]
-        messages = [{"role": m["role"], "content": m["content"]} for m in question]  # no "weight" for templates
-        messages.append({"role": "assistant", "content": answer})
-        learnt = [i for i, m in enumerate(question) if m["role"] == "assistant" and m.get("weight")] + [len(question)]
+        final = answer if isinstance(answer, dict) else {"role": "assistant", "content": answer}
+        messages, extra = self.template_messages([*question, final], tools)
+        learnt = [i + len(messages) - len(question) - 1 for i, m in enumerate(question)
+                  if m["role"] == "assistant" and m.get("weight")] + [len(messages) - 1]
         tok, pieces, done, start = self.tokenizer, [], "", 0
         for k in learnt:
             if tok.chat_template:
-                before = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-                through = tok.apply_chat_template(messages[:k + 1], tokenize=False)
+                before = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True, **extra)
+                through = tok.apply_chat_template(messages[:k + 1], tokenize=False, **extra)
                 if not before.startswith(done) or not through.startswith(before):
                     raise ValueError("the tokenizer's chat template does not extend a conversation turn by turn")
             else:  # one "Question: ...\nAnswer: ..." block a learnt turn, its context lines first
@@ -80,6 +86,16 @@ class CausalLM:
             pieces += [(before[len(done):], False), (through[len(before):], True)]
             done, start = through, k + 1
         return pieces
+
+    def template_messages(self, conversation: list[dict], tools: list[dict] | None = None) -> tuple[list, dict]:
+        """(messages, keywords) for the chat template: tool calls and tool turns in Hugging
+        Face's form and the tools as `tools=` when the template knows tools, else in
+        colaft.chats' plain form (the tools a first system turn); no "weight"."""
+        tool_form = chats.knows_tools(self.tokenizer.chat_template)
+        messages = chats.for_template(conversation, tool_form)
+        if tools and not tool_form:
+            messages.insert(0, chats.tools_turn(tools))
+        return messages, {"tools": tools} if tools and tool_form else {}
 
     def plain_prompt(self, question: str | list[dict]) -> str:
         """The prompt of a tokenizer without a chat template: "Question: ...\nAnswer:" (earlier
@@ -97,17 +113,20 @@ class CausalLM:
         tok = self.tokenizer
         if not tok.chat_template:
             return self.plain_prompt(question)
-        user = question if isinstance(question, list) else [{"role": "user", "content": question}]
-        return tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        if not isinstance(question, list):
+            question = [{"role": "user", "content": question}]
+        messages, extra = self.template_messages(question)
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
 
     def encode(self, records: list[dict], max_length: int) -> list[dict]:
         features = []
         for r in records:
             question = r["question"] if isinstance(r["question"], list) else str(r["question"])
+            answer = r["answer"] if isinstance(r["answer"], dict) else str(r["answer"])
             ids, labels = [], []
             # Each piece is tokenised apart so the learnt/unlearnt boundaries are exact; the
             # template's special tokens separate them, so this equals tokenising the whole text.
-            for text, learnt in self.pieces(question, str(r["answer"])):
+            for text, learnt in self.pieces(question, answer, r.get("tools")):
                 tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
                 ids += tokens
                 labels += tokens if learnt else [IGNORE] * len(tokens)

@@ -23,3 +23,27 @@ def test_the_database_keeps_no_nan_and_cuts_long_messages(tmp_path):
         assert event.data == {"train_loss": None, "more": [None, 1.5]}
     finally:
         db.close()
+
+
+def test_a_database_of_an_older_colaft_gets_the_new_columns(tmp_path):
+    """A column added since (jobs.integrations) is added to an existing table, its rows reading None."""
+    import sqlite3
+
+    from colaft.serve.db import Database, Job, User
+
+    path = tmp_path / "colaft.db"
+    Database(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as c:
+        c.execute("ALTER TABLE jobs DROP COLUMN integrations")  # as an older colaft made it
+        c.execute("INSERT INTO users (id, name, key_hash, created_at) VALUES ('user-1', 'u', 'k', 0)")
+        c.execute("INSERT INTO jobs (id, user_id, model, training_file, hyperparameters, options, seed, status, "
+                  "created_at, total_steps, result_files) VALUES ('ftjob-1', 'user-1', 'm', 'f', '{}', '{}', 0, "
+                  "'queued', 0, 0, '[]')")
+    db = Database(f"sqlite:///{path}")
+    try:
+        with db.read() as s:
+            job = s.get(Job, "ftjob-1")
+            assert job.integrations is None and job.to_api()["integrations"] == []
+            assert s.get(User, "user-1").name == "u"
+    finally:
+        db.close()

@@ -6,7 +6,7 @@ at: the caller's files, a succeeded job (its fine-tuned model, adapter, checkpoi
 file), a client-fit job waiting for its client, and another user's file and job. Each operation
 is fuzzed with schema-valid and schema-violating requests (schemathesis' positive and negative
 modes), with generated path ids and with each real one, and with real values (model names, file
-ids, a purpose) mixed into generated bodies, so requests get past the first 404/422 and reach
+ids, a purpose) mixed into generated bodies, so requests get past the first 404/400 and reach
 the code behind it. Only `not_a_server_error` is checked: whether the schema describes every
 answer truthfully is another matter. Hypothesis runs derandomized, so a run is reproducible.
 """
@@ -75,18 +75,31 @@ def targets(fuzz_server):
             "DELETE file_id": [chat], "POST job_id": [done.id, other_job],
             "body": {"model": ["llama", "bert", done.fine_tuned_model, f"ft:bert:{done.id}"],
                      "training_file": files, "validation_file": files, "purpose": ["fine-tune"],
-                     "file": UPLOADS}}
+                     "file": UPLOADS,
+                     # a job's options that pass: a generated adapter name or device rarely does
+                     "colaft": [{}, {"adapter": "linear"}], "method": [{"type": "supervised"}],
+                     # a base model and a file it trains on, together: drawn apart, they rarely match
+                     PAIRS: [{"model": "llama", "training_file": chat}, {"model": "bert", "training_file": reviews}]}}
+
+
+PAIRS = "model+training_file"
+"""The key of body values drawn together (each a dict of fields)."""
 
 
 def _real_values(strategy, values: dict):
-    """Cases of `strategy` with, for each body field present, either the generated value or a real one."""
+    """Cases of `strategy` with, for each body field present, either the generated value or a real
+    one; fields of a PAIRS value, when all are present, are replaced together or not at all."""
 
     @st.composite
     def cases(draw):
         case = draw(strategy)
         if isinstance(case.body, dict):
             for name, choices in values.items():
-                if name in case.body and draw(st.booleans()):
+                if name == PAIRS:
+                    pair = draw(st.sampled_from(choices))
+                    if pair.keys() <= case.body.keys() and draw(st.booleans()):
+                        case.body.update(pair)
+                elif name in case.body and draw(st.booleans()):
                     case.body[name] = draw(st.sampled_from(choices))
         for part in (case.body, case.query):
             if isinstance(part, dict):

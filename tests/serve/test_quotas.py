@@ -38,7 +38,7 @@ def _upload(h, name="reviews.jsonl"):
 
 def _job(h, file_id):
     return h.post("/v1/fine_tuning/jobs", json={"model": "bert", "training_file": file_id,
-                                                "hyperparameters": {"n_epochs": 1000}})
+                                                "hyperparameters": {"n_epochs": 50, "batch_size": 1}})
 
 
 def _quota_error(r, *words):

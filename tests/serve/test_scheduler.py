@@ -118,7 +118,7 @@ def test_collaborative_jobs_train_beside_personal_ones(server, alice, bob):
         answer = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
                                                 messages=[{"role": "user", "content": "who are you"}])
         assert answer.choices[0].finish_reason in ("stop", "length")
-    with pytest.raises(openai.UnprocessableEntityError) as e:  # an mlp delta cannot be averaged
+    with pytest.raises(openai.BadRequestError) as e:  # an mlp delta cannot be averaged
         alice.fine_tuning.jobs.create(model="llama", training_file=f.id,
                                       extra_body={"colaft": {"mode": "collaborative", "adapter": "mlp"}})
     assert "mergeable" in str(e.value)
@@ -126,7 +126,8 @@ def test_collaborative_jobs_train_beside_personal_ones(server, alice, bob):
 
 def test_cancel_and_deleting_a_file_in_use(server, alice):
     f = upload(alice, CHAT)
-    job = alice.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={"n_epochs": 500})
+    job = alice.fine_tuning.jobs.create(model="llama", training_file=f.id,
+                                        hyperparameters={"n_epochs": 50, "batch_size": 1})  # 600 steps
     wait_job(alice, job.id, 60, until=("running",))
     with pytest.raises(openai.ConflictError) as e:
         alice.files.delete(f.id)
@@ -159,7 +160,7 @@ def test_restart_after_sigkill_resumes_and_loses_nothing(tmp_path, tiny_llama_di
         done_events = [e.id for e in client.fine_tuning.jobs.list_events(done.id, limit=1000)]
         answer = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4,
                                                 messages=[{"role": "user", "content": "who are you"}])
-        long = client.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={"n_epochs": 60})
+        long = client.fine_tuning.jobs.create(model="llama", training_file=f.id, hyperparameters={"n_epochs": 50})
         # killed once the job has a checkpoint past its first
         wait_for(lambda: any(e.message.startswith("Step 12/") for e in
                              client.fine_tuning.jobs.list_events(long.id, limit=30).data), 120)
@@ -184,7 +185,7 @@ def test_restart_after_sigkill_resumes_and_loses_nothing(tmp_path, tiny_llama_di
         assert step >= 10  # the newest checkpoint before the kill (every 5 steps), not the start
         oldest_first = events[::-1]
         resumed_at = [e.message for e in oldest_first].index(resumed[0])
-        total = 60 * 2  # 12 rows in batches of 8
+        total = 50 * 2  # 12 rows in batches of 8
         assert [e.data["step"] for e in oldest_first[resumed_at:] if e.type == "metrics"] == \
             list(range(step + 1, total + 1))
     finally:

@@ -52,6 +52,7 @@ class Shape:
 
     chat: bool
     model: str
+    fingerprint: str  # system_fingerprint: the software and base model that answer
     prompt_chars: int = 0  # a completion's prompt, where its legacy text offsets start
     include_usage: bool = False  # a stream's usage chunk, and usage null on the others
     id: str = field(init=False)
@@ -63,7 +64,7 @@ class Shape:
 
     def _head(self, object: str) -> dict:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+                "system_fingerprint": self.fingerprint}
 
     def whole(self, answer: Answer) -> dict:
         choices = [self._choice(c) for c in answer.choices]

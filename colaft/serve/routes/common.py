@@ -1,6 +1,7 @@
 """What every router shares: the service, the calling user, OpenAI-shaped errors, ownership, pages."""
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -17,7 +18,7 @@ from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from colaft import formats
+from colaft import __version__, formats
 from colaft.serve import auth
 from colaft.serve.db import Database, User
 from colaft.serve.scheduler import Engine
@@ -271,4 +272,19 @@ def page(items: Sequence[dict], after: str | None, limit: int) -> dict:
         if after not in ids:
             raise APIError(404, f"No such object to list after: {after}", "after", "not_found")
         items = items[ids.index(after) + 1:]
-    return {"object": "list", "data": list(items[:limit]), "has_more": len(items) > limit}
+    return listed(items[:limit], len(items) > limit)
+
+
+def listed(data: Sequence[dict], has_more: bool) -> dict:
+    """A list as OpenAI's cursor pages have it: the data, the ids of its first and last objects
+    (None when it is empty; the last is the next page's `after`) and whether more follow."""
+    return {"object": "list", "data": list(data), "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def fingerprint(model: str) -> str:
+    """A completion's `system_fingerprint`: which software and base model answered (colaft's and
+    torch's versions, the base model's id), so a client can tell when answers may change."""
+    import torch
+
+    return "fp_" + hashlib.sha256(f"{__version__}:{torch.__version__}:{model}".encode()).hexdigest()[:10]

@@ -20,7 +20,7 @@ router = APIRouter()
 def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileParam()],
                 purpose: Annotated[str, Form()]):
     if purpose != "fine-tune":
-        raise APIError(422, f"purpose {purpose!r}: this server takes only 'fine-tune'", "purpose",
+        raise APIError(400, f"purpose {purpose!r}: this server takes only 'fine-tune'", "purpose",
                        "invalid_value")
     quota = service.settings.max_stored_bytes
     if quota:  # refused before the upload is read when the user's files already fill the quota

@@ -25,7 +25,7 @@ from colaft.serve.db import Job, User
 from colaft.serve.inference import Answer, Delta, TooLong
 from colaft.serve.inference import Request as InferenceRequest
 from colaft.serve.routes.answers import Shape, sse
-from colaft.serve.routes.common import APIError, BoundedJSON, Me, Service, TheService
+from colaft.serve.routes.common import APIError, BoundedJSON, Me, Service, TheService, fingerprint
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import MIN_TEMPERATURE, ChatRequest, CompletionRequest
 
@@ -49,10 +49,10 @@ def resolve(service: Service, model: str, user: User) -> tuple[Engine, str | Non
     """(engine, job id or None for the base model, mode) of a model id the user may use."""
     if model in service.engines:
         return service.engines[model], None, "personal"
-    parts = model.split(":")
-    if len(parts) == 3 and parts[0] == "ft":
+    parts = model.split(":")  # ft:<base>[:<suffix>]:<job id>
+    if len(parts) >= 3 and parts[0] == "ft":
         with service.db.read() as s:
-            job = s.get(Job, parts[2])
+            job = s.get(Job, parts[-1])
         if job is not None and job.user_id == user.id and job.status == "succeeded" \
                 and job.fine_tuned_model == model and job.model in service.engines:
             return service.engines[job.model], job.id, job.options["mode"]
@@ -128,7 +128,8 @@ async def chat(user: Me, service: TheService, body: ChatRequest):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
     request = InferenceRequest(job_id, mode, messages=messages, **_sampling(body, 128))
-    return await _answer(body, request, engine, Shape(True, body.model, include_usage=_include_usage(body)))
+    shape = Shape(True, body.model, fingerprint(engine.id), include_usage=_include_usage(body))
+    return await _answer(body, request, engine, shape)
 
 
 @router.post("/v1/completions")
@@ -136,7 +137,8 @@ async def completions(user: Me, service: TheService, body: CompletionRequest):
     _refuse_unsupported(body)
     engine, job_id, mode = await run_in_threadpool(resolve, service, body.model, user)
     request = InferenceRequest(job_id, mode, prompt=body.text(), **_sampling(body, 16))
-    shape = Shape(False, body.model, prompt_chars=len(body.text()), include_usage=_include_usage(body))
+    shape = Shape(False, body.model, fingerprint(engine.id), prompt_chars=len(body.text()),
+                  include_usage=_include_usage(body))
     return await _answer(body, request, engine, shape)
 
 

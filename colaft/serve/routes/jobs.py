@@ -17,16 +17,16 @@ from sqlalchemy import select
 
 from colaft.serve import files as datafiles
 from colaft.serve.db import FINAL, Checkpoint, Event, File, Job, User, active_jobs, new_id, now
-from colaft.serve.routes.common import APIError, BoundedJSON, Me, TheService, owned, page, quota_exceeded
+from colaft.serve.routes.common import APIError, BoundedJSON, Me, TheService, listed, owned, page, quota_exceeded
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import JobCreate
 from colaft.sites import select_sites
 
 AUTO_EPOCHS = 3
 """Epochs of a job whose n_epochs is "auto"."""
-MIN_LR = 2.0 ** -126
-"""The smallest learning rate a job may resolve to: float32's smallest normal number. Below it the
-fit's rate is subnormal or 0 in float32, and the job would only fail when it starts."""
+MIN_LR, MAX_LR = 2.0 ** -126, 3.4e38
+"""The learning rates a job may resolve to: float32's normal numbers. Below, the fit's rate is
+subnormal or 0 in float32; above, infinite; either way the job would only fail when it starts."""
 
 router = APIRouter(route_class=BoundedJSON)
 
@@ -37,19 +37,20 @@ def create_job(user: Me, service: TheService, body: JobCreate):
     if engine is None:
         hint = " (a fine-tuned model cannot be tuned further: use its base)" if body.model.startswith("ft:") \
             else ""
-        raise APIError(422, f"model: unknown model {body.model!r}{hint}; models: {', '.join(service.engines)}",
+        raise APIError(400, f"model: unknown model {body.model!r}{hint}; models: {', '.join(service.engines)}",
                        "model", "model_not_found")
-    multiplier = body.hyperparameters.learning_rate_multiplier
-    if multiplier != "auto" and engine.host.task.recipe.lr * multiplier < MIN_LR:
-        raise APIError(422, f"hyperparameters.learning_rate_multiplier: {multiplier} makes the learning rate "
-                            f"{engine.host.task.recipe.lr} x {multiplier} smaller than {MIN_LR:.3g}",
+    multiplier, lr = body.hyperparameters.learning_rate_multiplier, engine.host.task.recipe.lr
+    if multiplier != "auto" and not MIN_LR <= lr * multiplier <= MAX_LR:
+        raise APIError(400, f"hyperparameters.learning_rate_multiplier: {multiplier} makes the learning rate "
+                            f"{lr} x {multiplier} {'smaller' if lr * multiplier < MIN_LR else 'larger'} than "
+                            f"float32's normal numbers ({MIN_LR:.3g} to {MAX_LR:.3g})",
                        "hyperparameters.learning_rate_multiplier", "invalid_value")
     options = body.colaft.model_dump()
     options["targets"] = options["targets"] or engine.host.task.recipe.targets
     try:
         select_sites(engine.host.base, options["targets"], ["classifier", "score"])
     except ValueError as e:
-        raise APIError(422, f"colaft.targets: {e}", "colaft.targets", "invalid_value") from None
+        raise APIError(400, f"colaft.targets: {e}", "colaft.targets", "invalid_value") from None
     with service.db.session() as s:
         _within_active_quota(s, user, service.settings.max_active_jobs)
         # locked: a concurrent delete of the file waits for this job's row, then sees it
@@ -59,14 +60,16 @@ def create_job(user: Me, service: TheService, body: JobCreate):
             valid = _data_file(s, owned(s, File, body.validation_file, user, "file", "validation_file",
                                         lock=True), engine, "validation_file")
             if train.labels is not None and not set(valid.labels) <= set(train.labels):
-                raise APIError(422, "validation_file: it has labels the training file lacks: "
+                raise APIError(400, "validation_file: it has labels the training file lacks: "
                                     f"{sorted(set(valid.labels) - set(train.labels), key=str)[:5]}",
                                "validation_file", "invalid_value")
         hyper = _resolve(body.hyperparameters, engine, train.rows)
         job = Job(id=new_id("ftjob"), user_id=user.id, model=body.model, training_file=train.id,
                   validation_file=body.validation_file, hyperparameters=hyper, options=options,
                   seed=body.seed if body.seed is not None else secrets.randbelow(2**31), suffix=body.suffix,
-                  meta=body.metadata, labels=train.labels, status="queued", created_at=now())
+                  meta=body.metadata, labels=train.labels,
+                  integrations=[i.model_dump() for i in body.integrations or []],
+                  status="queued", created_at=now())
         s.add(job)
         s.flush()  # the job's row before its events' (foreign key)
         service.db.add_event(s, job.id, f"Created fine-tuning job: {job.id}")
@@ -99,7 +102,7 @@ def list_events(user: Me, service: TheService, job_id: str, after: str | None = 
                 raise APIError(404, f"No such event: {after}", "after", "not_found")
             query = query.where(Event.seq < seq)
         rows = list(s.scalars(query.order_by(Event.seq.desc()).limit(limit + 1)))  # newest first
-    return {"object": "list", "data": [e.to_api() for e in rows[:limit]], "has_more": len(rows) > limit}
+    return listed([e.to_api() for e in rows[:limit]], len(rows) > limit)
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 def list_checkpoints(user: Me, service: TheService, job_id: str, after: str | None = None,
@@ -108,7 +111,7 @@ def list_checkpoints(user: Me, service: TheService, job_id: str, after: str | No
         job = owned(s, Job, job_id, user, "fine-tuning job")
         rows = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.listed == 1)
                               .order_by(Checkpoint.step.desc())))
-    return page([c.to_api(f"ft:{job.model}:{job.id}") for c in rows], after, limit)
+    return page([c.to_api(job.model_name) for c in rows], after, limit)
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 def cancel_job(user: Me, service: TheService, job_id: str):
@@ -152,15 +155,15 @@ def _within_active_quota(s, user: User, limit: int) -> None:
 
 
 def _data_file(s, row: File, engine: Engine, param: str) -> File:
-    """A file this engine's task can train on, or a 422 naming `param`."""
+    """A file this engine's task can train on, or a 400 naming `param`."""
     wanted = datafiles.FORMATS_OF_TASK[engine.host.task_name]
     if row.purpose != "fine-tune" or row.format not in wanted:
         kind = "chat (messages) or prompt/completion" if engine.host.task_name == "clm" \
             else "text/label classification"
-        raise APIError(422, f"{param}: {row.id} holds {row.format} data, but {engine.id} trains on {kind} data",
+        raise APIError(400, f"{param}: {row.id} holds {row.format} data, but {engine.id} trains on {kind} data",
                        param, "invalid_file_format")
     if row.labels is not None and len(row.labels) > engine.settings.num_labels:
-        raise APIError(422, f"{param}: {row.id} has {len(row.labels)} labels; {engine.id} classifies into at most "
+        raise APIError(400, f"{param}: {row.id} has {len(row.labels)} labels; {engine.id} classifies into at most "
                             f"{engine.settings.num_labels} (colaft serve --num-labels)", param, "too_many_labels")
     return row
 

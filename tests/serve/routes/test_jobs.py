@@ -1,5 +1,5 @@
 """Job creation (colaft.serve.routes.jobs): options that would only fail once the job trains are
-refused when it is created, with a 422 naming the field, and nothing is created."""
+refused when it is created, with a 400 naming the field, and nothing is created."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +14,7 @@ def test_a_fit_device_this_server_cannot_use_is_refused_at_create(server, alice,
         before = h.get("/v1/fine_tuning/jobs").json()["data"]
         r = h.post("/v1/fine_tuning/jobs", json={"model": "llama", "training_file": f.id,
                                                  "colaft": {"fit_device": device}})
-        assert r.status_code == 422, r.text
+        assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert error["param"] == "colaft.fit_device" and "fit_device" in error["message"], error
         assert h.get("/v1/fine_tuning/jobs").json()["data"] == before
