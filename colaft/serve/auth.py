@@ -5,6 +5,12 @@ entropy a plain hash cannot be reversed by guessing, so no slow password hash is
 and looking a key up is one indexed query. Requests carry it as `Authorization: Bearer KEY`,
 and nowhere else: a URL lands in logs and histories.
 
+The server keeps the keys it has checked in memory for a few seconds (`KeyCache`), so that a
+request with a known key (or a key just refused) costs no database query and no thread: a
+flood of requests past a quota is refused on the event loop alone, and never queues the
+other users' requests behind its key checks. A key rotated by `colaft users rotate-key` is
+refused by a running server within `KEY_CACHE_SECONDS`.
+
 A user name is 1 to 64 ASCII letters, digits and `._@-` (NAME), so it prints as itself on one
 line anywhere; a name an older server stored outside that set prints escaped (`shown`).
 """
@@ -13,7 +19,10 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
 
+from cachetools import TTLCache
 from sqlalchemy import select
 
 from colaft.serve.db import Database, User, new_id
@@ -63,11 +72,39 @@ def list_users(db: Database) -> list[User]:
         return list(s.scalars(select(User).order_by(User.created_at, User.name)))
 
 
-def authenticate(db: Database, header: str | None) -> User | None:
-    """The user whose key the `Authorization` header carries, or None."""
+KEY_CACHE_SECONDS = 2.0
+"""How long a running server trusts what it last read of a key (a rotated key works that long)."""
+
+
+class KeyCache:
+    """key hash -> the User (or None: no such key), as the database said at most `ttl` seconds
+    ago; the `size` most recent keys (unknown ones too, so made-up keys cost one query per
+    `ttl` each, not one per request)."""
+
+    def __init__(self, db: Database, ttl: float = KEY_CACHE_SECONDS, size: int = 65536, timer=None):
+        self.db = db
+        self._cache: TTLCache = TTLCache(size, ttl, timer=timer or time.monotonic)
+        self._lock = threading.Lock()  # TTLCache is not thread-safe; held for dict operations only
+
+    def cached(self, key_hash: str) -> tuple[bool, User | None]:
+        """(known, user): known False when the database must be asked (`lookup`)."""
+        with self._lock:
+            try:
+                return True, self._cache[key_hash]
+            except KeyError:
+                return False, None
+
+    def lookup(self, key_hash: str) -> User | None:
+        """The database's answer (a query: call it off the event loop), remembered."""
+        user = self.db.user_by_key_hash(key_hash)
+        with self._lock:
+            self._cache[key_hash] = user
+        return user
+
+
+def bearer_key(header: str | None) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header, or None."""
     if not header:
         return None
     scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        return None
-    return db.user_by_key_hash(hash_key(key.strip()))
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None

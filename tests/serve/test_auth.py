@@ -1,8 +1,15 @@
 """API keys (colaft.serve.auth), through the real server: no key, a wrong key or another scheme answers 401."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import openai
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from colaft.serve.auth import KeyCache, hash_key
+from colaft.serve.routes.common import APIError, Me, RateLimit, error_response
 
 
 def test_missing_or_wrong_key_answers_401(server):
@@ -18,3 +25,50 @@ def test_missing_or_wrong_key_answers_401(server):
     with server.http(None) as h:
         r = h.get("/v1/files", headers={"Authorization": f"Basic {server.keys['alice']}"})
         assert r.status_code == 401
+
+
+class _CountingDb:
+    """The one query KeyCache makes, counted: key hash -> user."""
+
+    def __init__(self, users: dict):
+        self.users, self.queries = users, 0
+
+    def user_by_key_hash(self, key_hash: str):
+        self.queries += 1
+        return self.users.get(key_hash)
+
+
+def test_a_key_checked_lately_is_answered_from_memory_until_it_expires():
+
+    now = [0.0]
+    db = _CountingDb({hash_key("sk-colaft-good"): "alice"})
+    keys = KeyCache(db, ttl=2.0, timer=lambda: now[0])
+    good, bad = hash_key("sk-colaft-good"), hash_key("sk-colaft-made-up")
+    assert keys.cached(good) == (False, None)
+    assert keys.lookup(good) == "alice" and keys.lookup(bad) is None
+    for _ in range(100):
+        assert keys.cached(good) == (True, "alice")
+        assert keys.cached(bad) == (True, None)  # a made-up key is refused from memory too
+    assert db.queries == 2
+    now[0] = 2.5  # a rotated key stops working once its entry expires
+    assert keys.cached(good) == (False, None) and keys.cached(bad) == (False, None)
+
+
+def test_a_flood_past_the_rate_quota_is_refused_without_a_query_per_request():
+    """Every request's key check was a database query in a handler thread: a flood past its
+    quota queued every other user's requests behind its own key checks."""
+
+    db = _CountingDb({hash_key("sk-colaft-good"): SimpleNamespace(id="user-1", name="alice")})
+    app = FastAPI()
+    app.state.service = SimpleNamespace(db=db, keys=KeyCache(db), rate=RateLimit(3, 60))
+    app.add_exception_handler(APIError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
+                                                                           headers=e.headers))
+
+    @app.get("/me")
+    async def me(user: Me):
+        return {"name": user.name}
+
+    with TestClient(app) as h:
+        codes = [h.get("/me", headers={"Authorization": "Bearer sk-colaft-good"}).status_code for _ in range(30)]
+    assert codes == [200] * 3 + [429] * 27
+    assert db.queries == 1
