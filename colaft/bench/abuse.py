@@ -3,6 +3,7 @@ while the well-behaved users of colaft.bench.serve_load go on.
 
     Hostile(url, keys, model, scale).run(stop)   one coroutine per attack and slot (ATTACKS),
                                                  each looping until `stop`, then cancelled
+    Hostile(...).run_apart(seconds)              the same for `seconds`, in a process of its own
     RssSampler(pid)                              the server process's resident set, sampled
                                                  every 0.1 s in a thread: baseline, peak
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -228,6 +231,41 @@ class Hostile:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+    async def run_apart(self, seconds: float) -> None:
+        """`run` for `seconds` in a process of its own (`attack_main`), its outcomes added to ours.
+        An attacker's hundreds of connections cost its own event loop seconds of work under load:
+        sharing the measuring process's loop, they would delay the good users' requests there,
+        and the latencies measured would be the bench's own, not the server's."""
+        from colaft.serve.launch import SOURCE
+
+        spec = {"url": self.url, "keys": self.keys, "model": self.model, "scale": self.scale,
+                "timeout": self.timeout, "poll_job": self.poll_job, "seconds": seconds}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from colaft.bench.abuse import attack_main; attack_main()", json.dumps(spec),
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(SOURCE)})
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"the attacking process exited with status {proc.returncode}")
+        for attack, counts in json.loads(out).items():
+            self.outcomes.setdefault(attack, Counter()).update(counts)
+
+
+def attack_main() -> None:
+    """The attacking process of `Hostile.run_apart`: its spec (JSON) in argv[1], its outcomes
+    (JSON) on stdout."""
+    spec = json.loads(sys.argv[1])
+    hostile = Hostile(spec["url"], spec["keys"], spec["model"], spec["scale"], spec["timeout"])
+    hostile.poll_job = spec["poll_job"]
+
+    async def attack() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(spec["seconds"], stop.set)
+        await hostile.run(stop)
+
+    asyncio.run(attack())
+    print(json.dumps({k: dict(v) for k, v in hostile.outcomes.items()}))
 
 
 ATTACKS = {"oversized": 2, "malformed": 2, "uploads": 1, "keys_in_query": 2, "flood": 8, "long_poll": 200,

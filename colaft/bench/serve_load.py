@@ -11,9 +11,9 @@
     the engine's counters (GET /health: steps, rows) before and after each window give its
     training throughput; the ratio load / quiet is paired per (quiet, load) pair
     end:   cancel every job, the clients end, the server is stopped
-    --abuse: the load windows also hold colaft.bench.abuse's hostile clients (their own keys),
-           a /health probe, and one short job per good user, which must succeed; the server's
-           resident set is sampled throughout the windows
+    --abuse: the load windows also hold colaft.bench.abuse's hostile clients (their own keys,
+           in a process of their own), a /health probe, and one short job per good user, which
+           must succeed; the server's resident set is sampled throughout the windows
 
 Bounded in count (users, windows) and time (windows of `window` seconds, a ramp deadline).
 Every request's latency and outcome is kept; any non-2xx answer or transport error counts
@@ -245,7 +245,7 @@ async def _windows(url: str, keys: list[str], jobs: list[str], settings: Setting
                     for i, (h, j) in enumerate(zip(clients, jobs))]
                 if hostile is not None and phase == "load":
                     first = not any(w["phase"] == "load" for w in windows)  # the short jobs start with it
-                    tasks += [asyncio.create_task(hostile.run(stop)),
+                    tasks += [asyncio.create_task(hostile.run_apart(settings.window)),
                               asyncio.create_task(abuse.probe_health(url, rec, stop))]
                     tasks += [asyncio.create_task(abuse.short_job(h, j, "bench", settings.short_epochs, rec, short))
                               for h, j in zip(clients, jobs) if first]

@@ -185,6 +185,10 @@ def _add_new_columns(engine) -> None:
                     connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
 
 
+POOL_SIZE = 48
+"""Database connections kept open: more than the API's handler threads (colaft.serve.api.HTTP_THREADS)."""
+
+
 class Database:
     """An engine and short sessions, one per unit of work: `with db.session() as s:` (reads and
     writes, committed at the end) or `with db.read() as s:` (reads only)."""
@@ -192,11 +196,15 @@ class Database:
     def __init__(self, url: str):
         sqlite = url.startswith("sqlite")
         self.url = url
+        # A connection for every request handler thread and engine: with SQLAlchemy's default
+        # pool (5 + 10) the handlers' reads queued for connections that writers held while they
+        # waited for SQLite's write lock, and a job's status took seconds under load.
+        pool = {"pool_size": POOL_SIZE, "max_overflow": 8}
         if sqlite:
-            self.engine = create_engine(url, json_serializer=_to_json,
+            self.engine = create_engine(url, json_serializer=_to_json, **pool,
                                         connect_args={"check_same_thread": False, "timeout": 30})
         else:  # a database server may restart under us: test each pooled connection before use
-            self.engine = create_engine(url, json_serializer=_to_json, pool_pre_ping=True)
+            self.engine = create_engine(url, json_serializer=_to_json, pool_pre_ping=True, **pool)
         if sqlite:
             @event.listens_for(self.engine, "connect")
             def _pragmas(connection, _):

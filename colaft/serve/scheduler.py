@@ -119,12 +119,12 @@ class Engine:
         while not self._stopping:
             try:
                 self._take_cancels()
-                self._take_admits()
+                admitting = self._take_admit()
                 self._serve()
                 clients.tend(self.channels, self.runs, self.host, self.store, self.settings.client_timeout,
                              self._checkpoint, self._finish)
-                if (self.runs and self._tick()) or self.generation.busy:
-                    continue  # completions in flight go on at the next turn, right away
+                if (self.runs and self._tick()) or self.generation.busy or admitting:
+                    continue  # completions in flight and jobs waiting to start go on at the next turn
             except Exception:  # e.g. the database went away for a moment: keep serving
                 log.exception("%s: the engine's loop failed; going on", self.id)
             self._wake.wait(0.5 if self.runs else 1.0)  # a client's push or pull wakes it sooner
@@ -161,17 +161,19 @@ class Engine:
         self.host.close()
 
     # ------------------------------------------------------------- admission and cancellation
-    def _take_admits(self) -> None:
-        while True:
-            try:
-                job_id = self._admits.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                self._admit(job_id)
-            except Exception as e:
-                log.exception("%s: job %s could not start", self.id, job_id)
-                self._fail(job_id, "internal_error", f"the job could not start: {type(e).__name__}")
+    def _take_admit(self) -> bool:
+        """Starts the next job waiting (if any); True if more wait. One a turn: a job's data is
+        tokenised as it starts, and a burst of new jobs must not stop the running ones' steps."""
+        try:
+            job_id = self._admits.get_nowait()
+        except queue.Empty:
+            return False
+        try:
+            self._admit(job_id)
+        except Exception as e:
+            log.exception("%s: job %s could not start", self.id, job_id)
+            self._fail(job_id, "internal_error", f"the job could not start: {type(e).__name__}")
+        return not self._admits.empty()
 
     def _admit(self, job_id: str) -> None:
         if job_id in self.runs:

@@ -47,3 +47,52 @@ def test_a_database_of_an_older_colaft_gets_the_new_columns(tmp_path):
             assert s.get(User, "user-1").name == "u"
     finally:
         db.close()
+
+
+def test_a_read_is_answered_while_every_handler_thread_waits_to_write(tmp_path):
+    """A writer holds SQLite's write lock (a step being recorded) and every other API handler
+    thread waits for it, each holding a connection: a read (a job's status) still gets a
+    connection and its answer. With SQLAlchemy's default pool (15) it waited for a writer."""
+    import threading
+    import time
+
+    from colaft.serve.api import HTTP_THREADS
+    from colaft.serve.auth import add_user, list_users
+    from colaft.serve.db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'colaft.db'}")
+    add_user(db, "alice")
+    held, release, threads = threading.Event(), threading.Event(), []
+
+    def hold_the_write_lock():
+        with db.session() as s:
+            s.connection()  # BEGIN IMMEDIATE: the write lock
+            held.set()
+            release.wait(60)
+
+    def write():
+        with db.session() as s:
+            s.connection()  # a connection, then BEGIN IMMEDIATE: waits for the lock
+
+    try:
+        threads.append(threading.Thread(target=hold_the_write_lock))
+        threads[0].start()
+        assert held.wait(30)
+        threads += [threading.Thread(target=write) for _ in range(HTTP_THREADS - 1)]
+        for t in threads[1:]:
+            t.start()
+        # until every writer holds its connection (or a few seconds: the pool has none left, and
+        # the writers holding one keep it while they wait, up to SQLite's 30 s busy timeout)
+        deadline = time.monotonic() + 5
+        while db.engine.pool.checkedout() < HTTP_THREADS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        names = []
+        reader = threading.Thread(target=lambda: names.extend(u.name for u in list_users(db)))
+        reader.start()
+        reader.join(15)  # a deadlock guard, not a speed limit: the writers wait until it is over
+        assert names == ["alice"], "the read waited for a connection held by a waiting writer"
+    finally:
+        release.set()
+        for t in threads:
+            t.join(60)
+        db.close()
