@@ -13,7 +13,11 @@ Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}; an 
 `param`, as OpenAI answers. Another user's id answers exactly like an id that does not exist (404).
 
 This module assembles the app: middleware, error handlers, /health, and the routers of
-colaft.serve.routes (files, fine-tuning jobs, inference, the dashboard page at /).
+colaft.serve.routes (files, fine-tuning jobs, inference, the dashboard page at /), and its
+OpenAPI schema (/openapi.json, /docs): FastAPI's, from the routes' declared answers
+(colaft.serve.objects) and security (routes.common.BEARER), less the 422 FastAPI assumes and
+this server never sends (an invalid request is a 400). A method a path does not take is a 405
+whose Allow lists the methods it does take.
 """
 from __future__ import annotations
 
@@ -27,9 +31,13 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
+from colaft import __version__
+from colaft.serve.objects import Health
 from colaft.serve.routes import dashboard, files, fit, inference, jobs
 from colaft.serve.routes.common import APIError, BodyLimit, Service, error_response
+from colaft.serve.routes.openapi import answers, truthful
 
 __all__ = ["APIError", "RedactKeys", "Service", "create_app", "log_config", "redact"]
 
@@ -89,7 +97,10 @@ def create_app(service: Service) -> FastAPI:
         yield
         await run_in_threadpool(_stop_engines, service)
 
-    app = FastAPI(title="colaft", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="colaft", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  description="Fine-tuning as a service, shaped like OpenAI's files, fine-tuning, models and "
+                              "completions APIs. Every error is OpenAI's envelope "
+                              "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.")
     app.state.service = service
     app.add_middleware(BodyLimit, upload_limit=service.max_upload_bytes)
     for router in (files.router, jobs.router, fit.router, inference.router, dashboard.router):
@@ -116,17 +127,30 @@ def create_app(service: Service) -> FastAPI:
         return error_response(500, "the server failed to handle the request", type="server_error")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail))
+    async def _http(request, e: StarletteHTTPException):  # an unknown path (404) or method (405)
+        headers = dict(e.headers or {})
+        if e.status_code == 405:
+            headers["Allow"] = allowed_methods(app, request.url.path, headers.get("Allow", ""))
+        return error_response(e.status_code, str(e.detail), headers=headers or None)
 
-    @app.get("/health")
+    @app.get("/health", responses=answers(Health))
     async def health():  # in the event loop: no thread, no database, whatever else is going on
         return {"status": "ok", "models": list(service.engines), "long_polls": service.polls.waiting,
                 "ready": all(e.ready.is_set() for e in service.engines.values()),
                 "training": {m: {"steps": e.steps, "rows": e.rows, "step_seconds": round(e.step_seconds, 6),
                                  "running_jobs": len(e.runs)} for m, e in service.engines.items()}}
 
+    schema = app.openapi
+    app.openapi = lambda: truthful(app, schema)
     return app
+
+
+def allowed_methods(app: FastAPI, path: str, fallback: str) -> str:
+    """The Allow of a 405 at `path`: every method the schema has there (Starlette's 405 names
+    only one route's, and a path may have several), or `fallback` at a path not in the schema."""
+    methods = {method.upper() for template, operations in app.openapi()["paths"].items()
+               if compile_path(template)[0].match(path) for method in operations}
+    return ", ".join(sorted(methods)) or fallback
 
 
 def _stop_engines(service: Service) -> None:

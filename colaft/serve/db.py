@@ -83,7 +83,7 @@ class File(Base):
     def to_api(self) -> dict:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
                 "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "status_details": f"{self.rows} {self.format} records", "expires_at": None}
+                "status_details": f"{self.rows} {self.format} records"}  # no expires_at: files do not expire
 
 
 class Job(Base):
@@ -123,10 +123,16 @@ class Job(Base):
                 "result_files": list(self.result_files or []), "seed": self.seed, "status": self.status,
                 "trained_tokens": self.trained_tokens, "training_file": self.training_file,
                 "validation_file": self.validation_file, "estimated_finish": None,
-                "integrations": list(self.integrations or []),
+                "integrations": [_integration(i) for i in self.integrations or []],
                 "metadata": self.meta, "suffix": self.suffix,
                 "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
                 "colaft": dict(self.options) | ({"labels": list(self.labels)} if self.labels is not None else {})}
+
+
+def _integration(integration: dict) -> dict:
+    """As OpenAI shows it: a W&B integration's `tags` are a list, left out when none were given."""
+    wandb = integration.get("wandb") or {}
+    return {**integration, "wandb": {k: v for k, v in wandb.items() if k != "tags" or v is not None}}
 
 
 class Event(Base):
@@ -145,6 +151,12 @@ class Event(Base):
                 "level": self.level, "message": self.message, "data": self.data or {}, "type": self.type}
 
 
+CHECKPOINT_METRICS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                      "full_valid_loss", "full_valid_mean_token_accuracy")
+"""The metrics a checkpoint shows (OpenAI's), when they are finite; the rest of its row's (its
+trained tokens) is for resuming."""
+
+
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -159,7 +171,9 @@ class Checkpoint(Base):
     def to_api(self, model: str) -> dict:
         return {"id": self.id, "object": "fine_tuning.job.checkpoint", "created_at": self.created_at,
                 "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{self.step}", "fine_tuning_job_id": self.job_id,
-                "metrics": {"step": self.step, **self.metrics}, "step_number": self.step}
+                "metrics": {"step": self.step, **{k: v for k, v in self.metrics.items()
+                                                  if k in CHECKPOINT_METRICS and v is not None}},
+                "step_number": self.step}
 
 
 def active_jobs(s: Session, user_id: str) -> int:

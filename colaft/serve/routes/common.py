@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
@@ -234,7 +235,12 @@ def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
-async def current_user(request: Request) -> User:
+BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="An API key from `colaft users add NAME`: `Authorization: Bearer sk-colaft-...`")
+"""The security scheme of every route that takes a key (in the schema; current_user checks the key)."""
+
+
+async def current_user(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> User:
     """The user whose key the request carries (401 otherwise). A key seen in the last seconds is
     answered from memory, on the event loop; only the others take a thread for the query."""
     key = auth.bearer_key(request.headers.get("authorization"))

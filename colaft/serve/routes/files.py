@@ -11,12 +11,14 @@ from sqlalchemy import select
 from colaft.io.files import write_atomic
 from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, File, Job, User, new_id, now, stored_bytes
+from colaft.serve.objects import FileDeleted, FileList, FileObject
 from colaft.serve.routes.common import APIError, Me, TheService, owned, page, quota_exceeded, too_large
+from colaft.serve.routes.openapi import TEXT, answers
 
 router = APIRouter()
 
 
-@router.post("/v1/files")
+@router.post("/v1/files", responses=answers(FileObject, 400, 401, 429))
 def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileParam()],
                 purpose: Annotated[str, Form()]):
     if purpose != "fine-tune":
@@ -52,7 +54,7 @@ def upload_file(user: Me, service: TheService, file: Annotated[UploadFile, FileP
     return row.to_api()
 
 
-@router.get("/v1/files")
+@router.get("/v1/files", responses=answers(FileList, 400, 401, 404, 429))
 def list_files(user: Me, service: TheService, purpose: str | None = None, after: str | None = None,
                limit: Annotated[int, Query(ge=1, le=10000)] = 10000, order: Literal["asc", "desc"] = "desc"):
     with service.db.read() as s:
@@ -63,13 +65,15 @@ def list_files(user: Me, service: TheService, purpose: str | None = None, after:
     return page([f.to_api() for f in (rows if order == "asc" else rows[::-1])], after, limit)
 
 
-@router.get("/v1/files/{file_id}")
+@router.get("/v1/files/{file_id}", responses=answers(FileObject, 401, 404, 429))
 def get_file(user: Me, service: TheService, file_id: str):
     with service.db.read() as s:
         return owned(s, File, file_id, user, "file").to_api()
 
 
-@router.get("/v1/files/{file_id}/content")
+@router.get("/v1/files/{file_id}/content", response_class=Response,
+            responses=answers(None, 401, 404, 429, content={"application/jsonl": TEXT, "text/csv": TEXT},
+                              description="The file as uploaded (JSONL), or a results file (CSV)"))
 def file_content(user: Me, service: TheService, file_id: str):
     with service.db.read() as s:
         row = owned(s, File, file_id, user, "file")
@@ -78,7 +82,7 @@ def file_content(user: Me, service: TheService, file_id: str):
     return Response(data, media_type="text/csv" if csv else "application/jsonl")
 
 
-@router.delete("/v1/files/{file_id}")
+@router.delete("/v1/files/{file_id}", responses=answers(FileDeleted, 401, 404, 409, 429))
 def delete_file(user: Me, service: TheService, file_id: str):
     with service.db.session() as s:
         row = owned(s, File, file_id, user, "file", lock=True)  # no job may start on it meanwhile

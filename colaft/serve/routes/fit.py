@@ -34,7 +34,9 @@ from starlette.concurrency import run_in_threadpool
 from colaft.io.tensors import state_from_bytes, state_to_bytes
 from colaft.serve.db import FINAL, Job
 from colaft.serve.fits import Refused
+from colaft.serve.objects import FitOver, FitUpdate
 from colaft.serve.routes.common import APIError, Me, Service, TheService, owned, read_body
+from colaft.serve.routes.openapi import BINARY, answers
 
 router = APIRouter()
 PREFIX = "/v1/fine_tuning/jobs/{job_id}/fit"
@@ -68,7 +70,9 @@ def _over(job: Job) -> dict:
     return {"status": job.status, "fine_tuned_model": job.fine_tuned_model, "error": job.error}
 
 
-@router.get(PREFIX + "/state")
+@router.get(PREFIX + "/state", responses=answers(
+    FitOver, 401, 404, 409, 429, content={"application/octet-stream": BINARY},
+    description="safetensors: the owner's state (JSON once the job is over)"))
 def fit_state(user: Me, service: TheService, job_id: str):
     job, engine, channel = _channel(service, user, job_id)
     if channel is None:
@@ -81,7 +85,10 @@ def fit_state(user: Me, service: TheService, job_id: str):
     return Response(state_to_bytes(state, meta), media_type="application/octet-stream")
 
 
-@router.get(PREFIX + "/packets")
+@router.get(PREFIX + "/packets", responses={
+    **answers(FitOver, 400, 401, 404, 409, 429, content={"application/octet-stream": BINARY},
+              description="safetensors: the packets of the steps after `after` (JSON once the job is over)"),
+    204: {"description": "Nothing new within `wait` seconds"}})
 async def fit_packets(request: Request, user: Me, service: TheService, job_id: str,
                       after: Annotated[int, Query(ge=0)], wait: Annotated[float, Query(ge=0, le=60)] = 20.0,
                       compress: Literal["gzip", "none"] = "none", version: Annotated[int | None, Query(ge=0)] = None):
@@ -135,7 +142,8 @@ def _packets(channel, messages, compress: str) -> Response:
     return Response(body, media_type="application/octet-stream", headers=headers)
 
 
-@router.post(PREFIX + "/updates")
+@router.post(PREFIX + "/updates", responses=answers(FitUpdate, 400, 401, 404, 409, 429),
+             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": BINARY}}})
 async def fit_update(user: Me, service: TheService, job_id: str, request: Request):
     # the key (a dependency) and the job are checked before a byte of the body is read
     job, engine, channel = await run_in_threadpool(_channel, service, user, job_id)

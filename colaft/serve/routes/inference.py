@@ -24,8 +24,10 @@ from starlette.concurrency import run_in_threadpool
 from colaft.serve.db import Job, User
 from colaft.serve.inference import Answer, Delta, TooLong
 from colaft.serve.inference import Request as InferenceRequest
+from colaft.serve.objects import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, ModelList
 from colaft.serve.routes.answers import Shape, sse
 from colaft.serve.routes.common import APIError, BoundedJSON, Me, Service, TheService, fingerprint
+from colaft.serve.routes.openapi import answers, event_stream
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import MIN_TEMPERATURE, ChatRequest, CompletionRequest
 
@@ -33,7 +35,7 @@ log = logging.getLogger("colaft.serve")
 router = APIRouter(route_class=BoundedJSON)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=answers(ModelList, 401, 429))
 def list_models(user: Me, service: TheService):
     with service.db.read() as s:
         jobs = s.scalars(select(Job).where(Job.user_id == user.id, Job.status == "succeeded")
@@ -121,7 +123,8 @@ async def _events(item: Delta | None, events: asyncio.Queue, request: InferenceR
             request.cancelled.set()
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions",
+             responses=answers(ChatCompletion, 400, 401, 404, 429, content=event_stream(ChatCompletionChunk)))
 async def chat(user: Me, service: TheService, body: ChatRequest):
     _refuse_unsupported(body)
     engine, job_id, mode = await run_in_threadpool(resolve, service, body.model, user)
@@ -132,7 +135,8 @@ async def chat(user: Me, service: TheService, body: ChatRequest):
     return await _answer(body, request, engine, shape)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions",
+             responses=answers(Completion, 400, 401, 404, 429, content=event_stream(CompletionChunk)))
 async def completions(user: Me, service: TheService, body: CompletionRequest):
     _refuse_unsupported(body)
     engine, job_id, mode = await run_in_threadpool(resolve, service, body.model, user)

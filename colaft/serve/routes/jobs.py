@@ -17,7 +17,9 @@ from sqlalchemy import select
 
 from colaft.serve import files as datafiles
 from colaft.serve.db import FINAL, Checkpoint, Event, File, Job, User, active_jobs, new_id, now
+from colaft.serve.objects import CheckpointList, EventList, FineTuningJob, JobList
 from colaft.serve.routes.common import APIError, BoundedJSON, Me, TheService, listed, owned, page, quota_exceeded
+from colaft.serve.routes.openapi import BINARY, answers
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import JobCreate
 from colaft.sites import select_sites
@@ -31,7 +33,7 @@ subnormal or 0 in float32; above, infinite; either way the job would only fail w
 router = APIRouter(route_class=BoundedJSON)
 
 
-@router.post("/v1/fine_tuning/jobs")
+@router.post("/v1/fine_tuning/jobs", responses=answers(FineTuningJob, 400, 401, 404, 429))
 def create_job(user: Me, service: TheService, body: JobCreate):
     engine = service.engines.get(body.model)
     if engine is None:
@@ -77,7 +79,7 @@ def create_job(user: Me, service: TheService, body: JobCreate):
     engine.admit(job.id)
     return job.to_api()
 
-@router.get("/v1/fine_tuning/jobs")
+@router.get("/v1/fine_tuning/jobs", responses=answers(JobList, 400, 401, 404, 429))
 def list_jobs(user: Me, service: TheService, after: str | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20):
     with service.db.read() as s:
@@ -85,12 +87,12 @@ def list_jobs(user: Me, service: TheService, after: str | None = None,
                                                                                    Job.id.desc())))
     return page([j.to_api() for j in rows], after, limit)
 
-@router.get("/v1/fine_tuning/jobs/{job_id}")
+@router.get("/v1/fine_tuning/jobs/{job_id}", responses=answers(FineTuningJob, 401, 404, 429))
 def get_job(user: Me, service: TheService, job_id: str):
     with service.db.read() as s:
         return owned(s, Job, job_id, user, "fine-tuning job").to_api()
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+@router.get("/v1/fine_tuning/jobs/{job_id}/events", responses=answers(EventList, 400, 401, 404, 429))
 def list_events(user: Me, service: TheService, job_id: str, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=10000)] = 20):
     with service.db.read() as s:
@@ -104,7 +106,8 @@ def list_events(user: Me, service: TheService, job_id: str, after: str | None = 
         rows = list(s.scalars(query.order_by(Event.seq.desc()).limit(limit + 1)))  # newest first
     return listed([e.to_api() for e in rows[:limit]], len(rows) > limit)
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints",
+            responses=answers(CheckpointList, 400, 401, 404, 429))
 def list_checkpoints(user: Me, service: TheService, job_id: str, after: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=100)] = 10):
     with service.db.read() as s:
@@ -113,7 +116,7 @@ def list_checkpoints(user: Me, service: TheService, job_id: str, after: str | No
                               .order_by(Checkpoint.step.desc())))
     return page([c.to_api(job.model_name) for c in rows], after, limit)
 
-@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel", responses=answers(FineTuningJob, 401, 404, 409, 429))
 def cancel_job(user: Me, service: TheService, job_id: str):
     with service.db.session() as s:
         job = owned(s, Job, job_id, user, "fine-tuning job", lock=True)  # the engine may be finishing it
@@ -126,7 +129,9 @@ def cancel_job(user: Me, service: TheService, job_id: str):
         service.engines[job.model].cancel(job_id)
     return job.to_api()
 
-@router.get("/v1/fine_tuning/jobs/{job_id}/adapter")
+@router.get("/v1/fine_tuning/jobs/{job_id}/adapter", response_class=Response,
+            responses=answers(None, 400, 401, 404, 409, 429, content={"application/zip": BINARY},
+                              description="The trained adapter, zipped (PEFT LoRA folder, or colaft's own form)"))
 def download_adapter(user: Me, service: TheService, job_id: str,
                      format: Literal["peft", "colaft"] = "peft"):
     with service.db.read() as s:
