@@ -20,7 +20,6 @@ from colaft.app.options import flag
 from colaft.app.predict import predict
 from colaft.app.train import train
 from colaft.client import client
-from colaft.pipeline import UserFaults
 from colaft.serve.commands import serve, users
 
 COMMANDS: dict[str, Callable] = {"train": train, "eval": evaluate, "predict": predict, "generate": generate,
@@ -37,8 +36,6 @@ def _message(error: Exception) -> str:
         text = error.format_message()
     else:
         text = str(error)
-    if isinstance(error, UserFaults) and "non-finite" in text:  # the usual cause: a learning rate too high
-        text += ": lower the learning rate"
     return " ".join(text.split())
 
 
@@ -93,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="colaft", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except (ValueError, OSError, UserFaults, typer.TyperException) as error:
+    except (ValueError, OSError, typer.TyperException) as error:
         if message := _message(error):  # empty when bare `colaft` has just printed the help
             print(f"colaft: error: {message}", file=sys.stderr)
         return error.exit_code if isinstance(error, typer.TyperException) else 1

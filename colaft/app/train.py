@@ -91,6 +91,7 @@ def train(
     from colaft.config import DEFAULT_USER
     from colaft.io.files import build_atomically
     from colaft.model import ColaModel
+    from colaft.pipeline import UserFaults
     from colaft.runtime import set_threads
     from colaft.trainer import Trainer, TrainerLike
 
@@ -182,6 +183,9 @@ def train(
             folder = next(str(f) for f, _ in built if _writing_to(e, [(f, None)]))
             flag = "--out" if folder == str(out) else "--export-peft"
             raise ValueError(f"{flag}: {folder!r}: cannot write there ({e.strerror or e})") from None
+        if isinstance(e, UserFaults):  # an offloaded fit failed: one line; non-finite usually means too high a rate
+            hint = ": lower the learning rate" if "non-finite" in str(e) else ""
+            raise ValueError(f"{e}{hint}") from None
         raise
     trainer.close()
     print(f"run saved to {out}" + (f"; PEFT adapters in {export_peft}" if export_peft else ""))
