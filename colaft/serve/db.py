@@ -24,8 +24,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, create_engine, event, func, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-ACTIVE = ("validating_files", "queued", "running")
-"""Job statuses that still hold resources (files may not be deleted, training may go on)."""
+ACTIVE = ("validating_files", "queued", "running", "paused")
+"""Job statuses that still hold resources (files may not be deleted, training may go on or resume)."""
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -163,7 +163,7 @@ class Checkpoint(Base):
 
 
 def active_jobs(s: Session, user_id: str) -> int:
-    """The user's jobs that are queued or running (ACTIVE)."""
+    """The user's jobs that are queued, running or paused (ACTIVE)."""
     return s.scalar(select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status.in_(ACTIVE)))
 
 

@@ -7,8 +7,8 @@ The Engine is the scheduler. It holds, and alone calls, two parts:
     store (colaft.serve.store.JobStore)  the jobs' rows, events, checkpoints and results on the
                                          database and the disk
 
-and itself the running jobs (colaft.serve.jobs.Run), the client-fit jobs' channels
-(colaft.serve.fits, tended between steps by colaft.serve.clients) and the queues the API fills:
+and itself the running jobs (colaft.serve.jobs.Run), the client-fit jobs' channels (colaft.serve.fits,
+tended by colaft.serve.clients) and the queues the API fills (pauses: colaft.serve.control):
 
     queued job -> admit: rows encoded, the job added to the host, resumed from its checkpoint
     each tick  -> every running job's next `batch_size` rows, all jobs' rows collated into
@@ -46,6 +46,7 @@ import torch
 
 from colaft.backends import WorkerError
 from colaft.serve import clients, isolation
+from colaft.serve.control import Control
 from colaft.serve.db import ACTIVE, Database, File
 from colaft.serve.decode import Generation
 from colaft.serve.fits import Channel
@@ -77,6 +78,7 @@ class Engine:
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
+        self.control = Control(model_id, self._wake.set)  # pause, resume
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=f"colaft-engine-{model_id}", daemon=True)
         self.ready = threading.Event()
@@ -119,6 +121,7 @@ class Engine:
         while not self._stopping:
             try:
                 self._take_cancels()
+                self.control.apply(self.runs, self.store, self._checkpoint)
                 self._take_admits()
                 self._serve()
                 clients.tend(self.channels, self.runs, self.host, self.store, self.settings.client_timeout,
@@ -210,10 +213,12 @@ class Engine:
             self.channels[job_id] = Channel(job_id, options["interval"], options.get("staleness", 0), state, run.step,
                                             self.host.client_info(job_id), self._wake.set, job.user_id)
         self.runs[job_id] = run
-        if not self.store.start(run, admission.resumed):  # cancelled meanwhile
+        status = self.store.start(run, admission.resumed)
+        if status is None:  # cancelled meanwhile
             self._drop(job_id)
             return
-        log.info("%s: job %s running (%d steps)", self.id, job_id, run.total_steps)
+        run.paused = status == "paused"
+        log.info("%s: job %s %s (%d steps)", self.id, job_id, status, run.total_steps)
         if run.step >= run.total_steps:  # killed after its last checkpoint, before it was marked done
             self._finish(run)
 

@@ -142,14 +142,14 @@ def download_adapter(user: Me, service: TheService, job_id: str,
 
 
 def _within_active_quota(s, user: User, limit: int) -> None:
-    """A 429 if the user already has `limit` queued or running jobs (0: no limit). The user's row is
+    """A 429 if the user already has `limit` queued, running or paused jobs (0: no limit). The user's row is
     locked until the job is added: two creations at once are counted one after the other."""
     if not limit:
         return
     s.get(User, user.id, with_for_update=True)
     count = active_jobs(s, user.id)
     if count >= limit:
-        raise quota_exceeded(f"Quota exceeded: {count} of your jobs are queued or running, and the limit is "
+        raise quota_exceeded(f"Quota exceeded: {count} of your jobs are queued, running or paused, and the limit is "
                              f"{limit} (colaft serve --max-active-jobs-per-user); cancel one or wait until "
                              "one ends", "model")
 
