@@ -13,8 +13,8 @@ Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}; an 
 `param`, as OpenAI answers. Another user's id answers exactly like an id that does not exist (404).
 
 This module assembles the app: middleware, error handlers, /health, and the routers of
-colaft.serve.routes (files, fine-tuning jobs and their pause and resume, inference, the dashboard
-page at /).
+colaft.serve.routes (files, fine-tuning jobs and their pause and resume, inference, models, the
+dashboard page at /).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from colaft.serve.routes import dashboard, files, fit, inference, jobs, pausing
+from colaft.serve.routes import dashboard, files, fit, inference, jobs, models, pausing
 from colaft.serve.routes.common import APIError, BodyLimit, Service, error_response
 
 __all__ = ["APIError", "RedactKeys", "Service", "create_app", "log_config", "redact"]
@@ -93,7 +93,8 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="colaft", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
     app.add_middleware(BodyLimit, upload_limit=service.max_upload_bytes)
-    for router in (files.router, jobs.router, pausing.router, fit.router, inference.router, dashboard.router):
+    for router in (files.router, jobs.router, pausing.router, fit.router, inference.router, models.router,
+                   dashboard.router):
         app.include_router(router)
 
     # ------------------------------------------------------------- errors

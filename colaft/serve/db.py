@@ -108,6 +108,7 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     labels: Mapped[list[Any] | None] = mapped_column(default=None)  # classification: head output i is labels[i]
     result_files: Mapped[list[Any]] = mapped_column(default=list)
+    model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, default=None)  # DELETE /v1/models/{id}
 
     @property
     def model_name(self) -> str:

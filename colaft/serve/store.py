@@ -68,6 +68,19 @@ class JobStore:
             checkpoint = None
         return Admission(job, train, valid, resumed, checkpoint)
 
+    def adapters(self, user_id: str) -> tuple[Job, Path, str]:
+        """What answers as the host's user `user_id`: a finished job (its id) or one of its listed
+        checkpoints (the checkpoint's id); its job, the folder of its adapters, and the mode they
+        answer in (a checkpoint's own adapters: personal)."""
+        with self.db.read() as s:
+            job = s.get(Job, user_id)
+            if job is not None:
+                return job, self.job_folder(job.id) / "adapter", job.options["mode"]
+            checkpoint = s.scalar(select(Checkpoint).where(Checkpoint.id == user_id))
+            if checkpoint is None:
+                raise LookupError(f"no model answers as {user_id}")
+            return s.get(Job, checkpoint.job_id), self.path(checkpoint), "personal"
+
     def records(self, file: File) -> list[dict]:
         """A data file's records in the task's form (raises ValueError or OSError if unreadable)."""
         fmt, records, _ = datafiles.parse((self.data_dir / "files" / file.id).read_bytes(), file.filename)

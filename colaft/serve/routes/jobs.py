@@ -133,6 +133,9 @@ def download_adapter(user: Me, service: TheService, job_id: str,
         job = owned(s, Job, job_id, user, "fine-tuning job")
     if job.status != "succeeded":
         raise APIError(409, f"the job has no adapter yet (status {job.status})", "job_id", "job_not_finished")
+    if job.model_deleted_at is not None:
+        raise APIError(409, f"the job's model {job.fine_tuned_model} was deleted, and its adapter with it",
+                       "job_id", "model_deleted")
     folder = service.settings.data_dir / "jobs" / job_id / ("peft" if format == "peft" else "adapter")
     if not folder.is_dir():
         raise APIError(409, f"adapter {job.options['adapter']!r} has no PEFT LoRA form: ask for "
