@@ -9,7 +9,8 @@
            store.py  the jobs' rows, events, checkpoints and results (database and disk)
            jobs.py   a running job in memory (Run), its adapters and fit settings
            fits.py   the channel of a job whose fits run on the user's device
-      -> inference.py: completions on base and fine-tuned models, batched across adapters
+           control.py  pausing and resuming jobs, unloading deleted models
+      -> inference.py: completions on base and fine-tuned models and checkpoints, batched across adapters
 
 `colaft serve` and `colaft users` (commands.py) start it and manage its keys (settings.py:
 what the options set); launch.py starts a server process and waits until it is ready.

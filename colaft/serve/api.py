@@ -13,8 +13,8 @@ Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}; an 
 `param`, as OpenAI answers. Another user's id answers exactly like an id that does not exist (404).
 
 This module assembles the app: middleware, error handlers, /health, and the routers of
-colaft.serve.routes (files, fine-tuning jobs, inference, the dashboard page at /), and its
-OpenAPI schema (/openapi.json, /docs): FastAPI's, from the routes' declared answers
+colaft.serve.routes (files, fine-tuning jobs and their pause and resume, inference, models, the
+dashboard page at /), and its OpenAPI schema (/openapi.json, /docs): FastAPI's, from the routes' declared answers
 (colaft.serve.objects) and security (routes.common.BEARER), less the 422 FastAPI assumes and
 this server never sends (an invalid request is a 400). A method a path does not take is a 405
 whose Allow lists the methods it does take.
@@ -35,7 +35,7 @@ from starlette.routing import compile_path
 
 from colaft import __version__
 from colaft.serve.objects import Health
-from colaft.serve.routes import dashboard, files, fit, inference, jobs
+from colaft.serve.routes import dashboard, files, fit, inference, jobs, models, pausing
 from colaft.serve.routes.common import APIError, BodyLimit, Service, error_response
 from colaft.serve.routes.openapi import answers, truthful
 
@@ -103,7 +103,8 @@ def create_app(service: Service) -> FastAPI:
                               "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.")
     app.state.service = service
     app.add_middleware(BodyLimit, upload_limit=service.max_upload_bytes)
-    for router in (files.router, jobs.router, fit.router, inference.router, dashboard.router):
+    for router in (files.router, jobs.router, pausing.router, fit.router, inference.router, models.router,
+                   dashboard.router):
         app.include_router(router)
 
     # ------------------------------------------------------------- errors

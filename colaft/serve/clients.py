@@ -13,10 +13,10 @@ from colaft.users import Update
 
 
 def may_step(run: Run, channel: Channel | None, timeout: float) -> bool:
-    """A server-fit job always; a client-fit job while its fits in flight are within its
-    staleness bound, its client was seen lately and no checkpoint waits for its fits."""
-    if not run.client:
-        return True
+    """Never a paused job; a server-fit job always; a client-fit job while its fits in flight
+    are within its staleness bound, its client was seen lately and no checkpoint waits for its fits."""
+    if run.paused or not run.client:
+        return not run.paused
     if run.finishing or not channel.runnable(timeout):
         return False
     return run.due is None or channel.pending_steps > 0  # at a fit boundary a due checkpoint comes first

@@ -101,7 +101,8 @@ def serve(
         help="A client-fit job whose `colaft client` has not pulled for so many seconds waits (other jobs "
              "go on) until it is back.")] = 30.0,
     max_active_jobs_per_user: Annotated[int, typer.Option(
-        help="Quota: a user's queued and running jobs at once; one more is refused (429). 0: no limit.")] = 32,
+        help="Quota: a user's queued, running and paused jobs at once; one more is refused (429). "
+             "0: no limit.")] = 32,
     max_stored_mb_per_user: Annotated[float, typer.Option(
         help="Quota: MiB of a user's files (uploads and jobs' results files); an upload past it is refused "
              "(429). 0: no limit.")] = 10240.0,

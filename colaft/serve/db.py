@@ -24,8 +24,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, create_engine, event, func, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-ACTIVE = ("validating_files", "queued", "running")
-"""Job statuses that still hold resources (files may not be deleted, training may go on)."""
+ACTIVE = ("validating_files", "queued", "running", "paused")
+"""Job statuses that still hold resources (files may not be deleted, training may go on or resume)."""
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -108,6 +108,7 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     labels: Mapped[list[Any] | None] = mapped_column(default=None)  # classification: head output i is labels[i]
     result_files: Mapped[list[Any]] = mapped_column(default=list)
+    model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, default=None)  # DELETE /v1/models/{id}
 
     @property
     def model_name(self) -> str:
@@ -177,7 +178,7 @@ class Checkpoint(Base):
 
 
 def active_jobs(s: Session, user_id: str) -> int:
-    """The user's jobs that are queued or running (ACTIVE)."""
+    """The user's jobs that are queued, running or paused (ACTIVE)."""
     return s.scalar(select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status.in_(ACTIVE)))
 
 

@@ -37,6 +37,7 @@ class Run:
     tokens: int = 0
     saved_step: int = -1  # the step of the newest checkpoint
     losses: list[float] = field(default_factory=list)  # this epoch's step losses
+    paused: bool = False  # out of the batches until resumed (colaft.serve.control)
     # client-fit jobs (colaft.serve.fits): the engine never waits for their fits
     client: bool = False
     due: tuple[bool, dict] | None = None  # a checkpoint (listed, metrics) waiting for the fits in flight

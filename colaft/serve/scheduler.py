@@ -7,8 +7,8 @@ The Engine is the scheduler. It holds, and alone calls, two parts:
     store (colaft.serve.store.JobStore)  the jobs' rows, events, checkpoints and results on the
                                          database and the disk
 
-and itself the running jobs (colaft.serve.jobs.Run), the client-fit jobs' channels
-(colaft.serve.fits, tended between steps by colaft.serve.clients) and the queues the API fills:
+and itself the running jobs (colaft.serve.jobs.Run), the client-fit jobs' channels (colaft.serve.fits,
+tended by colaft.serve.clients) and the queues the API fills (pauses, deletions: colaft.serve.control):
 
     queued job -> admit: rows encoded, the job added to the host, resumed from its checkpoint
     each tick  -> every running job's next `batch_size` rows, all jobs' rows collated into
@@ -46,6 +46,7 @@ import torch
 
 from colaft.backends import WorkerError
 from colaft.serve import clients, isolation
+from colaft.serve.control import Control
 from colaft.serve.db import ACTIVE, Database, File
 from colaft.serve.decode import Generation
 from colaft.serve.fits import Channel
@@ -77,6 +78,7 @@ class Engine:
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
+        self.control = Control(model_id, self._wake.set)  # pause, resume, deleted models
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=f"colaft-engine-{model_id}", daemon=True)
         self.ready = threading.Event()
@@ -119,6 +121,7 @@ class Engine:
         while not self._stopping:
             try:
                 self._take_cancels()
+                self.control.apply(self.runs, self.store, self.host, self.generation.users(), self._checkpoint)
                 admitting = self._take_admit()
                 self._serve()
                 clients.tend(self.channels, self.runs, self.host, self.store, self.settings.client_timeout,
@@ -136,13 +139,14 @@ class Engine:
         the most recently finished personal ones; queue unfinished jobs (running ones resume
         from a checkpoint). Other finished jobs load when a request first asks for them."""
         jobs = self.store.jobs()
-        done = sorted((j for j in jobs if j.status == "succeeded"), key=lambda j: (j.finished_at or 0, j.created_at))
+        done = sorted((j for j in jobs if j.status == "succeeded" and j.model_deleted_at is None),
+                      key=lambda j: (j.finished_at or 0, j.created_at))
         personal = [j for j in done if j.options["mode"] != "collaborative"]
         warm = {j.id for j in personal[len(personal) - self.settings.max_loaded_adapters:]}
         for job in done:
             if job.options["mode"] == "collaborative" or job.id in warm:
                 try:
-                    self._load_finished(job)
+                    self._load_finished(job.id, job, self.store.job_folder(job.id) / "adapter", job.options["mode"])
                 except Exception:
                     log.exception("%s: adapters of %s could not be loaded", self.id, job.id)
         for job in jobs:
@@ -212,10 +216,12 @@ class Engine:
             self.channels[job_id] = Channel(job_id, options["interval"], options.get("staleness", 0), state, run.step,
                                             self.host.client_info(job_id), self._wake.set, job.user_id)
         self.runs[job_id] = run
-        if not self.store.start(run, admission.resumed):  # cancelled meanwhile
+        status = self.store.start(run, admission.resumed)
+        if status is None:  # cancelled meanwhile
             self._drop(job_id)
             return
-        log.info("%s: job %s running (%d steps)", self.id, job_id, run.total_steps)
+        run.paused = status == "paused"
+        log.info("%s: job %s %s (%d steps)", self.id, job_id, status, run.total_steps)
         if run.step >= run.total_steps:  # killed after its last checkpoint, before it was marked done
             self._finish(run)
 
@@ -380,13 +386,13 @@ class Engine:
             self.generation.advance()
             self.host.unload_unused(keep=self.generation.users())
 
-    def _ensure_adapters(self, job_id: str) -> None:
-        """A finished job's adapters in the ColaModel (loaded from disk after a restart or an unload)."""
-        if self.host.holds(job_id):
-            self.host.used(job_id)
+    def _ensure_adapters(self, user_id: str) -> None:
+        """A finished job's or a checkpoint's adapters in the ColaModel (loaded from disk at first
+        use, after a restart or an unload)."""
+        if self.host.holds(user_id):
+            self.host.used(user_id)
         else:
-            self._load_finished(self.store.job(job_id))
+            self._load_finished(user_id, *self.store.adapters(user_id))
 
-    def _load_finished(self, job) -> None:
-        self.host.load_finished(job.id, job.options["mode"], cola_config(job.options),
-                                self.store.job_folder(job.id) / "adapter", job.labels)
+    def _load_finished(self, user_id: str, job, folder, mode: str) -> None:
+        self.host.load_finished(user_id, mode, cola_config(job.options), folder, job.labels)

@@ -41,7 +41,7 @@ class Settings:
     """A client-fit job whose client has not pulled for this many seconds waits (its rows
     leave the batches) until the client is back."""
     max_active_jobs: int = 32
-    """Quota: a user's jobs that are queued or running at once (0: no limit); one more is a 429."""
+    """Quota: a user's jobs that are queued, running or paused at once (0: no limit); one more is a 429."""
     max_stored_bytes: int = 10 * 2**30
     """Quota: bytes of a user's files, uploads and results files together (0: no limit); an
     upload past it is a 429. Results files are written whatever the total (a job never fails

@@ -22,6 +22,9 @@ from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, Checkpoint, Database, Event, File, Job, new_id, now
 from colaft.serve.jobs import Run
 
+TRAINING = ("running", "paused")
+"""Statuses of a job the engine holds in memory (a paused job's run waits there for its resume)."""
+
 
 @dataclass
 class Admission:
@@ -30,7 +33,7 @@ class Admission:
     job: Job
     train: File
     valid: File | None
-    resumed: bool  # it was running: it goes on from `checkpoint` (None: from step 0)
+    resumed: bool  # it was running or paused: it goes on from `checkpoint` (None: from step 0)
     checkpoint: Checkpoint | None  # its newest checkpoint whose folder is there
 
 
@@ -58,12 +61,25 @@ class JobStore:
                 return None
             train = s.get(File, job.training_file)
             valid = s.get(File, job.validation_file) if job.validation_file else None
-            resumed = job.status == "running"
+            resumed = job.status in TRAINING
             checkpoint = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id)
                                   .order_by(Checkpoint.step.desc()).limit(1)) if resumed else None
         if checkpoint is not None and not self.path(checkpoint).is_dir():
             checkpoint = None
         return Admission(job, train, valid, resumed, checkpoint)
+
+    def adapters(self, user_id: str) -> tuple[Job, Path, str]:
+        """What answers as the host's user `user_id`: a finished job (its id) or one of its listed
+        checkpoints (the checkpoint's id); its job, the folder of its adapters, and the mode they
+        answer in (a checkpoint's own adapters: personal)."""
+        with self.db.read() as s:
+            job = s.get(Job, user_id)
+            if job is not None:
+                return job, self.job_folder(job.id) / "adapter", job.options["mode"]
+            checkpoint = s.scalar(select(Checkpoint).where(Checkpoint.id == user_id))
+            if checkpoint is None:
+                raise LookupError(f"no model answers as {user_id}")
+            return s.get(Job, checkpoint.job_id), self.path(checkpoint), "personal"
 
     def records(self, file: File) -> list[dict]:
         """A data file's records in the task's form (raises ValueError or OSError if unreadable)."""
@@ -81,22 +97,28 @@ class JobStore:
         return self.job_folder(job_id) / "checkpoints" / f"step-{step:07d}"
 
     # ------------------------------------------------------------- writing
-    def start(self, run: Run, resumed: bool) -> bool:
-        """The job runs (with the events that say how); False when it was cancelled meanwhile."""
+    def start(self, run: Run, resumed: bool) -> str | None:
+        """The job runs (with the events that say how), or stays paused (paused before it started,
+        or before a restart): its status then; None when it was cancelled meanwhile."""
         job_id = run.job_id
         with self.db.session() as s:
-            started = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                                .values(status="running", total_steps=run.total_steps)).rowcount
-            if started and resumed:
+            job = s.get(Job, job_id, with_for_update=True)  # a pause or cancel waits for this transaction
+            if job is None or job.status not in ACTIVE:
+                return None
+            job.total_steps = run.total_steps
+            if job.status == "paused":
+                return job.status
+            job.status = "running"
+            if resumed:
                 self.db.add_event(s, job_id, f"Resumed from the checkpoint at step {run.step} after a restart"
                                   if run.step else "Restarted from step 0 after a restart (no checkpoint yet)")
-            elif started:
+            else:
                 self.db.add_event(s, job_id, f"Fine-tuning job started: {run.total_steps} steps "
                                   f"({run.n_epochs} epochs of {run.steps_per_epoch})")
-            if started and run.client:
+            if run.client:
                 self.db.add_event(s, job_id, f"Its fits run on your device: run `colaft client --job {job_id}` "
                                   "(the job waits while no client is there)", data={"fit_client": "expected"})
-        return bool(started)
+        return "running"
 
     def add_event(self, job_id: str, message: str, **kwargs) -> None:
         """One event of the job (Database.add_event's keywords), in its own transaction."""
@@ -105,10 +127,11 @@ class JobStore:
 
     def record_step(self, runs: list[Run], rows: dict[str, list[dict]], losses: dict[str, float]) -> set[str]:
         """A training step of `runs` (on `rows`, with `losses`) is done: the jobs still running
-        advance, each with its metrics event; returns their ids. Jobs cancelled during the step
-        get no more events (their rows are locked: a cancel waits for this transaction)."""
+        advance, each with its metrics event; returns their ids (a job paused during the step
+        advances too). Jobs cancelled during the step get no more events (their rows are locked:
+        a cancel waits for this transaction)."""
         with self.db.session() as s:
-            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status == "running")
+            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status.in_(TRAINING))
                                  .with_for_update()))
             for r in runs:
                 if r.job_id not in live:
@@ -145,11 +168,11 @@ class JobStore:
 
     def succeed(self, run: Run, metrics: dict) -> bool:
         """The job succeeded: its fine-tuned model, results file, validation `metrics` and events.
-        False when it was cancelled during its last step."""
+        False when it was cancelled during its last step (one paused during it succeeds)."""
         job_id = run.job_id
         with self.db.session() as s:
             job = s.get(Job, job_id, with_for_update=True)  # a cancel waits for this transaction
-            if job.status != "running":
+            if job.status not in TRAINING:
                 return False
             results = self._results_file(s, job)
             job.status, job.finished_at = "succeeded", now()

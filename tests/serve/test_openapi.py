@@ -188,12 +188,17 @@ def live(tmp_path_factory, tiny_llama_dir):
                                                    hyperparameters={"n_epochs": 1}).id)
     assert done.status == "succeeded", done
     client_fit = [me.fine_tuning.jobs.create(model="llama", training_file=chat,
-                                             extra_body={"colaft": {"fit": "client"}}).id for _ in range(2)]
+                                             extra_body={"colaft": {"fit": "client"}}).id for _ in range(3)]
     for job_id in client_fit:
         wait_job(me, job_id, 60, until=("running",))
+    checkpoint = me.fine_tuning.jobs.checkpoints.list(done.id).data[0].fine_tuned_model_checkpoint
     srv.key = key
     srv.targets = {"training_file": chat, "job_id": [done.id, client_fit[0]], "file_id": [chat, done.result_files[0]],
                    "POST job_id": [client_fit[1]], "DELETE file_id": [spare],
+                   "model_id": [done.fine_tuned_model, "llama"], "DELETE model_id": [checkpoint],
+                   # paused by the first generated request that succeeds, resumed likewise
+                   "POST /v1/fine_tuning/jobs/{job_id}/pause job_id": [client_fit[2]],
+                   "POST /v1/fine_tuning/jobs/{job_id}/resume job_id": [client_fit[2]],
                    "body": {"model": ["llama", done.fine_tuned_model], "training_file": [chat],
                             "purpose": ["fine-tune"], "file": [jsonl(CHAT)], "colaft": [{}],
                             "method": [{"type": "supervised"}], "prompt": ["Hello"],
@@ -263,9 +268,10 @@ def test_every_answer_conforms_to_the_schema(live):
     for result in schema.get_all_operations():
         operation = result.ok()
         variants = [None]
-        for name in ("job_id", "file_id"):
+        for name in ("job_id", "file_id", "model_id"):
             if "{" + name + "}" in operation.path:
-                ids = live.targets.get(f"{operation.method.upper()} {name}", live.targets[name])
+                ids = live.targets.get(f"{operation.label} {name}") or live.targets.get(
+                    f"{operation.method.upper()} {name}", live.targets[name])
                 variants += [{name: i} for i in ids]
         for mode in EXAMPLES:
             for path_ids in variants:

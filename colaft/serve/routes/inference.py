@@ -1,5 +1,5 @@
-"""Inference: /v1/models (the base models and the caller's fine-tuned ones), /v1/chat/completions
-and /v1/completions.
+"""Inference: /v1/models (the base models and the caller's fine-tuned ones and checkpoints:
+colaft.serve.routes.models), /v1/chat/completions and /v1/completions.
 
 A completion is queued on its base model's engine, which generates it a few tokens at a time
 with the others in flight, between training steps (colaft.serve.decode); the handler awaits
@@ -18,13 +18,13 @@ import logging
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from colaft.serve.db import Job, User
+from colaft.serve.db import User
 from colaft.serve.inference import Answer, Delta, TooLong
 from colaft.serve.inference import Request as InferenceRequest
 from colaft.serve.objects import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, ModelList
+from colaft.serve.routes import models
 from colaft.serve.routes.answers import Shape, sse
 from colaft.serve.routes.common import APIError, BoundedJSON, Me, Service, TheService, fingerprint
 from colaft.serve.routes.openapi import answers, event_stream
@@ -37,29 +37,17 @@ router = APIRouter(route_class=BoundedJSON)
 
 @router.get("/v1/models", responses=answers(ModelList, 401, 429))
 def list_models(user: Me, service: TheService):
-    with service.db.read() as s:
-        jobs = s.scalars(select(Job).where(Job.user_id == user.id, Job.status == "succeeded")
-                         .order_by(Job.finished_at))
-        tuned = [{"id": j.fine_tuned_model, "object": "model", "created": j.finished_at, "owned_by": user.id}
-                 for j in jobs]
-    base = [{"id": m, "object": "model", "created": service.started_at, "owned_by": "colaft"}
-            for m in service.engines]
-    return {"object": "list", "data": base + tuned}
+    return {"object": "list", "data": models.available(service, user)}
 
 
 def resolve(service: Service, model: str, user: User) -> tuple[Engine, str | None, str]:
-    """(engine, job id or None for the base model, mode) of a model id the user may use."""
-    if model in service.engines:
-        return service.engines[model], None, "personal"
-    parts = model.split(":")  # ft:<base>[:<suffix>]:<job id>
-    if len(parts) >= 3 and parts[0] == "ft":
-        with service.db.read() as s:
-            job = s.get(Job, parts[-1])
-        if job is not None and job.user_id == user.id and job.status == "succeeded" \
-                and job.fine_tuned_model == model and job.model in service.engines:
-            return service.engines[job.model], job.id, job.options["mode"]
-    raise APIError(404, f"The model {model!r} does not exist or you do not have access to it", "model",
-                   "model_not_found")
+    """(engine, the host's user whose adapters answer: None for the base model, mode) of a model
+    id the user may call (colaft.serve.routes.models), or a 404."""
+    with service.db.read() as s:
+        found = models.find(s, service, model, user)
+    if found is None:
+        raise models.not_found(model)
+    return service.engines[found.base], found.user, found.mode
 
 
 async def complete(request: InferenceRequest, engine: Engine) -> Answer:

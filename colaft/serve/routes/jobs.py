@@ -129,6 +129,7 @@ def cancel_job(user: Me, service: TheService, job_id: str):
         service.engines[job.model].cancel(job_id)
     return job.to_api()
 
+
 @router.get("/v1/fine_tuning/jobs/{job_id}/adapter", response_class=Response,
             responses=answers(None, 400, 401, 404, 409, 429, content={"application/zip": BINARY},
                               description="The trained adapter, zipped (PEFT LoRA folder, or colaft's own form)"))
@@ -138,6 +139,9 @@ def download_adapter(user: Me, service: TheService, job_id: str,
         job = owned(s, Job, job_id, user, "fine-tuning job")
     if job.status != "succeeded":
         raise APIError(409, f"the job has no adapter yet (status {job.status})", "job_id", "job_not_finished")
+    if job.model_deleted_at is not None:
+        raise APIError(409, f"the job's model {job.fine_tuned_model} was deleted, and its adapter with it",
+                       "job_id", "model_deleted")
     folder = service.settings.data_dir / "jobs" / job_id / ("peft" if format == "peft" else "adapter")
     if not folder.is_dir():
         raise APIError(409, f"adapter {job.options['adapter']!r} has no PEFT LoRA form: ask for "
@@ -147,14 +151,14 @@ def download_adapter(user: Me, service: TheService, job_id: str,
 
 
 def _within_active_quota(s, user: User, limit: int) -> None:
-    """A 429 if the user already has `limit` queued or running jobs (0: no limit). The user's row is
+    """A 429 if the user already has `limit` queued, running or paused jobs (0: no limit). The user's row is
     locked until the job is added: two creations at once are counted one after the other."""
     if not limit:
         return
     s.get(User, user.id, with_for_update=True)
     count = active_jobs(s, user.id)
     if count >= limit:
-        raise quota_exceeded(f"Quota exceeded: {count} of your jobs are queued or running, and the limit is "
+        raise quota_exceeded(f"Quota exceeded: {count} of your jobs are queued, running or paused, and the limit is "
                              f"{limit} (colaft serve --max-active-jobs-per-user); cancel one or wait until "
                              "one ends", "model")
 

@@ -16,6 +16,7 @@ from colaft.serve.objects import ChatCompletionChunk, CompletionChunk, ErrorResp
 STATUS = {
     400: "Invalid request: a field, a query parameter or a file is wrong (`param` names it)",
     401: "Missing or incorrect API key (`Authorization: Bearer KEY`)",
+    403: "The object cannot be changed (e.g. a base model cannot be deleted)",
     404: "No such object, or not yours",
     409: "The object's state does not allow it",
     413: "The request body is past its cap (`file_too_large` for uploads, `body_too_large` otherwise)",

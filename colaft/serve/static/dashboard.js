@@ -1,4 +1,5 @@
-// The colaft dashboard: the key holder's fine-tuning jobs, each job's loss curve and events.
+// The colaft dashboard: the key holder's fine-tuning jobs, each job's loss curve, events and
+// checkpoints (each one a model: its name answers chat and completions).
 // Everything comes from the public API with the key in the Authorization header; the key is
 // kept in this tab's sessionStorage only. Job events of type "metrics" carry the numbers:
 // {step, total_steps, train_loss} per training step, valid_* once validation has run.
@@ -10,7 +11,9 @@
   const FINAL = new Set(["succeeded", "failed", "cancelled"]);
   const $ = (id) => document.getElementById(id);
   // events: job id -> {list (oldest first), ids, final: read in full after the job ended}
-  const state = { jobs: [], events: new Map(), selected: null, timer: null, gen: 0, chart: null, chartKey: "" };
+  // checkpoints: job id -> {list (newest first), final: read after the job ended}
+  const state = { jobs: [], events: new Map(), checkpoints: new Map(), selected: null, timer: null, gen: 0,
+                  chart: null, chartKey: "" };
 
   class ApiError extends Error {
     constructor(status, message) { super(message); this.status = status; }
@@ -62,6 +65,14 @@
     for (const e of fresh.reverse()) { rec.list.push(e); rec.ids.add(e.id); }
     rec.final = final;
     state.events.set(job.id, rec);
+  }
+
+  // The job's checkpoints (a few: the ends of its last epochs), read again until the job has ended.
+  async function refreshCheckpoints(job) {
+    const held = state.checkpoints.get(job.id);
+    if (held && held.final) return;
+    const page = await api("/v1/fine_tuning/jobs/" + encodeURIComponent(job.id) + "/checkpoints?limit=100");
+    state.checkpoints.set(job.id, { list: page.data, final: FINAL.has(job.status) });
   }
 
   // The job's metrics by step (a step trained again after a restart keeps its newest numbers).
@@ -132,6 +143,21 @@
     const list = rec ? rec.list.slice(-MAX_EVENTS_SHOWN).reverse() : [];
     $("events").replaceChildren(...list.map((e) => el("li", { className: e.level },
       el("time", {}, clock(e.created_at)), e.message)));
+    renderCheckpoints(job);
+  }
+
+  function renderCheckpoints(job) {
+    const held = state.checkpoints.get(job.id);
+    const list = held ? held.list : [];
+    $("no-checkpoints").hidden = list.length > 0;
+    $("checkpoints").replaceChildren(...list.map((c) => {
+      const shown = Object.entries(c.metrics || {}).filter(([k, v]) => k !== "step" && typeof v === "number")
+        .map(([k, v]) => `${k} ${Number.isInteger(v) ? v : v.toFixed(4)}`).join(" · ");
+      const row = el("tr", {}, el("td", {}, String(c.step_number)), el("td", {}, shown || "–"),
+        el("td", { className: "mono" }, c.fine_tuned_model_checkpoint));
+      row.dataset.checkpoint = c.id;
+      return row;
+    }));
   }
 
   function renderChart(job) {
@@ -190,9 +216,10 @@
     state.gen += 1;
     state.jobs = [];
     state.events = new Map();
+    state.checkpoints = new Map();
     state.selected = null;
     dropChart();
-    for (const id of ["jobs", "events", "chart"]) $(id).replaceChildren();
+    for (const id of ["jobs", "events", "chart", "checkpoints"]) $(id).replaceChildren();
     $("detail-id").textContent = $("validation").textContent = "";
     $("jobs-section").hidden = true;
     $("detail").classList.remove("shown");
@@ -211,7 +238,8 @@
       if (!jobs.some((j) => j.id === state.selected)) state.selected = jobs.length ? jobs[0].id : null;
       const wanted = jobs.filter((j) => !FINAL.has(j.status) || j.id === state.selected ||
                                         (state.events.has(j.id) && !state.events.get(j.id).final));
-      await Promise.all(wanted.map(refreshEvents));
+      const selected = jobs.find((j) => j.id === state.selected);
+      await Promise.all([...wanted.map(refreshEvents), ...(selected ? [refreshCheckpoints(selected)] : [])]);
       if (gen !== state.gen) return;
       hideError();
       renderJobs();

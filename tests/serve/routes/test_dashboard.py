@@ -1,7 +1,8 @@
 """The dashboard (GET /) in a real headless browser: Debian's chromium driven by Playwright.
 
 The real server trains two users' jobs on a tiny BERT; the page, opened with the first user's
-key, must show that user's job, its live loss curve and status, and nothing of the other's.
+key, must show that user's job, its live loss curve and status, and nothing of the other's; a
+paused job in a style of its own, and a job's checkpoints (step, metrics, model name).
 """
 from __future__ import annotations
 
@@ -114,3 +115,53 @@ def test_dashboard_shows_only_the_key_holders_jobs_live(server):
             browser.close()
     assert server.keys["alice"] not in server.log_text()
     print(f"\ndashboard screenshot: {screenshot}")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (apt-get install chromium)")
+def test_dashboard_shows_paused_jobs_and_a_jobs_checkpoints(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    alice = server.client(server.keys["alice"])
+    done = alice.fine_tuning.jobs.create(model="bert", training_file=upload(alice, REVIEWS, "short.jsonl").id,
+                                         hyperparameters={"n_epochs": 3, "batch_size": 4})  # 12 steps
+    done = wait_job(alice, done.id)
+    assert done.status == "succeeded", done.error
+    long = alice.fine_tuning.jobs.create(model="bert", training_file=upload(alice, REVIEWS, "long.jsonl").id,
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1})  # 800 steps
+    wait_job(alice, long.id, 60, until=("running",))
+    with server.http(server.keys["alice"]) as h:
+        assert h.post(f"/v1/fine_tuning/jobs/{long.id}/pause").json()["status"] == "paused"
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(server.url + "/")
+            page.fill("#key", server.keys["alice"])
+            page.click("button[type=submit]")
+
+            status = page.locator(f"tr[data-job='{long.id}'] .status")
+            expect(status).to_have_text("paused")
+            expect(status).to_have_class("status paused")
+            colors = "e => [getComputedStyle(e).color, getComputedStyle(e).backgroundColor]"
+            assert status.evaluate(colors) == ["rgb(130, 80, 223)", "rgb(251, 239, 255)"]  # its own style
+            done_status = page.locator(f"tr[data-job='{done.id}'] .status")
+            assert done_status.evaluate(colors) != status.evaluate(colors)
+
+            page.click(f"tr[data-job='{done.id}']")  # its checkpoints, newest first, each a model
+            rows = page.locator("#checkpoints tr")
+            expect(rows).to_have_count(3)
+            assert [rows.nth(i).locator("td").first.inner_text() for i in range(3)] == ["12", "8", "4"]
+            expect(rows.first).to_contain_text(f"{done.fine_tuned_model}:ckpt-step-12")
+            expect(rows.first).to_contain_text("train_loss")
+            expect(page.locator("#no-checkpoints")).to_be_hidden()
+
+            with server.http(server.keys["alice"]) as h:  # the page follows the resume without a reload
+                assert h.post(f"/v1/fine_tuning/jobs/{long.id}/resume").status_code == 200
+            expect(status).to_have_text("running")
+            page.click(f"tr[data-job='{long.id}']")
+            expect(page.locator("#no-checkpoints")).to_be_visible()  # none listed before its last epochs
+        finally:
+            browser.close()
+            alice.fine_tuning.jobs.cancel(long.id)
