@@ -48,7 +48,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from colaft.serve.inference import Answer, Choice, Delta, Request, TooLong, classify, prompt_ids
+from colaft.serve.inference import Answer, Choice, Delta, ModelGone, Request, TooLong, classify, prompt_ids
 from colaft.serve.output import Output
 from colaft.serve.settings import Settings
 
@@ -231,8 +231,8 @@ class Generation:
                     self.caps.check(r, len(ids))
                 if r.user is not None:
                     load(r.user)
-            except Exception as e:  # TooLong, or adapters that could not load: this request alone fails
-                if not isinstance(e, TooLong):
+            except Exception as e:  # TooLong, a model deleted meanwhile, or adapters that could not load
+                if not isinstance(e, TooLong | ModelGone):  # this request alone fails
                     log.exception("%s: inference failed", self.host.id)
                 r.future.set_exception(e)
                 continue

@@ -104,6 +104,11 @@ class TooLong(ValueError):
         self.param, self.code = param, code
 
 
+class ModelGone(LookupError):
+    """The request's model was deleted after the request found it (it answers 404, as a model that
+    does not exist)."""
+
+
 def prompt_ids(host, r: Request) -> list[int]:
     tok = host.task.tokenizer
     if r.messages is not None:

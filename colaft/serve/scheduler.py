@@ -51,6 +51,7 @@ from colaft.serve.db import ACTIVE, Database, File
 from colaft.serve.decode import Generation
 from colaft.serve.fits import Channel
 from colaft.serve.host import ModelHost
+from colaft.serve.inference import ModelGone
 from colaft.serve.jobs import LISTED, Run, cola_config, fit_settings
 from colaft.serve.settings import Settings
 from colaft.serve.store import JobStore
@@ -387,8 +388,9 @@ class Engine:
             self.host.unload_unused(keep=self.generation.users())
 
     def _ensure_adapters(self, user_id: str) -> None:
-        """A finished job's or a checkpoint's adapters in the ColaModel (loaded from disk at first
-        use, after a restart or an unload)."""
+        """A finished job's or a checkpoint's adapters in the ColaModel (from disk at first use)."""
+        if user_id in self.control.forgetting:  # deleted while the request waited for this turn
+            raise ModelGone(f"the model of {user_id} was deleted")
         if self.host.holds(user_id):
             self.host.used(user_id)
         else:

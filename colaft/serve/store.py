@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from colaft.io.files import write_atomic
 from colaft.serve import files as datafiles
 from colaft.serve.db import ACTIVE, Checkpoint, Database, Event, File, Job, new_id, now
+from colaft.serve.inference import ModelGone
 from colaft.serve.jobs import Run
 
 TRAINING = ("running", "paused")
@@ -75,10 +76,12 @@ class JobStore:
         with self.db.read() as s:
             job = s.get(Job, user_id)
             if job is not None:
+                if job.model_deleted_at is not None:
+                    raise ModelGone(f"the model of {user_id} was deleted")
                 return job, self.job_folder(job.id) / "adapter", job.options["mode"]
             checkpoint = s.scalar(select(Checkpoint).where(Checkpoint.id == user_id))
-            if checkpoint is None:
-                raise LookupError(f"no model answers as {user_id}")
+            if checkpoint is None:  # deleted (or never listed)
+                raise ModelGone(f"no model answers as {user_id}")
             return s.get(Job, checkpoint.job_id), self.path(checkpoint), "personal"
 
     def records(self, file: File) -> list[dict]:

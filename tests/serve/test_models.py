@@ -132,3 +132,31 @@ def test_the_model_of_a_job_not_finished_cannot_be_deleted(server, alice):
     assert "cancel it first" in r.json()["error"]["message"] and r.json()["error"]["param"] == "model"
     alice.fine_tuning.jobs.cancel(job.id)
     assert_not_found(delete(server, "alice", name), name)  # cancelled: it never had a model
+
+
+def test_completions_racing_the_deletion_of_their_model_answer_200_or_404(server, alice):
+    """Completions queued for the engine when the model's deletion reaches it: each answers
+    (the adapters were still there) or is a 404 model_not_found, never a server error."""
+    import threading
+
+    model = train(alice).fine_tuned_model
+    statuses, stop = [], threading.Event()
+
+    def hammer():
+        with server.http(server.keys["alice"]) as h:
+            while not stop.is_set():
+                r = h.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+                statuses.append(r.status_code)
+                if r.status_code not in (200, 404):
+                    stop.set()
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: statuses.count(200) >= 12, 60)
+    assert alice.models.delete(model).deleted
+    wait_for(lambda: statuses.count(404) >= 12 or stop.is_set(), 60)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert set(statuses) == {200, 404}, sorted(set(statuses))

@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from colaft.serve.db import User
-from colaft.serve.inference import Answer, Delta, TooLong
+from colaft.serve.inference import Answer, Delta, ModelGone, TooLong
 from colaft.serve.inference import Request as InferenceRequest
 from colaft.serve.objects import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, ModelList
 from colaft.serve.routes import models
@@ -50,17 +50,25 @@ def resolve(service: Service, model: str, user: User) -> tuple[Engine, str | Non
     return service.engines[found.base], found.user, found.mode
 
 
-async def complete(request: InferenceRequest, engine: Engine) -> Answer:
-    """The answer, or a 400 naming the param when the request is past the model's caps (the
-    prompt's tokens are counted on the engine's thread, which holds the tokenizer)."""
+def refusal(e: TooLong | ModelGone, model: str) -> APIError:
+    """What the engine refused a request for, as the API answers it: past the model's caps (400
+    naming the param), or a model deleted after the request found it (404, as if never there)."""
+    if isinstance(e, ModelGone):
+        return models.not_found(model)
+    return APIError(400, str(e), e.param, e.code)
+
+
+async def complete(request: InferenceRequest, engine: Engine, model: str) -> Answer:
+    """The answer, or the engine's refusal (the prompt's tokens are counted on the engine's
+    thread, which holds the tokenizer)."""
     try:
         engine.generation.check(request)
         return await asyncio.wrap_future(engine.infer(request))
-    except TooLong as e:
-        raise APIError(400, str(e), e.param, e.code) from None
+    except (TooLong, ModelGone) as e:
+        raise refusal(e, model) from None
 
 
-async def stream(request: InferenceRequest, engine: Engine, shape: Shape) -> StreamingResponse:
+async def stream(request: InferenceRequest, engine: Engine, shape: Shape, model: str) -> StreamingResponse:
     """Server-sent events of the answer as the engine produces it: each choice's new text every
     engine turn, its finish, the usage when asked, then `data: [DONE]`. The response starts once
     the engine has admitted the request (its first tokens are there), so a request past the caps
@@ -78,15 +86,15 @@ async def stream(request: InferenceRequest, engine: Engine, shape: Shape) -> Str
     try:
         engine.generation.check(request)
     except TooLong as e:
-        raise APIError(400, str(e), e.param, e.code) from None
+        raise refusal(e, model) from None
     future = engine.infer(request)
     future.add_done_callback(lambda _: put(None))  # after every delta the engine sent
     first = await events.get()
     if first is None:
         try:
             future.result()
-        except TooLong as e:
-            raise APIError(400, str(e), e.param, e.code) from None
+        except (TooLong, ModelGone) as e:
+            raise refusal(e, model) from None
     return StreamingResponse(_events(first, events, request, future, shape), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -136,8 +144,8 @@ async def completions(user: Me, service: TheService, body: CompletionRequest):
 
 async def _answer(body, request: InferenceRequest, engine: Engine, shape: Shape):
     if body.stream:
-        return await stream(request, engine, shape)
-    return shape.whole(await complete(request, engine))
+        return await stream(request, engine, shape, body.model)
+    return shape.whole(await complete(request, engine, body.model))
 
 
 def _refuse_unsupported(body) -> None:
