@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -38,6 +40,19 @@ def set_threads() -> None:
 def default_workers() -> int:
     """Cores idle right now (within this process's CPU affinity) less the server's torch threads; at least 1."""
     return max(1, round(affinity_cpus() - _busy_cores(seconds=0.1)) - torch.get_num_threads())
+
+
+def yield_cpu(niceness: int) -> None:
+    """Lower the calling thread's CPU priority by `niceness` (Linux: a thread's nice value is its
+    own, and the threads and processes it starts afterwards inherit it; elsewhere, nothing).
+    A serving process's training thread calls it, so that its torch threads and fit workers
+    leave a core to the API's event loop the moment a request comes in."""
+    if niceness > 0 and sys.platform == "linux":
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, niceness + os.getpriority(os.PRIO_PROCESS, tid))
+        except OSError:  # e.g. a sandbox without setpriority: only latency is lost
+            pass
 
 
 def _busy_cores(seconds: float) -> float:

@@ -1,8 +1,11 @@
 """The runtime's machine: the server's threads (OMP_NUM_THREADS wins, never more than the idle cores),
-the default number of fit workers, the default device."""
+the default number of fit workers, the default device, a thread that yields the CPU."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -73,3 +76,26 @@ def test_affinity_cpus_counts_the_cpus_this_process_may_use():
 def test_default_device_is_cuda_where_a_gpu_is(monkeypatch, cuda):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert runtime.default_device() == ("cuda" if cuda else "cpu")
+
+
+def _nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
+def test_yield_cpu_lowers_the_calling_thread_and_what_it_starts_only():
+    seen = {}
+
+    def training():
+        runtime.yield_cpu(10)
+        seen["thread"] = _nice(threading.get_native_id())
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"],
+                               capture_output=True, text=True, check=True)
+        seen["child"] = int(child.stdout)
+
+    main = _nice(threading.get_native_id())
+    t = threading.Thread(target=training)
+    t.start()
+    t.join()
+    assert seen == {"thread": min(19, main + 10), "child": min(19, main + 10)}
+    assert _nice(threading.get_native_id()) == main  # the caller's other threads keep theirs

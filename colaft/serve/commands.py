@@ -119,6 +119,10 @@ def serve(
     max_completion_tokens: Annotated[Optional[int], typer.Option(
         help="Cap on a completion's max_tokens (400 past it, param max_tokens); prompt plus max_tokens must "
              "also fit the model's context. Default: half the model's context, 4096 at most.")] = None,
+    training_niceness: Annotated[int, typer.Option(
+        min=0, max=19, help="How much lower the CPU priority of training and decoding (and the fit workers they "
+                            "start) is than the API's: requests are answered at once however busy the machine. "
+                            "0: the same.")] = 10,
     rate_window: Annotated[int, typer.Option(
         hidden=True, help="Seconds of the request-rate window (tests shorten the minute).")] = 60,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
@@ -173,7 +177,7 @@ def serve(
                         max_stored_bytes=max(1, int(max_stored_mb_per_user * 2**20)) if max_stored_mb_per_user
                         else 0,
                         max_requests=max_requests_per_minute_per_user, rate_window=rate_window,
-                        max_polls=max_polls_per_key,
+                        max_polls=max_polls_per_key, training_niceness=training_niceness,
                         max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens)
     _remove_orphans(db, settings.data_dir, File)
     engines = {}

@@ -23,12 +23,11 @@ tended by colaft.serve.clients) and the queues the API fills (pauses, deletions:
     between ticks: inference requests, batched across adapters, a few tokens of each per turn
                    (colaft.serve.decode): a long completion never holds the thread
 
-Why a tick and not colaft.app.loop.train: that loop runs a fixed DataLoader for a fixed set of
-users and steps. Here jobs arrive, finish and are cancelled between any two steps, and the
-thread also answers inference and writes events and checkpoints; so the tick only forms the
-batch and calls the library's Trainer.step (same encode, collate, step and loss
-normalisation: the sum over jobs of each job's mean loss, so a job's updates do not depend on
-which other jobs share its batches).
+Why a tick and not colaft.app.loop.train: that loop runs a fixed DataLoader for a fixed set of users
+and steps. Here jobs arrive, finish and are cancelled between any two steps, and the thread also
+answers inference and writes events and checkpoints; so the tick only forms the batch and calls the
+library's Trainer.step (same encode, collate, step and loss normalisation: the sum over jobs of each
+job's mean loss, so a job's updates do not depend on which other jobs share its batches).
 
 The HTTP event loop never waits for this thread: the API only writes the database and
 hands job ids, cancellations and inference requests over through thread-safe queues.
@@ -45,6 +44,7 @@ from concurrent.futures import Future
 import torch
 
 from colaft.backends import WorkerError
+from colaft.runtime import yield_cpu
 from colaft.serve import clients, isolation
 from colaft.serve.control import Control
 from colaft.serve.db import ACTIVE, Database, File
@@ -114,6 +114,7 @@ class Engine:
 
     # ------------------------------------------------------------- the thread
     def _main(self) -> None:
+        yield_cpu(self.settings.training_niceness)  # before this thread starts torch's threads and the workers
         try:
             self._startup()
         except Exception:
@@ -320,9 +321,8 @@ class Engine:
         self._periodic_checkpoints()
 
     def _periodic_checkpoints(self) -> None:
-        """At most CHECKPOINTS_PER_STEP of the due periodic checkpoints after a step, oldest first:
-        jobs created together fall due together (64 at once stopped training for ~2 s); the
-        others wait a step or more, and are taken at the step they have reached then."""
+        """At most CHECKPOINTS_PER_STEP of the due periodic checkpoints after a step, oldest first: jobs
+        created together fall due together (64 at once stopped training for ~2 s); the others wait."""
         for _ in range(min(CHECKPOINTS_PER_STEP, len(self._due))):
             job_id, _ = self._due.popitem(last=False)
             run = self.runs.get(job_id)

@@ -22,6 +22,9 @@ class Settings:
     """Keyword arguments of the backend (workers, address)."""
     transfer_dtype: str = "float32"
     """Precision of the packets sent to workers and fit clients: float32 (exact) | bfloat16 (half the bytes)."""
+    training_niceness: int = 10
+    """The engines' threads (training, decoding) and their fit workers run this much nicer than the
+    API's event loop (colaft.runtime.yield_cpu): on a busy machine a request waits for no step."""
     checkpoint_every: int = 20
     """Save each running job's state every so many of its steps (and at every epoch end)."""
     num_labels: int = 2

@@ -94,3 +94,20 @@ def test_a_data_folder_holding_other_files_is_refused_and_left_as_it_was(tmp_pat
     with pytest.raises(ValueError, match="holds other files and no colaft data"):
         make_private(tmp_path)
     assert (tmp_path / "notes.txt").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="threads' priorities are read from Linux's /proc")
+def test_training_and_its_workers_run_nicer_than_the_api(server, alice):
+    """The engines' threads (and the torch threads and fit workers they start) yield the CPU to the
+    API's event loop: --training-niceness 10 by default."""
+    import psutil
+    from serve_helpers import CHAT, upload, wait_job
+
+    job = alice.fine_tuning.jobs.create(model="llama", training_file=upload(alice, CHAT).id)
+    assert wait_job(alice, job.id).status == "succeeded"  # the engine has trained (its workers started)
+    pid = server.proc.pid
+    nice = {int(t): os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+    assert nice[pid] == 0  # the main thread: the event loop
+    assert sorted(set(nice.values())) == [0, 10], nice  # the engines' threads and torch's under them
+    workers = psutil.Process(pid).children(recursive=True)
+    assert workers and all(w.nice() == 10 for w in workers), [(w.pid, w.cmdline()[:3], w.nice()) for w in workers]
