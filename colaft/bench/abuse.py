@@ -6,6 +6,8 @@ while the well-behaved users of colaft.bench.serve_load go on.
     Hostile(...).run_apart(seconds)              the same for `seconds`, in a process of its own
     RssSampler(pid)                              the server process's resident set, sampled
                                                  every 0.1 s in a thread: baseline, peak
+    probe_apart(url, key, job, seconds, rec)     /health and a job's status every 0.2 s, from a
+                                                 process that does nothing else
 
 Every attack comes from hostile users' own API keys (never a good user's), so the good users'
 rate quota and jobs are their own. Each attack is bounded: `scale` sets its concurrency, every
@@ -306,12 +308,44 @@ class RssSampler:
 
 # ---------------------------------------------------------------- the good side, measured under attack
 
-async def probe_health(url: str, rec, stop: asyncio.Event, every: float = 0.2) -> None:
-    """GET /health every `every` s (no key, like a load balancer), recorded as good requests."""
-    async with httpx.AsyncClient(base_url=url, timeout=60) as h:
-        while not stop.is_set():
-            await rec.call(h, "health", "load", "GET", "/health")
-            await asyncio.sleep(every)
+async def probe_apart(url: str, key: str, job: str, seconds: float, rec, every: float = 0.2) -> None:
+    """GET /health (no key, like a load balancer), then a good user's job status, every `every` s
+    for `seconds`, from a process of its own that does nothing else (`probe_main`): what the
+    server answers in, not how long the 64 users' busy event loop takes to read it (their own
+    status calls are measured too, in their process). Recorded as good requests of the load
+    window, kinds "health" and "probe status"."""
+    from colaft.bench.serve_load_report import Sample
+    from colaft.serve.launch import SOURCE
+
+    spec = {"url": url, "key": key, "job": job, "seconds": seconds, "every": every}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from colaft.bench.abuse import probe_main; probe_main()", json.dumps(spec),
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(SOURCE)})
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the probing process exited with status {proc.returncode}")
+    for kind, wall, took, status in json.loads(out):
+        rec.samples.append(Sample(kind, "load", wall - rec.wall_zero, took, status))
+
+
+def probe_main() -> None:
+    """The probing process of `probe_apart`: its spec (JSON) in argv[1]; [kind, wall-clock start,
+    seconds, status] of every request (JSON) on stdout."""
+    spec = json.loads(sys.argv[1])
+    probes = [("health", "/health", {}),
+              ("probe status", f"/v1/fine_tuning/jobs/{spec['job']}", {"Authorization": f"Bearer {spec['key']}"})]
+    samples, deadline = [], time.monotonic() + spec["seconds"]
+    with httpx.Client(base_url=spec["url"], timeout=60) as h:
+        while time.monotonic() < deadline:
+            for kind, path, headers in probes:
+                wall, t0 = time.time(), time.perf_counter()
+                try:
+                    status = h.get(path, headers=headers).status_code
+                except httpx.HTTPError:
+                    status = 0
+                samples.append([kind, wall, time.perf_counter() - t0, status])
+            time.sleep(spec["every"])
+    print(json.dumps(samples))
 
 
 async def short_job(h: httpx.AsyncClient, job: str, model: str, epochs: int, rec, made: dict[str, str]) -> None:

@@ -246,7 +246,7 @@ async def _windows(url: str, keys: list[str], jobs: list[str], settings: Setting
                 if hostile is not None and phase == "load":
                     first = not any(w["phase"] == "load" for w in windows)  # the short jobs start with it
                     tasks += [asyncio.create_task(hostile.run_apart(settings.window)),
-                              asyncio.create_task(abuse.probe_health(url, rec, stop))]
+                              asyncio.create_task(abuse.probe_apart(url, keys[0], jobs[0], settings.window, rec))]
                     tasks += [asyncio.create_task(abuse.short_job(h, j, "bench", settings.short_epochs, rec, short))
                               for h, j in zip(clients, jobs) if first]
                 await asyncio.sleep(settings.window)

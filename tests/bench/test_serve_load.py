@@ -35,9 +35,11 @@ def test_serve_quick_abuse(tmp_path):
     assert data["requests"]["failed"] == 0, data["requests"]["errors"]
     abuse = data["abuse"]
     assert abuse["good_jobs"] == 16 and abuse["good_jobs_not_succeeded"] == 0, abuse["bad_jobs"]
-    assert abuse["health_latency"]["n"] > 0 and abuse["health_latency"]["failed"] == 0
+    for probed in ("health_latency", "status_latency"):  # from the probing process
+        assert abuse[probed]["n"] > 0 and abuse[probed]["failed"] == 0, abuse[probed]
     assert abuse["memory"]["peak_mb"] >= abuse["memory"]["baseline_mb"] > 0
     assert abuse["hostile_requests"] > 0 and abuse["hostile_5xx"] == 0, abuse["outcomes"]
     assert {"oversized", "malformed", "invalid keys", "multipart", "flood", "long polls"} <= abuse["outcomes"].keys()
-    assert {"good_jobs_all_succeeded", "health_p99_under_100ms", "rss_growth_under_200mb"} <= data["targets"].keys()
+    assert {"good_jobs_all_succeeded", "health_p99_under_100ms", "probed_status_p99_under_100ms",
+            "rss_growth_under_200mb"} <= data["targets"].keys()
     assert "Under attack" in (tmp_path / "serve.md").read_text()
