@@ -240,18 +240,24 @@ class Hostile:
         An attacker's hundreds of connections cost its own event loop seconds of work under load:
         sharing the measuring process's loop, they would delay the good users' requests there,
         and the latencies measured would be the bench's own, not the server's."""
-        from colaft.serve.launch import SOURCE
-
         spec = {"url": self.url, "keys": self.keys, "model": self.model, "scale": self.scale,
                 "timeout": self.timeout, "poll_job": self.poll_job, "seconds": seconds}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from colaft.bench.abuse import attack_main; attack_main()", json.dumps(spec),
-            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(SOURCE)})
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"the attacking process exited with status {proc.returncode}")
-        for attack, counts in json.loads(out).items():
+        for attack, counts in (await _apart("attack_main", spec)).items():
             self.outcomes.setdefault(attack, Counter()).update(counts)
+
+
+async def _apart(main: str, spec: dict):
+    """What this module's function `main` prints (JSON), run in a new Python process with `spec`
+    (JSON) as its argument."""
+    from colaft.serve.launch import SOURCE
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", f"from colaft.bench.abuse import {main}; {main}()", json.dumps(spec),
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(SOURCE)})
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{main} exited with status {proc.returncode}")
+    return json.loads(out)
 
 
 def attack_main() -> None:
@@ -315,16 +321,9 @@ async def probe_apart(url: str, key: str, job: str, seconds: float, rec, every: 
     status calls are measured too, in their process). Recorded as good requests of the load
     window, kinds "health" and "probe status"."""
     from colaft.bench.serve_load_report import Sample
-    from colaft.serve.launch import SOURCE
 
     spec = {"url": url, "key": key, "job": job, "seconds": seconds, "every": every}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from colaft.bench.abuse import probe_main; probe_main()", json.dumps(spec),
-        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(SOURCE)})
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"the probing process exited with status {proc.returncode}")
-    for kind, wall, took, status in json.loads(out):
+    for kind, wall, took, status in await _apart("probe_main", spec):
         rec.samples.append(Sample(kind, "load", wall - rec.wall_zero, took, status))
 
 

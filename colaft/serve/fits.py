@@ -84,7 +84,7 @@ class Channel:
                        for site, params in state["adapters"].items()}
         self.elements = sum(math.prod(shape) for params in self.shapes.values() for shape in params.values())
         """The adapters' values: what the size of an update (the owner's whole state) follows."""
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()  # the engine's thread and the API's loop share the channel
         self.state = state  # the snapshot: the owner after the last accepted update
         self.version = state["version"]  # accepted versions (the engine applies them in order)
         self.acked = self.sent = seq  # messages covered by the snapshot; messages offered
@@ -98,9 +98,8 @@ class Channel:
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()  # the polls waiting now
 
     def _notify(self) -> None:
-        """Wake every waiting pull (the caller holds `cond`): threads on the condition, polls
-        through their loops (one call per loop, whatever the number of polls)."""
-        self.cond.notify_all()
+        """Wake every waiting poll (the caller holds `lock`) through its loop (one call per loop,
+        whatever the number of polls)."""
         loops: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
         for loop, event in self._waiters:
             loops.setdefault(loop, []).append(event)
@@ -113,7 +112,7 @@ class Channel:
     # ------------------------------------------------------------- the engine's side
     def offer(self, kind: str, packets: list[Packet]) -> None:
         """A new message: one step's packets ("push"), or "flush" at the end of the job."""
-        with self.cond:
+        with self.lock:
             self.since_fit += kind == "push"
             ends_fit = self.since_fit >= self.interval or (kind == "flush" and self.since_fit > 0)
             if ends_fit:
@@ -129,7 +128,7 @@ class Channel:
 
     def fits_in_flight(self) -> int:
         """Fits sent and not yet answered, plus answered ones the engine has not applied yet."""
-        with self.cond:
+        with self.lock:
             return sum(m.ends_fit for m in self.messages.values()) + len(self.accepted)
 
     def runnable(self, timeout: float) -> bool:
@@ -140,18 +139,18 @@ class Channel:
         return time.monotonic() - self.last_seen > timeout
 
     def take_updates(self) -> list[Accepted]:
-        with self.cond:
+        with self.lock:
             out, self.accepted = self.accepted, []
             return out
 
     def idle(self) -> bool:
         """Every message is answered and every accepted update taken: the snapshot is the whole truth."""
-        with self.cond:
+        with self.lock:
             return self.acked == self.sent and not self.accepted
 
     def close(self, status: str) -> None:
         """The job is over (`status`): long polls return, and pulls say so from now on."""
-        with self.cond:
+        with self.lock:
             self.final = status
             self.messages.clear()
             self._notify()
@@ -161,31 +160,17 @@ class Channel:
         self.last_seen = time.monotonic()
         self.connected = True
 
-    def pull(self, after: int, wait: float, version: int | None = None) -> tuple[list[_Message], bool]:
+    async def poll(self, after: int, wait: float, version: int | None = None) -> tuple[list[_Message], bool]:
         """The messages after `after`, waiting up to `wait` s for one; (messages, job over).
         `version`: the client's; one the server does not hold (the server went back to a
         checkpoint, another client pushed meanwhile) makes the client start again from fit/state.
-        This waits in the calling thread; the API awaits `poll`, its coroutine twin."""
-        deadline = time.monotonic() + wait
-        with self.cond:
-            while True:
-                answer = self._answer(after, version)
-                if answer is not None:
-                    return answer
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return [], False
-                self.cond.wait(min(left, SEEN_EVERY))  # wake now and then: a waiting client counts as seen
-
-    async def poll(self, after: int, wait: float, version: int | None = None) -> tuple[list[_Message], bool]:
-        """`pull` as a coroutine: it waits on an asyncio event, set from the engine's thread
-        through this loop, so a waiting poll holds no thread. Cancelled (its client went
-        away), it leaves nothing behind."""
+        It waits on an asyncio event, set from the engine's thread through this loop, so a
+        waiting poll holds no thread. Cancelled (its client went away), it leaves nothing behind."""
         deadline = time.monotonic() + wait
         loop = asyncio.get_running_loop()
         while True:
             waiter = (loop, asyncio.Event())
-            with self.cond:
+            with self.lock:
                 answer = self._answer(after, version)
                 if answer is not None:
                     return answer
@@ -198,11 +183,11 @@ class Channel:
             except TimeoutError:
                 pass
             finally:
-                with self.cond:
+                with self.lock:
                     self._waiters.discard(waiter)
 
     def _answer(self, after: int, version: int | None) -> tuple[list[_Message], bool] | None:
-        """What a pull answers now (the caller holds `cond`), or None: nothing new yet."""
+        """What a pull answers now (the caller holds `lock`), or None: nothing new yet."""
         self.seen()
         if self.final is not None:
             return [], True
@@ -217,21 +202,21 @@ class Channel:
     def body(self, messages: list[_Message]) -> bytes:
         """The messages' packets, serialised once (colaft.packets' safetensors form)."""
         key = tuple(m.seq for m in messages)
-        with self.cond:
+        with self.lock:
             data = self._cache.get(key)
         if data is None:
             data = packets_to_bytes([p for m in messages for p in m.packets])
-            with self.cond:
+            with self.lock:
                 self._cache = {key: data}  # a retried pull gets the same bytes; older ones are dropped
         return data
 
     def push(self, version: int, seq: int, state: dict, skipped: bool) -> None:
         """Accept the update `version` answering message `seq`, or raise Refused."""
-        with self.cond:
+        with self.lock:
             self.seen()
             self._expect(version, seq, state)
         self._check(state)  # its tensors are checked without the lock: a poll never waits on them
-        with self.cond:
+        with self.lock:
             self._expect(version, seq, state)  # again: another push may have been taken meanwhile
             self.version, self.acked, self.state = version, seq, state
             for s in [s for s in self.messages if s <= seq]:
@@ -241,7 +226,7 @@ class Channel:
         self.wake()
 
     def _expect(self, version: int, seq: int, state: dict) -> None:
-        """Refused unless `version` answering `seq` is the update the channel waits for (the caller holds `cond`)."""
+        """Refused unless `version` answering `seq` is the update the channel waits for (the caller holds `lock`)."""
         if self.final is not None:
             raise Refused("job_finished", f"the job has {self.final}: no update is taken")
         if version <= self.version:

@@ -3,6 +3,7 @@ and their fit points, pulls (long polls) and resyncs, updates accepted once and 
 the staleness bound, a client seen or gone, idleness, and the end of the job."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -24,8 +25,13 @@ def channel(interval: int = 1, staleness: int = 0, woken: list | None = None) ->
                    wake=lambda: woken.append(1) if woken is not None else None)
 
 
+def pull(ch: Channel, after: int, wait: float = 0.0, **kw):
+    """The API's long poll (`Channel.poll`), run to its end."""
+    return asyncio.run(ch.poll(after, wait, **kw))
+
+
 def pulled(ch: Channel, after: int, **kw) -> list[tuple[int, str, bool]]:
-    messages, over = ch.pull(after, wait=0, **kw)
+    messages, over = pull(ch, after, wait=0, **kw)
     assert not over
     return [(m.seq, m.kind, m.ends_fit) for m in messages]
 
@@ -45,14 +51,14 @@ def test_channel_gates_the_job_on_its_fits_in_flight():
     ch.offer("push", [])  # a second fit in flight: past S = 1
     assert ch.fits_in_flight() == 2 and not ch.runnable(60)
     with pytest.raises(Refused, match="fetch fit/state"):
-        ch.pull(after=4, wait=0, version=3)  # e.g. the server went back to a checkpoint
+        pull(ch, after=4, wait=0, version=3)  # e.g. the server went back to a checkpoint
     with pytest.raises(Refused) as e:
         ch.push(1, 4, {**state, "version": 1}, False)  # message 2 is the next fit, not 4
     assert e.value.code == "unexpected_update"
     ch.push(1, 2, {**state, "version": 1}, False)
     assert woken and ch.fits_in_flight() == 2  # accepted, not yet applied by the engine
     assert [a.version for a in ch.take_updates()] == [1] and ch.fits_in_flight() == 1 and ch.runnable(60)
-    assert [m.seq for m in ch.pull(after=2, wait=0, version=1)[0]] == [3, 4]
+    assert [m.seq for m in pull(ch, after=2, wait=0, version=1)[0]] == [3, 4]
     assert not ch.runnable(-1)  # its client not seen within the timeout: the job waits
 
 
@@ -113,13 +119,13 @@ def test_a_pull_answers_the_messages_after_its_seq_or_asks_for_a_resync():
                            (4, None),  # past what was sent
                            (2, 0)]:  # the client is at a version the server does not hold
         with pytest.raises(Refused) as e:
-            ch.pull(after, wait=0, version=version)
+            pull(ch, after, wait=0, version=version)
         assert e.value.code == "resync", (after, version)
     assert [seq for seq, *_ in pulled(ch, 2, version=1)] == [3]
     start = time.monotonic()
-    assert ch.pull(3, wait=0.2) == ([], False) and time.monotonic() - start >= 0.2  # nothing new: waited
+    assert pull(ch, 3, wait=0.2) == ([], False) and time.monotonic() - start >= 0.2  # nothing new: waited
     threading.Timer(0.1, ch.offer, ("push", [])).start()
-    messages, over = ch.pull(3, wait=30)  # woken by the new message, long before its wait ends
+    messages, over = pull(ch, 3, wait=30)  # woken by the new message, long before its wait ends
     assert [m.seq for m in messages] == [4] and not over
 
 
@@ -139,7 +145,7 @@ def test_a_client_counts_as_gone_when_not_seen_within_the_timeout():
     assert not ch.connected and not ch.gone(60)  # admission counts as seen
     ch.last_seen -= 100
     assert ch.gone(60) and not ch.runnable(60)
-    ch.pull(0, wait=0)
+    pull(ch, 0, wait=0)
     assert ch.connected and not ch.gone(60) and ch.runnable(60)
     ch.offer("push", [])
     ch.last_seen -= 100
@@ -163,8 +169,8 @@ def test_a_closed_channel_ends_the_polls_and_takes_no_update():
     ch = channel()
     ch.offer("push", [])
     threading.Timer(0.1, ch.close, ("cancelled",)).start()
-    assert ch.pull(1, wait=30) == ([], True)  # a waiting poll returns when the job ends
-    assert ch.pull(0, wait=0) == ([], True) and ch.final == "cancelled"
+    assert pull(ch, 1, wait=30) == ([], True)  # a waiting poll returns when the job ends
+    assert pull(ch, 0, wait=0) == ([], True) and ch.final == "cancelled"
     with pytest.raises(Refused) as e:
         ch.push(1, 1, state(1), skipped=False)
     assert e.value.code == "job_finished" and ch.version == 0
@@ -175,12 +181,12 @@ def test_a_pull_body_holds_its_messages_packets_and_is_made_once():
     ch = channel(interval=2)
     ch.offer("push", packets[:2])
     ch.offer("push", packets[2:])
-    messages, _ = ch.pull(0, wait=0)
+    messages, _ = pull(ch, 0, wait=0)
     body = ch.body(messages)
     got = packets_from_bytes(body)
     assert [p.site for p in got] == ["s"] * 3
     assert all(torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad) for a, b in zip(got, packets))
-    assert ch.body(ch.pull(0, wait=0)[0]) is body  # a retried pull gets the same bytes, not serialised again
+    assert ch.body(pull(ch, 0, wait=0)[0]) is body  # a retried pull gets the same bytes, not serialised again
     assert packets_from_bytes(ch.body(messages[1:])) and ch.body(messages) is not body  # only the last is kept
 
 

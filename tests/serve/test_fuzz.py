@@ -21,6 +21,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from schema_cases import PAIRS, with_real_values
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from serve_helpers import CHAT, REVIEWS, Server, add_user, jsonl, upload, wait_job
@@ -82,36 +83,6 @@ def targets(fuzz_server):
                      PAIRS: [{"model": "llama", "training_file": chat}, {"model": "bert", "training_file": reviews}]}}
 
 
-PAIRS = "model+training_file"
-"""The key of body values drawn together (each a dict of fields)."""
-
-
-def _real_values(strategy, values: dict):
-    """Cases of `strategy` with, for each body field present, either the generated value or a real
-    one; fields of a PAIRS value, when all are present, are replaced together or not at all."""
-
-    @st.composite
-    def cases(draw):
-        case = draw(strategy)
-        if isinstance(case.body, dict):
-            for name, choices in values.items():
-                if name == PAIRS:
-                    pair = draw(st.sampled_from(choices))
-                    if pair.keys() <= case.body.keys() and draw(st.booleans()):
-                        case.body.update(pair)
-                elif name in case.body and draw(st.booleans()):
-                    case.body[name] = draw(st.sampled_from(choices))
-        for part in (case.body, case.query):
-            if isinstance(part, dict):
-                for name, cap in SLOW.items():
-                    value = part.get(name)
-                    if isinstance(value, int | float) and not isinstance(value, bool) and value > cap:
-                        part[name] = cap
-        return case
-
-    return cases()
-
-
 def _path_ids(operation, targets) -> list[dict]:
     """None (generated ids), then each real id of the operation's path parameter."""
     variants = [None]
@@ -126,7 +97,7 @@ def _fuzz(server, key: str, operation, mode, path_ids, values: dict, examples: i
           answers: Counter) -> None:
     """Send `examples` cases of one operation in one generation mode; a 5xx is added to `failures`."""
     headers = {"Authorization": f"Bearer {key}"}
-    strategy = _real_values(operation.as_strategy(mode, path_parameters=path_ids), values)
+    strategy = with_real_values(operation.as_strategy(mode, path_parameters=path_ids), values, SLOW)
 
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))

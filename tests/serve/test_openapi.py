@@ -12,8 +12,8 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from schema_cases import with_real_values
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -207,27 +207,6 @@ def live(tmp_path_factory, tiny_llama_dir):
     srv.stop()
 
 
-def _cases(strategy, values: dict):
-    """Cases of `strategy` with real values mixed into their bodies and slow values capped."""
-
-    @st.composite
-    def cases(draw):
-        case = draw(strategy)
-        if isinstance(case.body, dict):
-            for name, choices in values.items():
-                if name in case.body and draw(st.booleans()):
-                    case.body[name] = draw(st.sampled_from(choices))
-        for part in (case.body, case.query):
-            if isinstance(part, dict):
-                for name, cap in SLOW.items():
-                    value = part.get(name)
-                    if isinstance(value, int | float) and not isinstance(value, bool) and value > cap:
-                        part[name] = cap
-        return case
-
-    return cases()
-
-
 def _send(live, case, what: str, failures: list, answers: Counter) -> None:
     """Send `case` with the key and run every check on its answer; a failure is added to `failures`."""
     headers = {"Authorization": f"Bearer {live.key}"}
@@ -245,7 +224,7 @@ def _send(live, case, what: str, failures: list, answers: Counter) -> None:
 
 def _check(live, operation, mode, path_ids, failures: list, answers: Counter) -> None:
     """Send EXAMPLES[mode] generated cases of one operation (`path_ids`: real ids, or None)."""
-    strategy = _cases(operation.as_strategy(mode, path_parameters=path_ids), live.targets["body"])
+    strategy = with_real_values(operation.as_strategy(mode, path_parameters=path_ids), live.targets["body"], SLOW)
 
     @settings(max_examples=EXAMPLES[mode], deadline=None, derandomize=True, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))

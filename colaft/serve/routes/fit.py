@@ -77,7 +77,7 @@ def fit_state(user: Me, service: TheService, job_id: str):
     job, engine, channel = _channel(service, user, job_id)
     if channel is None:
         return _over(job)
-    with channel.cond:
+    with channel.lock:
         channel.seen()
         state, seq = channel.state, channel.acked
     meta = {**channel.info, "job": job_id, "seq": seq, "version": state["version"], "staleness": channel.staleness,
