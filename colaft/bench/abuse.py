@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 import threading
 import time
@@ -50,6 +51,9 @@ class Hostile:
         self.file_id: str | None = None
         self.poll_job: str | None = None
         self.poll_after = 0
+        # one TLS context for every client: httpx builds one per client otherwise (~30 ms of CPU
+        # each), and a window's 250 clients would spend seconds of it before attacking
+        self.tls = ssl.create_default_context()
 
     # ------------------------------------------------------------ plumbing
 
@@ -58,7 +62,7 @@ class Hostile:
 
     def client(self, key: str | None = None) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=self.timeout)
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=self.timeout, verify=self.tls)
 
     async def send(self, attack: str, h: httpx.AsyncClient, method: str, path: str, **kw) -> httpx.Response | None:
         try:
