@@ -9,6 +9,8 @@ its id in `jobs.lease_owner` until `jobs.lease_expires_at`, both on the database
              active jobs of my base model whose lease is free or expired, oldest first, at most
              my fair share (the model's active jobs over the live processes serving it, less
              those I hold), and write myself in as their owner: two claimers never get one job
+             (on PostgreSQL one claimer of a model at a time: a transaction's advisory lock).
+             Collaborative jobs all go to one process: the mean of their deltas couples them
     renew    a thread of its own (not the engine's: a long step never loses a lease) moves the
              expiry of every active job I hold, and my heartbeat, LEASE_SECONDS ahead, every
              HEARTBEAT_SECONDS
@@ -27,6 +29,7 @@ wrote; colaft.serve.commands refuses a second process on the same data folder.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -42,6 +45,13 @@ LEASE_SECONDS = 10.0
 (plus a turn of the claimer's engine and the job's admission) before another takes them."""
 HEARTBEAT_SECONDS = 2.0
 """How often the leases and the heartbeat are renewed."""
+FORGOTTEN = 86400.0
+"""Seconds after its last heartbeat that a dead process's row is removed (by the next to start)."""
+
+
+def _key(model: str) -> int:
+    """The advisory lock of `model`'s claims: a stable signed 64-bit number."""
+    return int.from_bytes(hashlib.sha256(f"colaft-claim:{model}".encode()).digest()[:8], "big", signed=True)
 
 
 class Leases:
@@ -70,7 +80,9 @@ class Leases:
         if self.exclusive:
             return
         with self.db.session() as s:
-            s.add(Server(id=self.id, url=self.url, models=self.models, heartbeat_at=s.scalar(select(self.clock))))
+            now = s.scalar(select(self.clock))
+            s.execute(delete(Server).where(Server.heartbeat_at < now - FORGOTTEN))  # long dead: their leases expired
+            s.add(Server(id=self.id, url=self.url, models=self.models, heartbeat_at=now))
         self._thread.start()
 
     def stop(self) -> None:
@@ -106,24 +118,37 @@ class Leases:
     # ------------------------------------------------------------- jobs
     def claim(self, model: str) -> list[str]:
         """Take the leases of the active jobs of `model` that are free or expired, up to this
-        process's fair share; the jobs now mine (oldest first)."""
+        process's fair share; the jobs now mine (oldest first). Collaborative jobs train on one
+        process (the mean of their deltas couples them): they are all claimed by the process
+        that holds one already, or by the first to find none held, whatever its share."""
         with self.db.session() as s:
+            if s.bind.dialect.name == "postgresql":  # one claimer of this model at a time, on any process
+                s.execute(select(func.pg_advisory_xact_lock(_key(model))))
             now = s.scalar(select(self.clock))
             free = or_(Job.lease_owner.is_(None), Job.lease_expires_at < now)
             if self.exclusive:  # the only process: jobs an earlier, dead one held are free
                 free = or_(Job.lease_owner.is_(None), Job.lease_owner != self.id)
-                want = None
-            else:
-                want = self._share(s, model, now)
-                if want <= 0:
-                    return []
-            ids = list(s.scalars(select(Job.id).where(Job.model == model, Job.status.in_(ACTIVE), free)
-                                 .order_by(Job.created_at, Job.id).limit(want)
-                                 .with_for_update(skip_locked=True)))
+            found = s.execute(select(Job.id, Job.options).where(Job.model == model, Job.status.in_(ACTIVE), free)
+                              .order_by(Job.created_at, Job.id).with_for_update(skip_locked=True)).all()
+            if not found:
+                return []
+            alone = [i for i, options in found if options.get("mode") != "collaborative"]
+            together = [i for i, options in found if options.get("mode") == "collaborative"]
+            if not self.exclusive:
+                alone = alone[:max(0, self._share(s, model, now))]
+                if together and self._collaborating_elsewhere(s, model, now):
+                    together = []
+            ids = [i for i, _ in found if i in set(alone) | set(together)]
             if ids:
                 s.execute(update(Job).where(Job.id.in_(ids)).values(lease_owner=self.id,
                                                                     lease_expires_at=now + self.ttl))
         return ids
+
+    def _collaborating_elsewhere(self, s, model: str, now: float) -> bool:
+        """Another process holds a live lease of an active collaborative job of `model`."""
+        return any(options.get("mode") == "collaborative" for options in s.scalars(
+            select(Job.options).where(Job.model == model, Job.status.in_(ACTIVE), Job.lease_owner != self.id,
+                                      Job.lease_expires_at >= now)))
 
     def _share(self, s, model: str, now: float) -> int:
         """How many more jobs of `model` this process may claim: its fair share of the model's
