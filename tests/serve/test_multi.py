@@ -92,7 +92,11 @@ def test_servers_share_jobs_and_take_a_killed_ones_over(n, postgres, tmp_path, t
         hyper = {"n_epochs": 40, "batch_size": 2}
         jobs = [clients[i % n].fine_tuning.jobs.create(model="llama", training_file=f.id, seed=10 + i,
                                                        hyperparameters=hyper).id for i in range(2 * n)]
-        fit_job = None
+        fit_job, together = None, []
+        if n == 2:  # two collaborative jobs (their mean couples them: one process trains both)
+            together = [clients[i].fine_tuning.jobs.create(
+                model="llama", training_file=f.id, seed=50 + i, hyperparameters={"n_epochs": 2, "batch_size": 2},
+                extra_body={"colaft": {"mode": "collaborative"}}).id for i in range(2)]
         if n == 2:  # a client-fit job: its client asks the process that does not hold it
             fit_job = clients[1].fine_tuning.jobs.create(model="llama", training_file=f.id, seed=99,
                                                          hyperparameters=hyper, extra_body={"colaft": {"fit": "client"}}
@@ -130,9 +134,19 @@ def test_servers_share_jobs_and_take_a_killed_ones_over(n, postgres, tmp_path, t
               f"resumed after {resumed - killed:.1f} s")
         assert resumed - killed < TAKEOVER_LIMIT
         client = survivors[0].client(key)
-        for j in all_jobs:
+        for j in all_jobs + together:
             done = wait_job(client, j, 240)
             assert done.status == "succeeded", (j, done.error)
+        if together:
+            assert watch.owners(together[0])[0] == watch.owners(together[1])[0]
+        if n == 3:  # a fine-tuned model answers on a process that did not train it (adapters from the shared folder)
+            trainer = next(s for s in by_id.values() if s is not victim and
+                           any(watch.owners(j)[-1] == ids[s.url] for j in jobs))
+            trained = next(j for j in jobs if watch.owners(j)[-1] == ids[trainer.url])
+            other = next(s for s in survivors if s is not trainer).client(key)
+            answer = other.chat.completions.create(model=client.fine_tuning.jobs.retrieve(trained).fine_tuned_model,
+                                                   max_tokens=4, messages=[{"role": "user", "content": "who are you"}])
+            assert answer.choices[0].message.content is not None
         if fit_job:
             thread.join(60)
             assert summary["s"].status == "succeeded" and summary["s"].updates > 0
