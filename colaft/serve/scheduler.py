@@ -74,7 +74,7 @@ class Engine:
         self.host = ModelHost(model_id, source, task, settings)
         self.generation = Generation(self.host, settings)  # completions in flight
         leases = leases or Leases(db, "", [model_id])  # (not started: an embedded database's only process)
-        self.store = JobStore(model_id, db, settings.data_dir, owner=leases.id)
+        self.store = JobStore(model_id, db, settings.data_dir, owner=None if leases.exclusive else leases.id)
         self.ownership = Ownership(model_id, leases, self.store)  # claims, other processes' changes
         self.runs: dict[str, Run] = {}
         self.channels: dict[str, Channel] = {}  # client-fit jobs (colaft.serve.fits), read by the API too
