@@ -2,7 +2,7 @@
 on this machine, and the time from a kill to the takeover.
 
     a private PostgreSQL cluster (colaft.bench.postgres; none: the report says so and stops)
-    per configuration (1 process, then N): a database of its own, one data folder, the processes
+    per configuration (1 process and N): a database of its own, one data folder, the processes
     started (the tiny model, inline fits); then `rounds` rounds, each:
         `jobs` jobs created through the processes in turn, while a poller asks for the jobs'
         statuses one request after another (each process in turn); the round ends when every
@@ -13,8 +13,12 @@ on this machine, and the time from a kill to the takeover.
         resumed from its checkpoint (its event); every job must then succeed; the killed
         process is started again for the next kill
 
-The figures are medians over rounds (and over kills). On one machine the processes share its
-cores: N processes are not N times one; the report states the model for N machines.
+Both configurations run at once, on databases of their own, and their rounds alternate (1, N,
+N, 1, ...: ABBA), so that the machine's other load falls on both alike; the idle one's
+processes only look for jobs twice a second. The figures are medians over rounds (and over
+kills). Each process trains on one torch thread (colaft.serve.launch's default): on one
+machine, N processes use up to N cores where one uses one. The report states the model for
+N machines.
 """
 from __future__ import annotations
 
@@ -212,28 +216,30 @@ def run_servers(settings: Settings, out: Path, command: str, log: Callable[[str]
         with tempfile.TemporaryDirectory(prefix="colaft-bench-servers-") as tmp:
             tmp = Path(tmp)
             model = str(tiny_model_dir(tmp / "tiny")) if settings.model == "tiny" else settings.model
-            configs = {}
-            for k in sorted({1, settings.servers}):
-                t = time.perf_counter()
-                fleet = Fleet(cluster, tmp, model, k, settings)
-                log(f"{k} process(es) ready in {time.perf_counter() - t:.1f} s")
-                try:
-                    fleet.wait(fleet.create(k, settings, 0))  # warm-up: every process has made its model's trainer
-                    rounds = []
-                    for r in range(settings.rounds):
-                        rounds.append(_round(fleet, settings, 1000 * r))
-                        log(f"  round {r + 1}: {rounds[-1]['steps_per_s']:.1f} steps/s, "
-                            f"p99 {rounds[-1]['p99_ms']:.1f} ms ({rounds[-1]['requests']} requests)")
-                    kills = [_kill(fleet, settings, 5000 + 100 * i, log) for i in range(settings.kills)] \
-                        if k >= 2 else []
-                finally:
+            sizes = sorted({1, settings.servers})
+            fleets: dict[int, Fleet] = {}
+            try:
+                for k in sizes:  # both started: their rounds alternate (1, N, N, 1, ...), the idle one waits
+                    t = time.perf_counter()
+                    fleets[k] = Fleet(cluster, tmp, model, k, settings)
+                    log(f"{k} process(es) ready in {time.perf_counter() - t:.1f} s")
+                    fleets[k].wait(fleets[k].create(k, settings, 0))  # warm-up: each process has made its trainer
+                rounds: dict[int, list[dict]] = {k: [] for k in sizes}
+                for r in range(settings.rounds):
+                    for k in (sizes if r % 2 == 0 else sizes[::-1]):
+                        rounds[k].append(_round(fleets[k], settings, 1000 * r))
+                        log(f"  round {r + 1}, {k} process(es): {rounds[k][-1]['steps_per_s']:.1f} steps/s, "
+                            f"p99 {rounds[k][-1]['p99_ms']:.1f} ms ({rounds[k][-1]['requests']} requests)")
+                fleets[1].stop()
+                kills = [_kill(fleets[sizes[-1]], settings, 5000 + 100 * i, log) for i in range(settings.kills)]
+            finally:
+                for fleet in fleets.values():
                     fleet.stop()
-                configs[k] = {"rounds": rounds, "kills": kills,
-                              "steps_per_s": statistics.median(r["steps_per_s"] for r in rounds),
-                              "p99_ms": statistics.median(r["p99_ms"] for r in rounds)}
-                if kills:
-                    configs[k]["leased_s"] = statistics.median(x["leased_s"] for x in kills)
-                    configs[k]["resumed_s"] = statistics.median(x["resumed_s"] for x in kills)
+            configs = {k: {"rounds": rounds[k], "steps_per_s": statistics.median(x["steps_per_s"] for x in rounds[k]),
+                           "p99_ms": statistics.median(x["p99_ms"] for x in rounds[k]), "kills": []} for k in sizes}
+            if kills:
+                configs[sizes[-1]].update(kills=kills, leased_s=statistics.median(x["leased_s"] for x in kills),
+                                          resumed_s=statistics.median(x["resumed_s"] for x in kills))
     finally:
         cluster.stop()
     data["configs"] = configs
@@ -263,6 +269,8 @@ def markdown(data: dict) -> str:
     lines += ["", f"Lease {s['lease_seconds']:g} s: a killed process's jobs are claimed once their leases expire "
               "(at most the lease past the last renewal, renewed every 2 s) and a survivor's engine next looks "
               "(every 0.5 s), then resume from their newest checkpoint.", "",
+              "Each process trains on one torch thread: on this machine N processes use up to N cores where "
+              "one process uses one.", "",
               "Model for N machines, one process and one GPU each: a job trains on one process, and each "
               "process batches its own jobs, so jobs' steps per second ~ N x one machine's while every machine "
               "has jobs enough to fill its batches (the fair share spreads new jobs evenly; running jobs do not "
