@@ -159,6 +159,8 @@ def test_servers_share_jobs_and_take_a_killed_ones_over(n, postgres, tmp_path, t
                 hyperparameters=hyper).id, 240)
             assert ref.status == "succeeded", ref.error
             assert_same(adapter(survivors[0], "erin", j), adapter(survivors[0], "erin", ref.id))
+        if n == 3:  # a pause, resume and cancel made through a process that does not train the job
+            _followed_elsewhere(plain, ids, survivors, key)
         watch.done.set()
         watch.join(10)
         watch.check()
@@ -168,6 +170,32 @@ def test_servers_share_jobs_and_take_a_killed_ones_over(n, postgres, tmp_path, t
         watch.done.set()
         for s in servers:
             s.stop()
+
+
+def _followed_elsewhere(url: str, ids: dict, live: list[Server], key: str) -> None:
+    """A job paused, resumed and cancelled through another process than its holder's: the holder
+    follows each (its steps stop, go on, stop)."""
+    client = live[0].client(key)
+    job = client.fine_tuning.jobs.create(model="llama", training_file=upload(client, CHAT * 4).id, seed=7,
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1}).id
+    with psycopg.connect(url, autocommit=True) as c:
+        wait_for(lambda: _step(c, job) >= 3, 60, 0.05)
+        holder = c.execute("SELECT lease_owner FROM jobs WHERE id = %s", (job,)).fetchone()[0]
+        other = next(s for s in live if ids[s.url] != holder).client(key)
+
+        def still() -> bool:  # no step for a second (the holder looks every 0.5 s)
+            time.sleep(1.0)
+            before = _step(c, job)
+            time.sleep(1.5)
+            return _step(c, job) == before
+
+        assert other.fine_tuning.jobs.pause(job).status == "paused"
+        assert still()
+        assert other.fine_tuning.jobs.resume(job).status == "running"
+        paused_at = _step(c, job)
+        wait_for(lambda: _step(c, job) > paused_at + 2, 30, 0.05)
+        assert other.fine_tuning.jobs.cancel(job).status == "cancelled"
+        assert still()
 
 
 def test_a_second_process_on_one_sqlite_data_folder_is_refused(tmp_path):
