@@ -123,7 +123,7 @@ class Job(Base):
     result_files: Mapped[list[Any]] = mapped_column(default=list)
     model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, default=None)  # DELETE /v1/models/{id}
     # the serve process that trains it (colaft.serve.leases), until the database's clock passes the expiry
-    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
     lease_expires_at: Mapped[float | None] = mapped_column(Double, default=None)
 
     @property
