@@ -135,9 +135,9 @@ class Leases:
             alone = [i for i, options in found if options.get("mode") != "collaborative"]
             together = [i for i, options in found if options.get("mode") == "collaborative"]
             if not self.exclusive:
-                alone = alone[:max(0, self._share(s, model, now))]
                 if together and self._collaborating_elsewhere(s, model, now):
                     together = []
+                alone = alone[:max(0, self._share(s, model, now) - len(together))]
             ids = [i for i, _ in found if i in set(alone) | set(together)]
             if ids:
                 s.execute(update(Job).where(Job.id.in_(ids)).values(lease_owner=self.id,
