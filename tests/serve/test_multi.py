@@ -161,6 +161,7 @@ def test_servers_share_jobs_and_take_a_killed_ones_over(n, postgres, tmp_path, t
             assert_same(adapter(survivors[0], "erin", j), adapter(survivors[0], "erin", ref.id))
         if n == 3:  # a pause, resume and cancel made through a process that does not train the job
             _followed_elsewhere(plain, ids, survivors, key)
+            _one_mean_everywhere(survivors, ids, watch, key, f.id)
         watch.done.set()
         watch.join(10)
         watch.check()
@@ -196,6 +197,30 @@ def _followed_elsewhere(url: str, ids: dict, live: list[Server], key: str) -> No
         wait_for(lambda: _step(c, job) > paused_at + 2, 30, 0.05)
         assert other.fine_tuning.jobs.cancel(job).status == "cancelled"
         assert still()
+
+
+def _one_mean_everywhere(live: list[Server], ids: dict, watch: LeaseWatch, key: str, file: str) -> None:
+    """Two collaborative jobs train on one process; their model answers the same on another
+    process, which loaded both finished deltas (the mean) from the shared folder."""
+    client = live[0].client(key)
+    jobs = [client.fine_tuning.jobs.create(model="llama", training_file=file, seed=60 + i,
+                                           hyperparameters={"n_epochs": 2, "batch_size": 2},
+                                           extra_body={"colaft": {"mode": "collaborative"}}).id for i in range(2)]
+    done = [wait_job(client, j, 120) for j in jobs]
+    assert all(d.status == "succeeded" for d in done)
+    trainer = {watch.owners(j)[-1] for j in jobs}
+    assert len(trainer) == 1
+    time.sleep(3)  # the others look for models finished elsewhere every 2 s
+
+    def answer(server: Server):
+        got = server.client(key).chat.completions.create(
+            model=done[0].fine_tuned_model, max_tokens=4, logprobs=True, temperature=0,
+            messages=[{"role": "user", "content": "who are you"}]).choices[0].logprobs.content
+        return [t.logprob for t in got]
+
+    there = next(s for s in live if ids[s.url] in trainer)
+    elsewhere = next(s for s in live if ids[s.url] not in trainer)
+    assert answer(elsewhere) == pytest.approx(answer(there), abs=1e-4)
 
 
 def test_a_second_process_on_one_sqlite_data_folder_is_refused(tmp_path):
