@@ -295,8 +295,8 @@ class Engine:
                  len(batch["users"]), mode, seconds)
         live = self.store.record_step(runs, rows, losses)
         for r in runs:
-            if r.job_id not in live:
-                self.drop(r.job_id)
+            if r.job_id not in live:  # cancelled meanwhile, or taken over by another process
+                self.drop(r.job_id, "cancelled" if self.store.owns(r.job_id) else "moved")
             elif not math.isfinite(r.losses[-1]):
                 self._fail(r.job_id, "training_diverged", f"the training loss is {r.losses[-1]} at step {r.step}: "
                            "lower learning_rate_multiplier", "hyperparameters.learning_rate_multiplier")
