@@ -108,6 +108,9 @@ class Client:
 
         self.http = httpx.Client(base_url=base,
                                  headers={"Authorization": f"Bearer {api_key}"}, timeout=wait + 60)
+        # the serve processes to ask: the one given first, then those a server named (fit/state's
+        # `servers`, a 307's Location); an unreachable one sends the client to the next
+        self.servers = [base]
         self.summary = Summary(job)
 
     def say(self, text: str) -> None:
@@ -119,13 +122,20 @@ class Client:
         import httpx
 
         deadline = time.monotonic() + self.patience
+        redirects = 0
         while True:
             try:
                 r = self.http.request(method, self.path + path, **kwargs)
             except httpx.TransportError as e:
                 if time.monotonic() > deadline:
                     raise ClientError(f"the server cannot be reached for {self.patience:.0f} s: {e}") from None
+                self._next_server()
                 time.sleep(1.0)
+                continue
+            if r.status_code == 307 and "location" in r.headers and redirects < 8:
+                # another serve process trains the job: ask it, with the same key (httpx would drop it)
+                redirects += 1
+                self._use(str(httpx.URL(r.headers["location"]).copy_with(path="/", query=None, fragment=None)))
                 continue
             if r.status_code == 429:  # a quota of requests or of polls: the server says when to come back
                 wait = retry_after(r)
@@ -143,6 +153,21 @@ class Client:
                 continue
             return r
 
+    def _use(self, server: str) -> None:
+        server = server.rstrip("/")
+        if server not in self.servers:
+            self.servers.append(server)
+        if str(self.http.base_url).rstrip("/") != server:
+            self.say(f"asking {server}")
+            self.http.base_url = server
+
+    def _next_server(self) -> None:
+        """The server asked did not answer: ask the next one known (they send the client on to
+        whichever process trains the job now)."""
+        now = str(self.http.base_url).rstrip("/")
+        at = self.servers.index(now) if now in self.servers else -1
+        self._use(self.servers[(at + 1) % len(self.servers)])
+
     def fetch_state(self) -> tuple[Owner, int] | None:
         """The owner as the server last saw it and the message it covers; None once the job is over."""
         r = self._request("GET", "/fit/state")
@@ -152,6 +177,9 @@ class Client:
         from colaft.io.tensors import state_from_bytes
 
         state, meta = state_from_bytes(r.content)
+        for server in meta.get("servers", []):
+            if server.rstrip("/") not in self.servers:
+                self.servers.append(server.rstrip("/"))
         owner = build_owner(self.job, meta, state, self.device)
         self.meta = meta
         return owner, meta["seq"]

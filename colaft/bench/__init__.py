@@ -201,9 +201,29 @@ def serve_command(
         help="Hostile clients too in the load windows (oversized, nested, slow bodies, floods, long polls, ...); "
              "each good user also runs a short job that must succeed.")] = False,
     abuse_scale: Annotated[float, typer.Option(help="Times each attack's concurrency (--abuse).")] = 1.0,
+    servers: Annotated[int | None, typer.Option(
+        help="Instead: 1 and N serve processes on one private PostgreSQL database (jobs' steps/s, status p99) "
+             "and the time from killing one to the takeover; writes servers.md.")] = None,
+    jobs: Annotated[int, typer.Option(help="Jobs per round (--servers).")] = 8,
+    rounds: Annotated[int, typer.Option(help="Rounds per configuration (--servers).")] = 3,
+    kills: Annotated[int, typer.Option(help="Kills measured (--servers).")] = 2,
+    lease_seconds: Annotated[float, typer.Option(help="The processes' --lease-seconds (--servers).")] = 10.0,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
 ) -> None:
-    """The service under load: many users' requests while training runs, vs the same jobs with no traffic."""
+    """The service under load: many users' requests while training runs, vs the same jobs with no traffic;
+    or, with --servers N, several processes on one database."""
+    if servers is not None:
+        from colaft.bench.servers import Settings as Fleet
+        from colaft.bench.servers import run_servers
+
+        if servers < 2 or jobs < 1 or rounds < 1 or kills < 0:
+            raise ValueError("--servers >= 2, --jobs >= 1, --rounds >= 1 and --kills >= 0, please")
+        fleet = Fleet(servers=servers, jobs=min(jobs, 4) if quick else jobs, rounds=1 if quick else rounds,
+                      kills=min(kills, 1) if quick else kills, lease_seconds=lease_seconds,
+                      model=model, epochs=3 if quick else 10)
+        run_servers(fleet, out, command=_command_line("serve"), log=_timed_log())
+        typer.echo(f"report: {out / 'servers.md'}")
+        return
     from colaft.bench.serve_load import Settings, run_serve
     from colaft.bench.serve_load_report import summary
 

@@ -92,6 +92,8 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         anyio.to_thread.current_default_thread_limiter().total_tokens = HTTP_THREADS
+        if service.leases is not None:
+            await run_in_threadpool(service.leases.start)
         for engine in service.engines.values():
             engine.start()
         yield
@@ -157,3 +159,5 @@ def allowed_methods(app: FastAPI, path: str, fallback: str) -> str:
 def _stop_engines(service: Service) -> None:
     for engine in service.engines.values():
         engine.stop()
+    if service.leases is not None:  # after the engines' last checkpoints: the others take over at once
+        service.leases.stop()

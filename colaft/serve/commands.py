@@ -29,7 +29,7 @@ def _database(data_dir: Path, database_url: str | None):
     return Database(database_url or f"sqlite:///{data_dir.resolve() / 'colaft.db'}")
 
 
-DATA_MARKERS = ("colaft.db", "files", "jobs")
+DATA_MARKERS = ("colaft.db", "serve.lock", "files", "jobs")
 """What a colaft data folder holds (the database, uploads, jobs' checkpoints and adapters)."""
 
 
@@ -123,6 +123,13 @@ def serve(
         min=0, max=19, help="How much lower the CPU priority of training and decoding (and the fit workers they "
                             "start) is than the API's: requests are answered at once however busy the machine. "
                             "0: the same.")] = 10,
+    advertise_url: Annotated[Optional[str], typer.Option(
+        help="Where the other serve processes on the same --database-url send the clients of the jobs this one "
+             "trains (default: http://HOST:PORT, this machine's name for HOST when it listens on all "
+             "addresses).")] = None,
+    lease_seconds: Annotated[float, typer.Option(
+        help="With several serve processes on one --database-url: a dead process's jobs are taken over by "
+             "another once their leases are this many seconds past their last renewal.")] = 10.0,
     rate_window: Annotated[int, typer.Option(
         hidden=True, help="Seconds of the request-rate window (tests shorten the minute).")] = 60,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
@@ -135,6 +142,7 @@ def serve(
     from colaft.runtime import set_threads
     from colaft.serve.api import RedactKeys, Service, create_app, log_config
     from colaft.serve.db import File
+    from colaft.serve.leases import Leases
     from colaft.serve.scheduler import Engine
     from colaft.serve.settings import Settings, default_backend
 
@@ -146,6 +154,8 @@ def serve(
            max_polls_per_key) < 0 or rate_window < 1:
         raise ValueError("--max-active-jobs-per-user, --max-stored-mb-per-user, --max-requests-per-minute-per-user "
                          "and --max-polls-per-key are >= 0 (0: no limit), please")
+    if not 1.0 <= lease_seconds <= 3600:
+        raise ValueError("--lease-seconds is between 1 and 3600, please")
     if min(max_prompt_tokens or 1, max_completion_tokens or 1) < 1:
         raise ValueError("--max-prompt-tokens and --max-completion-tokens are >= 1, please")
     backend = backend or default_backend()
@@ -168,6 +178,9 @@ def serve(
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactKeys())
     set_threads()
+    if database_url is None:
+        make_private(data_dir)
+        _only_server(data_dir)
     db = _database(data_dir, database_url)
     settings = Settings(data_dir=data_dir.resolve(), backend=backend, backend_options=options,
                         transfer_dtype=transfer_dtype,
@@ -179,14 +192,15 @@ def serve(
                         max_requests=max_requests_per_minute_per_user, rate_window=rate_window,
                         max_polls=max_polls_per_key, training_niceness=training_niceness,
                         max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens)
-    _remove_orphans(db, settings.data_dir, File)
+    _remove_orphans(db, settings.data_dir, File, shared=database_url is not None)
+    leases = Leases(db, advertise_url or _default_url(host, port), [i for i, _ in specs], ttl=lease_seconds)
     engines = {}
     for model_id, source in specs:
         task = model_task(source)
-        engines[model_id] = Engine(model_id, source, task, db, settings)
+        engines[model_id] = Engine(model_id, source, task, db, settings, leases)
         print(f"colaft serve: model {model_id} ({source}, {'chat' if task == 'clm' else 'classification'})",
               file=sys.stderr)
-    service = Service(settings, db, engines, int(max_upload_mb * 2**20), int(time.time()))
+    service = Service(settings, db, engines, int(max_upload_mb * 2**20), int(time.time()), leases)
     print(f"colaft serve: http://{host}:{port}/v1 (data in {settings.data_dir}, fits on the {backend} backend)",
           file=sys.stderr, flush=True)
     app = create_app(service)
@@ -223,8 +237,14 @@ def raise_open_files(wanted: int = OPEN_FILES) -> int:
     return soft
 
 
-def _remove_orphans(db, data_dir: Path, File) -> None:
-    """Files a killed server wrote but never recorded (or half-wrote): nobody can reach them."""
+ORPHAN_AGE = 3600.0
+"""Seconds an unrecorded file in a shared data folder must have lain there before a starting
+server removes it: another process may be between writing an upload and recording it."""
+
+
+def _remove_orphans(db, data_dir: Path, File, shared: bool = False) -> None:
+    """Files a killed server wrote but never recorded (or half-wrote): nobody can reach them.
+    `shared`: other processes may be writing the folder; only old files are removed."""
     from sqlalchemy import select
 
     folder = data_dir / "files"
@@ -234,7 +254,41 @@ def _remove_orphans(db, data_dir: Path, File) -> None:
         known = set(s.scalars(select(File.id)))
     for path in folder.iterdir():
         if path.name not in known:
+            try:
+                if shared and time.time() - path.stat().st_mtime < ORPHAN_AGE:
+                    continue
+            except FileNotFoundError:
+                continue
             path.unlink(missing_ok=True)
+
+
+_LOCK = []  # the open lock file of this process's data folder, held until it exits
+
+
+def _only_server(data_dir: Path) -> None:
+    """Hold an exclusive lock on the data folder's embedded database, or refuse in one line:
+    SQLite serves one process; several share a database server (--database-url)."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: nothing to lock with
+        return
+    lock = open(data_dir / "serve.lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ValueError(f"another colaft serve uses --data-dir {str(data_dir)!r}, whose SQLite database serves one "
+                         "process: run several on one database with --database-url postgresql+psycopg://...") from None
+    _LOCK.append(lock)
+
+
+def _default_url(host: str, port: int) -> str:
+    """Where this server is reached from other machines: its host, or this machine's name when it
+    listens on every address."""
+    import socket
+
+    name = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+    return f"http://{f'[{name}]' if ':' in name else name}:{port}"
 
 
 def users(

@@ -59,7 +59,7 @@ class Control:
             if run is not None:  # else not admitted yet (its admission reads the status) or over
                 self._follow(run, store, checkpoint)
         for user_id, folders in _drain(self._forgets):
-            self.forgetting[user_id] = folders
+            self.forgetting.setdefault(user_id, []).extend(folders)
         for user_id in [u for u in self.forgetting if u not in in_use]:
             host.remove(user_id)
             for folder in self.forgetting.pop(user_id):

@@ -21,7 +21,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, create_engine, event, func, inspect, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Double,
+    ForeignKey,
+    Integer,
+    String,
+    create_engine,
+    event,
+    func,
+    inspect,
+    literal_column,
+    select,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ACTIVE = ("validating_files", "queued", "running", "paused")
@@ -109,6 +122,9 @@ class Job(Base):
     labels: Mapped[list[Any] | None] = mapped_column(default=None)  # classification: head output i is labels[i]
     result_files: Mapped[list[Any]] = mapped_column(default=list)
     model_deleted_at: Mapped[int | None] = mapped_column(BigInteger, default=None)  # DELETE /v1/models/{id}
+    # the serve process that trains it (colaft.serve.leases), until the database's clock passes the expiry
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires_at: Mapped[float | None] = mapped_column(Double, default=None)
 
     @property
     def model_name(self) -> str:
@@ -175,6 +191,26 @@ class Checkpoint(Base):
                 "metrics": {"step": self.step, **{k: v for k, v in self.metrics.items()
                                                   if k in CHECKPOINT_METRICS and v is not None}},
                 "step_number": self.step}
+
+
+class Server(Base):
+    """A `colaft serve` process on this database (colaft.serve.leases): where it answers, its base
+    models, and when it last said it was alive (the database's clock, seconds)."""
+
+    __tablename__ = "servers"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(String(500))  # --advertise-url: where other processes send its clients
+    models: Mapped[list[Any]]
+    started_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    heartbeat_at: Mapped[float] = mapped_column(Double)
+
+
+def clock(dialect: str):
+    """The database server's clock in Unix seconds, as SQL: every process compares leases on one
+    clock, whatever its own machine's says."""
+    if dialect == "sqlite":
+        return literal_column("((julianday('now') - 2440587.5) * 86400.0)", Double)
+    return literal_column("CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)", Double)
 
 
 def active_jobs(s: Session, user_id: str) -> int:

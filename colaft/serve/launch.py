@@ -51,9 +51,9 @@ class ServerProcess:
         self.port: int | None = None
         self.url = ""
 
-    def start(self, timeout: float = 120.0, port: int | None = None) -> ServerProcess:
-        """Start it and wait until it is ready. `port`: the same one again (a client that outlives
-        the server finds it there), else a free one."""
+    def start(self, timeout: float = 120.0, port: int | None = None, wait: bool = True) -> ServerProcess:
+        """Start it and wait until it is ready (`wait`; else call `wait_ready`). `port`: the same
+        one again (a client that outlives the server finds it there), else a free one."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "colaft.app.cli", "serve", *[a for m in self.models for a in ("--model", m)],
@@ -64,7 +64,8 @@ class ServerProcess:
             env["OMP_NUM_THREADS"] = str(self.threads)
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float) -> None:

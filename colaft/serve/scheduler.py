@@ -47,12 +47,14 @@ from colaft.backends import WorkerError
 from colaft.runtime import yield_cpu
 from colaft.serve import clients, isolation
 from colaft.serve.control import Control
-from colaft.serve.db import ACTIVE, Database, File
+from colaft.serve.db import Database, File
 from colaft.serve.decode import Generation
 from colaft.serve.fits import Channel
 from colaft.serve.host import ModelHost
 from colaft.serve.inference import ModelGone
 from colaft.serve.jobs import LISTED, Run, cola_config, fit_settings
+from colaft.serve.leases import Leases
+from colaft.serve.ownership import Ownership
 from colaft.serve.settings import Settings
 from colaft.serve.store import JobStore
 
@@ -67,11 +69,14 @@ class Engine:
     """The training thread of the base model `model_id`: it steps the model's host, keeps the
     model's jobs in its store, and answers inference between steps."""
 
-    def __init__(self, model_id: str, source: str, task: str, db: Database, settings: Settings):
+    def __init__(self, model_id: str, source: str, task: str, db: Database, settings: Settings,
+                 leases: Leases | None = None):
         self.id, self.settings = model_id, settings
         self.host = ModelHost(model_id, source, task, settings)
         self.generation = Generation(self.host, settings)  # completions in flight
-        self.store = JobStore(model_id, db, settings.data_dir)
+        leases = leases or Leases(db, "", [model_id])  # (not started: an embedded database's only process)
+        self.store = JobStore(model_id, db, settings.data_dir, owner=None if leases.exclusive else leases.id)
+        self.ownership = Ownership(model_id, leases, self.store)  # claims, other processes' changes
         self.runs: dict[str, Run] = {}
         self.channels: dict[str, Channel] = {}  # client-fit jobs (colaft.serve.fits), read by the API too
         self._due: OrderedDict[str, None] = OrderedDict()  # jobs whose periodic checkpoint waits its turn
@@ -98,8 +103,13 @@ class Engine:
         self._thread.join(timeout)
 
     def admit(self, job_id: str) -> None:
-        self._admits.put(job_id)
+        """A job was created: claim it (or leave it to another process, past this one's share)."""
+        self.ownership.claim_soon()
         self._wake.set()
+
+    def queue_admit(self, job_id: str) -> None:
+        """A job this process now holds the lease of: admit it at a coming turn (engine's thread)."""
+        self._admits.put(job_id)
 
     def cancel(self, job_id: str) -> None:
         self._cancels.put(job_id)
@@ -116,13 +126,14 @@ class Engine:
     def _main(self) -> None:
         yield_cpu(self.settings.training_niceness)  # before this thread starts torch's threads and the workers
         try:
-            self._startup()
+            self.ownership.startup(self)
         except Exception:
             log.exception("%s: could not restore the jobs of this model", self.id)
         self.ready.set()
         while not self._stopping:
             try:
                 self._take_cancels()
+                self.ownership.turn(self)
                 self.control.apply(self.runs, self.store, self.host, self.generation.users(), self._checkpoint)
                 admitting = self._take_admit()
                 self._serve()
@@ -135,25 +146,6 @@ class Engine:
             self._wake.wait(0.5 if self.runs else 1.0)  # a client's push or pull wakes it sooner
             self._wake.clear()
         self._shutdown()
-
-    def _startup(self) -> None:
-        """Load the adapters of the collaborative finished jobs (their deltas make the mean) and of
-        the most recently finished personal ones; queue unfinished jobs (running ones resume
-        from a checkpoint). Other finished jobs load when a request first asks for them."""
-        jobs = self.store.jobs()
-        done = sorted((j for j in jobs if j.status == "succeeded" and j.model_deleted_at is None),
-                      key=lambda j: (j.finished_at or 0, j.created_at))
-        personal = [j for j in done if j.options["mode"] != "collaborative"]
-        warm = {j.id for j in personal[len(personal) - self.settings.max_loaded_adapters:]}
-        for job in done:
-            if job.options["mode"] == "collaborative" or job.id in warm:
-                try:
-                    self._load_finished(job.id, job, self.store.job_folder(job.id) / "adapter", job.options["mode"])
-                except Exception:
-                    log.exception("%s: adapters of %s could not be loaded", self.id, job.id)
-        for job in jobs:
-            if job.status in ACTIVE:
-                self._admits.put(job.id)
 
     def _shutdown(self) -> None:
         self.generation.close(RuntimeError("the server stopped before the completion was done"))
@@ -220,7 +212,7 @@ class Engine:
         self.runs[job_id] = run
         status = self.store.start(run, admission.resumed)
         if status is None:  # cancelled meanwhile
-            self._drop(job_id)
+            self.drop(job_id)
             return
         run.paused = status == "paused"
         log.info("%s: job %s %s (%d steps)", self.id, job_id, status, run.total_steps)
@@ -237,10 +229,10 @@ class Engine:
             except queue.Empty:
                 return
             if job_id in self.runs:
-                self._drop(job_id)
+                self.drop(job_id)
                 log.info("%s: job %s cancelled", self.id, job_id)
 
-    def _drop(self, job_id: str, status: str = "cancelled") -> None:
+    def drop(self, job_id: str, status: str = "cancelled") -> None:
         self.runs.pop(job_id, None)
         channel = self.channels.pop(job_id, None)
         if channel is not None:
@@ -248,7 +240,7 @@ class Engine:
         self.host.remove(job_id)
 
     def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
-        self._drop(job_id, "failed")
+        self.drop(job_id, "failed")
         self.store.fail(job_id, code, message, param)
         log.warning("%s: job %s failed: %s", self.id, job_id, code)
 
@@ -305,8 +297,8 @@ class Engine:
                  len(batch["users"]), mode, seconds)
         live = self.store.record_step(runs, rows, losses)
         for r in runs:
-            if r.job_id not in live:
-                self._drop(r.job_id)
+            if r.job_id not in live:  # cancelled meanwhile, or taken over by another process
+                self.drop(r.job_id, "cancelled" if self.store.owns(r.job_id) else "moved")
             elif not math.isfinite(r.losses[-1]):
                 self._fail(r.job_id, "training_diverged", f"the training loss is {r.losses[-1]} at step {r.step}: "
                            "lower learning_rate_multiplier", "hyperparameters.learning_rate_multiplier")
@@ -342,6 +334,8 @@ class Engine:
             run.due = (listed or (run.due is not None and run.due[0]), metrics)
             return
         run.due = None
+        if not self.store.owns(run.job_id):  # another process took the job over: its folders are its own
+            return
         folder = self.store.checkpoint_folder(run.job_id, run.step)
         self.host.save_owner(run.job_id, folder, state=channel.state if channel is not None else None)
         run.saved_step = run.step
@@ -362,12 +356,15 @@ class Engine:
                     channel.offer("flush", [])
             if not channel.idle():
                 return
+        if not self.store.owns(job_id):  # another process took the job over: it finishes it
+            self.drop(job_id, "moved")
+            return
         metrics = self.host.evaluate(run.mode, run.eval_features, 2 * run.batch_size) if run.eval_features else {}
         self.host.save_adapters(job_id, self.store.job_folder(job_id))
         if run.saved_step != run.step:
             self._checkpoint(run, listed=True)
         if not self.store.succeed(run, metrics):  # cancelled during the last step
-            self._drop(job_id)
+            self.drop(job_id)
             return
         self.runs.pop(job_id, None)
         if channel is not None:
@@ -394,7 +391,7 @@ class Engine:
         if self.host.holds(user_id):
             self.host.used(user_id)
         else:
-            self._load_finished(user_id, *self.store.adapters(user_id))
+            self.load_finished(user_id, *self.store.adapters(user_id))
 
-    def _load_finished(self, user_id: str, job, folder, mode: str) -> None:
+    def load_finished(self, user_id: str, job, folder, mode: str) -> None:
         self.host.load_finished(user_id, mode, cola_config(job.options), folder, job.labels)

@@ -8,6 +8,11 @@ Every write is one transaction. A job's status moves only from an active one: a 
 cancelled meanwhile stays cancelled, and the engine (colaft.serve.scheduler) is told so by the
 return value and drops it. Only the newest unlisted checkpoint is kept, and its folder is
 removed after the row that points at it.
+
+Fenced: with an `owner` (this process's id in colaft.serve.leases), a write about a job is
+made only while the job's lease is this process's, checked in the write's own transaction on
+the job's locked row; a job another process took over is answered as one cancelled meanwhile
+(the engine drops it, writing nothing).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from colaft.io.files import write_atomic
 from colaft.serve import files as datafiles
@@ -39,10 +44,19 @@ class Admission:
 
 
 class JobStore:
-    """The jobs of the base model `model_id` in `db` and under `data_dir`."""
+    """The jobs of the base model `model_id` in `db` and under `data_dir`; `owner`: the lease
+    owner whose writes alone are made (None: no fencing)."""
 
-    def __init__(self, model_id: str, db: Database, data_dir: Path):
-        self.model_id, self.db, self.data_dir = model_id, db, data_dir
+    def __init__(self, model_id: str, db: Database, data_dir: Path, owner: str | None = None):
+        self.model_id, self.db, self.data_dir, self.owner = model_id, db, data_dir, owner
+
+    def _mine(self, job: Job | None) -> bool:
+        return job is not None and (self.owner is None or job.lease_owner == self.owner)
+
+    def owns(self, job_id: str) -> bool:
+        """The job's lease is still this process's (a write about it may go on)."""
+        with self.db.read() as s:
+            return self._mine(s.get(Job, job_id))
 
     # ------------------------------------------------------------- reading
     def jobs(self) -> list[Job]:
@@ -53,6 +67,18 @@ class JobStore:
     def job(self, job_id: str) -> Job:
         with self.db.read() as s:
             return s.get(Job, job_id)
+
+    def statuses(self, job_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+        """Each job's status and lease owner, in one query."""
+        with self.db.read() as s:
+            return {i: (st, o) for i, st, o in s.execute(select(Job.id, Job.status, Job.lease_owner)
+                                                          .where(Job.id.in_(list(job_ids))))}
+
+    def changed_models(self, since: int) -> list[Job]:
+        """This model's jobs that finished or whose model was deleted at `since` or later."""
+        with self.db.read() as s:
+            return list(s.scalars(select(Job).where(Job.model == self.model_id, or_(
+                Job.finished_at >= since, Job.model_deleted_at >= since))))
 
     def admission(self, job_id: str) -> Admission | None:
         """The job and its files, or None when it is no longer active."""
@@ -106,7 +132,7 @@ class JobStore:
         job_id = run.job_id
         with self.db.session() as s:
             job = s.get(Job, job_id, with_for_update=True)  # a pause or cancel waits for this transaction
-            if job is None or job.status not in ACTIVE:
+            if job is None or job.status not in ACTIVE or not self._mine(job):
                 return None
             job.total_steps = run.total_steps
             if job.status == "paused":
@@ -134,7 +160,8 @@ class JobStore:
         advances too). Jobs cancelled during the step get no more events (their rows are locked:
         a cancel waits for this transaction)."""
         with self.db.session() as s:
-            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status.in_(TRAINING))
+            mine = [] if self.owner is None else [Job.lease_owner == self.owner]
+            live = set(s.scalars(select(Job.id).where(Job.id.in_(list(rows)), Job.status.in_(TRAINING), *mine)
                                  .with_for_update()))
             for r in runs:
                 if r.job_id not in live:
@@ -148,8 +175,10 @@ class JobStore:
 
     def add_checkpoint(self, run: Run, folder: Path, listed: bool, metrics: dict) -> None:
         """Record the checkpoint saved in `folder` at the job's step; an unlisted one replaces the
-        older unlisted ones (rows, then folders)."""
+        older unlisted ones (rows, then folders). Not when the job is no longer this process's."""
         with self.db.session() as s:
+            if not self._mine(s.get(Job, run.job_id, with_for_update=True)):
+                return
             old = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == run.job_id, Checkpoint.listed == 0,
                                                           Checkpoint.step < run.step)))
             s.add(Checkpoint(id=new_id("ftckpt"), job_id=run.job_id, step=run.step, metrics=metrics,
@@ -164,7 +193,8 @@ class JobStore:
     def fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
         """The job failed (unless it ended meanwhile), with an OpenAI-shaped error and an event."""
         with self.db.session() as s:
-            failed = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
+            mine = [] if self.owner is None else [Job.lease_owner == self.owner]
+            failed = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE), *mine).values(
                 status="failed", finished_at=now(), error={"code": code, "message": message, "param": param})).rowcount
             if failed:
                 self.db.add_event(s, job_id, f"Fine-tuning job failed: {message}", level="error")
@@ -175,7 +205,7 @@ class JobStore:
         job_id = run.job_id
         with self.db.session() as s:
             job = s.get(Job, job_id, with_for_update=True)  # a cancel waits for this transaction
-            if job.status not in TRAINING:
+            if job.status not in TRAINING or not self._mine(job):
                 return False
             results = self._results_file(s, job)
             job.status, job.finished_at = "succeeded", now()

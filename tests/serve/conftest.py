@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 from serve_helpers import Server, add_user
 
+from colaft.bench.postgres import Cluster
+
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_llama_dir, tiny_bert_dir):
@@ -29,3 +31,26 @@ def alice(server):
 @pytest.fixture(scope="session")
 def bob(server):
     return server.client(server.keys["bob"])
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A private PostgreSQL cluster for the module (colaft.bench.postgres); skipped without its binaries."""
+    bin_dir = Cluster.find()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine: apt-get install postgresql")
+    try:
+        cluster = Cluster(bin_dir)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        cluster.url = cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_url(postgres):
+    """The URL of the database `colaft` on the module's cluster."""
+    return postgres.url

@@ -26,15 +26,19 @@ def test_the_database_keeps_no_nan_and_cuts_long_messages(tmp_path):
 
 
 def test_a_database_of_an_older_colaft_gets_the_new_columns(tmp_path):
-    """A column added since (jobs.integrations) is added to an existing table, its rows reading None."""
+    """Columns added since (jobs.integrations, the leases) are added to an existing table, its rows
+    reading None, and a table added since (servers) is made: its jobs are claimed as any."""
     import sqlite3
 
     from colaft.serve.db import Database, Job, User
+    from colaft.serve.leases import Leases
 
     path = tmp_path / "colaft.db"
     Database(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as c:
-        c.execute("ALTER TABLE jobs DROP COLUMN integrations")  # as an older colaft made it
+        for column in ("integrations", "lease_owner", "lease_expires_at"):  # as an older colaft made it
+            c.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+        c.execute("DROP TABLE servers")
         c.execute("INSERT INTO users (id, name, key_hash, created_at) VALUES ('user-1', 'u', 'k', 0)")
         c.execute("INSERT INTO jobs (id, user_id, model, training_file, hyperparameters, options, seed, status, "
                   "created_at, total_steps, result_files) VALUES ('ftjob-1', 'user-1', 'm', 'f', '{}', '{}', 0, "
@@ -43,8 +47,12 @@ def test_a_database_of_an_older_colaft_gets_the_new_columns(tmp_path):
     try:
         with db.read() as s:
             job = s.get(Job, "ftjob-1")
-            assert job.integrations is None and job.to_api()["integrations"] == []
+            assert job.integrations is None and job.to_api()["integrations"] == [] and job.lease_owner is None
             assert s.get(User, "user-1").name == "u"
+        leases = Leases(db, "", ["m"])
+        assert leases.claim("m") == ["ftjob-1"]
+        with db.read() as s:
+            assert s.get(Job, "ftjob-1").lease_owner == leases.id
     finally:
         db.close()
 

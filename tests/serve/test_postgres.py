@@ -1,87 +1,18 @@
-"""`colaft serve --database-url postgresql+psycopg://...` end to end, on a private PostgreSQL cluster.
-
-The test starts its own cluster (initdb into a temporary folder, trust authentication,
-listening on a free loopback port and a socket in that folder) and stops it at the end;
-it touches no other PostgreSQL. initdb refuses to run as root, so as root the cluster runs
-as the `postgres` user (runuser). Skipped only where no PostgreSQL server binaries exist.
+"""`colaft serve --database-url postgresql+psycopg://...` end to end, on a private PostgreSQL cluster
+(the `postgres_url` fixture of conftest.py: colaft.bench.postgres.Cluster, started for the module
+and stopped at its end; skipped only where no PostgreSQL server binaries exist).
 """
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import psycopg
 import pytest
 from serve_helpers import CHAT, REPO, Server, upload, wait_for, wait_job
-
-from colaft.serve.launch import free_port
-
-
-def _pg_bin() -> Path | None:
-    """The folder of PostgreSQL's server binaries (initdb, pg_ctl), or None."""
-    found = shutil.which("initdb") or shutil.which("pg_ctl")
-    if found:
-        return Path(os.path.realpath(found)).parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(candidates[-1]).parent if candidates else None
-
-
-class Cluster:
-    """A throwaway PostgreSQL cluster: its data, socket and log in one temporary folder."""
-
-    def __init__(self, bin_dir: Path, port: int):
-        self.bin, self.port = bin_dir, port
-        self.as_user = None
-        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-            try:
-                self.as_user = pwd.getpwnam("postgres")
-            except KeyError:
-                pytest.skip("running as root and there is no 'postgres' user to run the cluster as")
-        self.dir = Path(tempfile.mkdtemp(prefix="colaft-pg-"))  # not under pytest's root-only tmp folder
-        if self.as_user:
-            os.chown(self.dir, self.as_user.pw_uid, self.as_user.pw_gid)
-
-    def _run(self, *args: str) -> None:
-        command = [str(self.bin / args[0]), *args[1:]]
-        if self.as_user:
-            command = ["runuser", "-u", self.as_user.pw_name, "--", *command]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
-
-    def start(self) -> str:
-        """Start it and create the database `colaft`; returns its SQLAlchemy URL."""
-        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "colaft", "-E", "UTF8", "--no-sync")
-        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-t", "60", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-        with psycopg.connect(f"postgresql://colaft@127.0.0.1:{self.port}/postgres", autocommit=True) as c:
-            c.execute("CREATE DATABASE colaft")
-        return f"postgresql+psycopg://colaft@127.0.0.1:{self.port}/colaft"
-
-    def stop(self) -> None:
-        if (self.dir / "data" / "postmaster.pid").exists():
-            try:
-                self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "-t", "60", "stop")
-            except subprocess.CalledProcessError:
-                pass
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    bin_dir = _pg_bin()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine: apt-get install postgresql")
-    cluster = Cluster(bin_dir, free_port())
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
 
 
 def _users_add(url: str, data: Path, name: str) -> str:

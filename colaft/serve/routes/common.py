@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from colaft import __version__, formats
 from colaft.serve import auth
 from colaft.serve.db import Database, User
+from colaft.serve.leases import Leases
 from colaft.serve.scheduler import Engine
 from colaft.serve.settings import Settings
 
@@ -36,6 +37,7 @@ class Service:
     engines: dict[str, Engine]
     max_upload_bytes: int
     started_at: int
+    leases: Leases | None = None  # this process among those on the database (None: it is alone, not registered)
     rate: RateLimit = field(init=False)
     polls: PollLimit = field(init=False)
     keys: auth.KeyCache = field(init=False)

@@ -13,6 +13,12 @@ its state and packets and brings its updates (colaft.serve.fits holds the server
                                         checked before the body is read)
 
 A job that is over answers JSON ({"status", "fine_tuned_model"}) on state and packets.
+When several serve processes share the database (colaft.serve.leases), a job trained by
+another process answers 307 with `Location` at that process's --advertise-url (same path and
+query): `colaft client` follows it with its key, and when that process cannot be reached any
+more it asks again at the process it was first given (or any other it learned from fit/state's
+`servers`), which sends it to the job's new holder. A redirect rather than a proxy: the
+packets go straight from the process that makes them to the client.
 Another user's job answers 404, a missing or wrong key 401, as everywhere.
 
 A waiting poll is a coroutine (the channel's `poll`), never a thread: the key check and the
@@ -42,8 +48,9 @@ router = APIRouter()
 PREFIX = "/v1/fine_tuning/jobs/{job_id}/fit"
 
 
-def _channel(service: Service, user, job_id: str):
-    """(job, engine, channel); channel None when the job is over."""
+def _channel(service: Service, user, job_id: str, request: Request | None = None):
+    """(job, engine, channel); channel None when the job is over. A 307 to the process that
+    trains the job when it is another one."""
     with service.db.read() as s:
         job = owned(s, Job, job_id, user, "fine-tuning job")
     if job.options.get("fit") != "client":
@@ -51,6 +58,11 @@ def _channel(service: Service, user, job_id: str):
                             "to fit on your device)", "job_id", "not_a_client_job")
     engine = service.engines.get(job.model)
     channel = engine.channels.get(job_id) if engine is not None else None
+    if channel is None and job.status not in FINAL and request is not None and service.leases is not None \
+            and not service.leases.exclusive and (url := service.leases.holder(job_id)):
+        target = url.rstrip("/") + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise APIError(307, f"the job is trained by the serve process at {url}: ask there", "job_id",
+                       "job_elsewhere", headers={"Location": target})
     if channel is None and job.status not in FINAL:
         raise APIError(409, f"the job is {job.status} and has not started on the server yet; ask again shortly",
                        "job_id", "job_not_started")
@@ -71,10 +83,10 @@ def _over(job: Job) -> dict:
 
 
 @router.get(PREFIX + "/state", responses=answers(
-    FitOver, 401, 404, 409, 429, content={"application/octet-stream": BINARY},
+    FitOver, 307, 401, 404, 409, 429, content={"application/octet-stream": BINARY},
     description="safetensors: the owner's state (JSON once the job is over)"))
-def fit_state(user: Me, service: TheService, job_id: str):
-    job, engine, channel = _channel(service, user, job_id)
+def fit_state(request: Request, user: Me, service: TheService, job_id: str):
+    job, engine, channel = _channel(service, user, job_id, request)
     if channel is None:
         return _over(job)
     with channel.lock:
@@ -82,11 +94,13 @@ def fit_state(user: Me, service: TheService, job_id: str):
         state, seq = channel.state, channel.acked
     meta = {**channel.info, "job": job_id, "seq": seq, "version": state["version"], "staleness": channel.staleness,
             "total_steps": job.total_steps}
+    if service.leases is not None and not service.leases.exclusive:
+        meta["servers"] = service.leases.servers()  # where to ask again if this process goes away
     return Response(state_to_bytes(state, meta), media_type="application/octet-stream")
 
 
 @router.get(PREFIX + "/packets", responses={
-    **answers(FitOver, 400, 401, 404, 409, 429, content={"application/octet-stream": BINARY},
+    **answers(FitOver, 307, 400, 401, 404, 409, 429, content={"application/octet-stream": BINARY},
               description="safetensors: the packets of the steps after `after` (JSON once the job is over)"),
     204: {"description": "Nothing new within `wait` seconds"}})
 async def fit_packets(request: Request, user: Me, service: TheService, job_id: str,
@@ -95,7 +109,7 @@ async def fit_packets(request: Request, user: Me, service: TheService, job_id: s
     with service.polls.place(user.id):
         channel = _running(service, user, job_id)
         if channel is None:  # not running (yet or any more), not a client-fit job, or not the user's
-            job, engine, channel = await run_in_threadpool(_channel, service, user, job_id)
+            job, engine, channel = await run_in_threadpool(_channel, service, user, job_id, request)
             if channel is None:
                 return _over(job)
         try:
@@ -105,6 +119,8 @@ async def fit_packets(request: Request, user: Me, service: TheService, job_id: s
     if got is None:
         return Response(status_code=204)  # its client went away: nobody reads this
     messages, over = got
+    if over and channel.final == "moved":  # another process took the job over: the client starts again there
+        raise APIError(409, "the job moved to another serve process: fetch its state again", "after", "job_moved")
     if over:
         return {"status": "finishing", "fine_tuned_model": None}
     if not messages:
@@ -142,11 +158,11 @@ def _packets(channel, messages, compress: str) -> Response:
     return Response(body, media_type="application/octet-stream", headers=headers)
 
 
-@router.post(PREFIX + "/updates", responses=answers(FitUpdate, 400, 401, 404, 409, 429),
+@router.post(PREFIX + "/updates", responses=answers(FitUpdate, 307, 400, 401, 404, 409, 429),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": BINARY}}})
 async def fit_update(user: Me, service: TheService, job_id: str, request: Request):
     # the key (a dependency) and the job are checked before a byte of the body is read
-    job, engine, channel = await run_in_threadpool(_channel, service, user, job_id)
+    job, engine, channel = await run_in_threadpool(_channel, service, user, job_id, request)
     if channel is None:
         raise APIError(409, f"the job has {job.status}: no update is taken", "job_id", "job_finished")
     body = await read_body(request, update_limit(channel.elements), "the update")

@@ -14,6 +14,7 @@ from pydantic.json_schema import models_json_schema
 from colaft.serve.objects import ChatCompletionChunk, CompletionChunk, ErrorResponse
 
 STATUS = {
+    307: "The job is trained by another serve process on the same database: ask again at `Location`",
     400: "Invalid request: a field, a query parameter or a file is wrong (`param` names it)",
     401: "Missing or incorrect API key (`Authorization: Bearer KEY`)",
     403: "The object cannot be changed (e.g. a base model cannot be deleted)",
@@ -27,6 +28,8 @@ RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying: 
                                               "the long polls per key are exceeded, not for the stored-bytes "
                                               "and active-jobs quotas (they free only when you act)",
                                "required": False, "schema": {"type": "integer", "minimum": 1}}}
+LOCATION = {"Location": {"description": "The same request at the serve process that trains the job",
+                         "required": True, "schema": {"type": "string", "format": "uri"}}}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 TEXT = {"schema": {"type": "string"}}
 STREAMED = (ChatCompletionChunk, CompletionChunk)
@@ -49,6 +52,8 @@ def answers(ok: type[BaseModel] | None = None, *errors: int, content: dict | Non
         declared[status] = {"model": ErrorResponse, "description": STATUS[status]}
         if status == 429:
             declared[status]["headers"] = RETRY_AFTER
+        if status == 307:
+            declared[status]["headers"] = LOCATION
     return declared
 
 
