@@ -264,6 +264,17 @@ async def _windows(url: str, keys: list[str], jobs: list[str], settings: Setting
     return windows
 
 
+def _without_folders(log: str, tmp: Path) -> str:
+    """The server's log without this machine's folders (the report is meant to be shared): the
+    run's temporary folder, the Python environment's and colaft's source."""
+    from colaft.serve.launch import SOURCE
+
+    for folder, name in ((tmp, "<run>"), (Path(sys.prefix), "<python>"), (Path(sys.base_prefix), "<python>"),
+                         (SOURCE, "<colaft>")):
+        log = log.replace(str(folder), name)
+    return log
+
+
 def _window(phase: str, before: dict, after: dict, seconds: float, t0: float, t1: float) -> dict:
     steps, rows = after["steps"] - before["steps"], after["rows"] - before["rows"]
     return {"phase": phase, "seconds": seconds, "steps": steps, "rows": rows, "steps_per_s": steps / seconds,
@@ -349,7 +360,7 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
             if settings.log_level != "warning":  # asked for the server's log: keep it whole, next to the report
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "serve-server.log").write_text(server_log)
-            server_log = server_log[-4000:]
+            server_log = _without_folders(server_log[-4000:], tmp)
     data = summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log, attack)
     write_report(out, "serve", markdown(data), data)
     return data

@@ -121,3 +121,19 @@ def test_an_update_is_capped_by_its_jobs_adapters_after_the_key_and_the_job(serv
                 pass
     finally:
         alice.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_client_that_leaves_mid_body_leaves_no_error_behind(server):
+    """A JSON body cut short by its client (a slow sender given up on, a crashed one): nobody is
+    left to answer, and the server's log holds no traceback for it."""
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (f"POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {server.keys['alice']}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+    before = server.log_text()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + b'{"model": "ll')
+        time.sleep(0.5)  # the handler waits for the rest of the body
+    time.sleep(1.0)
+    added = server.log_text()[len(before):]
+    assert "Traceback" not in added and "ClientDisconnect" not in added, added[-2000:]
+    assert httpx.get(server.url + "/health").status_code == 200

@@ -19,6 +19,7 @@ from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from colaft import __version__, formats
 from colaft.serve import auth
@@ -122,7 +123,11 @@ class BoundedJSON(APIRoute):
 
         async def bounded(request: Request):
             if "json" in request.headers.get("content-type", ""):
-                body = await request.body()  # cached: the handler reads it again for free
+                try:
+                    body = await request.body()  # cached: the handler reads it again for free
+                except ClientDisconnect:  # the client left mid-body: the answer reaches nobody, and logs nothing
+                    raise APIError(400, "the client closed the connection before the end of its body", "body",
+                                   "incomplete_body") from None
                 limit = formats.MAX_JSON_DEPTH
                 if body.count(b"[") + body.count(b"{") > limit and formats.too_deep(body.decode(errors="replace")):
                     raise APIError(400, f"body: JSON nested deeper than {limit} levels", "body", "too_deep")
