@@ -23,6 +23,7 @@ N machines.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import statistics
 import tempfile
@@ -248,6 +249,11 @@ def run_servers(settings: Settings, out: Path, command: str, log: Callable[[str]
     return data
 
 
+def _seconds(value: float | None) -> str:
+    """A takeover's seconds, or a dash where nothing was killed (one process)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
 def markdown(data: dict) -> str:
     s = data["settings"]
     lines = ["# Several serve processes on one PostgreSQL database", "", f"`{data['command']}`", "",
@@ -264,8 +270,7 @@ def markdown(data: dict) -> str:
               "|---|---|---|---|---|---|"]
     for k, c in configs.items():
         lines.append(f"| {k} | {c['steps_per_s']:.1f} | {c['steps_per_s'] / one['steps_per_s']:.2f}x | "
-                     f"{c['p99_ms']:.1f} | {c.get('leased_s', float('nan')):.1f} | "
-                     f"{c.get('resumed_s', float('nan')):.1f} |")
+                     f"{c['p99_ms']:.1f} | {_seconds(c.get('leased_s'))} | {_seconds(c.get('resumed_s'))} |")
     lines += ["", f"Lease {s['lease_seconds']:g} s: a killed process's jobs are claimed once their leases expire "
               "(at most the lease past the last renewal, renewed every 2 s) and a survivor's engine next looks "
               "(every 0.5 s), then resume from their newest checkpoint.", "",
