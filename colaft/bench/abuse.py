@@ -286,34 +286,48 @@ ATTACKS = {"oversized": 2, "malformed": 2, "uploads": 1, "keys_in_query": 2, "fl
 
 
 class RssSampler:
-    """The resident set of process `pid` (bytes), sampled every `every` s in a thread."""
+    """The resident set of process `pid` (bytes), sampled every `every` s in a thread: the
+    baseline, the peak, a timeline (the peak of each second) and, read when asked, now."""
 
     def __init__(self, pid: int, every: float = 0.1):
         import psutil
 
         self.process, self.every = psutil.Process(pid), every
         self.baseline = self.peak = self.process.memory_info().rss
+        self.timeline: list[tuple[float, int]] = []  # (seconds since start, peak of that second)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def start(self) -> RssSampler:
         self.baseline = self.peak = self.process.memory_info().rss
+        self._t0 = time.monotonic()
         self._thread.start()
         return self
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
+                rss = self.process.memory_info().rss
             except Exception:  # the server is gone
                 return
+            self.peak = max(self.peak, rss)
+            second = round(time.monotonic() - self._t0)
+            if self.timeline and self.timeline[-1][0] == second:
+                self.timeline[-1] = (second, max(self.timeline[-1][1], rss))
+            else:
+                self.timeline.append((second, rss))
 
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join(5)
         mb = 1 / 2**20
         return {"baseline_mb": self.baseline * mb, "peak_mb": self.peak * mb,
-                "growth_mb": (self.peak - self.baseline) * mb, "at": time.time()}
+                "growth_mb": (self.peak - self.baseline) * mb, "at": time.time(),
+                "timeline_mb": [(t, round(rss * mb, 1)) for t, rss in self.timeline]}
+
+    def now_mb(self) -> float:
+        """The resident set now (MiB)."""
+        return self.process.memory_info().rss / 2**20
 
 
 # ---------------------------------------------------------------- the good side, measured under attack

@@ -341,6 +341,7 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
                           "long_jobs": abuse.final_statuses(server.url, dict(zip(jobs, keys)), 0)}
                 log(f"attack over; waiting for {len(short)} short jobs")
                 attack["short_jobs"] = abuse.final_statuses(server.url, short, settings.jobs_timeout)
+                attack["memory"]["settled_mb"] = rss.now_mb()  # the attack and the short jobs over
             for key, job in zip(keys, jobs):
                 r = httpx.post(f"{server.url}/v1/fine_tuning/jobs/{job}/cancel",
                                headers={"Authorization": f"Bearer {key}"}, timeout=60)

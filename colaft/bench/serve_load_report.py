@@ -120,7 +120,8 @@ def abuse_markdown(data: dict) -> list[str]:
              f"- the 64 good users' own status calls, timed in their process (one event loop for all): "
              f"p50 {users['p50_ms']:.1f} ms, p99 {users['p99_ms']:.1f} ms" if users["n"] else "",
              f"- server resident set: {m['baseline_mb']:.0f} MiB before, {m['peak_mb']:.0f} MiB peak, **growth "
-             f"{m['growth_mb']:.0f} MiB** (goal < 200 MB)",
+             f"{m['growth_mb']:.0f} MiB** (goal < 200 MB); {m.get('settled_mb', float('nan')):.0f} MiB once the "
+             "attack and the short jobs were over",
              f"- hostile requests: {a['hostile_requests']}, of which 5xx: {a['hostile_5xx']}", ""]
     t = Table(["attack", "answers (status: count; 0: connection closed; open: unanswered at the end)"])
     for k, c in a["outcomes"].items():
