@@ -118,13 +118,14 @@ def test_the_other_jobs_go_on_while_one_is_paused(server, reference):
 
 
 def test_pause_and_resume_answer_400_when_the_job_is_not_in_that_state(server):
-    job = create(server, "alice", seed=8)
+    job = create(server, "alice", {**HYPER, "n_epochs": 50, "batch_size": 1}, seed=8)  # 600 steps: still running
     r = post(server, "alice", job.id, "resume")  # queued or running: not paused
     assert r.status_code == 400 and r.json()["error"]["code"] == "job_not_paused", r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert post(server, "bob", job.id, "pause").status_code == 404  # someone else's job
     assert post(server, "alice", "ftjob-nope", "pause").status_code == 404
-    assert post(server, "alice", job.id, "pause").status_code == 200
+    r = post(server, "alice", job.id, "pause")
+    assert r.status_code == 200, r.text
     r = post(server, "alice", job.id, "pause")
     assert r.status_code == 400 and r.json()["error"]["code"] == "job_paused"
     assert server.openai["alice"].fine_tuning.jobs.cancel(job.id).status == "cancelled"  # a paused job cancels
