@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from colaft.bench.harness import Table, machine, write_report
-from colaft.bench.serve_load import LONG_EPOCHS, LONG_REPEATS, _records, tiny_model_dir
+from colaft.bench.serve_load import LONG_EPOCHS, LONG_REPEATS, chat_records, tiny_model_dir
 from colaft.bench.serve_load_report import Sample, _stats
 from colaft.serve.commands import raise_open_files
 from colaft.serve.launch import ServerProcess
@@ -114,7 +114,7 @@ def client_job(url: str, key: str, timeout: float = 300.0) -> str:
     """A running client-fit job (S = 0) of `key`'s on the base model "bench", its step 1 sent."""
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
         f = h.post("/v1/files", data={"purpose": "fine-tune"},
-                   files={"file": ("polls.jsonl", _records(0, 12 * LONG_REPEATS))})
+                   files={"file": ("polls.jsonl", chat_records(0, 12 * LONG_REPEATS))})
         f.raise_for_status()
         r = h.post("/v1/fine_tuning/jobs", json={"model": "bench", "training_file": f.json()["id"],
                                                  "hyperparameters": {"n_epochs": LONG_EPOCHS, "batch_size": 4},

@@ -143,7 +143,8 @@ LONG_EPOCHS, LONG_REPEATS = 50, 20
 LONG_REPEATS times over."""
 
 
-def _records(user: int, rows: int) -> bytes:
+def chat_records(user: int, rows: int) -> bytes:
+    """A chat JSONL file of `rows` Q/A conversations, starting at QA[user] (users' files differ)."""
     lines = []
     for i in range(rows):
         q, a = QA[(user + i) % len(QA)]
@@ -189,7 +190,7 @@ async def _ramp(url: str, keys: list[str], settings: Settings, rec: Recorder) ->
     async def one(i: int, key: str) -> str | None:
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
             r = await rec.call(h, "upload", "ramp", "POST", "/v1/files", data={"purpose": "fine-tune"},
-                               files={"file": (f"user{i}.jsonl", _records(i, settings.rows * LONG_REPEATS))})
+                               files={"file": (f"user{i}.jsonl", chat_records(i, settings.rows * LONG_REPEATS))})
             if r is None or r.status_code != 200:
                 return None
             client = settings.client_every and i % settings.client_every == settings.client_every - 1
@@ -222,7 +223,7 @@ async def _poll(h: httpx.AsyncClient, job: str, i: int, settings: Settings, rec:
         if settings.upload_every and n % settings.upload_every == 0:
             await asyncio.sleep(pause.uniform(0.5, 1.5) * settings.think)
             await rec.call(h, "upload", "load", "POST", "/v1/files", data={"purpose": "fine-tune"},
-                           files={"file": (f"more{i}.jsonl", _records(i + n, settings.rows))})
+                           files={"file": (f"more{i}.jsonl", chat_records(i + n, settings.rows))})
             await asyncio.sleep(pause.uniform(0.5, 1.5) * settings.think)
             await rec.call(h, "files", "load", "GET", "/v1/files")
         await asyncio.sleep(pause.uniform(0.5, 1.5) * settings.think)
@@ -267,8 +268,6 @@ async def _windows(url: str, keys: list[str], jobs: list[str], settings: Setting
 def _without_folders(log: str, tmp: Path) -> str:
     """The server's log without this machine's folders (the report is meant to be shared): the
     run's temporary folder, the Python environment's and colaft's source."""
-    from colaft.serve.launch import SOURCE
-
     for folder, name in ((tmp, "<run>"), (Path(sys.prefix), "<python>"), (Path(sys.base_prefix), "<python>"),
                          (SOURCE, "<colaft>")):
         log = log.replace(str(folder), name)

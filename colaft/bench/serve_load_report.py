@@ -25,7 +25,7 @@ class Sample:
     status: int  # 0: transport error
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     v = sorted(values)
@@ -35,7 +35,7 @@ def _pct(values: list[float], q: float) -> float | None:
 def _stats(samples: list[Sample]) -> dict:
     ms = [1000 * s.seconds for s in samples]
     return {"n": len(ms), "failed": sum(1 for s in samples if not 200 <= s.status < 300),
-            "p50_ms": _pct(ms, 0.5), "p99_ms": _pct(ms, 0.99), "max_ms": max(ms) if ms else None}
+            "p50_ms": percentile(ms, 0.5), "p99_ms": percentile(ms, 0.99), "max_ms": max(ms) if ms else None}
 
 
 def summarise(settings, info, command, rec, windows, ramp_seconds, client_results, server_log,

@@ -22,7 +22,6 @@ N machines.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import statistics
@@ -36,7 +35,8 @@ import httpx
 
 from colaft.bench.harness import machine, write_report
 from colaft.bench.postgres import Cluster
-from colaft.bench.serve_load import QA, tiny_model_dir
+from colaft.bench.serve_load import chat_records, tiny_model_dir
+from colaft.bench.serve_load_report import percentile
 from colaft.serve.launch import ServerProcess
 
 
@@ -56,16 +56,6 @@ class Settings:
 
 KILL_EPOCHS = 40
 """Epochs of the jobs of a kill: they run for a while past their first checkpoint."""
-
-
-def _file(rows: int) -> bytes:
-    return "".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                   + "\n" for q, a in (QA * rows)[:rows]).encode()
-
-
-def _p99(values: list[float]) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(0.99 * len(values)))] if values else float("nan")
 
 
 class Fleet:
@@ -91,7 +81,7 @@ class Fleet:
             s.wait_ready(300)
         self.headers = {"Authorization": f"Bearer {self.key}"}
         r = httpx.post(self.servers[0].url + "/v1/files", headers=self.headers, data={"purpose": "fine-tune"},
-                       files={"file": ("bench.jsonl", _file(settings.rows))}, timeout=60)
+                       files={"file": ("bench.jsonl", chat_records(0, settings.rows))}, timeout=60)
         r.raise_for_status()
         self.file = r.json()["id"]
 
@@ -146,7 +136,7 @@ def _round(fleet: Fleet, settings: Settings, seed: int) -> dict:
         raise RuntimeError(f"jobs failed: {[done[j]['error'] for j in failed][:3]}")
     steps = len(jobs) * settings.epochs * -(-settings.rows // settings.batch_size)
     return {"seconds": seconds, "steps": steps, "steps_per_s": steps / seconds, "requests": len(latencies),
-            "p99_ms": 1000 * _p99(latencies), "p50_ms": 1000 * statistics.median(latencies)}
+            "p99_ms": 1000 * percentile(latencies, 0.99), "p50_ms": 1000 * statistics.median(latencies)}
 
 
 def _kill(fleet: Fleet, settings: Settings, seed: int, log: Callable[[str], None]) -> dict:

@@ -178,9 +178,10 @@ def serve(
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactKeys())
     set_threads()
+    lock = None
     if database_url is None:
         make_private(data_dir)
-        _only_server(data_dir)
+        lock = _only_server(data_dir)
     db = _database(data_dir, database_url)
     settings = Settings(data_dir=data_dir.resolve(), backend=backend, backend_options=options,
                         transfer_dtype=transfer_dtype,
@@ -215,7 +216,11 @@ def serve(
     # ~100-200 ms during 64 jobs' steps; 1 ms keeps it near its unloaded time.
     sys.setswitchinterval(SWITCH_INTERVAL)
     raise_open_files()
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), log_config=log_config())
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), log_config=log_config())
+    finally:
+        if lock is not None:  # the data folder is free for the next server
+            lock.close()
 
 
 OPEN_FILES = 65536
@@ -262,16 +267,14 @@ def _remove_orphans(db, data_dir: Path, File, shared: bool = False) -> None:
             path.unlink(missing_ok=True)
 
 
-_LOCK = []  # the open lock file of this process's data folder, held until it exits
-
-
-def _only_server(data_dir: Path) -> None:
-    """Hold an exclusive lock on the data folder's embedded database, or refuse in one line:
-    SQLite serves one process; several share a database server (--database-url)."""
+def _only_server(data_dir: Path):
+    """An exclusive lock on the data folder's embedded database (the open lock file: the lock
+    lasts while it is open), or a refusal in one line: SQLite serves one process; several share
+    a database server (--database-url)."""
     try:
         import fcntl
     except ImportError:  # not on Windows: nothing to lock with
-        return
+        return None
     lock = open(data_dir / "serve.lock", "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -279,7 +282,7 @@ def _only_server(data_dir: Path) -> None:
         lock.close()
         raise ValueError(f"another colaft serve uses --data-dir {str(data_dir)!r}, whose SQLite database serves one "
                          "process: run several on one database with --database-url postgresql+psycopg://...") from None
-    _LOCK.append(lock)
+    return lock
 
 
 def _default_url(host: str, port: int) -> str:

@@ -12,7 +12,8 @@ serve processes share it (colaft.serve.leases):
               another process finished joins the mean (its adapters loaded from the shared
               folder); a model another process deleted is unloaded here
 
-On SQLite the only process claims every active job, and follows nothing it did not do itself.
+On SQLite the only process claims every active job, when it starts and when a job is created
+through its API, and follows nothing it did not do itself.
 """
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ class Ownership:
     def turn(self, engine: Any) -> None:
         """Claims, the runs' rows and other processes' models, each when its time has come."""
         t = time.monotonic()
-        if self._claim_now or t - self._claimed >= self.every:
+        # the only process of an embedded database claims when asked (start, a job created here):
+        # nothing else frees a job there, and a claim is a write transaction (SQLite's write lock)
+        if self._claim_now or (not self.leases.exclusive and t - self._claimed >= self.every):
             self._claim_now, self._claimed = False, t
             for job_id in self.leases.claim(self.model_id):
                 if job_id not in engine.runs:

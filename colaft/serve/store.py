@@ -54,7 +54,10 @@ class JobStore:
         return job is not None and (self.owner is None or job.lease_owner == self.owner)
 
     def owns(self, job_id: str) -> bool:
-        """The job's lease is still this process's (a write about it may go on)."""
+        """The job's lease is still this process's (a write about it may go on). Unfenced (one
+        process on an embedded database), every job is: no query on the step's path."""
+        if self.owner is None:
+            return True
         with self.db.read() as s:
             return self._mine(s.get(Job, job_id))
 

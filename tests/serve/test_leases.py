@@ -41,76 +41,66 @@ def add_jobs(db: Database, n: int, mode: str = "personal", first: int = 0) -> li
     return ids
 
 
-def process(db: Database, name: str) -> Leases:
-    leases = Leases(db, f"http://{name}", ["m"], ttl=TTL)
-    leases.start()
-    return leases
+@pytest.fixture
+def two(db):
+    """Two processes' leases, "a" and "b", on `db`; stopped at the end (again, for one stopped already)."""
+    pair = [Leases(db, f"http://{name}", ["m"], ttl=TTL) for name in "ab"]
+    for leases in pair:
+        leases.start()
+    yield pair
+    for leases in pair:
+        leases.stop()
 
 
-def test_claims_take_a_fair_share_and_never_a_live_lease(db):
-    a, b = process(db, "a"), process(db, "b")
-    try:
-        jobs = add_jobs(db, 5)
-        mine = a.claim("m")
-        assert mine == jobs[:3]  # ceil(5 / 2)
-        assert a.claim("m") == []  # at its share
-        assert b.claim("m") == jobs[3:]  # the rest; none of a's
-        assert b.claim("m") == [] and a.claim("m") == []
-        assert b.holder(jobs[0]) == "http://a" and a.holder(jobs[0]) is None and a.servers()[0] == "http://a"
-    finally:
-        a.stop()
-        b.stop()
+def test_claims_take_a_fair_share_and_never_a_live_lease(db, two):
+    a, b = two
+    jobs = add_jobs(db, 5)
+    mine = a.claim("m")
+    assert mine == jobs[:3]  # ceil(5 / 2)
+    assert a.claim("m") == []  # at its share
+    assert b.claim("m") == jobs[3:]  # the rest; none of a's
+    assert b.claim("m") == [] and a.claim("m") == []
+    assert b.holder(jobs[0]) == "http://a" and a.holder(jobs[0]) is None and a.servers()[0] == "http://a"
 
 
-def test_an_expired_lease_is_taken_over_and_the_loser_writes_nothing(db, tmp_path):
-    a, b = process(db, "a"), process(db, "b")
-    try:
-        job = add_jobs(db, 1)[0]
-        assert a.claim("m") == [job]
-        with db.session() as s:  # a's job runs, at step 2
-            s.execute(update(Job).where(Job.id == job).values(status="running"))
-        a._stop.set()  # a stalls: no more renewals (as a killed process)
-        a._thread.join(5)
-        assert b.claim("m") == []  # a's lease is live yet
-        time.sleep(TTL + 0.5)
-        assert b.claim("m") == [job]
-        loser, winner = JobStore("m", db, tmp_path, owner=a.id), JobStore("m", db, tmp_path, owner=b.id)
-        r = Run(job, "personal", [{"input_ids": [1, 2]}] * 4, [], 2, 2, seed=0)
-        assert not loser.owns(job) and winner.owns(job)
-        assert loser.record_step([r], {job: [{"input_ids": [1, 2]}]}, {job: 1.0}) == set() and r.step == 0
-        folder = loser.checkpoint_folder(job, 0)
-        folder.mkdir(parents=True)
-        loser.add_checkpoint(r, folder, listed=True, metrics={})
-        loser.fail(job, "internal_error", "lost")
-        assert not loser.succeed(r, {})
-        assert winner.admission(job).checkpoint is None and winner.job(job).status == "running"
-        assert winner.record_step([r], {job: [{"input_ids": [1, 2]}]}, {job: 1.0}) == {job} and r.step == 1
-    finally:
-        a.stop()
-        b.stop()
+def test_an_expired_lease_is_taken_over_and_the_loser_writes_nothing(db, two, tmp_path):
+    a, b = two
+    job = add_jobs(db, 1)[0]
+    assert a.claim("m") == [job]
+    with db.session() as s:  # a's job runs, at step 2
+        s.execute(update(Job).where(Job.id == job).values(status="running"))
+    a._stop.set()  # a stalls: no more renewals (as a killed process)
+    a._thread.join(5)
+    assert b.claim("m") == []  # a's lease is live yet
+    time.sleep(TTL + 0.5)
+    assert b.claim("m") == [job]
+    loser, winner = JobStore("m", db, tmp_path, owner=a.id), JobStore("m", db, tmp_path, owner=b.id)
+    r = Run(job, "personal", [{"input_ids": [1, 2]}] * 4, [], 2, 2, seed=0)
+    assert not loser.owns(job) and winner.owns(job)
+    assert loser.record_step([r], {job: [{"input_ids": [1, 2]}]}, {job: 1.0}) == set() and r.step == 0
+    folder = loser.checkpoint_folder(job, 0)
+    folder.mkdir(parents=True)
+    loser.add_checkpoint(r, folder, listed=True, metrics={})
+    loser.fail(job, "internal_error", "lost")
+    assert not loser.succeed(r, {})
+    assert winner.admission(job).checkpoint is None and winner.job(job).status == "running"
+    assert winner.record_step([r], {job: [{"input_ids": [1, 2]}]}, {job: 1.0}) == {job} and r.step == 1
 
 
-def test_collaborative_jobs_go_to_one_process_whatever_its_share(db):
-    a, b = process(db, "a"), process(db, "b")
-    try:
-        together = add_jobs(db, 2, "collaborative")
-        alone = add_jobs(db, 2, first=10)
-        assert a.claim("m") == together  # its share, ceil(4 / 2) = 2, is theirs
-        assert b.claim("m") == alone
-        more = add_jobs(db, 1, "collaborative", first=20)
-        assert b.claim("m") == [] and a.claim("m") == more
-    finally:
-        a.stop()
-        b.stop()
+def test_collaborative_jobs_go_to_one_process_whatever_its_share(db, two):
+    a, b = two
+    together = add_jobs(db, 2, "collaborative")
+    alone = add_jobs(db, 2, first=10)
+    assert a.claim("m") == together  # its share, ceil(4 / 2) = 2, is theirs
+    assert b.claim("m") == alone
+    more = add_jobs(db, 1, "collaborative", first=20)
+    assert b.claim("m") == [] and a.claim("m") == more
 
 
-def test_a_stop_releases_the_leases_and_leaves_the_servers(db):
-    a, b = process(db, "a"), process(db, "b")
-    try:
-        jobs = add_jobs(db, 2)
-        assert a.claim("m") == jobs[:1] and b.claim("m") == jobs[1:]
-        a.stop()
-        assert b.servers() == ["http://b"]
-        assert b.claim("m") == jobs[:1]  # at once, not after the lease
-    finally:
-        b.stop()
+def test_a_stop_releases_the_leases_and_leaves_the_servers(db, two):
+    a, b = two
+    jobs = add_jobs(db, 2)
+    assert a.claim("m") == jobs[:1] and b.claim("m") == jobs[1:]
+    a.stop()
+    assert b.servers() == ["http://b"]
+    assert b.claim("m") == jobs[:1]  # at once, not after the lease

@@ -48,6 +48,11 @@ class Service:
         self.rate = RateLimit(self.settings.max_requests, self.settings.rate_window)
         self.polls = PollLimit(self.settings.max_polls)
 
+    @property
+    def shared(self) -> bool:
+        """Other serve processes may share the database (and train some of its jobs)."""
+        return self.leases is not None and not self.leases.exclusive
+
 
 class RateLimit:
     """At most `limit` requests per user in any `window` seconds (a moving window, in this

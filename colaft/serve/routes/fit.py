@@ -58,8 +58,8 @@ def _channel(service: Service, user, job_id: str, request: Request | None = None
                             "to fit on your device)", "job_id", "not_a_client_job")
     engine = service.engines.get(job.model)
     channel = engine.channels.get(job_id) if engine is not None else None
-    if channel is None and job.status not in FINAL and request is not None and service.leases is not None \
-            and not service.leases.exclusive and (url := service.leases.holder(job_id)):
+    if channel is None and job.status not in FINAL and request is not None and service.shared \
+            and (url := service.leases.holder(job_id)):
         target = url.rstrip("/") + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise APIError(307, f"the job is trained by the serve process at {url}: ask there", "job_id",
                        "job_elsewhere", headers={"Location": target})
@@ -94,7 +94,7 @@ def fit_state(request: Request, user: Me, service: TheService, job_id: str):
         state, seq = channel.state, channel.acked
     meta = {**channel.info, "job": job_id, "seq": seq, "version": state["version"], "staleness": channel.staleness,
             "total_steps": job.total_steps}
-    if service.leases is not None and not service.leases.exclusive:
+    if service.shared:
         meta["servers"] = service.leases.servers()  # where to ask again if this process goes away
     return Response(state_to_bytes(state, meta), media_type="application/octet-stream")
 
