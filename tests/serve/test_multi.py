@@ -226,10 +226,10 @@ def _one_mean_everywhere(live: list[Server], ids: dict, watch: LeaseWatch, key: 
 def test_a_second_process_on_one_sqlite_data_folder_is_refused(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    _only_server(data)  # this process serves the folder (as a running `colaft serve` would)
-    out = subprocess.run([sys.executable, "-m", "colaft.app.cli", "serve", "--model", "nothing-loaded",
-                          "--data-dir", str(data), "--port", "1"], capture_output=True, text=True, timeout=120,
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    with _only_server(data):  # this process serves the folder while the lock is open (as `colaft serve` does)
+        out = subprocess.run([sys.executable, "-m", "colaft.app.cli", "serve", "--model", "nothing-loaded",
+                              "--data-dir", str(data), "--port", "1"], capture_output=True, text=True, timeout=120,
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "another colaft serve uses --data-dir" in lines[0] and "--database-url" in lines[0]
