@@ -37,6 +37,7 @@ from colaft import __version__
 from colaft.serve.objects import Health
 from colaft.serve.routes import dashboard, files, fit, inference, jobs, models, pausing
 from colaft.serve.routes.common import APIError, BodyLimit, Service, error_response
+from colaft.serve.routes.gate import Gate
 from colaft.serve.routes.openapi import answers, truthful
 
 __all__ = ["APIError", "RedactKeys", "Service", "create_app", "log_config", "redact"]
@@ -105,6 +106,7 @@ def create_app(service: Service) -> FastAPI:
                               "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.")
     app.state.service = service
     app.add_middleware(BodyLimit, upload_limit=service.max_upload_bytes)
+    app.add_middleware(Gate)  # outermost: refusals known from memory cost no routing (routes/gate.py)
     for router in (files.router, jobs.router, pausing.router, fit.router, inference.router, models.router,
                    dashboard.router):
         app.include_router(router)

@@ -119,6 +119,10 @@ def serve(
     max_completion_tokens: Annotated[Optional[int], typer.Option(
         help="Cap on a completion's max_tokens (400 past it, param max_tokens); prompt plus max_tokens must "
              "also fit the model's context. Default: half the model's context, 4096 at most.")] = None,
+    max_step_tokens: Annotated[int, typer.Option(
+        min=0, help="Padded tokens per training step at most: with more running jobs the engine takes more "
+                    "steps, each job still one per turn, so the server's memory does not grow with the "
+                    "number of jobs. 0: all personal jobs in one step.")] = 8192,
     training_niceness: Annotated[int, typer.Option(
         min=0, max=19, help="How much lower the CPU priority of training and decoding (and the fit workers they "
                             "start) is than the API's: requests are answered at once however busy the machine. "
@@ -192,7 +196,8 @@ def serve(
                         else 0,
                         max_requests=max_requests_per_minute_per_user, rate_window=rate_window,
                         max_polls=max_polls_per_key, training_niceness=training_niceness,
-                        max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens)
+                        max_prompt_tokens=max_prompt_tokens, max_completion_tokens=max_completion_tokens,
+                        max_step_tokens=max_step_tokens)
     _remove_orphans(db, settings.data_dir, File, shared=database_url is not None)
     leases = Leases(db, advertise_url or _default_url(host, port), [i for i, _ in specs], ttl=lease_seconds)
     engines = {}

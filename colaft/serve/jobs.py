@@ -22,6 +22,32 @@ LISTED = 3
 """Checkpoints the API shows per job: the ends of its last epochs."""
 
 
+def step_groups(runs: list[Run], rows: dict[str, list[dict]], max_tokens: int) -> list[list[Run]]:
+    """`runs` in batches of at most `max_tokens` padded tokens (rows x the longest row) each.
+
+    A step's memory grows with its tokens (a causal LM's logits are tokens x vocabulary, kept
+    for the backward several times over), so one batch of every running job would make the
+    server's memory follow the number of tenants. A personal job's step depends on its own rows
+    only, so splitting changes no job's result. A job's rows are never split: one past the cap
+    alone is a batch of its own. Jobs of similar length go together (less padding). 0: one batch.
+    """
+    if max_tokens <= 0 or len(runs) < 2:
+        return [runs] if runs else []
+    width = {r.job_id: max((len(f.get("input_ids", ())) for f in rows[r.job_id]), default=0) or 1 for r in runs}
+    groups: list[list[Run]] = []
+    count = longest = 0
+    for r in sorted(runs, key=lambda r: width[r.job_id]):
+        n, w = len(rows[r.job_id]), width[r.job_id]
+        if groups and (count + n) * max(longest, w) <= max_tokens:
+            groups[-1].append(r)
+            count, longest = count + n, max(longest, w)
+        else:
+            groups.append([r])
+            count, longest = n, w
+    position = {r.job_id: i for i, r in enumerate(runs)}  # each batch in the jobs' own order (as one batch was)
+    return sorted((sorted(g, key=lambda r: position[r.job_id]) for g in groups), key=lambda g: position[g[0].job_id])
+
+
 @dataclass
 class Run:
     """A running job, in memory."""

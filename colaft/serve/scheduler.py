@@ -52,7 +52,7 @@ from colaft.serve.decode import Generation
 from colaft.serve.fits import Channel
 from colaft.serve.host import ModelHost
 from colaft.serve.inference import ModelGone
-from colaft.serve.jobs import LISTED, Run, cola_config, fit_settings
+from colaft.serve.jobs import LISTED, Run, cola_config, fit_settings, step_groups
 from colaft.serve.leases import Leases
 from colaft.serve.ownership import Ownership
 from colaft.serve.settings import Settings
@@ -251,13 +251,15 @@ class Engine:
         for mode in ("personal", "collaborative"):
             runs = [r for r in self.runs.values() if r.mode == mode and
                     clients.may_step(r, self.channels.get(r.job_id), self.settings.client_timeout)]
-            if runs:
+            rows = {r.job_id: r.next_rows() for r in runs}
+            cap = self.settings.max_step_tokens if mode == "personal" else 0  # collaborative: coupled by the mean
+            for group in step_groups(runs, rows, cap):
                 stepped = True
-                try:
-                    self._step(runs, mode)  # blames the step's own faults on their jobs
+                try:  # blames the step's own faults on their jobs
+                    self._step(group, mode, {r.job_id: rows[r.job_id] for r in group})
                 except Exception as e:  # recording the step (database, checkpoints) failed: stop its jobs
-                    log.exception("%s: a step of %d jobs could not be recorded", self.id, len(runs))
-                    for r in runs:
+                    log.exception("%s: a step of %d jobs could not be recorded", self.id, len(group))
+                    for r in group:
                         if r.job_id in self.runs:
                             self._fail(r.job_id, "internal_error", f"training stopped: {type(e).__name__}")
         return stepped
@@ -265,10 +267,11 @@ class Engine:
     def _batch(self, runs: list[Run]) -> dict:
         return self.host.task.collate([f for r in runs for f in r.next_rows()])
 
-    def _step(self, runs: list[Run], mode: str) -> None:
-        """One step of `runs`. A job whose own fit fails fails alone; when the shared server step
-        fails, the jobs it is blamed on fail and the others step again (colaft.serve.isolation)."""
-        rows = {r.job_id: r.next_rows() for r in runs}
+    def _step(self, runs: list[Run], mode: str, rows: dict[str, list[dict]] | None = None) -> None:
+        """One step of `runs` (on `rows`, each job's next rows). A job whose own fit fails fails alone;
+        when the shared server step fails, the jobs it is blamed on fail and the others step again
+        (colaft.serve.isolation)."""
+        rows = rows or {r.job_id: r.next_rows() for r in runs}
         batch = self.host.task.collate([f for r in runs for f in rows[r.job_id]])
         try:
             with isolation.rewind():

@@ -25,6 +25,9 @@ class Settings:
     training_niceness: int = 10
     """The engines' threads (training, decoding) and their fit workers run this much nicer than the
     API's event loop (colaft.runtime.yield_cpu): on a busy machine a request waits for no step."""
+    max_step_tokens: int = 8192
+    """Padded tokens per training step at most: more running jobs take more steps, not more memory
+    (colaft.serve.jobs.step_groups). 0: every personal job in one step."""
     checkpoint_every: int = 20
     """Save each running job's state every so many of its steps (and at every epoch end)."""
     num_labels: int = 2

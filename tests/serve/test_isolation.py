@@ -17,6 +17,7 @@ from tiny_models import QA
 import colaft.trainer
 from colaft.serve import isolation
 from colaft.serve.db import Database, Event, File, Job, User
+from colaft.serve.jobs import step_groups
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import ColaftOptions
 from colaft.serve.settings import Settings
@@ -27,13 +28,13 @@ HYPER = {"n_epochs": 2, "batch_size": 3, "learning_rate_multiplier": 50}  # 4 ro
 class Jobs:
     """An engine of the tiny Llama and its database, with jobs added straight to it."""
 
-    def __init__(self, folder: Path, model_dir: Path):
+    def __init__(self, folder: Path, model_dir: Path, **settings):
         data = folder / "data"
         (data / "files").mkdir(parents=True)
         records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
         (data / "files" / "file-1").write_bytes(jsonl(records))
         self.db = Database(f"sqlite:///{data / 'colaft.db'}")
-        self.engine = Engine("llama", str(model_dir), "clm", self.db, Settings(data_dir=data))
+        self.engine = Engine("llama", str(model_dir), "clm", self.db, Settings(data_dir=data, **settings))
         self.options = {**ColaftOptions(max_length=64).model_dump(), "targets": self.engine.host.task.recipe.targets}
         with self.db.session() as s:
             s.add(User(id="user-1", name="u", key_hash="0" * 64))
@@ -81,8 +82,8 @@ class Jobs:
 def engines(tmp_path, tiny_llama_dir):
     made = []
 
-    def make() -> Jobs:
-        made.append(Jobs(tmp_path / str(len(made)), tiny_llama_dir))
+    def make(**settings) -> Jobs:
+        made.append(Jobs(tmp_path / str(len(made)), tiny_llama_dir, **settings))
         return made[-1]
     yield make
     for jobs in made:
@@ -203,3 +204,50 @@ def test_bisection_blames_exactly_the_jobs_whose_rows_make_the_step_fail():
 def test_why_is_short_and_one_line():
     why = isolation.why(RuntimeError("line one\nline two " + "x" * 1000))
     assert why.startswith("RuntimeError: line one") and "\n" not in why and len(why) <= 300
+
+
+# ---------------------------------------------------------------- steps of bounded size
+
+def test_many_jobs_take_several_steps_of_at_most_the_token_cap_and_train_as_in_one(engines, monkeypatch):
+    """With --max-step-tokens, four jobs' rows are stepped in batches of at most the cap (padded
+    tokens), not in one batch that grows with the number of jobs. Each job still takes each of its
+    steps once, and ends with the adapters it gets when all four share every batch."""
+    jobs = {"ftjob-a": {}, "ftjob-b": {}, "ftjob-c": {"adapter": "linear"}, "ftjob-d": {}}
+    want = engines(max_step_tokens=0).run(jobs)
+    split = engines(max_step_tokens=200)  # a batch of 3 rows is ~100-130 padded tokens: one job a step
+    shapes = []
+    step = split.engine.host.step
+
+    def recorded(batch, mode):
+        shapes.append((len(set(batch["users"])), tuple(batch["input_ids"].shape)))
+        return step(batch, mode)
+    monkeypatch.setattr(split.engine.host, "step", recorded)
+    got = split.run(jobs)
+    assert all(rows * width <= 200 for n, (rows, width) in shapes if n > 1), shapes
+    assert max(n for n, _ in shapes) < 4 and len(shapes) > 4, shapes  # never all four at once
+    assert got.keys() == want.keys() == jobs.keys()
+    for job_id in jobs:
+        assert split.steps(job_id) == [1, 2, 3, 4]
+        for k, w in want[job_id].items():  # round-off: the batches are padded to other lengths (and
+            # Adam's steps turn a near-zero gradient's round-off into a step of its size): norm-wise
+            assert float((got[job_id][k] - w).norm()) <= 1e-5 * float(w.norm()), (job_id, k)
+        assert any(float(t.abs().max()) > 0 for k, t in got[job_id].items() if "lora_A" not in k)
+
+
+def test_step_groups_pack_whole_jobs_under_the_cap():
+    class R:
+        def __init__(self, job_id):
+            self.job_id = job_id
+    lengths = {"a": [10, 12], "b": [30], "c": [11, 11, 11], "d": [500], "e": [9]}
+    runs = [R(j) for j in lengths]
+    rows = {j: [{"input_ids": [0] * n} for n in ns] for j, ns in lengths.items()}
+    groups = step_groups(runs, rows, 64)
+    ids = [[r.job_id for r in g] for g in groups]
+    assert sorted(j for g in ids for j in g) == sorted(lengths)  # every job once, none split
+    for g in groups:
+        padded = sum(len(rows[r.job_id]) for r in g) * max(len(f["input_ids"]) for r in g for f in rows[r.job_id])
+        assert padded <= 64 or len(g) == 1, ids
+    assert ["d"] in ids  # past the cap alone: a step of its own
+    # by length: e and c (4 rows of at most 11: 44 tokens); a would make 6 x 12 = 72
+    assert ids == [["a"], ["b"], ["c", "e"], ["d"]]  # each batch, and the batches, in the jobs' order
+    assert step_groups(runs, rows, 0) == [runs] and step_groups([], rows, 64) == []

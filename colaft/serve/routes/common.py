@@ -70,6 +70,15 @@ class RateLimit:
         reset = self.limiter.get_window_stats(self.item, user_id).reset_time
         return max(1, math.ceil(reset - time.time()))
 
+    def refusal(self, user_id: str) -> APIError | None:
+        """Count one request of the user: None if it is allowed, else its 429 with Retry-After."""
+        wait = self.retry_after(user_id)
+        if wait is None:
+            return None
+        return quota_exceeded(f"Too many requests: at most {self.limit} per {self.window} s per user "
+                              f"(colaft serve --max-requests-per-minute-per-user); retry after {wait} s",
+                              headers={"Retry-After": str(wait)})
+
 
 class PollLimit:
     """At most `limit` long polls per user at once (0: no limit). Counted in the event loop's
@@ -87,13 +96,19 @@ class PollLimit:
         """Polls in progress, all users together."""
         return self.held.total()
 
+    def refusal(self, user_id: str) -> APIError | None:
+        """The 429 of one more poll of the user's, or None while the user has a place left."""
+        if self.limit and self.held[user_id] >= self.limit:
+            return quota_exceeded(f"Too many polls at once: at most {self.limit} per API key (colaft serve "
+                                  f"--max-polls-per-key); retry after {self.RETRY_AFTER} s, when one of yours "
+                                  "has answered", headers={"Retry-After": str(self.RETRY_AFTER)})
+        return None
+
     @contextmanager
     def place(self, user_id: str) -> Iterator[None]:
         """Hold one of the user's places while the poll runs, or a 429 with Retry-After."""
-        if self.limit and self.held[user_id] >= self.limit:
-            raise quota_exceeded(f"Too many polls at once: at most {self.limit} per API key (colaft serve "
-                                 f"--max-polls-per-key); retry after {self.RETRY_AFTER} s, when one of yours "
-                                 "has answered", headers={"Retry-After": str(self.RETRY_AFTER)})
+        if (error := self.refusal(user_id)) is not None:
+            raise error
         self.held[user_id] += 1
         try:
             yield
@@ -183,7 +198,7 @@ class BodyLimit:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"")
         if limit is not None and length.isdigit() and int(length) > limit:
-            return await _refuse(error, scope, receive, send)
+            return await refuse(error, scope, receive, send)
         done = length in (b"", b"0") and b"transfer-encoding" not in headers  # no body: nothing left unread
         received, over, started = 0, False, False
 
@@ -214,12 +229,14 @@ class BodyLimit:
             if not over or started:
                 raise
         if over and not started:
-            await _refuse(error, scope, receive, send)
+            await refuse(error, scope, receive, send)
 
 
-async def _refuse(error: APIError, scope, receive, send) -> None:
-    response = error_response(error.status, error.message, error.param, error.code)
-    response.headers["connection"] = "close"
+async def refuse(error: APIError, scope, receive, send, close: bool = True) -> None:
+    """Answer `error` without the app; `close`: and close the connection (a body may be left unread)."""
+    response = error_response(error.status, error.message, error.param, error.code, error.type, error.headers)
+    if close:
+        response.headers["connection"] = "close"
     await response(scope, receive, send)
 
 
@@ -252,32 +269,40 @@ BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
 """The security scheme of every route that takes a key (in the schema; current_user checks the key)."""
 
 
+def invalid_key() -> APIError:
+    return APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>' "
+                         "(keys come from 'colaft users add NAME')", code="invalid_api_key")
+
+
+ADMITTED = "colaft.user"
+"""The request state's entry where colaft.serve.routes.gate leaves the user it let in, counted."""
+
+
 async def current_user(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> User:
     """The user whose key the request carries (401 otherwise). A key seen in the last seconds is
     answered from memory, on the event loop; only the others take a thread for the query."""
+    user = request.scope.get("state", {}).get(ADMITTED)
+    if user is not None:
+        return user
     key = auth.bearer_key(request.headers.get("authorization"))
-    user = None
     if key is not None:
         keys, key_hash = request.app.state.service.keys, auth.hash_key(key)
         known, user = keys.cached(key_hash)
         if not known:
             user = await run_in_threadpool(keys.lookup, key_hash)
     if user is None:
-        raise APIError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>' "
-                            "(keys come from 'colaft users add NAME')", code="invalid_api_key")
+        raise invalid_key()
     return user
 
 
 async def rated_user(request: Request, user: Annotated[User, Depends(current_user)]) -> User:
     """The calling user, within its request rate (colaft serve --max-requests-per-minute-per-user):
     a 429 with Retry-After (seconds) past it. Counted per user after the key check, so a bad
-    key never uses up someone's requests, and one user's burst never slows another's."""
-    rate = request.app.state.service.rate
-    wait = rate.retry_after(user.id)
-    if wait is not None:
-        raise quota_exceeded(f"Too many requests: at most {rate.limit} per {rate.window} s per user "
-                             f"(colaft serve --max-requests-per-minute-per-user); retry after {wait} s",
-                             headers={"Retry-After": str(wait)})
+    key never uses up someone's requests, and one user's burst never slows another's (a request
+    the gate let in was counted there)."""
+    if request.scope.get("state", {}).get(ADMITTED) is None and \
+            (error := request.app.state.service.rate.refusal(user.id)) is not None:
+        raise error
     return user
 
 
