@@ -12,7 +12,9 @@ kept (as now) or with the cache emptied before every call (as before); and serve
 an unchanged adapter with autograd on, kept (`under_grad`) or not, and not kept with no cache
 at all (no key computed: what the lookup costs). `--memory`: the peak RSS
 of three merged server steps of an unchanged adapter, `under_grad` off and on, each in a
-fresh process (glibc's mmap threshold pinned, as the bench commands do).
+fresh process (glibc's mmap threshold pinned, as the bench commands do). `--parts generate`
+(a causal LM): greedy generation of 16 tokens for 4 prompts, merged one user and
+collaborative K users, with the cache and with W + delta_W formed at every token.
 """
 from __future__ import annotations
 
@@ -178,6 +180,28 @@ def main() -> None:
                                                            ("merged-step-not-kept", "merged-step-no-lookup")])
     print(json.dumps(results["merged step, unchanged adapter"], indent=1), flush=True)
 
+    if "generate" in parts:  # greedy decoding: a forward per token, autograd off, the adapters unchanged
+        prompt = batch["input_ids"][:4, :16]
+        gen = {}
+        for k in (1, max(ks)):
+            cm = merged_model(share_weights(base), preset, args.rank) if k == 1 else cola_users(
+                share_weights(base), preset, k, args.rank)
+            if k > 1:
+                cm.set_mode("collaborative")
+            users = assign(k, len(prompt)) if k > 1 else None
+
+            def run(cm=cm, users=users):
+                return cm.generate(input_ids=prompt, users=users, max_new_tokens=16, do_sample=False,
+                                   min_new_tokens=16, pad_token_id=0)
+
+            def before(run=run):
+                with no_lookup():
+                    return run()
+            gen[f"generate-K{k}-kept"], gen[f"generate-K{k}-formed-every-token"] = run, before
+        t = harness.interleaved(gen, args.rounds, warmup=1)
+        results["generation, 4 x 16 tokens"] = report(t, [(f"generate-K{k}-kept", f"generate-K{k}-formed-every-token")
+                                                          for k in (1, max(ks))])
+        print(json.dumps(results["generation, 4 x 16 tokens"], indent=1), flush=True)
     if args.memory:
         mem = {}
         for case in ("off", "on"):
