@@ -2,7 +2,7 @@
 
 A site replaces its module's `forward` (an instance attribute, removed on detach) with
     h = f(x) + g(dropout(x))      unmerged: the adapter runs, parameters frozen, input not detached
-    h = f(x; W + delta_W)         merged: the base weight is never written, the sum is a temporary
+    h = f(x; W + delta_W)         merged: W is never written; W + delta_W is made per call or, with no grad, per version
 While the server records, each call appends (site, x, the edge of h) so that the server can take
 dL/dh and emit the packet (x, dL/dh). The base weights are never modified by a site.
 
