@@ -2,7 +2,7 @@
 
 A site replaces its module's `forward` (an instance attribute, removed on detach) with
     h = f(x) + g(dropout(x))      unmerged: the adapter runs, parameters frozen, input not detached
-    h = f(x; W + delta_W)         merged: the base weight is never written, the sum is a temporary
+    h = f(x; W + delta_W)         merged: W is never written; W + delta_W is made per call or, with no grad, per version
 While the server records, each call appends (site, x, the edge of h) so that the server can take
 dL/dh and emit the packet (x, dL/dh). The base weights are never modified by a site.
 
@@ -25,6 +25,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from transformers.pytorch_utils import Conv1D
 
 from colaft.adapters import SiteSpec, is_mergeable
+from colaft.adapters.merging import MergeCache
 from colaft.packets import tensor_key
 from colaft.routing import Route, routed_delta
 
@@ -203,6 +204,7 @@ class Site(nn.Module):
         self.route: Route | None = None
         self.combine: dict[str, float] | None = None  # collaborative: user -> weight of its delta
         self.recorder: list[Call] | None = None
+        self.merges = MergeCache()  # W + delta_W of the merged forward, while no adapter changes
         self._base_forward = module.forward
         self._had_own_forward = "forward" in module.__dict__
         module.forward = self.run
@@ -217,6 +219,11 @@ class Site(nn.Module):
 
     def remove(self, user: str) -> None:
         del self.adapters[self.keys.pop(user)]
+        self.merges.clear()  # free a weight-sized result now, not at the next forward
+
+    def _apply(self, fn, recurse=True):
+        self.merges.clear()  # .to(), .half(): a kept result would have the old device or dtype
+        return super()._apply(fn, recurse)
 
     def get(self, user: str) -> nn.Module | None:
         key = self.keys.get(user)
@@ -255,16 +262,12 @@ class Site(nn.Module):
             return t
         return t * (s.to(t.dtype) if isinstance(s, torch.Tensor) else s)
 
-    def _merged_forward(self, x: torch.Tensor, adapter: nn.Module | None = None,
-                        delta: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
-        """f(x; W + delta_W): delta_W of `adapter`, or a given (delta_W, delta_b)."""
+    def _merged_forward(self, x: torch.Tensor, adapters: list[nn.Module],
+                        coefs: list[float] | None = None) -> torch.Tensor:
+        """f(x; W + delta_W): delta_W of the one adapter in `adapters`, or sum_u coefs[u] delta_W_u."""
         m = self.target
         transposed = self.transposed
-        if adapter is not None and hasattr(adapter, "merged_weight"):  # W + delta_W in one kernel (no bias delta)
-            weight, db = adapter.merged_weight(m.weight, transposed), None
-        else:
-            dw, db = adapter.delta_weight() if adapter is not None else delta
-            weight = m.weight + (dw.T if transposed else dw)
+        weight, db = self.merges.merged(m.weight, adapters, coefs, transposed)  # formed once per adapter version
         if isinstance(m, nn.Embedding):  # no bias
             return self._scaled(F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type,
                                             m.scale_grad_by_freq, m.sparse))
@@ -281,13 +284,10 @@ class Site(nn.Module):
         mergeable = {u: a for u, a in adapters.items() if is_mergeable(a)}
         weights = {u: self.combine.get(u, 1.0) for u in mergeable}
         total = sum(weights.values())
-        dw = db = None
-        for u, a in mergeable.items():
-            w, b = a.delta_weight()
-            dw = w * (weights[u] / total) if dw is None else dw + w * (weights[u] / total)
-            if b is not None:
-                db = b * (weights[u] / total) if db is None else db + b * (weights[u] / total)
-        h = self._merged_forward(x, delta=(dw, db)) if dw is not None else self._base_forward(x)
+        if total > 0:  # lowrank users' deltas in one product per site (adapters/merging.py)
+            h = self._merged_forward(x, list(mergeable.values()), [w / total for w in weights.values()])
+        else:
+            h = self._base_forward(x)
         personal = {u: a for u, a in adapters.items() if u not in mergeable}
         if personal:
             delta = routed_delta(personal, x, route or Route([next(iter(personal))] * x.shape[0]))
@@ -303,7 +303,7 @@ class Site(nn.Module):
             if adapter is None:  # this user has no adapter here
                 return self._base_forward(x)
             if self.merged:
-                x_in, h = x, self._merged_forward(x, adapter)
+                x_in, h = x, self._merged_forward(x, [adapter])
             else:
                 x_in = self.dropout(x)
                 h = self._base_forward(x) + self._scaled(adapter(x_in))

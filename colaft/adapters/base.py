@@ -5,7 +5,9 @@ site's output: h = f(x) + g(x). A mergeable adapter also has `delta_weight()` re
 (delta_W, delta_b or None) in the site's canonical layout (see SiteSpec), so the server can
 run on W + delta_W instead; one without a bias delta may also offer
 `merged_weight(W, transposed) -> W + delta_W` to form the sum in one fused kernel (lowrank
-does: addmm). Adding an adapter type means one new file that calls
+does: addmm), and its type a staticmethod `merged_sum(adapters, coefs, W, transposed)` ->
+W + sum_u coefs[u] delta_W_u in one product, or None to decline (collaborative mode; see
+`adapters/merging.py`). Adding an adapter type means one new file that calls
 `register_adapter`; a user can register any nn.Module class the same way.
 """
 from __future__ import annotations

@@ -52,6 +52,20 @@ class LowRankLinear(nn.Module):
         return torch.addmm(weight, b, a, alpha=self.scale)
 
     @staticmethod
+    def merged_sum(adapters: list[LowRankLinear], coefs: list[float], weight: torch.Tensor,
+                   transposed: bool) -> torch.Tensor | None:
+        """W + sum_u c_u scale_u B_u A_u as one product: [B_1 .. B_K] (out, R) times [c_1 s_1 A_1; ..] (R, in).
+
+        One weight-sized pass whatever the number of users (forming each B_u A_u and summing
+        takes three per user); ranks may differ (R = sum of the ranks). None for conv2d.
+        """
+        if adapters[0].lora_A.weight.dim() != 2:
+            return None
+        a, b = _concatenated([m.lora_A.weight for m in adapters], [m.lora_B.weight for m in adapters],
+                             [c * m.scale for m, c in zip(adapters, coefs)])
+        return torch.addmm(weight, a.T, b.T) if transposed else torch.addmm(weight, b, a)
+
+    @staticmethod
     def grouped(adapters: list[LowRankLinear], x: torch.Tensor, index: list[int]) -> torch.Tensor | None:
         """Row i through adapters[index[i]] in two batched products (BGMV: gather each row's A and B).
 
@@ -76,6 +90,11 @@ class LowRankLinear(nn.Module):
         y = F.conv2d(z, b_rows.flatten(0, 1), groups=n).view(n, -1, *z.shape[2:])  # (n, d_out, H', W')
         scale = _row_scale(scales, index, y)
         return y * (scale if isinstance(scale, float) else scale[:, None, None, None])
+
+
+def _concatenated(a_list, b_list, coefs: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_1 A_1; ..; c_K A_K) stacked by rows (R, in) and (B_1 .. B_K) side by side (out, R)."""
+    return torch.cat([a * c for a, c in zip(a_list, coefs)]), torch.cat(b_list, dim=1)
 
 
 def _gather(a_list, b_list, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +162,14 @@ class LowRankEmbedding(nn.Module):
 
     def delta_weight(self):
         return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scale, None  # (num, dim)
+
+    @staticmethod
+    def merged_sum(adapters: list[LowRankEmbedding], coefs: list[float], weight: torch.Tensor,
+                   transposed: bool) -> torch.Tensor:
+        """W + sum_u c_u scale_u (B_u A_u)^T as one product (see LowRankLinear.merged_sum); W is (num, dim)."""
+        a, b = _concatenated([m.lora_embedding_A for m in adapters], [m.lora_embedding_B for m in adapters],
+                             [c * m.scale for m, c in zip(adapters, coefs)])
+        return torch.addmm(weight, a.T, b.T)  # (num, R) (R, dim)
 
     @staticmethod
     def grouped(adapters: list[LowRankEmbedding], ids: torch.Tensor, index: list[int]) -> torch.Tensor:
