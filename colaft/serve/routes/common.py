@@ -260,7 +260,9 @@ def error_response(status: int, message: str, param=None, code=None, type="inval
                         headers=headers)
 
 
-def service_of(request: Request) -> Service:
+async def service_of(request: Request) -> Service:
+    # async: FastAPI runs a plain function dependency in a worker thread, a hop there and back
+    # through the event loop that every request paid (under load, a loop turn each way)
     return request.app.state.service
 
 

@@ -98,3 +98,26 @@ def test_a_long_poll_past_the_users_places_is_refused_at_the_gate():
     assert client.get("/v1/thing", headers=_auth(GOOD)).status_code == 200  # other routes: no poll place
     service.polls.held["user-good"] = 1
     assert client.get("/v1/fine_tuning/jobs/ftjob-1/fit/packets", headers=_auth(GOOD)).status_code == 200
+
+
+def test_no_dependency_of_any_route_takes_a_thread():
+    """FastAPI runs a dependency that is a plain function in a worker thread: a hop to a thread
+    and back through the event loop for every request. Handlers may (their database work is
+    meant for threads); what every request resolves first may not."""
+    import inspect
+
+    from colaft.serve.routes import dashboard, files, fit, inference, jobs, models, pausing
+
+    def calls(dependant):
+        for d in dependant.dependencies:
+            yield d.call
+            yield from calls(d)
+    seen = set()
+    for router in (files.router, jobs.router, pausing.router, fit.router, inference.router, models.router,
+                   dashboard.router):
+        for route in router.routes:
+            for call in calls(route.dependant):
+                seen.add(call)
+                target = call if inspect.isroutine(call) else type(call).__call__
+                assert inspect.iscoroutinefunction(target), (route.path, call)
+    assert len(seen) >= 3  # the key, the rate, the service
