@@ -110,7 +110,8 @@ class Trainer(TrainerLike):
 
     `stats` holds: steps, version (updates applied), skipped_fits, packet_bytes (the last
     step) and packet_bytes_total, update_bytes and snapshot_bytes (tensor bytes back from
-    the owners; snapshots only with process or ray), server_seconds (in the server step),
+    the owners; snapshots only with process or ray), server_seconds (in the server step) and
+    server_cpu_seconds (this thread's CPU time in it: less where the thread waited for a core),
     send_seconds (handing messages to the backend; inline: including the fits),
     transfer_seconds (serialising and deserialising in this process), wait_seconds (blocked
     by the staleness bound) and recoveries (lost workers replaced).
@@ -141,7 +142,7 @@ class Trainer(TrainerLike):
             self.remote: dict[str, Callable[[list], None]] = {}  # user -> where its packets go (add_remote_user)
             self.last_user_losses: dict[str, float] = {}
             self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0, "packet_bytes_total": 0,
-                          "server_seconds": 0.0}
+                          "server_seconds": 0.0, "server_cpu_seconds": 0.0}
             self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
             self._sync_users()
         except BaseException:
@@ -232,9 +233,10 @@ class Trainer(TrainerLike):
             WorkerError: the backend failed; it is not usable any more.
         """
         self._sync_users()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         out = self._server_step(batch, users)
         self.stats["server_seconds"] += time.perf_counter() - start
+        self.stats["server_cpu_seconds"] += time.thread_time() - cpu
         by_user: dict[str, list] = {u: [] for u in out.user_losses}
         for p in out.packets:
             by_user[p.user].append(p)
