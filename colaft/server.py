@@ -53,9 +53,10 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
             batch of several users it must return one loss per row, shape (B,).
         users: the user of every row, or one user (a str) for every row (None: the model's only user).
         stream_packets: copy each site's x and dL/dh to host memory while the backward runs, as
-            soon as dL/dh there is produced (`HostCopies`), so that the device never holds every
-            site's x and dL/dh at once. None: on for a CUDA server, off where packets already
-            live in host memory. The packets are the same bits either way.
+            soon as dL/dh there is produced (`HostCopies`): the step then keeps no site's x or
+            dL/dh on the device once the backward is past that site (autograd may still hold an
+            x it saved for an earlier node). None: on for a CUDA server, off where packets
+            already live in host memory. The packets are the same bits either way.
         in_flight: with streaming, the most copies under way at once (pinned host buffers held
             by unfinished copies).
     Returns:
