@@ -30,11 +30,19 @@ else
   ARGS=(--device cpu --quick)
 fi
 
-timeout -k 10 440 "$PY" -m colaft.bench server "${ARGS[@]}" --out "$DEST" 2>&1 | tee "$DEST/log.txt"
+timeout -k 10 410 "$PY" -m colaft.bench server "${ARGS[@]}" --out "$DEST" 2>&1 | tee "$DEST/log.txt"
 echo "exit status: ${PIPESTATUS[0]}"
+# Packets streamed to pinned host memory during the backward vs built after it (step time and
+# peak device memory, both ending with the packets on the host); on CPU a short smoke run.
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  STREAM=(--model minilm-l6 --model smollm2-135m --rounds 10)
+else
+  STREAM=(--model tiny --rounds 2)
+fi
+timeout -k 5 40 "$PY" -m colaft.bench.stream "${STREAM[@]}" --out "$DEST" 2>&1 | tee -a "$DEST/log.txt"
 # A machine that hands back only a few files gets the reports and the log; the plots go in one archive.
 if [ -n "${OUT:-}" ]; then
-  cp "$DEST"/server.md "$DEST"/server.json "$DEST"/log.txt "$OUT"/ 2>/dev/null
+  cp "$DEST"/server.md "$DEST"/server.json "$DEST"/stream.json "$DEST"/log.txt "$OUT"/ 2>/dev/null
   tar -C "$DEST" -czf "$OUT/plots.tar.gz" $(cd "$DEST" && ls *.png 2>/dev/null)
 fi
 echo

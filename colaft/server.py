@@ -15,6 +15,8 @@ merged), which is what makes dL/dh exact at earlier sites (ColA, Diao et al. 202
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +41,8 @@ class ServerStep:
 
 
 def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
-                users: Sequence[str] | None = None) -> ServerStep:
+                users: Sequence[str] | None = None, stream_packets: bool | None = None,
+                in_flight: int = 4) -> ServerStep:
     """Run one server step on `batch`.
 
     Args:
@@ -49,6 +52,13 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
         loss_fn: `loss_fn(output, batch) -> loss` for models that do not return `.loss`; for a
             batch of several users it must return one loss per row, shape (B,).
         users: the user of every row, or one user (a str) for every row (None: the model's only user).
+        stream_packets: copy each site's x and dL/dh to host memory while the backward runs, as
+            soon as dL/dh there is produced (`HostCopies`): the step then keeps no site's x or
+            dL/dh on the device once the backward is past that site (autograd may still hold an
+            x it saved for an earlier node). None: on for a CUDA server, off where packets
+            already live in host memory. The packets are the same bits either way.
+        in_flight: with streaming, the most copies under way at once (pinned host buffers held
+            by unfinished copies).
     Returns:
         ServerStep: the loss, one packet per (user, site call) that the loss depends on, and
         the users' losses. With several users the loss is the sum over users of each user's
@@ -89,14 +99,119 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
         raise RuntimeError(f"sites ran without autograd: {', '.join(blind)}. Reentrant activation checkpointing "
                            "does this; use the non-reentrant kind (use_reentrant=False)")
     # by graph edge, not by tensor: a tensor modified in place afterwards would give dL/d(modified)
-    grads = list(torch.autograd.grad(loss, [c.edge for c in calls], allow_unused=True))
+    edges = [c.edge for c in calls]
+    if stream_packets if stream_packets is not None else loss.device.type == "cuda":
+        copies = HostCopies(calls, in_flight)
+        torch.autograd.backward(loss, inputs=edges)  # into no tensor: each dL/dh reaches its hook, then goes
+        grads = copies.finish()
+        padding = {shape: m.cpu() for shape, m in padding.items()}
+    else:
+        grads = list(torch.autograd.grad(loss, edges, allow_unused=True))
+    del edges
     keep = _kept_rows(calls, grads, padding)
-    packets, inputs = [], {}  # inputs: x rows cut once per shared input (Site.split)
-    for i, c in enumerate(calls):
-        g, grads[i] = grads[i], None  # with padding, each full dL/dh is freed once its rows are copied
+    return ServerStep(loss.detach(), _packets(calls, grads, keep), {u: v.item() for u, v in user_losses.items()})
+
+
+def _packets(calls: list[Call | None], grads: list[torch.Tensor | None], keep: list[Kept | None]) -> list[Packet]:
+    """Every call's packets, each call's x and dL/dh let go as soon as its packets are built.
+
+    A packet that copies rows (several users, padding) no longer needs the call's tensors, so
+    the step holds the copies of the calls done and the originals of those to come, not both
+    in full; a shared input is freed with the last call that reads it. `calls` and `grads`
+    are emptied (the caller must hold no other reference for the memory to go).
+    """
+    packets, inputs = [], {}  # inputs: x rows cut once per (shared input, user) (Site.split)
+    for i in range(len(calls)):
+        c, calls[i] = calls[i], None
+        g, grads[i] = grads[i], None
         if g is not None:
             packets += [Packet(c.site.name, x, gu, user) for user, x, gu in c.site.split(c, g, keep[i], inputs)]
-    return ServerStep(loss.detach(), packets, {u: v.item() for u, v in user_losses.items()})
+        del c, g
+    return packets
+
+
+class HostCopies:
+    """Each call's x and dL/dh copied to host memory as the backward produces dL/dh there.
+
+    A hook on the node that receives h's gradient sees dL/dh as soon as it is complete (every
+    use of h summed) and before that node runs; the copy starts there, on a side stream into
+    pinned memory on CUDA, and the call's device x is let go, so the device holds the x and
+    dL/dh of the sites still to come, not of every site. A shared input (q/k/v) is copied once.
+    At most `in_flight` copies are under way: the hook waits for the oldest before starting
+    another, which bounds the device tensors kept alive for the copies (and the pinned memory
+    being written). `finish` waits for them all; afterwards `calls` hold their host x.
+    """
+
+    def __init__(self, calls: list[Call], in_flight: int = 4):
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, not {in_flight}")
+        self.calls, self.in_flight = calls, in_flight
+        self.grads: list[torch.Tensor | None] = [None] * len(calls)
+        self.inputs: dict[tuple, torch.Tensor] = {}  # device x -> its host copy, once per shared input
+        self.pending: collections.deque = collections.deque()  # fences of the copies under way, oldest first
+        self.most_in_flight = 0
+        self.stream = None
+        self.handles = [c.edge.node.register_prehook(self._hook(i)) for i, c in enumerate(calls)]
+
+    def _hook(self, i: int):
+        def hook(grad_outputs):
+            g = grad_outputs[self.calls[i].edge.output_nr]
+            if g is not None:
+                self._copy(i, g)
+        return hook
+
+    def _copy(self, i: int, grad: torch.Tensor) -> None:
+        call = self.calls[i]
+        key = tensor_key(call.x)
+        while len(self.pending) >= self.in_flight:
+            self.pending.popleft().synchronize()
+        with self._on_side_stream(grad.device):
+            if key not in self.inputs:
+                self.inputs[key] = self._to_host(call.x)
+            self.grads[i] = self._to_host(grad)
+            self.pending.append(self._fence(grad.device))
+        self.most_in_flight = max(self.most_in_flight, len(self.pending))
+        self.calls[i] = Call(call.site, self.inputs[key], call.edge, call.route)  # the device x may go
+
+    def _on_side_stream(self, device: torch.device):
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))  # after the kernels that made dL/dh
+        return torch.cuda.stream(self.stream)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cuda":
+            return t.clone()  # host memory already: the same copy a device would make
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        return host
+
+    def _fence(self, device: torch.device):
+        if device.type != "cuda":
+            return _Done()
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def finish(self) -> list[torch.Tensor | None]:
+        """Every copy done; the host dL/dh per call (None where the loss does not depend on it)."""
+        for handle in self.handles:
+            handle.remove()
+        while self.pending:
+            self.pending.popleft().synchronize()
+        grads, self.grads = self.grads, []
+        self.inputs.clear()
+        return grads
+
+
+class _Done:
+    """The fence of a copy between host tensors: done when made."""
+
+    def synchronize(self) -> None:
+        pass
 
 
 def _padding(batch: Mapping) -> dict[tuple[int, ...], torch.Tensor]:

@@ -336,7 +336,9 @@ class Site(nn.Module):
         and v read one hidden state) and that keep the same rows (the same `keep` object) get
         the very same x rows object, cut once, which every transport then sends once.
         """
-        grad = self._scaled(grad)  # dL/dg: h = f(x) + s * g(x) at a scaled embedding
+        scale = getattr(self.target, "embed_scale", None)  # a streamed dL/dh is on the host, the scale may not be
+        moved = isinstance(scale, torch.Tensor) and self.spec.kind == "embedding" and scale.device != grad.device
+        grad = grad * scale.to(grad.device, grad.dtype) if moved else self._scaled(grad)  # dL/dg: h = f(x) + s*g(x)
         memo = {} if inputs is None else inputs
         base = (tensor_key(call.x), self.spec.kind, None if keep is None else id(keep), id(call.route))
         route = call.route

@@ -103,12 +103,15 @@ class Trainer(TrainerLike):
             fits in its own precision). torch.bfloat16 halves the bytes of float32 packets;
             measured on the main job (MiniLM-L6, 100 and 150 steps) the losses and held-out
             accuracy were unchanged to the 3 digits reported (held-out loss within 1e-4).
+        stream_packets: packets leave the device while the backward runs (`server_step`);
+            None: on for a CUDA server.
 
     These are every user's defaults; `add_user` sets a user's own.
 
     `stats` holds: steps, version (updates applied), skipped_fits, packet_bytes (the last
     step) and packet_bytes_total, update_bytes and snapshot_bytes (tensor bytes back from
-    the owners; snapshots only with process or ray), server_seconds (in the server step),
+    the owners; snapshots only with process or ray), server_seconds (in the server step) and
+    server_cpu_seconds (this thread's CPU time in it: less where the thread waited for a core),
     send_seconds (handing messages to the backend; inline: including the fits),
     transfer_seconds (serialising and deserialising in this process), wait_seconds (blocked
     by the staleness bound) and recoveries (lost workers replaced).
@@ -120,11 +123,12 @@ class Trainer(TrainerLike):
                  loss_fn: LossFn | None = None, fit_device: str | torch.device | None = None,
                  fit_dtype: torch.dtype = torch.float32, optimizer_kwargs: Mapping | None = None,
                  backend: str | Backend = "inline", staleness: int = 0, transfer_dtype: torch.dtype | None = None,
-                 backend_options: Mapping | None = None):
+                 backend_options: Mapping | None = None, stream_packets: bool | None = None):
         if interval < 1 or fit_steps < 1:
             raise ValueError("interval and fit_steps must be >= 1")
         dtype_name = _dtype_name(fit_dtype)
         self.model, self.loss_fn, self.transfer_dtype = model, loss_fn, transfer_dtype
+        self.stream_packets = stream_packets
         fit_config = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                           optimizer_kwargs=dict(optimizer_kwargs or {}), scheduler=scheduler,
                           warmup_ratio=warmup_ratio, total_steps=total_steps, interval=interval, fit_steps=fit_steps,
@@ -138,7 +142,7 @@ class Trainer(TrainerLike):
             self.remote: dict[str, Callable[[list], None]] = {}  # user -> where its packets go (add_remote_user)
             self.last_user_losses: dict[str, float] = {}
             self.stats = {"steps": 0, "version": 0, "skipped_fits": 0, "packet_bytes": 0, "packet_bytes_total": 0,
-                          "server_seconds": 0.0}
+                          "server_seconds": 0.0, "server_cpu_seconds": 0.0}
             self.pipeline = Pipeline(self.backend, self._apply, staleness, stats=self.stats)
             self._sync_users()
         except BaseException:
@@ -229,9 +233,10 @@ class Trainer(TrainerLike):
             WorkerError: the backend failed; it is not usable any more.
         """
         self._sync_users()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         out = self._server_step(batch, users)
         self.stats["server_seconds"] += time.perf_counter() - start
+        self.stats["server_cpu_seconds"] += time.thread_time() - cpu
         by_user: dict[str, list] = {u: [] for u in out.user_losses}
         for p in out.packets:
             by_user[p.user].append(p)
@@ -265,7 +270,7 @@ class Trainer(TrainerLike):
         was_training = self.model.training
         self.model.train()  # dropout at sites and in the base, as training means it
         try:
-            return server_step(self.model, batch, self.loss_fn, users)
+            return server_step(self.model, batch, self.loss_fn, users, self.stream_packets)
         finally:
             self.model.train(was_training)  # inference after a step is not dropout-noisy
 

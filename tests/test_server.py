@@ -159,3 +159,37 @@ def test_packets_hold_only_their_users_rows():
     assert {p.user for p in step.packets} == set(cm.users)
     losses = step.user_losses
     assert step.loss.item() == pytest.approx(sum(losses.values()), rel=1e-6)
+
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_each_call_lets_go_of_its_x_and_dl_dh_once_its_packets_are_built(arch, monkeypatch):
+    """With several users every packet copies its rows: the step then holds the copies of the
+    calls done and the originals of those to come, never both in full. When a call is split,
+    no earlier call's dL/dh is alive, nor its x unless this call reads the same input (q/k/v)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from colaft.sites import Site
+    cm = k_users(arch, 3)
+    batch = batch_of(arch, 0, 6)
+    users = ["user.0", "user.1", "user.2", "user.0", "user.1", "user.2"]
+    seen: list[tuple[StorageWeakRef, int, StorageWeakRef]] = []  # (x, its address, dL/dh) of earlier calls
+    split = Site.split
+
+    def watched(self, call, grad, keep, inputs=None):
+        here = call.x.untyped_storage().data_ptr()
+        for x_ref, x_ptr, g_ref in seen:
+            assert g_ref.expired(), "an earlier call's dL/dh is still held"
+            assert x_ref.expired() or x_ptr == here, "an earlier call's x is still held"
+        out = split(self, call, grad, keep, inputs)
+        if call.x.is_floating_point():  # token ids are the batch's own
+            seen.append((StorageWeakRef(call.x.untyped_storage()), here, StorageWeakRef(grad.untyped_storage())))
+        return out
+
+    monkeypatch.setattr(Site, "split", watched)
+    step = server_step(cm, batch, users=users)
+    assert len(seen) >= 4 and all(x.expired() and g.expired() for x, _, g in seen)
+    assert {p.user for p in step.packets} == set(users)
+    for p in step.packets:  # each packet's rows are a storage of their own: no other user's rows ride along
+        assert p.x.untyped_storage().nbytes() == p.x.numel() * p.x.element_size()
+        assert p.grad.untyped_storage().nbytes() == p.grad.numel() * p.grad.element_size()

@@ -118,7 +118,16 @@ def measure_throughput(task: Task, st: Settings, log: Callable[[str], None]) -> 
     """Seconds per block of every configuration, interleaved; samples per second and ratios."""
     blocks = _blocks(task, st)
     cola = _cola(task, st.seed).train()  # as Trainer.step runs it: dropout on (from_pretrained gives eval mode)
-    runs: dict[str, Callable[[list[dict]], None]] = {"server": lambda b: [server_step(cola, x) for x in b]}
+    alone = {"cpu": 0.0, "steps": 0}  # the server thread's CPU time alone: against the trainers', it
+    # tells time lost to sharing the cores (the worker, the sender thread, other load) from work
+
+    def server_alone(b):
+        cpu = time.thread_time()
+        for x in b:
+            server_step(cola, x)
+        alone["cpu"] += time.thread_time() - cpu
+        alone["steps"] += len(b)
+    runs: dict[str, Callable[[list[dict]], None]] = {"server": server_alone}
     trainers: dict[str, Trainer] = {}
     configs = [(b, s) for b in st.backends for s in ((0,) if b == "inline" else (0, 1))]  # inline: S buys nothing
     try:
@@ -143,12 +152,14 @@ def measure_throughput(task: Task, st: Settings, log: Callable[[str], None]) -> 
                    "x_server": (1 / r) if (r := timings.ratio(name, "server")) else None, "times": times}
             if name in trainers:
                 stats, steps = trainers[name].stats, trainers[name].stats["steps"]
-                row.update(steps=steps, server_s=stats["server_seconds"] / steps, wait_s=stats["wait_seconds"] / steps,
+                row.update(steps=steps, server_s=stats["server_seconds"] / steps,
+                           server_cpu_s=stats["server_cpu_seconds"] / steps, wait_s=stats["wait_seconds"] / steps,
                            transfer_ms=1e3 * stats["transfer_seconds"] / steps,
                            packet_mib=stats["packet_bytes_total"] / steps / 2**20,
                            update_mib=(stats["update_bytes"] + stats["snapshot_bytes"]) / steps / 2**20,
                            recoveries=stats["recoveries"])
             rows[name] = row
+        rows["server"]["server_cpu_s"] = alone["cpu"] / max(alone["steps"], 1)
         fit_s = _fit_seconds(task, st, cola)
         server_s = statistics.median(t / st.block for t in timings.samples["server"])
         return {"rows": rows, "errors": timings.errors, "fit_s": fit_s, "server_step_s": server_s}
@@ -271,17 +282,19 @@ def targets_table(data: dict) -> harness.Table:
 
 
 def throughput_markdown(th: dict, st: Settings) -> list[str]:
-    t = harness.Table(["configuration", "samples/s", "x server alone", "server step s", "wait s/step",
+    t = harness.Table(["configuration", "samples/s", "x server alone", "server step s", "its CPU s", "wait s/step",
                        "transfer ms/step", "packets MiB/step", "updates+snapshots MiB/step"])
     for name, r in th["rows"].items():
         server = th["server_step_s"] if name == "server" else r.get("server_s")
-        t.rows.append([name, r["samples_per_s"], r["x_server"], server, r.get("wait_s"), r.get("transfer_ms"),
+        t.rows.append([name, r["samples_per_s"], r["x_server"], server, r.get("server_cpu_s"), r.get("wait_s"),
+                       r.get("transfer_ms"),
                        r.get("packet_mib"), r.get("update_mib")])
     parts = [
         "### Throughput", "",
         f"Median over {st.rounds} interleaved rounds of blocks of {st.block} steps (each block ends when its last "
         "fit is applied); 'x server alone' is the paired ratio to the server step alone "
-        f"({th['server_step_s']:.3f} s/step); 'server step s' is the server step's own time inside each trainer. "
+        f"({th['server_step_s']:.3f} s/step); 'server step s' is the server step's own time inside each trainer, "
+        "'its CPU s' the server thread's CPU time in it (lower than the time where the thread waited for a core). "
         f"One fit of one step's packets on one CPU thread: {th['fit_s']:.3f} s "
         f"({th['fit_s'] / th['server_step_s']:.2f} x the server step).", "", t.markdown(), ""]
     if th["errors"]:

@@ -29,3 +29,21 @@ def test_shm_round_trip_keeps_identity_aliasing_and_reuses_buffers():
     inc.unpack(bigger)
     assert list(inc.buffers) == [bigger.buffer]
     assert out.pack({"no": "tensors"}).buffer is None
+
+
+def test_the_next_message_never_waits_for_the_previous_buffer():
+    """While the receiver still reads message n (staleness 1: the worker is busy with a fit),
+    message n+1 goes into a second buffer; once both are in use they alternate and no new
+    shared memory is made (its page faults are the costly part)."""
+    out = Outgoing()
+    x = torch.randn(1000)
+    first = out.pack([x])
+    second = out.pack([x])  # the first not yet released
+    assert second.buffer != first.buffer
+    held = [first.buffer, second.buffer]
+    for _ in range(6):
+        out.release(held.pop(0))
+        packed = out.pack([x])
+        assert packed.buffer not in held and packed.shared is None  # one of the two, already mapped there
+        held.append(packed.buffer)
+    assert set(out.buffers) == {first.buffer, second.buffer}
