@@ -217,6 +217,10 @@ class Trainer(TrainerLike):
         for user in list(self.pipeline.tracks):
             if user not in self.model.users:
                 self.pipeline.remove(user)
+        # where no adapter changes every step, a merged site keeps W + delta_W from step to step
+        keep = all(self.user_fit.get(u, self.fit_config).interval > 1 for u in self.model.users)
+        for site in self.model.sites.values():
+            site.merges.under_grad = keep
 
     # ------------------------------------------------------------- training
     def step(self, batch: Mapping, users: Sequence[str] | None = None) -> float:

@@ -144,24 +144,34 @@ def test_a_merged_weight_is_kept_at_its_second_use_without_grad_and_then_reused(
     assert pickle.loads(pickle.dumps(cm.sites[next(iter(cm.sites))].merges)).kept is None  # travels empty
 
 
-def test_training_steps_keep_nothing_unless_asked(monkeypatch):
-    """Interval 1 changes every adapter every step; with interval 3 the version repeats, and a
-    cache kept in training (`under_grad`) reuses it and trains bit for bit as without."""
+class _Uncached(MergeCache):
+    def merged(self, weight, adapters, coefs, transposed):
+        self.computed += 1
+        return merged(weight, adapters, coefs, transposed)
+
+
+def test_training_keeps_the_merged_weight_only_where_no_adapter_changes_every_step():
+    """Interval 1 changes every adapter every step: nothing is kept. With interval 3 the Trainer
+    has the sites keep W + delta_W, formed once per version (v0 for steps 1-3, v1 for 4-6) and
+    reused by the interval's other steps, and training is bit for bit as without the cache."""
     batch = batch_of("llama", 2, 4)
     states = {}
-    for under_grad in (False, True):
+    for interval, cached in ((1, True), (3, False), (3, True)):
         cm = merged_model()
-        for s in cm.sites.values():
-            s.merges.under_grad = under_grad
-        trainer = Trainer(cm, optimizer="sgd", lr=0.5, interval=3)
+        trainer = Trainer(cm, optimizer="sgd", lr=0.5, interval=interval)
+        if not cached:  # what the forward did before the cache: every result formed anew
+            for s in cm.sites.values():
+                s.merges = _Uncached()
         for _ in range(6):
             trainer.step(batch)
-        states[under_grad] = {n: {k: v.clone() for k, v in a.state_dict().items()} for n, a in cm.adapters().items()}
-        # versions: v0 for steps 1-3, v1 for 4-6; kept at each version's second step, reused at its third
-        assert counts(cm) == ({(6, 0)} if not under_grad else {(4, 2)})
-    for name, state in states[False].items():
-        assert all(torch.equal(state[k], states[True][name][k]) for k in state)
-    assert any(not torch.equal(v, states[False][n][k]) for n, a in merged_model().adapters().items()
+        assert all(s.merges.under_grad == (interval > 1) for s in cm.sites.values())
+        assert counts(cm) == ({(2, 4)} if cached and interval > 1 else {(6, 0)})
+        assert all((s.merges.kept is not None) == (cached and interval > 1) for s in cm.sites.values())
+        states[interval, cached] = {n: {k: v.clone() for k, v in a.state_dict().items()}
+                                    for n, a in cm.adapters().items()}
+    for name, state in states[3, False].items():
+        assert all(torch.equal(state[k], states[3, True][name][k]) for k in state)
+    assert any(not torch.equal(v, states[3, True][n][k]) for n, a in merged_model().adapters().items()
                for k, v in a.state_dict().items())  # training changed the adapters
 
 

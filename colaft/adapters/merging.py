@@ -79,16 +79,17 @@ class MergeCache:
     A result is kept when the same key comes a second time in a row with autograd off
     (evaluation, generation, the service's completions): a one-off forward then pins nothing,
     and the third forward on is free. With autograd on (a training step) nothing is kept
-    unless `under_grad`: the forward saves W + delta_W for its backward anyway, so keeping it
-    saves only the product, and costs one weight-sized tensor per site past the backward,
-    where the packets peak; with one fit per step every adapter changes every step, so it
-    would never be reused (BENCHMARKS.md, "What the server step costs beyond the floor").
+    unless `under_grad`, which the Trainer sets while every user fits every 2 or more steps
+    (interval > 1), and then it is kept at once: the step's graph holds it anyway, and the
+    interval's next steps reuse it. With one fit per step every adapter changes every step, so
+    it would never be reused and would cost one weight-sized tensor per site between steps
+    (BENCHMARKS.md, "What the server step costs beyond the floor").
     A result kept with autograd off is still reused by a training step of the same version.
     `computed` and `hits` count products formed and results reused.
     """
 
     def __init__(self, under_grad: bool = False):
-        self.under_grad = under_grad  # keep results in training steps too (update intervals > 1)
+        self.under_grad = under_grad  # keep results in training steps too (set by the Trainer: intervals > 1)
         self.seen: tuple | None = None  # the key last computed, with weak references to its tensors
         self.kept: tuple | None = None  # (key, weak references, (weight, bias delta)) once reused
         self.computed = 0
@@ -120,10 +121,11 @@ class MergeCache:
             return self.kept[2]
         self.computed += 1
         out = merged(weight, adapters, coefs, transposed)
-        if not (self.under_grad or not torch.is_grad_enabled()):
+        if torch.is_grad_enabled() and not self.under_grad:
             self.kept = self.seen = None
-        elif self.seen is not None and _same(self.seen, key):
-            self.kept, self.seen = (*self.seen, out), None
+        elif torch.is_grad_enabled() or (self.seen is not None and _same(self.seen, key)):
+            # in training with under_grad the step's graph holds the result anyway: keep it now
+            self.kept, self.seen = (key, [weakref.ref(t) for t in tensors], out), None
         else:
             self.kept, self.seen = None, (key, [weakref.ref(t) for t in tensors])
         return out
