@@ -39,7 +39,7 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 else
   STREAM=(--model tiny --rounds 2)
 fi
-timeout -k 5 40 "$PY" -m colaft.bench.stream "${STREAM[@]}" --out "$DEST" 2>&1 | tee -a "$DEST/log.txt"
+timeout -k 5 40 "$PY" -m colaft.bench stream "${STREAM[@]}" --out "$DEST" 2>&1 | tee -a "$DEST/log.txt"
 # A machine that hands back only a few files gets the reports and the log; the plots go in one archive.
 if [ -n "${OUT:-}" ]; then
   cp "$DEST"/server.md "$DEST"/server.json "$DEST"/stream.json "$DEST"/log.txt "$OUT"/ 2>/dev/null

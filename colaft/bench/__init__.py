@@ -281,6 +281,22 @@ def completions_command(
     typer.echo(f"report: {out / 'completions.md'}")
 
 
+@bench_app.command("stream")
+def stream_command(
+    model: Annotated[list[str] | None, typer.Option(help="Benchmark model (repeatable; default tiny).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    rounds: Annotated[int, typer.Option(help="Timed rounds (one step of each configuration each).")] = 10,
+    in_flight: Annotated[int, typer.Option(help="Copies to the host under way at once.")] = 4,
+    batch: Annotated[str | None, typer.Option(help="ROWSxTOKENS (default: the preset's for the device).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for stream.json.")] = None,
+) -> None:
+    """The server step with packets streamed to host memory during the backward vs the ordinary
+    step: step time and the device's peak memory (a GPU measurement; on CPU a smoke run)."""
+    from colaft.bench import stream
+    stream.main(model or ["tiny"], device, dtype, rounds, in_flight, batch, out)
+
+
 @bench_app.command("startup")
 def startup_command(
     runs: Annotated[int, typer.Option(help="Fresh processes per command (their median is reported).")] = 7,

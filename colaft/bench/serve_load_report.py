@@ -85,6 +85,9 @@ def summarise(settings, info, command, rec, windows, ramp_seconds, client_result
         "targets": targets, "abuse": attack,
         "clients": client_results, "server_log_tail": server_log,
         "wall_zero": rec.wall_zero + t_zero,  # Unix time of the first request (to match the server's log)
+        # every probe (/health and a job's status from the probing process): when the slow ones come
+        "probes": [[x.kind, round(x.start - t_zero, 3), round(1000 * x.seconds, 1), x.status]
+                   for x in rec.samples if x.kind in ("health", "probe status")],
         "slowest": [{"kind": x.kind, "phase": x.phase, "at_s": round(x.start - t_zero, 3),
                      "ms": round(1000 * x.seconds, 1), "status": x.status} for phase in ("ramp", "load")
                     for x in sorted((y for y in rec.samples if y.phase == phase), key=lambda y: -y.seconds)[:15]],

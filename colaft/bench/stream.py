@@ -1,5 +1,5 @@
 """The server step with packets streamed to host memory during the backward, against the
-ordinary step: step time and the device's peak memory (`python -m colaft.bench.stream`).
+ordinary step: step time and the device's peak memory (`colaft bench stream`).
 
     ordinary   backward to every site, then the packets built on the device (a CUDA server
                then copies them to the host when they are sent)
@@ -15,7 +15,6 @@ runs the same hooks with plain copies: a smoke test, its timing means little.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -74,26 +73,17 @@ def run(model: str, device: str, dtype: str, rounds: int, in_flight: int, batch:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", help="benchmark model(s) (colaft.bench.models)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--in-flight", type=int, default=4)
-    parser.add_argument("--batch", help="ROWSxTOKENS (default: the preset's for the device)")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-    batch = tuple(int(v) for v in args.batch.split("x")) if args.batch else None
+def main(models: list[str], device: str | None, dtype: str, rounds: int, in_flight: int,
+         batch: str | None, out: Path | None) -> list[dict]:
+    """`colaft bench stream`: each model's result, printed as it comes and written to out/stream.json."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = tuple(int(v) for v in batch.split("x")) if batch else None
     results = []
-    for model in args.model or ["tiny"]:
-        result = run(model, args.device, args.dtype, args.rounds, args.in_flight, batch)
+    for model in models:
+        result = run(model, device, dtype, rounds, in_flight, shape)
         print(json.dumps(result), flush=True)
         results.append(result)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "stream.json").write_text(json.dumps(results, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stream.json").write_text(json.dumps(results, indent=1))
+    return results

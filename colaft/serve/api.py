@@ -36,7 +36,7 @@ from starlette.routing import compile_path
 from colaft import __version__
 from colaft.serve.objects import Health
 from colaft.serve.routes import dashboard, files, fit, inference, jobs, models, pausing
-from colaft.serve.routes.common import APIError, BodyLimit, Service, error_response
+from colaft.serve.routes.common import READ_THREADS, APIError, BodyLimit, Service, error_response
 from colaft.serve.routes.gate import Gate
 from colaft.serve.routes.openapi import answers, truthful
 
@@ -93,6 +93,7 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         anyio.to_thread.current_default_thread_limiter().total_tokens = HTTP_THREADS
+        service.reads = anyio.CapacityLimiter(READ_THREADS)
         if service.leases is not None:
             await run_in_threadpool(service.leases.start)
         for engine in service.engines.values():

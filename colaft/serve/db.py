@@ -236,8 +236,9 @@ def _add_new_columns(engine) -> None:
                     connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
 
 
-POOL_SIZE = 48
-"""Database connections kept open: more than the API's handler threads (colaft.serve.api.HTTP_THREADS)."""
+POOL_SIZE = 56
+"""Database connections kept open: more than the API's handler threads (colaft.serve.api.HTTP_THREADS
+and routes.common.READ_THREADS)."""
 
 
 class Database:

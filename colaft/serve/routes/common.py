@@ -6,11 +6,12 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -18,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -42,6 +44,7 @@ class Service:
     rate: RateLimit = field(init=False)
     polls: PollLimit = field(init=False)
     keys: auth.KeyCache = field(init=False)
+    reads: anyio.CapacityLimiter | None = None  # the read-only handlers' threads (`read`), made in the app's loop
 
     def __post_init__(self):
         self.keys = auth.KeyCache(self.db)
@@ -52,6 +55,20 @@ class Service:
     def shared(self) -> bool:
         """Other serve processes may share the database (and train some of its jobs)."""
         return self.leases is not None and not self.leases.exclusive
+
+
+READ_THREADS = 8
+"""Threads of their own for the reads users poll (a job, its events): a burst of writes (jobs
+created at once, each waiting for SQLite's write lock) can hold every handler thread, and a
+status read, which needs no lock, would wait for one of them."""
+
+
+async def read(service: Service, query: Callable[[Session], Any]) -> Any:
+    """`query(session)` in a read-only transaction, on one of the READ_THREADS."""
+    def run():
+        with service.db.read() as s:
+            return query(s)
+    return await anyio.to_thread.run_sync(run, limiter=service.reads)
 
 
 class RateLimit:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from colaft.serve import files as datafiles
 from colaft.serve.db import FINAL, Checkpoint, Event, File, Job, User, active_jobs, new_id, now
 from colaft.serve.objects import CheckpointList, EventList, FineTuningJob, JobList
-from colaft.serve.routes.common import APIError, BoundedJSON, Me, TheService, listed, owned, page, quota_exceeded
+from colaft.serve.routes.common import APIError, BoundedJSON, Me, TheService, listed, owned, page, quota_exceeded, read
 from colaft.serve.routes.openapi import BINARY, answers
 from colaft.serve.scheduler import Engine
 from colaft.serve.schemas import JobCreate
@@ -88,14 +88,13 @@ def list_jobs(user: Me, service: TheService, after: str | None = None,
     return page([j.to_api() for j in rows], after, limit)
 
 @router.get("/v1/fine_tuning/jobs/{job_id}", responses=answers(FineTuningJob, 401, 404, 429))
-def get_job(user: Me, service: TheService, job_id: str):
-    with service.db.read() as s:
-        return owned(s, Job, job_id, user, "fine-tuning job").to_api()
+async def get_job(user: Me, service: TheService, job_id: str):
+    return await read(service, lambda s: owned(s, Job, job_id, user, "fine-tuning job").to_api())
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events", responses=answers(EventList, 400, 401, 404, 429))
-def list_events(user: Me, service: TheService, job_id: str, after: str | None = None,
-                limit: Annotated[int, Query(ge=1, le=10000)] = 20):
-    with service.db.read() as s:
+async def list_events(user: Me, service: TheService, job_id: str, after: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=10000)] = 20):
+    def events(s):
         owned(s, Job, job_id, user, "fine-tuning job")
         query = select(Event).where(Event.job_id == job_id)
         if after:
@@ -104,7 +103,8 @@ def list_events(user: Me, service: TheService, job_id: str, after: str | None = 
                 raise APIError(404, f"No such event: {after}", "after", "not_found")
             query = query.where(Event.seq < seq)
         rows = list(s.scalars(query.order_by(Event.seq.desc()).limit(limit + 1)))  # newest first
-    return listed([e.to_api() for e in rows[:limit]], len(rows) > limit)
+        return listed([e.to_api() for e in rows[:limit]], len(rows) > limit)
+    return await read(service, events)
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints",
             responses=answers(CheckpointList, 400, 401, 404, 429))

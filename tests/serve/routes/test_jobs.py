@@ -27,3 +27,54 @@ def test_a_usable_fit_device_is_accepted(server, alice):
                                         extra_body={"colaft": {"fit_device": device}})
     assert job.model_extra["colaft"]["fit_device"] == device
     alice.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_jobs_status_is_read_while_every_handler_thread_is_held(tmp_path, monkeypatch):
+    """Writes waiting for SQLite's write lock can hold every handler thread (64 jobs created at
+    once); a job's status and events, which need no lock, are read on threads of their own."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from colaft.serve import api, auth
+    from colaft.serve.db import Database, Job
+    from colaft.serve.routes.common import Service
+    from colaft.serve.settings import Settings
+
+    monkeypatch.setattr(api, "HTTP_THREADS", 1)  # one handler thread, held below
+    data = tmp_path / "data"
+    data.mkdir()
+    db = Database(f"sqlite:///{data / 'colaft.db'}")
+    user, key = auth.add_user(db, "alice")
+    with db.session() as s:
+        s.add(Job(id="ftjob-1", user_id=user.id, model="llama", training_file="file-1", seed=0,
+                  status="running", hyperparameters={}, options={}))
+    app = api.create_app(Service(Settings(data), db, {}, 1 << 20, 0))
+    release, held = threading.Event(), threading.Event()
+
+    @app.get("/hold")
+    def hold():  # a plain handler: it takes the one handler thread until released
+        held.set()
+        release.wait(30)
+        return {}
+
+    try:
+        with TestClient(app) as client:
+            auth_header = {"Authorization": f"Bearer {key}"}
+            assert client.get("/v1/fine_tuning/jobs/ftjob-1", headers=auth_header).status_code == 200  # key cached
+            holder = threading.Thread(target=client.get, args=("/hold",))
+            holder.start()
+            assert held.wait(10)
+            answers = []
+            for path in ("/v1/fine_tuning/jobs/ftjob-1", "/v1/fine_tuning/jobs/ftjob-1/events"):
+                t = threading.Thread(target=lambda p=path: answers.append(client.get(p, headers=auth_header)))
+                t.start()
+                t.join(10)  # on the handler threads it would wait for /hold (30 s)
+                assert not t.is_alive(), path
+            assert [r.status_code for r in answers] == [200, 200]
+            assert answers[0].json()["status"] == "running" and answers[1].json()["data"] == []
+            release.set()
+            holder.join(10)
+    finally:
+        release.set()
+        db.close()
