@@ -128,10 +128,10 @@ def test_a_fault_in_the_shared_step_is_blamed_on_its_job_by_bisection(engines, m
     from the same state, together, as they step without x: equal adapters, bit for bit."""
     server_step = colaft.trainer.server_step
 
-    def breaks_on_x(model, batch, loss_fn=None, users=None):
+    def breaks_on_x(model, batch, loss_fn=None, users=None, *options):
         if "ftjob-x" in (users if users is not None else batch["users"]):
             raise RuntimeError("index out of range in self")
-        return server_step(model, batch, loss_fn, users)
+        return server_step(model, batch, loss_fn, users, *options)
 
     faulty = engines()
     monkeypatch.setattr(colaft.trainer, "server_step", breaks_on_x)
