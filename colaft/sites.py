@@ -260,7 +260,7 @@ class Site(nn.Module):
         s = getattr(self.target, "embed_scale", None) if self.spec.kind == "embedding" else None
         if s is None or (isinstance(s, (int, float)) and s == 1):
             return t
-        return t * (s.to(t.dtype) if isinstance(s, torch.Tensor) else s)
+        return t * (s.to(t.device, t.dtype) if isinstance(s, torch.Tensor) else s)  # t may be a host copy
 
     def _merged_forward(self, x: torch.Tensor, adapters: list[nn.Module],
                         coefs: list[float] | None = None) -> torch.Tensor:
@@ -336,9 +336,7 @@ class Site(nn.Module):
         and v read one hidden state) and that keep the same rows (the same `keep` object) get
         the very same x rows object, cut once, which every transport then sends once.
         """
-        scale = getattr(self.target, "embed_scale", None)  # a streamed dL/dh is on the host, the scale may not be
-        moved = isinstance(scale, torch.Tensor) and self.spec.kind == "embedding" and scale.device != grad.device
-        grad = grad * scale.to(grad.device, grad.dtype) if moved else self._scaled(grad)  # dL/dg: h = f(x) + s*g(x)
+        grad = self._scaled(grad)  # dL/dg: h = f(x) + s * g(x) at a scaled embedding
         memo = {} if inputs is None else inputs
         base = (tensor_key(call.x), self.spec.kind, None if keep is None else id(keep), id(call.route))
         route = call.route

@@ -121,13 +121,14 @@ class MergeCache:
             return self.kept[2]
         self.computed += 1
         out = merged(weight, adapters, coefs, transposed)
+        entry = (key, [weakref.ref(t) for t in tensors])
         if torch.is_grad_enabled() and not self.under_grad:
             self.kept = self.seen = None
         elif torch.is_grad_enabled() or (self.seen is not None and _same(self.seen, key)):
             # in training with under_grad the step's graph holds the result anyway: keep it now
-            self.kept, self.seen = (key, [weakref.ref(t) for t in tensors], out), None
+            self.kept, self.seen = (*entry, out), None
         else:
-            self.kept, self.seen = None, (key, [weakref.ref(t) for t in tensors])
+            self.kept, self.seen = None, entry
         return out
 
 

@@ -80,18 +80,11 @@ class RateLimit:
         self.item = RateLimitItemPerSecond(limit, window) if limit else None
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
 
-    def retry_after(self, user_id: str) -> int | None:
-        """Count one request of the user: None if it is allowed, else the seconds until one is."""
-        if self.item is None or self.limiter.hit(self.item, user_id):
-            return None
-        reset = self.limiter.get_window_stats(self.item, user_id).reset_time
-        return max(1, math.ceil(reset - time.time()))
-
     def refusal(self, user_id: str) -> APIError | None:
         """Count one request of the user: None if it is allowed, else its 429 with Retry-After."""
-        wait = self.retry_after(user_id)
-        if wait is None:
+        if self.item is None or self.limiter.hit(self.item, user_id):
             return None
+        wait = max(1, math.ceil(self.limiter.get_window_stats(self.item, user_id).reset_time - time.time()))
         return quota_exceeded(f"Too many requests: at most {self.limit} per {self.window} s per user "
                               f"(colaft serve --max-requests-per-minute-per-user); retry after {wait} s",
                               headers={"Retry-After": str(wait)})
@@ -297,11 +290,14 @@ ADMITTED = "colaft.user"
 """The request state's entry where colaft.serve.routes.gate leaves the user it let in, counted."""
 
 
+def _admitted(request: Request) -> User | None:
+    return request.scope.get("state", {}).get(ADMITTED)
+
+
 async def current_user(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> User:
     """The user whose key the request carries (401 otherwise). A key seen in the last seconds is
     answered from memory, on the event loop; only the others take a thread for the query."""
-    user = request.scope.get("state", {}).get(ADMITTED)
-    if user is not None:
+    if (user := _admitted(request)) is not None:
         return user
     key = auth.bearer_key(request.headers.get("authorization"))
     if key is not None:
@@ -319,7 +315,7 @@ async def rated_user(request: Request, user: Annotated[User, Depends(current_use
     a 429 with Retry-After (seconds) past it. Counted per user after the key check, so a bad
     key never uses up someone's requests, and one user's burst never slows another's (a request
     the gate let in was counted there)."""
-    if request.scope.get("state", {}).get(ADMITTED) is None and \
+    if _admitted(request) is None and \
             (error := request.app.state.service.rate.refusal(user.id)) is not None:
         raise error
     return user
