@@ -102,10 +102,12 @@ def packets_to_bytes(packets: list[Packet]) -> bytes:
     A shared x is stored once, under the first packet that holds it ("i.x"); the metadata's
     "inputs" names, per packet, the packet whose x it reads (written only when some x is
     shared, so unshared packets keep the form they always had). Safetensors refuses tensors
-    that share memory, so any other tensor whose storage is already stored is copied.
+    whose memory overlaps, so such a tensor is copied; disjoint views of one storage (a user's
+    packets in the server's block) are written as they are.
     """
-    tensors, order, first, storages = {}, [], {}, set()
+    tensors, order, first = {}, [], {}
     inputs = []
+    stored: dict[int, list[tuple[int, int]]] = {}  # storage -> the byte ranges written from it
     for i, p in enumerate(packets):
         owner = first.setdefault(tensor_key(p.x), i)
         inputs.append(owner)
@@ -113,9 +115,13 @@ def packets_to_bytes(packets: list[Packet]) -> bytes:
             if name.endswith(".x") and owner != i:
                 continue
             t = t.contiguous()
-            storage = t.untyped_storage().data_ptr()
-            tensors[name] = t.clone() if storage in storages else t
-            storages.add(storage)
+            start, end = t.data_ptr(), t.data_ptr() + _nbytes(t)
+            ranges = stored.setdefault(t.untyped_storage().data_ptr(), [])
+            if any(a < end and start < b for a, b in ranges):
+                t = t.clone()
+            else:
+                ranges.append((start, end))
+            tensors[name] = t
         order.append([p.site, p.user])
     metadata = {"packets": json.dumps(order)}
     if inputs != list(range(len(packets))):

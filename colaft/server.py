@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from colaft.model import ColaModel, batch_rows
 from colaft.packets import Packet, tensor_key
+from colaft.packing import kept_rows, packets
 from colaft.routing import Route, per_row
-from colaft.sites import Call, Kept
+from colaft.sites import Call
 
 LossFn = Callable[[object, Mapping], torch.Tensor]
 PADDING_MASKS = ("attention_mask", "decoder_attention_mask")  # (B, T): 0 marks padding
@@ -108,26 +109,8 @@ def server_step(model: ColaModel, batch: Mapping, loss_fn: LossFn | None = None,
     else:
         grads = list(torch.autograd.grad(loss, edges, allow_unused=True))
     del edges
-    keep = _kept_rows(calls, grads, padding)
-    return ServerStep(loss.detach(), _packets(calls, grads, keep), {u: v.item() for u, v in user_losses.items()})
-
-
-def _packets(calls: list[Call | None], grads: list[torch.Tensor | None], keep: list[Kept | None]) -> list[Packet]:
-    """Every call's packets, each call's x and dL/dh let go as soon as its packets are built.
-
-    A packet that copies rows (several users, padding) no longer needs the call's tensors, so
-    the step holds the copies of the calls done and the originals of those to come, not both
-    in full; a shared input is freed with the last call that reads it. `calls` and `grads`
-    are emptied (the caller must hold no other reference for the memory to go).
-    """
-    packets, inputs = [], {}  # inputs: x rows cut once per (shared input, user) (Site.split)
-    for i in range(len(calls)):
-        c, calls[i] = calls[i], None
-        g, grads[i] = grads[i], None
-        if g is not None:
-            packets += [Packet(c.site.name, x, gu, user) for user, x, gu in c.site.split(c, g, keep[i], inputs)]
-        del c, g
-    return packets
+    keep = kept_rows(calls, grads, padding)
+    return ServerStep(loss.detach(), packets(calls, grads, keep), {u: v.item() for u, v in user_losses.items()})
 
 
 class HostCopies:
@@ -233,48 +216,6 @@ def _padding(batch: Mapping) -> dict[tuple[int, ...], torch.Tensor]:
             shape = tuple(m.shape)
             out[shape] = out[shape] | m if shape in out else m
     return out
-
-
-def _kept_rows(calls: list[Call], grads: list[torch.Tensor | None],
-               padding: dict[tuple[int, ...], torch.Tensor]) -> list[Kept | None]:
-    """Which token rows of each call go into the packets (None: all of them).
-
-    A row is dropped when the batch marks its position (`_padding`, at the shape of the
-    site's tokens) AND its dL/dh is exactly zero. The shape alone cannot say whose mask it is: in
-    an encoder-decoder the decoder's (B, T_dec) rows have the encoder mask's shape whenever
-    T_dec == T_enc, and their dL/dh is not zero where the encoder is padded. A dropped row
-    with zero dL/dh adds exactly nothing to the fit's gradient, so dropping stays exact
-    whatever the model does with its masks. All calls' counts come back in one transfer, so
-    a GPU server waits once, not once per site.
-
-    Calls that read the same input (q, k, v) and keep the same rows get one Kept object, so
-    that their packets share one x (`Site.split`); each call still keeps exactly its own rows.
-    """
-    keep: list[Kept | None] = [None] * len(calls)
-    if not padding:
-        return keep  # no padding anywhere: every packet is a flat view of x and dL/dh
-    masks: dict[int, torch.Tensor] = {}
-    for i, (c, g) in enumerate(zip(calls, grads)):
-        pad = padding.get(c.site.token_shape(c.x)) if g is not None else None
-        if pad is not None:
-            nonzero = g.ne(0).flatten(pad.dim()).any(-1)  # (B, T): dL/dh has a non-zero entry
-            masks[i] = nonzero | ~pad.to(g.device)
-    if masks:
-        first: dict[tuple, int] = {}  # input -> the first call reading it
-        pairs = [(i, lead) for i in masks if (lead := first.setdefault(tensor_key(calls[i].x), i)) != i]
-        same_rows = [(masks[i] == masks[lead]).all().reshape(1) for i, lead in pairs]  # (1,) each
-        counts = torch.cat([m.sum(-1) for m in masks.values()] + same_rows).tolist()  # (calls * B + pairs,): one sync
-        for j, (i, m) in enumerate(masks.items()):
-            rows = counts[j * m.shape[0]:(j + 1) * m.shape[0]]
-            if sum(rows) < m.numel():
-                keep[i] = Kept(m, rows)
-        same = counts[len(counts) - len(pairs):]
-        for (i, lead), equal in zip(pairs, same):
-            if equal:
-                keep[i] = keep[lead]
-    return keep
-
-
 def _user_losses(model: ColaModel, output, batch: Mapping, route: Route, loss_fn: LossFn | None) -> dict:
     """Each user's mean loss over its rows (tokens, for a causal LM), from per-element losses."""
     if loss_fn is not None:

@@ -26,7 +26,6 @@ from transformers.pytorch_utils import Conv1D
 
 from colaft.adapters import SiteSpec, is_mergeable
 from colaft.adapters.merging import MergeCache
-from colaft.packets import tensor_key
 from colaft.routing import Route, routed_delta
 
 SUPPORTED = (nn.Linear, Conv1D, nn.Conv2d, nn.Embedding)
@@ -135,25 +134,6 @@ def _no_match(what: str, candidates: list[str], modules: dict, keys: list[str]) 
 
 # ---------------------------------------------------------------- the wrapper at a site
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """`t`, copied when it views a small part of a larger storage (a pooler's first token of
-    (B, T, d)): a transport that moves storages would otherwise send all of it."""
-    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
-        return t.contiguous() if not t.is_contiguous() else t.clone()
-    return t
-
-
-@dataclass
-class Kept:
-    """The token rows of one call that go into its packets (the server decides which)."""
-    mask: torch.Tensor  # (B, T) bool: True where the row is kept
-    counts: list[int]  # (B,) kept rows per batch row, on the host: index without a device sync
-
-    def of_rows(self, rows: torch.Tensor, index: list[int]) -> Kept:
-        """The same for the batch rows `index` (`rows` on the device)."""
-        return Kept(self.mask.index_select(0, rows.to(self.mask.device)), [self.counts[i] for i in index])
-
-
 @dataclass
 class Call:
     """One call of a site during a recorded forward."""
@@ -243,7 +223,7 @@ class Site(nn.Module):
             raise ValueError(f"site {self.name} has adapters of {len(self.keys)} users: use site.get(user)")
         return next(iter(self.adapters.values()))
 
-    def _solo_user(self, route: Route | None) -> str | None:
+    def solo_user(self, route: Route | None) -> str | None:
         """The one user whose adapter every row uses; None for a mixed batch."""
         if route is not None:
             return route.single
@@ -255,7 +235,7 @@ class Site(nn.Module):
                          "pass users=[...] (one per row) to say whose adapter each row uses")
 
     # ------------------------------------------------------------- forward
-    def _scaled(self, t: torch.Tensor) -> torch.Tensor:
+    def scaled(self, t: torch.Tensor) -> torch.Tensor:
         """`t` times the embedding's own output scale, if it has one (see the module docstring)."""
         s = getattr(self.target, "embed_scale", None) if self.spec.kind == "embedding" else None
         if s is None or (isinstance(s, (int, float)) and s == 1):
@@ -269,7 +249,7 @@ class Site(nn.Module):
         transposed = self.transposed
         weight, db = self.merges.merged(m.weight, adapters, coefs, transposed)  # formed once per adapter version
         if isinstance(m, nn.Embedding):  # no bias
-            return self._scaled(F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type,
+            return self.scaled(F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type,
                                             m.scale_grad_by_freq, m.sparse))
         bias = m.bias if db is None else (db if m.bias is None else m.bias + db)
         if transposed:
@@ -291,14 +271,14 @@ class Site(nn.Module):
         personal = {u: a for u, a in adapters.items() if u not in mergeable}
         if personal:
             delta = routed_delta(personal, x, route or Route([next(iter(personal))] * x.shape[0]))
-            h = h if delta is None else h + self._scaled(delta)
+            h = h if delta is None else h + self.scaled(delta)
         return h
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route.expanded(x.shape[0]) if self.route is not None else None
         if self.combine is not None and len(self.keys) > 1:
             x_in, h = x, self._combined_forward(x, route)
-        elif (user := self._solo_user(route)) is not None or route is None:
+        elif (user := self.solo_user(route)) is not None or route is None:
             adapter = self.get(user) if user is not None else None
             if adapter is None:  # this user has no adapter here
                 return self._base_forward(x)
@@ -306,13 +286,13 @@ class Site(nn.Module):
                 x_in, h = x, self._merged_forward(x, [adapter])
             else:
                 x_in = self.dropout(x)
-                h = self._base_forward(x) + self._scaled(adapter(x_in))
+                h = self._base_forward(x) + self.scaled(adapter(x_in))
         else:  # mixed batch, personal: each row through its own user's adapter
             x_in = self.dropout(x)
             delta = routed_delta(self.by_user(), x_in, route)
             if delta is None:
                 return self._base_forward(x)
-            h = self._base_forward(x) + self._scaled(delta)
+            h = self._base_forward(x) + self.scaled(delta)
         if self.recorder is not None:
             if not h.requires_grad and torch.is_grad_enabled():  # first site: nothing upstream needs a gradient
                 h = _Root.apply(h.detach(), torch.ones((), requires_grad=True))
@@ -326,54 +306,6 @@ class Site(nn.Module):
         if self.spec.kind == "conv2d":
             return None
         return tuple(x.shape) if self.spec.kind == "embedding" else tuple(x.shape[:-1])
-
-    def split(self, call: Call, grad: torch.Tensor, keep: Kept | None,
-              inputs: dict | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(user, x rows, dL/dg rows) for every user with an adapter here: each user's own rows only.
-
-        `keep`: the token rows that go into the packets (None: all, as flat views, no copy).
-        `inputs`: one server step's memo of cut x rows. Calls whose x is the same tensor (q, k
-        and v read one hidden state) and that keep the same rows (the same `keep` object) get
-        the very same x rows object, cut once, which every transport then sends once.
-        """
-        grad = self._scaled(grad)  # dL/dg: h = f(x) + s * g(x) at a scaled embedding
-        memo = {} if inputs is None else inputs
-        base = (tensor_key(call.x), self.spec.kind, None if keep is None else id(keep), id(call.route))
-        route = call.route
-        user = self._solo_user(route) if route is None or route.single is not None else None
-        if user is not None:
-            if user not in self.keys:
-                return []
-            x, index = self._x_rows(memo, base + (user,), lambda: call.x, keep)
-            return [(user, x, self._grad_rows(grad, index))]
-        out = []
-        for u in route.order:
-            if u in self.keys:
-                rows = route.rows_of([u], grad.device)
-                mine = None if keep is None else keep.of_rows(rows, [i for i, v in enumerate(route.users) if v == u])
-                x, index = self._x_rows(memo, base + (u,), lambda rows=rows: call.x.index_select(0, rows), mine)
-                out.append((u, x, self._grad_rows(grad.index_select(0, rows), index)))
-        return out
-
-    def _x_rows(self, memo: dict, key: tuple, x_of, keep: Kept | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the packet's x rows, the kept rows' index or None: all), made once per `key`."""
-        if key not in memo:
-            x = x_of()
-            index = None
-            if self.spec.kind != "conv2d":  # (B, C, H, W) stays whole
-                x = x.reshape(-1) if self.spec.kind == "embedding" else x.reshape(-1, x.shape[-1])  # (B*T,) | (B*T, d)
-                if keep is not None and sum(keep.counts) != len(x):
-                    # the count is known on the host, so finding the rows does not wait for the device
-                    index = torch.nonzero_static(keep.mask.reshape(-1), size=sum(keep.counts)).squeeze(1)  # (N,)
-                    x = x.index_select(0, index.to(x.device))
-            memo[key] = (_compact(x), index)
-        return memo[key]
-
-    def _grad_rows(self, grad: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        if self.spec.kind == "conv2d":
-            return _compact(grad)  # (B, C', H', W')
-        grad = grad.reshape(-1, grad.shape[-1])  # (B*T, d_out)
-        return _compact(grad if index is None else grad.index_select(0, index.to(grad.device)))
 
     def detach_from_model(self) -> None:
         """Give the module its own forward back."""

@@ -113,6 +113,24 @@ def test_packets_that_share_a_tensor_round_trip():
         assert torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad)
 
 
+def test_packets_viewing_one_block_round_trip_and_overlapping_views_are_copied(monkeypatch):
+    """A user's packets view one block (the server's): written as they are, none copied. Views
+    whose memory overlaps (safetensors refuses them) are copied, and still round-trip."""
+    block = torch.randn(64)
+    packets = [Packet("a", block[:12].view(3, 4), block[12:18].view(3, 2)),
+               Packet("b", block[32:44].view(3, 4), block[48:54].view(3, 2))]
+    overlapping = [Packet("c", block[:12].view(3, 4), block[4:10].view(3, 2))]
+    clones = []
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t) or clone(t, *a, **k))
+    back = packets_from_bytes(packets_to_bytes(packets))
+    assert clones == []
+    back += packets_from_bytes(packets_to_bytes(overlapping))
+    assert len(clones) == 1
+    for a, b in zip(back, packets + overlapping):
+        assert torch.equal(a.x, b.x) and torch.equal(a.grad, b.grad)
+
+
 # ---------------------------------------------------------------- sites that read one input share its x
 
 LLAMA_SITES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ARCHS, Backprop, flat_state, make_batch, make_opt, max_rel_err, randomize_
 from torch import nn
-from users_helpers import batch_of, k_users
+from users_helpers import assert_one_block_per_user, batch_of, k_users
 
 from colaft import ColaConfig, ColaModel, Trainer, server_step
 
@@ -165,31 +165,53 @@ def test_packets_hold_only_their_users_rows():
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_each_call_lets_go_of_its_x_and_dl_dh_once_its_packets_are_built(arch, monkeypatch):
     """With several users every packet copies its rows: the step then holds the copies of the
-    calls done and the originals of those to come, never both in full. When a call is split,
-    no earlier call's dL/dh is alive, nor its x unless this call reads the same input (q/k/v)."""
+    calls done and the originals of those to come, never both in full. When a call's rows are
+    copied, no earlier call's dL/dh is alive, nor its x unless this call reads the same input (q/k/v)."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    from colaft.sites import Site
+    from colaft import packing
     cm = k_users(arch, 3)
     batch = batch_of(arch, 0, 6)
     users = ["user.0", "user.1", "user.2", "user.0", "user.1", "user.2"]
-    seen: list[tuple[StorageWeakRef, int, StorageWeakRef]] = []  # (x, its address, dL/dh) of earlier calls
-    split = Site.split
+    order: list[tuple[int, StorageWeakRef, int, StorageWeakRef]] = []  # per call: (x address, x, dL/dh address, dL/dh)
+    cut, copied = packing.cut, packing._copied
 
-    def watched(self, call, grad, keep, inputs=None):
-        here = call.x.untyped_storage().data_ptr()
-        for x_ref, x_ptr, g_ref in seen:
-            assert g_ref.expired(), "an earlier call's dL/dh is still held"
-            assert x_ref.expired() or x_ptr == here, "an earlier call's x is still held"
-        out = split(self, call, grad, keep, inputs)
-        if call.x.is_floating_point():  # token ids are the batch's own
-            seen.append((StorageWeakRef(call.x.untyped_storage()), here, StorageWeakRef(grad.untyped_storage())))
-        return out
+    def watched_cut(call, grad, keep, memo):
+        x = call.x.untyped_storage()  # token ids are the batch's own: never let go
+        order.append((x.data_ptr(), StorageWeakRef(x) if call.x.is_floating_point() else None,
+                      grad.untyped_storage().data_ptr(), StorageWeakRef(grad.untyped_storage())))
+        return cut(call, grad, keep, memo)
 
-    monkeypatch.setattr(Site, "split", watched)
+    checked = []
+
+    def watched_copied(part):
+        if isinstance(part, packing._Rows) and part.source is not None:
+            here = part.source.untyped_storage().data_ptr()
+            now = next(i for i, (xp, _, gp, _) in enumerate(order) if here in (xp, gp))
+            x_here = order[now][0]
+            for x_ptr, x_ref, _, g_ref in order[:now]:
+                assert g_ref.expired(), "an earlier call's dL/dh is still held"
+                assert x_ref is None or x_ref.expired() or x_ptr == x_here, "an earlier call's x is still held"
+            checked.append(now)
+        return copied(part)
+
+    monkeypatch.setattr(packing, "cut", watched_cut)
+    monkeypatch.setattr(packing, "_copied", watched_copied)
     step = server_step(cm, batch, users=users)
-    assert len(seen) >= 4 and all(x.expired() and g.expired() for x, _, g in seen)
+    assert len(set(checked)) >= 4 and all((x is None or x.expired()) and g.expired() for _, x, _, g in order)
     assert {p.user for p in step.packets} == set(users)
-    for p in step.packets:  # each packet's rows are a storage of their own: no other user's rows ride along
-        assert p.x.untyped_storage().nbytes() == p.x.numel() * p.x.element_size()
-        assert p.grad.untyped_storage().nbytes() == p.grad.numel() * p.grad.element_size()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "cnn"])
+def test_each_users_packets_are_copied_into_one_block_of_its_own(arch):
+    """Several users: all of a user's packets view one allocation holding its rows and nothing
+    else, so a transport that moves storages sends exactly that user's rows, once."""
+    cm = k_users(arch, 3)
+    batch = batch_of(arch, 0, 6)
+    users = ["user.0", "user.1", "user.2", "user.0", "user.1", "user.2"]
+    step = server_step(cm, batch, users=users)
+    solo = {p.site: p for p in server_step(cm, {k: v[0::3] for k, v in batch.items()}, users="user.0").packets}
+    assert_one_block_per_user(step.packets)
+    for p in (p for p in step.packets if p.user == "user.0"):  # the same rows as user.0's own step
+        assert torch.allclose(p.x.float(), solo[p.site].x.float(), atol=1e-6)
+        assert torch.allclose(p.grad, solo[p.site].grad, atol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ARCHS, make_batch, randomize_
 from torch import nn
-from users_helpers import k_users, mixed
+from users_helpers import assert_one_block_per_user, k_users, mixed
 
 from colaft import ColaConfig, ColaModel, Trainer, server
 from colaft.packets import tensor_key
@@ -62,9 +62,7 @@ def test_streamed_packets_of_several_users_hold_their_rows_only(arch):
     got = _step(cm, batch, users, stream_packets=True, in_flight=2)
     _same_packets(got.packets, want.packets)
     assert got.user_losses == want.user_losses
-    for p in got.packets:  # copies of the user's rows, in storages of their own
-        for t in (p.x, p.grad):
-            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    assert_one_block_per_user(got.packets)  # copies of each user's rows, in a block of its own
 
 
 class _Fence:

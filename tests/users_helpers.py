@@ -89,3 +89,16 @@ def same_users(a: ColaModel, b: ColaModel) -> None:
     for u in a.users:
         sa, sb = flat_state(a.user_adapters(u)), flat_state(b.user_adapters(u))
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), u
+
+
+def assert_one_block_per_user(packets) -> None:
+    """Every user's packets view one storage that holds that user's tensors and nothing else
+    (each aligned to 64 bytes): a transport that moves storages sends exactly its rows, once."""
+    from colaft.packets import tensor_key
+    for user in {p.user for p in packets}:
+        mine = [p for p in packets if p.user == user]
+        storages = {t.untyped_storage().data_ptr() for p in mine for t in (p.x, p.grad)}
+        assert len(storages) == 1, f"{user}: {len(storages)} storages"
+        distinct = {tensor_key(t): t for p in mine for t in (p.x, p.grad)}
+        held = sum(-(-t.numel() * t.element_size() // 64) * 64 for t in distinct.values())
+        assert mine[0].x.untyped_storage().nbytes() == held
