@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from colaft import __version__
+from colaft.serve.heap import Heap
 from colaft.serve.objects import Health
 from colaft.serve.routes import dashboard, files, fit, inference, jobs, models, pausing
 from colaft.serve.routes.common import READ_THREADS, APIError, BodyLimit, Service, error_response
@@ -94,12 +95,15 @@ def create_app(service: Service) -> FastAPI:
     async def lifespan(app):
         anyio.to_thread.current_default_thread_limiter().total_tokens = HTTP_THREADS
         service.reads = anyio.CapacityLimiter(READ_THREADS)
+        heap = Heap()
+        heap.start()  # no long garbage collection pause while serving (colaft.serve.heap)
         if service.leases is not None:
             await run_in_threadpool(service.leases.start)
         for engine in service.engines.values():
             engine.start()
         yield
         await run_in_threadpool(_stop_engines, service)
+        heap.stop()
 
     app = FastAPI(title="colaft", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
                   description="Fine-tuning as a service, shaped like OpenAI's files, fine-tuning, models and "
