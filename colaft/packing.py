@@ -33,22 +33,16 @@ class Kept:
     counts: list[int]  # (B,) kept rows per batch row, on the host: index without a device sync
 
 
-@dataclass(eq=False)
 class _Rows:
     """Rows `index` (dim 0) of `source`, to be copied into `user`'s block at `offset`."""
-    user: str
-    source: torch.Tensor | None  # (N, ...): tokens flattened, or images (B, C, H, W)
-    index: torch.Tensor | None  # (n,) on the source's device; its length is known on the host
-    offset: int = 0
-    out: torch.Tensor | None = None  # the copy: a view of the block, once made
+    __slots__ = ("user", "source", "index", "shape", "nbytes", "offset", "out")
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.index), *self.source.shape[1:])
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.source.element_size()
+    def __init__(self, user: str, source: torch.Tensor, index: torch.Tensor, n: int):
+        self.user, self.source, self.index = user, source, index  # source (N, ...): tokens flattened, or images
+        self.shape = (n, *source.shape[1:])  # n: the index's length, known on the host
+        self.nbytes = math.prod(self.shape) * source.element_size()
+        self.offset = 0
+        self.out: torch.Tensor | None = None  # the copy: a view of the block, once made
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -84,36 +78,55 @@ def cut(call: Call, grad: torch.Tensor, keep: Kept | None, memo: dict) -> list[t
     per_row = 1 if kind == "conv2d" else len(x) // call.x.shape[0]  # tokens per batch row
     out = []
     for u in users:
-        index = _index(memo, call, u if user is None else None, keep, per_row, grad.device)
+        index, n = _index(memo, call, u if user is None else None, keep, per_row, grad.device)
         key = base + (u,)
         if key not in memo:
-            memo[key] = _compact(x) if index is None else _Rows(u, x, index)
-        out.append((u, memo[key], _compact(grad) if index is None else _Rows(u, grad, index)))
+            memo[key] = _compact(x) if index is None else _Rows(u, x, index, n)
+        out.append((u, memo[key], _compact(grad) if index is None else _Rows(u, grad, index, n)))
     return out
 
 
-def _index(memo: dict, call: Call, user: str | None, keep: Kept | None, per_row: int, device) -> torch.Tensor | None:
-    """The flat rows of `user` (None: every batch row) that go: kept tokens of its batch rows; None: all."""
+def _index(memo: dict, call: Call, user: str | None, keep: Kept | None, per_row: int,
+           device) -> tuple[torch.Tensor | None, int]:
+    """(the flat rows of `user` (None: of every batch row) that go, their number); None: all, uncut."""
     key = ("index", id(call.route), user, None if keep is None else id(keep), per_row, str(device))
-    if key in memo:
-        return memo[key]
-    route, index = call.route, None
-    rows = None if user is None else [i for i, v in enumerate(route.users) if v == user]
-    if keep is not None and sum(keep.counts if rows is None else [keep.counts[i] for i in rows]) < (
-            keep.mask.numel() if rows is None else len(rows) * per_row):
-        mask = keep.mask.to(device)
-        if rows is not None:
-            mine = torch.zeros(mask.shape[0], dtype=torch.bool, device=device)
-            mine[route.rows_of([user], device)] = True
-            mask = mask & mine[:, None]
-        # the count is known on the host, so finding the rows does not wait for the device
-        n = sum(keep.counts if rows is None else [keep.counts[i] for i in rows])
-        index = torch.nonzero_static(mask.reshape(-1), size=n).squeeze(1)  # (n,)
-    elif rows is not None:
-        batch_rows = route.rows_of([user], device)  # (n_u,)
-        index = (batch_rows[:, None] * per_row + torch.arange(per_row, device=device)).reshape(-1)
-    memo[key] = index
-    return index
+    if key not in memo:
+        memo[key] = _flat_rows(memo, call.route, user, keep, per_row, device)
+    return memo[key]
+
+
+def _flat_rows(memo: dict, route, user: str | None, keep: Kept | None, per_row: int, device):
+    rows = None if user is None else _rows_by_user(memo, route)[user]  # batch rows, on the host
+    if keep is not None:
+        n = sum(keep.counts) if rows is None else sum(keep.counts[i] for i in rows)
+        if n < (keep.mask.numel() if rows is None else len(rows) * per_row):
+            mask = keep.mask.to(device)
+            if rows is not None:
+                mask = mask & _mine(memo, route, user, device)[:, None]
+            # the count is known on the host, so finding the rows does not wait for the device
+            return torch.nonzero_static(mask.reshape(-1), size=n).squeeze(1), n
+    if rows is None:
+        return None, 0
+    batch_rows = route.rows_of([user], device)  # (n_u,)
+    return (batch_rows[:, None] * per_row + torch.arange(per_row, device=device)).reshape(-1), len(rows) * per_row
+
+
+def _rows_by_user(memo: dict, route) -> dict[str, list[int]]:
+    key = ("rows", id(route))
+    if key not in memo:
+        memo[key] = {}
+        for i, u in enumerate(route.users):
+            memo[key].setdefault(u, []).append(i)
+    return memo[key]
+
+
+def _mine(memo: dict, route, user: str, device) -> torch.Tensor:
+    """(B,) bool: the batch rows of `user`."""
+    key = ("mine", id(route), user, str(device))
+    if key not in memo:
+        memo[key] = torch.zeros(len(route.users), dtype=torch.bool, device=device)
+        memo[key][route.rows_of([user], device)] = True
+    return memo[key]
 
 
 def packets(calls: list[Call | None], grads: list[torch.Tensor | None], keep: list[Kept | None]) -> list[Packet]:

@@ -21,12 +21,16 @@ whose Allow lists the methods it does take.
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
+import math
 import re
+import threading
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
+from anyio._backends._asyncio import WorkerThread
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
@@ -37,7 +41,7 @@ from colaft import __version__
 from colaft.serve.heap import Heap
 from colaft.serve.objects import Health
 from colaft.serve.routes import dashboard, files, fit, inference, jobs, models, pausing
-from colaft.serve.routes.common import READ_THREADS, APIError, BodyLimit, Service, error_response
+from colaft.serve.routes.common import APIError, BodyLimit, Service, error_response, read_threads
 from colaft.serve.routes.gate import Gate
 from colaft.serve.routes.openapi import answers, truthful
 
@@ -90,11 +94,23 @@ def log_config() -> dict:
 _TYPE_TAG = re.compile(r"[-\[]|^(int|float|str|bool|list|dict)$")
 
 
+async def start_handler_threads() -> None:
+    """Every handler thread started now and kept for the app's life. anyio starts a thread when
+    none is idle, and the event loop waits until it runs; it lets a thread go after 10 idle
+    seconds. So each burst after a lull stalled the loop on thread starts: under `colaft bench
+    serve --abuse` the slowest status answers came in the first seconds of each load window,
+    after 15 quiet seconds."""
+    WorkerThread.MAX_IDLE_TIME = math.inf  # anyio's own setting; it has no public one
+    started = threading.Barrier(HTTP_THREADS)
+    await asyncio.gather(*(anyio.to_thread.run_sync(started.wait) for _ in range(HTTP_THREADS)))
+
+
 def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         anyio.to_thread.current_default_thread_limiter().total_tokens = HTTP_THREADS
-        service.reads = anyio.CapacityLimiter(READ_THREADS)
+        await start_handler_threads()
+        service.reads = read_threads()
         heap = Heap()
         heap.start()  # no long garbage collection pause while serving (colaft.serve.heap)
         if service.leases is not None:
@@ -103,6 +119,7 @@ def create_app(service: Service) -> FastAPI:
             engine.start()
         yield
         await run_in_threadpool(_stop_engines, service)
+        service.reads.shutdown(wait=False)
         heap.stop()
 
     app = FastAPI(title="colaft", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,

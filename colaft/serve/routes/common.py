@@ -1,17 +1,19 @@
 """What every router shares: the service, the calling user, OpenAI-shaped errors, ownership, pages."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import anyio
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -44,7 +46,7 @@ class Service:
     rate: RateLimit = field(init=False)
     polls: PollLimit = field(init=False)
     keys: auth.KeyCache = field(init=False)
-    reads: anyio.CapacityLimiter | None = None  # the read-only handlers' threads (`read`), made in the app's loop
+    reads: ThreadPoolExecutor | None = None  # the read-only handlers' threads (`read`), made with the app
 
     def __post_init__(self):
         self.keys = auth.KeyCache(self.db)
@@ -60,7 +62,20 @@ class Service:
 READ_THREADS = 8
 """Threads of their own for the reads users poll (a job, its events): a burst of writes (jobs
 created at once, each waiting for SQLite's write lock) can hold every handler thread, and a
-status read, which needs no lock, would wait for one of them."""
+status read, which needs no lock, would wait for one of them. All are started with the app and
+live as long as it: a thread started on demand stalls the event loop until it runs (a
+`py-spy --gil` profile under attack caught the loop in `Thread.start`), and anyio's pool lets a
+thread go after 10 idle seconds, so every burst after a lull started them again."""
+
+
+def read_threads() -> ThreadPoolExecutor:
+    """The READ_THREADS, every one started now (a pool starts a thread only when none is idle,
+    so each of these first tasks waits until all have begun)."""
+    pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="colaft-read")
+    started = threading.Barrier(READ_THREADS)
+    for f in [pool.submit(started.wait) for _ in range(READ_THREADS)]:
+        f.result()
+    return pool
 
 
 async def read(service: Service, query: Callable[[Session], Any]) -> Any:
@@ -68,7 +83,7 @@ async def read(service: Service, query: Callable[[Session], Any]) -> Any:
     def run():
         with service.db.read() as s:
             return query(s)
-    return await anyio.to_thread.run_sync(run, limiter=service.reads)
+    return await asyncio.get_running_loop().run_in_executor(service.reads, run)
 
 
 class RateLimit:

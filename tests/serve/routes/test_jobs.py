@@ -78,3 +78,42 @@ def test_a_jobs_status_is_read_while_every_handler_thread_is_held(tmp_path, monk
     finally:
         release.set()
         db.close()
+
+
+def test_reads_and_handlers_start_no_thread_while_serving(tmp_path, monkeypatch):
+    """Every read thread and every handler thread is started with the app: a burst starts none.
+    A thread started on demand stalls the event loop until it runs, and the old pool (anyio's,
+    for both) started one per concurrent call and let them go after 10 idle seconds, so every
+    burst after a lull started them again."""
+    import asyncio
+    import threading
+    import time
+
+    import anyio.to_thread
+    from fastapi.testclient import TestClient
+
+    from colaft.serve import api
+    from colaft.serve.db import Database
+    from colaft.serve.routes.common import READ_THREADS, Service, read
+    from colaft.serve.settings import Settings
+
+    service = Service(Settings(tmp_path), Database(f"sqlite:///{tmp_path / 'colaft.db'}"), {}, 1 << 20, 0)
+    started, start = [], threading.Thread.start
+
+    def work(*_):
+        time.sleep(0.05)  # long enough for the burst to overlap
+        return threading.get_ident()
+
+    async def burst():
+        reads = asyncio.gather(*(read(service, work) for _ in range(2 * READ_THREADS)))
+        handlers = asyncio.gather(*(anyio.to_thread.run_sync(work) for _ in range(2 * api.HTTP_THREADS)))
+        return await reads, await handlers
+
+    try:
+        with TestClient(api.create_app(service)) as client:
+            monkeypatch.setattr(threading.Thread, "start", lambda t: started.append(t.name) or start(t))
+            reads, handlers = client.portal.call(burst)
+            assert started == []
+        assert len(set(reads)) == READ_THREADS and len(set(handlers)) == api.HTTP_THREADS
+    finally:
+        service.db.close()
