@@ -15,6 +15,7 @@ from conftest import DIM, SEQ, VOCAB, Backprop, flat_state, make_opt, max_rel_er
 from peft import PeftModel
 from references import LR, TOL, PeftTwin, flat_sites
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+from users_helpers import assert_one_block_per_user
 
 from colaft import ColaConfig, ColaModel, Trainer, server_step
 
@@ -109,11 +110,13 @@ def test_packets_hold_exactly_the_real_tokens(arch, dec_len, decoder_mask):
     assert len(packets) == len(cm.sites)
     for p in packets:
         assert len(p.x) == len(p.grad) == real[_reads_encoder(p.site)], p.site
-        assert not p.x._is_view(), p.site  # rows were selected: a copy
+    assert_one_block_per_user(packets)  # rows were selected: copies, in the user's block
     full = seq2seq_batch(0, dec_len, enc_lengths=(SEQ,) * 4, dec_lengths=(dec_len,) * 4, decoder_mask=decoder_mask)
-    for p in server_step(cm, full).packets:
+    packets = server_step(cm, full).packets
+    for p in packets:
         assert len(p.x) == 4 * (SEQ if _reads_encoder(p.site) else dec_len)
         assert p.x._is_view() and p.grad._is_view(), p.site
+    assert len({p.grad.untyped_storage().data_ptr() for p in packets}) == len(packets)  # the calls' own, no block
 
 
 # ---------------------------------------------------------------- exactness

@@ -43,8 +43,8 @@ class Settings:
 
 
 def unshared(packets: list[Packet]) -> list[Packet]:
-    """The packets as they were sent before inputs were shared: each x its own tensor."""
-    return [Packet(p.site, p.x.clone(), p.grad, p.user) for p in packets]
+    """The packets as they were sent before inputs were shared: each x and dL/dh its own tensor."""
+    return [Packet(p.site, p.x.clone(), p.grad.clone(), p.user) for p in packets]
 
 
 def _forms(packets: list[Packet]) -> dict[str, list[Packet]]:
