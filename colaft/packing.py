@@ -96,7 +96,7 @@ def _index(memo: dict, call: Call, user: str | None, keep: Kept | None, per_row:
 
 
 def _flat_rows(memo: dict, route, user: str | None, keep: Kept | None, per_row: int, device):
-    rows = None if user is None else _rows_by_user(memo, route)[user]  # batch rows, on the host
+    rows = None if user is None else route.host_rows([user])  # batch rows, on the host
     if keep is not None:
         n = sum(keep.counts) if rows is None else sum(keep.counts[i] for i in rows)
         if n < (keep.mask.numel() if rows is None else len(rows) * per_row):
@@ -109,15 +109,6 @@ def _flat_rows(memo: dict, route, user: str | None, keep: Kept | None, per_row: 
         return None, 0
     batch_rows = route.rows_of([user], device)  # (n_u,)
     return (batch_rows[:, None] * per_row + torch.arange(per_row, device=device)).reshape(-1), len(rows) * per_row
-
-
-def _rows_by_user(memo: dict, route) -> dict[str, list[int]]:
-    key = ("rows", id(route))
-    if key not in memo:
-        memo[key] = {}
-        for i, u in enumerate(route.users):
-            memo[key].setdefault(u, []).append(i)
-    return memo[key]
 
 
 def _mine(memo: dict, route, user: str, device) -> torch.Tensor:

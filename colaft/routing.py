@@ -50,8 +50,15 @@ class Route:
         """(n,) indices of the rows that belong to `users`, in row order (cached per device)."""
         key = (tuple(users), str(device))
         if key not in self._cache:
+            self._cache[key] = torch.tensor(self.host_rows(users), device=device)
+        return self._cache[key]
+
+    def host_rows(self, users: Sequence[str]) -> list[int]:
+        """The same indices as a list, on the host (cached)."""
+        key = ("host", tuple(users))
+        if key not in self._cache:
             wanted = set(users)
-            self._cache[key] = torch.tensor([i for i, u in enumerate(self.users) if u in wanted], device=device)
+            self._cache[key] = [i for i, u in enumerate(self.users) if u in wanted]
         return self._cache[key]
 
 

@@ -216,6 +216,8 @@ def _padding(batch: Mapping) -> dict[tuple[int, ...], torch.Tensor]:
             shape = tuple(m.shape)
             out[shape] = out[shape] | m if shape in out else m
     return out
+
+
 def _user_losses(model: ColaModel, output, batch: Mapping, route: Route, loss_fn: LossFn | None) -> dict:
     """Each user's mean loss over its rows (tokens, for a causal LM), from per-element losses."""
     if loss_fn is not None:
