@@ -152,9 +152,20 @@ def _allocate(rows: list[_Rows]) -> None:
         r.offset = sizes.get(where, 0)
         sizes[where] = r.offset + (r.nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
     blocks = {where: torch.empty(n, dtype=torch.uint8, device=where[1]) for where, n in sizes.items()}
+    typed: dict[tuple, torch.Tensor] = {}  # (user, device, dtype) -> the block as that dtype
     for r in distinct:
-        region = blocks[(r.user, r.source.device)][r.offset:r.offset + r.nbytes]
-        r.out = region.view(r.source.dtype).view(r.shape)
+        where = (r.user, r.source.device, r.source.dtype)
+        if where not in typed:
+            typed[where] = blocks[where[:2]].view(r.source.dtype)  # whole: every size is a multiple of 64
+        r.out = typed[where].as_strided(r.shape, _contiguous_strides(r.shape), r.offset // r.source.element_size())
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def _copied(part) -> torch.Tensor:
