@@ -12,7 +12,7 @@ from colaft import ColaConfig, ColaModel
 
 # users cycle through these adapter settings: mixed types and sizes at the same sites
 KINDS = [dict(adapter="lowrank", rank=8), dict(adapter="linear"), dict(adapter="mlp", hidden=8),
-         dict(adapter="lowrank", rank=4, alpha=4.0)]
+         dict(adapter="lowrank", rank=4, alpha=6.0)]  # scale 1.5: rounding differs with where it applies
 # free-form ids: dots, slashes, spaces, unicode, a case-only clash, names of root files, PEFT's "lora_" prefix
 IDS = ["user.0", "a/b c", "ünï", "User.0", "colaft_users.json", "..", "a"]
 LOWRANK = [dict(adapter="lowrank", rank=8), dict(adapter="lowrank", rank=4, alpha=4.0),
