@@ -201,6 +201,9 @@ def serve_command(
         help="Hostile clients too in the load windows (oversized, nested, slow bodies, floods, long polls, ...); "
              "each good user also runs a short job that must succeed.")] = False,
     abuse_scale: Annotated[float, typer.Option(help="Times each attack's concurrency (--abuse).")] = 1.0,
+    attacker_niceness: Annotated[int, typer.Option(
+        min=0, max=19, help="The attacking process's niceness (--abuse): 10 leaves the server's cores to it, "
+                            "as an attacker on another machine would; 0 shares them evenly.")] = 10,
     servers: Annotated[int | None, typer.Option(
         help="Instead: 1 and N serve processes on one private PostgreSQL database (jobs' steps/s, status p99) "
              "and the time from killing one to the takeover; writes servers.md.")] = None,
@@ -234,7 +237,8 @@ def serve_command(
         abuse_scale = min(abuse_scale, 0.05)
     settings = Settings(users=users, client_every=client_every, model=model, backend=backend, think=think,
                         window=window, pairs=pairs, warmup=warmup, checkpoint_every=checkpoint_every,
-                        log_level=log_level, abuse=abuse, abuse_scale=abuse_scale)
+                        log_level=log_level, abuse=abuse, abuse_scale=abuse_scale,
+                        attacker_niceness=attacker_niceness)
     log = _timed_log()
     data = run_serve(settings, out, command=_command_line("serve"), log=log)
     typer.echo(summary(data))

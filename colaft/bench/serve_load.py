@@ -77,6 +77,7 @@ class Settings:
     abuse: bool = False
     """Hostile clients in the load windows (colaft.bench.abuse)."""
     abuse_scale: float = 1.0
+    attacker_niceness: int = 10  # colaft.bench.abuse.ATTACKER_NICENESS
     """Times each attack's concurrency (abuse.ATTACKS)."""
     short_epochs: int = 2
     """Epochs of each good user's short job in the abuse run."""
@@ -330,13 +331,15 @@ def run_serve(settings: Settings, out: Path, command: str, log: Callable[[str], 
             time.sleep(settings.warmup)
             hostile, short, rss = None, {}, None
             if settings.abuse:
-                hostile = abuse.Hostile(server.url, hostile_keys, "bench", settings.abuse_scale)
+                hostile = abuse.Hostile(server.url, hostile_keys, "bench", settings.abuse_scale,
+                                        niceness=settings.attacker_niceness)
                 asyncio.run(hostile.setup())
                 rss = abuse.RssSampler(server.proc.pid).start()
             windows = asyncio.run(_windows(server.url, keys, jobs, settings, rec, log, hostile, short))
             if settings.abuse:
                 attack = {"memory": rss.stop(), "outcomes": {k: dict(v) for k, v in hostile.outcomes.items()},
                           "slots": {k: max(1, round(n * settings.abuse_scale)) for k, n in abuse.ATTACKS.items()},
+                          "attacker_niceness": hostile.ran_at,
                           "long_jobs": abuse.final_statuses(server.url, dict(zip(jobs, keys)), 0)}
                 log(f"attack over; waiting for {len(short)} short jobs")
                 attack["short_jobs"] = abuse.final_statuses(server.url, short, settings.jobs_timeout)

@@ -112,7 +112,8 @@ def abuse_markdown(data: dict) -> list[str]:
     h, st, m = a["health_latency"], a["status_latency"], a["memory"]
     lines = ["## Under attack (`--abuse`)", "",
              "Hostile clients (their own keys) ran through every load window: " + ", ".join(
-                 f"{k} x{n}" for k, n in a["slots"].items()) + ".", "",
+                 f"{k} x{n}" for k, n in a["slots"].items()) + f", from one process at niceness "
+             f"{a.get('attacker_niceness', 0)} (the server's event loop: 0).", "",
              f"- good requests that failed: **{data['requests']['failed']}** (goal 0)",
              f"- good jobs that did not succeed: **{a['good_jobs_not_succeeded']}** of {a['good_jobs']} "
              f"(goal 0){': ' + str(a['bad_jobs']) if a['bad_jobs'] else ''}",

@@ -16,12 +16,14 @@ line anywhere; a name an older server stored outside that set prints escaped (`s
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
 import threading
 import time
 
+import anyio.to_thread
 from cachetools import TTLCache
 from sqlalchemy import select
 
@@ -85,6 +87,7 @@ class KeyCache:
         self.db = db
         self._cache: TTLCache = TTLCache(size, ttl, timer=timer or time.monotonic)
         self._lock = threading.Lock()  # TTLCache is not thread-safe; held for dict operations only
+        self._asked: dict[str, asyncio.Future] = {}  # key hash -> its query under way (event loop only)
 
     def cached(self, key_hash: str) -> tuple[bool, User | None]:
         """(known, user): known False when the database must be asked (`lookup`)."""
@@ -93,6 +96,20 @@ class KeyCache:
                 return True, self._cache[key_hash]
             except KeyError:
                 return False, None
+
+    async def user(self, key_hash: str) -> User | None:
+        """The key's user: from memory, else from one query in a handler thread that every request
+        of that key arriving meanwhile waits for. A burst of one key's requests after a lull (200
+        long polls opening at once) used to take one thread and one query each, and every other
+        request queued behind them (the slowest answers under `colaft bench serve --abuse`)."""
+        known, user = self.cached(key_hash)
+        if known:
+            return user
+        asked = self._asked.get(key_hash)
+        if asked is None:
+            asked = self._asked[key_hash] = asyncio.ensure_future(anyio.to_thread.run_sync(self.lookup, key_hash))
+            asked.add_done_callback(lambda _: self._asked.pop(key_hash, None))
+        return await asyncio.shield(asked)  # a waiter that gives up (its client left) cancels no one else's
 
     def lookup(self, key_hash: str) -> User | None:
         """The database's answer (a query: call it off the event loop), remembered."""

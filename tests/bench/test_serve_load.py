@@ -39,6 +39,7 @@ def test_serve_quick_abuse(tmp_path):
         assert abuse[probed]["n"] > 0 and abuse[probed]["failed"] == 0, abuse[probed]
     assert abuse["memory"]["peak_mb"] >= abuse["memory"]["baseline_mb"] > 0
     assert abuse["hostile_requests"] > 0 and abuse["hostile_5xx"] == 0, abuse["outcomes"]
+    assert abuse["attacker_niceness"] == 10 and "from one process at niceness 10" in (tmp_path / "serve.md").read_text()
     assert {"oversized", "malformed", "invalid keys", "multipart", "flood", "long polls"} <= abuse["outcomes"].keys()
     assert {"good_jobs_all_succeeded", "health_p99_under_100ms", "probed_status_p99_under_100ms",
             "rss_growth_under_200mb"} <= data["targets"].keys()

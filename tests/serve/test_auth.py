@@ -72,3 +72,43 @@ def test_a_flood_past_the_rate_quota_is_refused_without_a_query_per_request():
         codes = [h.get("/me", headers={"Authorization": "Bearer sk-colaft-good"}).status_code for _ in range(30)]
     assert codes == [200] * 3 + [429] * 27
     assert db.queries == 1
+
+
+def test_a_burst_of_one_keys_requests_after_a_lull_costs_one_query():
+    """200 long polls of one key opening at once (after the key's entry expired) took a handler
+    thread and a query each, and every other request queued behind them; now the requests of a
+    key wait for one query, and a waiter that gives up cancels no one else's."""
+    import asyncio
+    import time
+
+    import httpx
+
+    class SlowDb(_CountingDb):
+        def user_by_key_hash(self, key_hash: str):
+            time.sleep(0.2)  # long enough for every request below to arrive meanwhile
+            return super().user_by_key_hash(key_hash)
+
+    alice = SimpleNamespace(id="user-1", name="alice")
+    db = SlowDb({hash_key("sk-colaft-good"): alice})
+    app = FastAPI()
+    app.state.service = SimpleNamespace(db=db, keys=KeyCache(db), rate=RateLimit(0, 60))
+    app.add_exception_handler(APIError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
+                                                                           headers=e.headers))
+
+    @app.get("/me")
+    async def me(user: Me):
+        return {"name": user.name}
+
+    async def burst():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as h:
+            def get(key):
+                return h.get("/me", headers={"Authorization": f"Bearer {key}"})
+            gives_up = asyncio.ensure_future(get("sk-colaft-good"))
+            await asyncio.sleep(0.05)
+            gives_up.cancel()  # the first asker's client leaves while its query runs
+            return await asyncio.gather(*(get("sk-colaft-good") for _ in range(50)), get("sk-colaft-bad"))
+
+    answers = asyncio.run(burst())
+    assert [r.status_code for r in answers] == [200] * 50 + [401]
+    assert db.queries == 2  # one per key
+    assert app.state.service.keys._asked == {}  # nothing left waiting

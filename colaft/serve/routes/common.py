@@ -22,7 +22,6 @@ from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from colaft import __version__, formats
@@ -311,15 +310,12 @@ def _admitted(request: Request) -> User | None:
 
 async def current_user(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> User:
     """The user whose key the request carries (401 otherwise). A key seen in the last seconds is
-    answered from memory, on the event loop; only the others take a thread for the query."""
+    answered from memory, on the event loop; only the others take a thread for the query, one per key."""
     if (user := _admitted(request)) is not None:
         return user
     key = auth.bearer_key(request.headers.get("authorization"))
     if key is not None:
-        keys, key_hash = request.app.state.service.keys, auth.hash_key(key)
-        known, user = keys.cached(key_hash)
-        if not known:
-            user = await run_in_threadpool(keys.lookup, key_hash)
+        user = await request.app.state.service.keys.user(auth.hash_key(key))
     if user is None:
         raise invalid_key()
     return user
