@@ -81,16 +81,26 @@ KEY_CACHE_SECONDS = 2.0
 class KeyCache:
     """key hash -> the User (or None: no such key), as the database said at most `ttl` seconds
     ago; the `size` most recent keys (unknown ones too, so made-up keys cost one query per
-    `ttl` each, not one per request)."""
+    `ttl` each, not one per request).
+
+    The keys missing from memory are asked of the database together, one query at a time: the
+    keys asked for while a query runs wait for the next, which takes them all. After a lull
+    every key has expired, and the first burst (64 users' first requests, 200 long polls of
+    one key) used to take one handler thread and one query per request, every other request
+    queued behind them: the slowest answers under `colaft bench serve --abuse`.
+    """
 
     def __init__(self, db: Database, ttl: float = KEY_CACHE_SECONDS, size: int = 65536, timer=None):
         self.db = db
         self._cache: TTLCache = TTLCache(size, ttl, timer=timer or time.monotonic)
         self._lock = threading.Lock()  # TTLCache is not thread-safe; held for dict operations only
-        self._asked: dict[str, asyncio.Future] = {}  # key hash -> its query under way (event loop only)
+        # event loop only: key hash -> the answer its request waits for
+        self._next: dict[str, asyncio.Future] = {}  # for the next query
+        self._asked: dict[str, asyncio.Future] = {}  # in the query under way
+        self._asking: asyncio.Future | None = None
 
     def cached(self, key_hash: str) -> tuple[bool, User | None]:
-        """(known, user): known False when the database must be asked (`lookup`)."""
+        """(known, user): known False when the database must be asked (`user`, `lookup`)."""
         with self._lock:
             try:
                 return True, self._cache[key_hash]
@@ -98,25 +108,37 @@ class KeyCache:
                 return False, None
 
     async def user(self, key_hash: str) -> User | None:
-        """The key's user: from memory, else from one query in a handler thread that every request
-        of that key arriving meanwhile waits for. A burst of one key's requests after a lull (200
-        long polls opening at once) used to take one thread and one query each, and every other
-        request queued behind them (the slowest answers under `colaft bench serve --abuse`)."""
+        """The key's user: from memory, else from the database with the other keys asked meanwhile."""
         known, user = self.cached(key_hash)
         if known:
             return user
-        asked = self._asked.get(key_hash)
-        if asked is None:
-            asked = self._asked[key_hash] = asyncio.ensure_future(anyio.to_thread.run_sync(self.lookup, key_hash))
-            asked.add_done_callback(lambda _: self._asked.pop(key_hash, None))
-        return await asyncio.shield(asked)  # a waiter that gives up (its client left) cancels no one else's
+        answer = self._asked.get(key_hash) or self._next.get(key_hash)
+        if answer is None:
+            answer = self._next[key_hash] = asyncio.get_running_loop().create_future()
+            if self._asking is None or self._asking.done():
+                self._asking = asyncio.ensure_future(self._ask())
+        return await asyncio.shield(answer)  # a waiter that gives up (its client left) cancels no one else's
 
-    def lookup(self, key_hash: str) -> User | None:
-        """The database's answer (a query: call it off the event loop), remembered."""
-        user = self.db.user_by_key_hash(key_hash)
+    async def _ask(self) -> None:
+        while self._next:
+            self._asked, self._next = self._next, {}
+            try:
+                users = await anyio.to_thread.run_sync(self.lookup, list(self._asked))
+            except Exception as e:  # every waiter fails as its own query would have
+                for answer in self._asked.values():
+                    answer.set_exception(e)
+            else:
+                for key_hash, answer in self._asked.items():
+                    answer.set_result(users[key_hash])
+            self._asked = {}
+
+    def lookup(self, key_hashes: list[str]) -> dict[str, User | None]:
+        """The database's answers (a query: call it off the event loop), remembered."""
+        users = self.db.users_by_key_hash(key_hashes)
+        found = {key_hash: users.get(key_hash) for key_hash in key_hashes}
         with self._lock:
-            self._cache[key_hash] = user
-        return user
+            self._cache.update(found)
+        return found
 
 
 def bearer_key(header: str | None) -> str | None:

@@ -297,9 +297,11 @@ class Database:
         s.add(e)
         return e
 
-    def user_by_key_hash(self, key_hash: str) -> User | None:
+    def users_by_key_hash(self, key_hashes: list[str]) -> dict[str, User]:
+        """The users of those keys that exist, by key hash (one query per 500 keys)."""
         with self.read() as s:
-            return s.scalar(select(User).where(User.key_hash == key_hash))
+            return {u.key_hash: u for i in range(0, len(key_hashes), 500)
+                    for u in s.scalars(select(User).where(User.key_hash.in_(key_hashes[i:i + 500])))}
 
     def close(self) -> None:
         self.engine.dispose()

@@ -28,14 +28,15 @@ def test_missing_or_wrong_key_answers_401(server):
 
 
 class _CountingDb:
-    """The one query KeyCache makes, counted: key hash -> user."""
+    """The one query KeyCache makes, counted: key hashes -> the users of those that exist."""
 
     def __init__(self, users: dict):
-        self.users, self.queries = users, 0
+        self.users, self.queries, self.asked = users, 0, []
 
-    def user_by_key_hash(self, key_hash: str):
+    def users_by_key_hash(self, key_hashes: list[str]) -> dict:
         self.queries += 1
-        return self.users.get(key_hash)
+        self.asked.append(sorted(key_hashes))
+        return {h: self.users[h] for h in key_hashes if h in self.users}
 
 
 def test_a_key_checked_lately_is_answered_from_memory_until_it_expires():
@@ -45,11 +46,11 @@ def test_a_key_checked_lately_is_answered_from_memory_until_it_expires():
     keys = KeyCache(db, ttl=2.0, timer=lambda: now[0])
     good, bad = hash_key("sk-colaft-good"), hash_key("sk-colaft-made-up")
     assert keys.cached(good) == (False, None)
-    assert keys.lookup(good) == "alice" and keys.lookup(bad) is None
+    assert keys.lookup([good, bad]) == {good: "alice", bad: None}
     for _ in range(100):
         assert keys.cached(good) == (True, "alice")
         assert keys.cached(bad) == (True, None)  # a made-up key is refused from memory too
-    assert db.queries == 2
+    assert db.queries == 1
     now[0] = 2.5  # a rotated key stops working once its entry expires
     assert keys.cached(good) == (False, None) and keys.cached(bad) == (False, None)
 
@@ -74,22 +75,24 @@ def test_a_flood_past_the_rate_quota_is_refused_without_a_query_per_request():
     assert db.queries == 1
 
 
-def test_a_burst_of_one_keys_requests_after_a_lull_costs_one_query():
-    """200 long polls of one key opening at once (after the key's entry expired) took a handler
-    thread and a query each, and every other request queued behind them; now the requests of a
-    key wait for one query, and a waiter that gives up cancels no one else's."""
+def test_a_burst_of_requests_after_a_lull_costs_one_query_at_a_time():
+    """After a lull every key's entry has expired, and the first burst (64 users' first
+    requests; 200 long polls of one key opening at once) took a handler thread and a query per
+    request, every other request queued behind them. Now the keys missing from memory are
+    asked together, one query at a time: those asked meanwhile wait for the next; a waiter that
+    gives up cancels no one else's answer."""
     import asyncio
     import time
 
     import httpx
 
     class SlowDb(_CountingDb):
-        def user_by_key_hash(self, key_hash: str):
+        def users_by_key_hash(self, key_hashes):
             time.sleep(0.2)  # long enough for every request below to arrive meanwhile
-            return super().user_by_key_hash(key_hash)
+            return super().users_by_key_hash(key_hashes)
 
-    alice = SimpleNamespace(id="user-1", name="alice")
-    db = SlowDb({hash_key("sk-colaft-good"): alice})
+    keys = {f"sk-colaft-{i}": SimpleNamespace(id=f"user-{i}", name=f"u{i}") for i in range(20)}
+    db = SlowDb({hash_key(k): u for k, u in keys.items()})
     app = FastAPI()
     app.state.service = SimpleNamespace(db=db, keys=KeyCache(db), rate=RateLimit(0, 60))
     app.add_exception_handler(APIError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
@@ -103,12 +106,17 @@ def test_a_burst_of_one_keys_requests_after_a_lull_costs_one_query():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as h:
             def get(key):
                 return h.get("/me", headers={"Authorization": f"Bearer {key}"})
-            gives_up = asyncio.ensure_future(get("sk-colaft-good"))
+            first = asyncio.ensure_future(get("sk-colaft-0"))  # these two arrive together: one query
+            gives_up = asyncio.ensure_future(get("sk-colaft-1"))
             await asyncio.sleep(0.05)
-            gives_up.cancel()  # the first asker's client leaves while its query runs
-            return await asyncio.gather(*(get("sk-colaft-good") for _ in range(50)), get("sk-colaft-bad"))
+            gives_up.cancel()  # its client leaves while it waits
+            rest = [get(k) for k in keys for _ in range(5)] + [get("sk-colaft-made-up")]
+            return [await first, *await asyncio.gather(*rest)]
 
     answers = asyncio.run(burst())
-    assert [r.status_code for r in answers] == [200] * 50 + [401]
-    assert db.queries == 2  # one per key
-    assert app.state.service.keys._asked == {}  # nothing left waiting
+    assert [r.status_code for r in answers] == [200] * 101 + [401]
+    assert [r.json()["name"] for r in answers[1:101]] == [f"u{i}" for i in range(20) for _ in range(5)]
+    early = ["sk-colaft-0", "sk-colaft-1"]  # the one that gave up got its answer all the same: cached
+    assert db.asked == [sorted(map(hash_key, early)),
+                        sorted(hash_key(k) for k in [*keys, "sk-colaft-made-up"] if k not in early)]
+    assert not app.state.service.keys._next and not app.state.service.keys._asked  # nothing left waiting

@@ -19,17 +19,17 @@ class _Db:
     def __init__(self):
         self.lookups = 0
 
-    def user_by_key_hash(self, key_hash):
+    def users_by_key_hash(self, key_hashes):
         self.lookups += 1
-        return User(id="user-new", name="new") if key_hash == auth.hash_key(NEW) else None
+        return {h: User(id="user-new", name="new") for h in key_hashes if h == auth.hash_key(NEW)}
 
 
 def _app(rate: int = 0, polls: int = 0):
     db = _Db()
     keys = auth.KeyCache(db)
-    keys.lookup(auth.hash_key(GOOD))  # seen lately: cached (the good user is not in _Db: it must not be asked)
+    keys.lookup([auth.hash_key(GOOD)])  # seen lately: cached (the good user is not in _Db: it must not be asked)
     keys._cache[auth.hash_key(GOOD)] = User(id="user-good", name="good")
-    keys.lookup(auth.hash_key(BAD))  # cached as no such user
+    keys.lookup([auth.hash_key(BAD)])  # cached as no such user
     db.lookups = 0
     app = FastAPI()
     app.state.service = SimpleNamespace(keys=keys, rate=RateLimit(rate, 60), polls=PollLimit(polls))
