@@ -124,7 +124,7 @@ class KeyCache:
             self._asked, self._next = self._next, {}
             try:
                 users = await anyio.to_thread.run_sync(self.lookup, list(self._asked))
-            except Exception as e:  # every waiter fails as its own query would have
+            except Exception as e:  # noqa: BLE001 - every waiter fails as its own query would have
                 for answer in self._asked.values():
                     answer.set_exception(e)
             else:
