@@ -39,12 +39,9 @@ RATE_PER_MINUTE = 600
 """The server's --max-requests-per-minute-per-user in the abuse run: well above a good user's
 ~70 a minute (one request a second), well below a flood's."""
 ATTACKER_NICENESS = 10
-"""The attacking process's niceness (`run_apart`). An attacker elsewhere sends its traffic and
-takes none of the server's cores; on one 2-core machine its process, as busy as the server's
-event loop (an asyncio loop driving ~250 connections), would take a core from it at an equal
-niceness, and the probes' tails measured the shared machine, not the server (measured:
-BENCHMARKS.md, "Under attack"). At 10 it runs on what the server leaves, as the server's own
-training threads do (`--training-niceness`); 0: as before."""
+"""The attacking process's niceness. An attacker elsewhere takes none of the server's cores; here,
+as busy as the server's event loop, it took a core from it at niceness 0 (BENCHMARKS.md, "Under
+attack"). At 10 it runs on what the server leaves, as the server's training threads do."""
 
 
 class Hostile:
@@ -53,8 +50,7 @@ class Hostile:
     def __init__(self, url: str, keys: list[str], model: str, scale: float = 1.0, timeout: float = 30.0,
                  niceness: int = ATTACKER_NICENESS):
         self.url, self.keys, self.model, self.scale, self.timeout = url, keys, model, scale, timeout
-        self.niceness = niceness  # of the attacking process (`run_apart`)...
-        self.ran_at: int | None = None  # ...and what it ran at, as it said
+        self.niceness, self.ran_at = niceness, None  # of the attacking process (`run_apart`), asked and as it said
         split = urlsplit(url)
         self.host, self.port = split.hostname, split.port
         self.outcomes: dict[str, Counter] = {}
@@ -263,8 +259,7 @@ class Hostile:
 
 
 async def _apart(main: str, spec: dict):
-    """What this module's function `main` prints (JSON), run in a new Python process with `spec`
-    (JSON) as its argument."""
+    """What this module's function `main` prints (JSON), run in a new process with `spec` (JSON) as argument."""
     from colaft.serve.launch import SOURCE
 
     proc = await asyncio.create_subprocess_exec(
@@ -277,8 +272,7 @@ async def _apart(main: str, spec: dict):
 
 
 def attack_main() -> None:
-    """The attacking process of `Hostile.run_apart`: its spec (JSON) in argv[1], its outcomes
-    (JSON) on stdout."""
+    """The attacking process of `Hostile.run_apart`: spec (JSON) in argv[1]; niceness, outcomes (JSON) on stdout."""
     spec = json.loads(sys.argv[1])
     os.setpriority(os.PRIO_PROCESS, 0, max(spec["niceness"], os.nice(0)))  # never below ours (not allowed)
     hostile = Hostile(spec["url"], spec["keys"], spec["model"], spec["scale"], spec["timeout"])
