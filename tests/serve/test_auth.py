@@ -120,3 +120,29 @@ def test_a_burst_of_requests_after_a_lull_costs_one_query_at_a_time():
     assert db.asked == [sorted(map(hash_key, early)),
                         sorted(hash_key(k) for k in [*keys, "sk-colaft-made-up"] if k not in early)]
     assert not app.state.service.keys._next and not app.state.service.keys._asked  # nothing left waiting
+
+
+def test_the_request_rate_is_a_moving_window_kept_without_a_thread(monkeypatch):
+    """The `limits` package's memory storage, used before, started a `threading.Timer` whenever
+    its last one had run out (every ~10 ms under steady traffic), from the event loop, which waits
+    in `Thread.start` until the thread runs."""
+    import threading
+
+    started = []
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self))
+    now = [100.0]
+    rate = RateLimit(3, 60, clock=lambda: now[0])
+    for t in (100.0, 110.0, 120.0):
+        now[0] = t
+        assert rate.refusal("alice") is None
+    now[0] = 159.5
+    refused = rate.refusal("alice")
+    assert refused.status == 429 and refused.headers["Retry-After"] == "1"  # 100 + 60 - 159.5, rounded up
+    assert rate.refusal("bob") is None  # another user's window is its own
+    now[0] = 160.0  # the request at 100 is exactly 60 s old: still inside the window
+    assert rate.refusal("alice") is not None
+    now[0] = 160.5  # it has left: one place, taken; a refused request was not counted
+    assert rate.refusal("alice") is None and rate.refusal("alice").headers["Retry-After"] == "10"
+    now[0] = 300.0  # a window with no request: alice and bob are forgotten, then alice counted again
+    assert rate.refusal("alice") is None and set(rate._times) == {"alice"}
+    assert started == []
