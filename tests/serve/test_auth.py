@@ -39,6 +39,19 @@ class _CountingDb:
         return {h: self.users[h] for h in key_hashes if h in self.users}
 
 
+def _me_app(db, rate: RateLimit) -> FastAPI:
+    """An app of one route, GET /me, behind the service's key check and request rate."""
+    app = FastAPI()
+    app.state.service = SimpleNamespace(db=db, keys=KeyCache(db), rate=rate)
+    app.add_exception_handler(APIError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
+                                                                           headers=e.headers))
+
+    @app.get("/me")
+    async def me(user: Me):
+        return {"name": user.name}
+    return app
+
+
 def test_a_key_checked_lately_is_answered_from_memory_until_it_expires():
 
     now = [0.0]
@@ -60,14 +73,7 @@ def test_a_flood_past_the_rate_quota_is_refused_without_a_query_per_request():
     quota queued every other user's requests behind its own key checks."""
 
     db = _CountingDb({hash_key("sk-colaft-good"): SimpleNamespace(id="user-1", name="alice")})
-    app = FastAPI()
-    app.state.service = SimpleNamespace(db=db, keys=KeyCache(db), rate=RateLimit(3, 60))
-    app.add_exception_handler(APIError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
-                                                                           headers=e.headers))
-
-    @app.get("/me")
-    async def me(user: Me):
-        return {"name": user.name}
+    app = _me_app(db, RateLimit(3, 60))
 
     with TestClient(app) as h:
         codes = [h.get("/me", headers={"Authorization": "Bearer sk-colaft-good"}).status_code for _ in range(30)]
@@ -93,14 +99,7 @@ def test_a_burst_of_requests_after_a_lull_costs_one_query_at_a_time():
 
     keys = {f"sk-colaft-{i}": SimpleNamespace(id=f"user-{i}", name=f"u{i}") for i in range(20)}
     db = SlowDb({hash_key(k): u for k, u in keys.items()})
-    app = FastAPI()
-    app.state.service = SimpleNamespace(db=db, keys=KeyCache(db), rate=RateLimit(0, 60))
-    app.add_exception_handler(APIError, lambda request, e: error_response(e.status, e.message, e.param, e.code,
-                                                                           headers=e.headers))
-
-    @app.get("/me")
-    async def me(user: Me):
-        return {"name": user.name}
+    app = _me_app(db, RateLimit(0, 60))
 
     async def burst():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as h:
