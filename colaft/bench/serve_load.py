@@ -39,6 +39,7 @@ from pathlib import Path
 import httpx
 
 from colaft.bench import abuse
+from colaft.bench.abuse import ATTACKER_NICENESS
 from colaft.bench.harness import machine, write_report
 from colaft.bench.serve_load_report import Sample, markdown, summarise
 from colaft.serve.launch import SOURCE, ServerProcess
@@ -77,8 +78,9 @@ class Settings:
     abuse: bool = False
     """Hostile clients in the load windows (colaft.bench.abuse)."""
     abuse_scale: float = 1.0
-    attacker_niceness: int = 10  # colaft.bench.abuse.ATTACKER_NICENESS
     """Times each attack's concurrency (abuse.ATTACKS)."""
+    attacker_niceness: int = ATTACKER_NICENESS
+    """The attacking process's niceness (why 10 by default: abuse.ATTACKER_NICENESS)."""
     short_epochs: int = 2
     """Epochs of each good user's short job in the abuse run."""
     jobs_timeout: float = 300.0

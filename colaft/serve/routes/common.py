@@ -322,7 +322,8 @@ def _admitted(request: Request) -> User | None:
 
 async def current_user(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> User:
     """The user whose key the request carries (401 otherwise). A key seen in the last seconds is
-    answered from memory, on the event loop; only the others take a thread for the query, one per key."""
+    answered from memory, on the event loop; the others wait for the next of the key checks' queries
+    (`auth.KeyCache.user`: one at a time, each asking for every key missing meanwhile)."""
     if (user := _admitted(request)) is not None:
         return user
     key = auth.bearer_key(request.headers.get("authorization"))
